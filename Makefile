@@ -1,0 +1,39 @@
+# Every target sets up what it needs on a fresh machine: the virtualenv, the packages, the assets.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# The CPU build that lies on this kind of machine; a GPU host sets TORCH='torch' (or its own pin).
+TORCH ?= torch==2.13.0
+STAMP := $(VENV)/.installed
+ASSETS := .cache/fedbpt/.fetched
+
+.PHONY: setup assets demo test test-slow bench clean
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check "$(TORCH)"
+	$(PY) -m pip install -q --disable-pip-version-check -e '.[service,client,aggregator,dev]'
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+$(ASSETS): $(STAMP)
+	$(PY) -m fedbpt.cli assets fetch
+	touch $(ASSETS)
+
+assets: $(ASSETS)
+
+demo: $(ASSETS)
+	$(PY) -m fedbpt.cli demo
+
+test: $(ASSETS)
+	$(PY) -m pytest -q
+
+test-slow: $(ASSETS)
+	$(PY) -m pytest -q -m slow
+
+bench: $(ASSETS)
+	$(PY) bench/service_overhead.py
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,1 @@
+"""The `fedbpt` command line and the embedded default assets."""

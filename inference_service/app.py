@@ -1,0 +1,138 @@
+"""The FastAPI app of the inference service (contract: DESIGN.md section 3)."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import numpy as np
+from anyio import to_thread
+from fastapi import Depends, FastAPI, HTTPException, Request
+from fastapi.responses import JSONResponse, Response
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+
+from fedbpt_wire.asgi import BodyLimit, install_error_handlers
+from fedbpt_wire.metrics import label_cross_entropy
+from fedbpt_wire.schemas import ErrorBody, ModelInfo, ScoreRequest, ScoreResponse, Usage
+from fedbpt_wire.tensors import TensorDecodeError, decode_tensor, encode_tensor
+
+from .auth import KeyStore, QuotaExceeded, key_id
+from .engine import Engine, InputError, ScoreBatch
+from .limits import Limits
+from .metrics import CONTENT_TYPE, ServiceMetrics
+
+log = logging.getLogger(__name__)
+
+_ERRORS = {code: {"model": ErrorBody} for code in (401, 413, 422, 429)}
+
+
+def validate_request(req: ScoreRequest, engine: Engine, limits: Limits) -> tuple[ScoreBatch, np.ndarray | None]:
+    """Shape, size, dtype and label checks as InputError (422) or HTTPException (413).
+
+    Text layout errors (slot, length) come from the engine itself, which tokenizes once.
+    """
+    shape = req.prompts.shape
+    if len(shape) != 3:
+        raise InputError("prompts.shape", f"must be [P, L, D], got {shape}")
+    n_pop, n_prompt, dim = shape
+    if n_pop < 1:
+        raise InputError("prompts.shape", "P must be at least 1")
+    if n_pop > limits.max_population:
+        raise HTTPException(413, f"prompts.shape: population P = {n_pop} over the limit of {limits.max_population}")
+    if len(req.texts) > limits.max_texts:
+        raise HTTPException(413, f"texts: {len(req.texts)} texts over the limit of {limits.max_texts}")
+    if n_prompt > limits.max_prompt_length:
+        raise InputError("prompts.shape", f"prompt length L = {n_prompt} over the limit of {limits.max_prompt_length}")
+    if dim != engine.info.hidden_size:
+        raise InputError("prompts.shape", f"D = {dim} does not match the model's hidden size {engine.info.hidden_size}")
+    try:
+        prompts = decode_tensor(req.prompts, "prompts")
+    except TensorDecodeError as exc:
+        raise InputError("prompts", str(exc)) from None
+    engine.label_token_ids(req.label_words)
+    labels = None
+    if req.labels is not None:
+        if len(req.labels) != len(req.texts):
+            raise InputError("labels", f"{len(req.labels)} labels for {len(req.texts)} texts")
+        bad = [i for i, y in enumerate(req.labels) if not 0 <= y < len(req.label_words)]
+        if bad:
+            raise InputError(f"labels[{bad[0]}]", f"{req.labels[bad[0]]} is not in 0..{len(req.label_words) - 1}")
+        labels = np.asarray(req.labels)
+    return ScoreBatch(prompts=prompts, texts=req.texts, label_words=req.label_words), labels
+
+
+def create_app(engine: Engine, keys: KeyStore | None = None, limits: Limits | None = None) -> FastAPI:
+    keys = keys or KeyStore({})
+    limits = limits or Limits()
+    metrics = ServiceMetrics()
+    app = FastAPI(
+        title="FedBPT inference service",
+        version="1",
+        description="Label-word logits and losses for soft prompts; never weights, hidden states or gradients.",
+    )
+    install_error_handlers(app)
+    bearer = HTTPBearer(auto_error=False)
+
+    @app.exception_handler(InputError)
+    async def input_error(request: Request, exc: InputError):
+        return JSONResponse(status_code=422, content={"detail": str(exc), "errors": [{"field": exc.field, "message": str(exc)}]})
+
+    def api_key(creds: HTTPAuthorizationCredentials | None = Depends(bearer)) -> str | None:
+        key = creds.credentials if creds else None
+        if not keys.known(key):
+            raise HTTPException(401, "missing or unknown API key (Authorization: Bearer <key>)", {"WWW-Authenticate": "Bearer"})
+        return key
+
+    @app.middleware("http")
+    async def count_requests(request: Request, call_next):
+        response = await call_next(request)
+        metrics.requests.labels(request.url.path, str(response.status_code)).inc()
+        return response
+
+    @app.get("/healthz")
+    async def healthz() -> dict:
+        return {"status": "ok", "model": engine.info.name}
+
+    @app.get("/v1/model", response_model=ModelInfo)
+    async def model_info() -> ModelInfo:
+        return engine.info
+
+    @app.post("/v1/score", response_model=ScoreResponse, responses=_ERRORS)
+    async def score(req: ScoreRequest, key: str | None = Depends(api_key)) -> ScoreResponse:
+        t0 = time.perf_counter()
+        batch, labels = validate_request(req, engine, limits)
+        try:
+            keys.reserve(key)
+        except QuotaExceeded as exc:
+            raise HTTPException(429, str(exc)) from None
+        try:
+            result = await to_thread.run_sync(engine.score, batch)
+        except InputError:
+            keys.refund(key)
+            raise
+        except Exception:
+            keys.refund(key)
+            log.exception("engine failed")
+            raise HTTPException(500, "the engine failed on this batch; see the service log") from None
+        loss = acc = None
+        if labels is not None:
+            loss_arr, acc_arr = label_cross_entropy(result.logits, labels)
+            loss, acc = loss_arr.tolist(), acc_arr.tolist()
+        metrics.sequences.inc(result.sequences)
+        metrics.tokens.inc(result.tokens)
+        metrics.key_queries.labels(key_id(key) if key else "open").inc()
+        metrics.engine_latency.observe(result.engine_ms / 1e3)
+        metrics.latency.observe(time.perf_counter() - t0)
+        return ScoreResponse(
+            logits=encode_tensor(result.logits),
+            loss=loss,
+            accuracy=acc,
+            usage=Usage(sequences=result.sequences, tokens=result.tokens, engine_ms=result.engine_ms),
+        )
+
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        return Response(metrics.render(), media_type=CONTENT_TYPE)
+
+    app.add_middleware(BodyLimit, max_bytes=limits.max_body_bytes)
+    return app

@@ -1,0 +1,45 @@
+"""The `Engine` protocol every backend implements, and the batch it scores."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+
+from fedbpt_wire.schemas import ModelInfo
+
+
+class InputError(ValueError):
+    """Input the engine cannot score; `field` names the request field at fault."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(f"{field}: {message}")
+        self.field = field
+
+
+@dataclass(frozen=True)
+class ScoreBatch:
+    prompts: np.ndarray  # [P, L, D] float32
+    texts: list[str]  # N texts, each with one slot
+    label_words: list[str]  # C words
+
+
+@dataclass(frozen=True)
+class ScoreResult:
+    logits: np.ndarray  # [P, N, C] float32
+    sequences: int
+    tokens: int  # real (unpadded) positions run through the model
+    engine_ms: float
+
+
+class Engine(Protocol):
+    info: ModelInfo
+
+    def label_token_ids(self, label_words: list[str]) -> list[int]:
+        """One vocabulary id per word; InputError naming `label_words` if a word is not a single token."""
+        ...
+
+    def score(self, batch: ScoreBatch) -> ScoreResult:
+        """Label-word logits of every (prompt, text) pair; InputError naming `texts[i]` for a bad text."""
+        ...
