@@ -21,6 +21,24 @@ def _serve(args: argparse.Namespace) -> None:
     run(args)
 
 
+def _client(args: argparse.Namespace) -> None:
+    from fed_clients.runner import run
+
+    run(args)
+
+
+def _aggregator(args: argparse.Namespace) -> None:
+    from aggregator.cli import run
+
+    run(args)
+
+
+def _demo(args: argparse.Namespace) -> None:
+    from .demo import run
+
+    run(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedbpt", description="Federated black-box prompt tuning")
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -35,6 +53,24 @@ def build_parser() -> argparse.ArgumentParser:
     p_serve = sub.add_parser("serve", help="run the black-box inference service")
     serve_arguments(p_serve)
     p_serve.set_defaults(func=_serve)
+
+    from aggregator.cli import add_arguments as aggregator_arguments
+
+    p_agg = sub.add_parser("aggregator", help="run the aggregator")
+    aggregator_arguments(p_agg)
+    p_agg.set_defaults(func=_aggregator)
+
+    from fed_clients.runner import add_arguments as client_arguments
+
+    p_client = sub.add_parser("client", help="run one client against a service and an aggregator")
+    client_arguments(p_client)
+    p_client.set_defaults(func=_client)
+
+    from .demo import add_arguments as demo_arguments
+
+    p_demo = sub.add_parser("demo", help="end-to-end federated run on loopback, with a report")
+    demo_arguments(p_demo)
+    p_demo.set_defaults(func=_demo)
     return parser
 
 

@@ -1,0 +1,148 @@
+"""One FedBPT client's work in a round: evaluate the global prompt, search locally, report.
+
+The client sees only label-word logits from the service; its examples never leave it except as
+texts sent to the service to be scored, and labels never leave it at all: losses are computed here.
+"""
+
+from __future__ import annotations
+
+import logging
+import zlib
+from dataclasses import dataclass
+
+import numpy as np
+
+from fedbpt_wire.federation import ClientCosts, ClientMetrics, RoundTask, RunConfig, UpdateRequest
+from fedbpt_wire.metrics import label_cross_entropy
+from fedbpt_wire.tensors import decode_tensor, encode_tensor
+
+from .data import Example
+from .local_search import cma_seed, local_search
+from .perturb import corpus_words, perturb_examples
+from .projection import Projection
+from .service_client import ServiceClient
+from .tasks import Task
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    loss: np.ndarray  # [P]
+    accuracy: np.ndarray  # [P]
+
+
+class PromptScorer:
+    """Scores z vectors (through the shared projection) on labelled examples via the service."""
+
+    def __init__(self, service: ServiceClient, task: Task, projection: Projection | None, kind: str,
+                 max_texts: int):
+        self.service = service
+        self.task = task
+        self.projection = projection
+        self.kind = kind
+        self.max_texts = max_texts
+
+    def prompts(self, z: np.ndarray | None, population: int = 1) -> np.ndarray:
+        if z is None or self.projection is None:
+            # No soft prompt: the bare template, i.e. the manual-prompt zero-shot baseline.
+            return np.zeros((population, 0, self.service.model_info().hidden_size), np.float32)
+        return self.projection(z)
+
+    def logits(self, z: np.ndarray | None, examples: list[Example]) -> np.ndarray:
+        """[P, N, C], in as many service calls as the service's `max_texts` requires."""
+        prompts = self.prompts(z)
+        texts = [self.task.render(ex.fields, self.kind) for ex in examples]
+        parts = [
+            self.service.score(prompts, texts[i : i + self.max_texts], self.task.label_words).logits
+            for i in range(0, len(texts), self.max_texts)
+        ]
+        return np.concatenate(parts, axis=1)
+
+    def evaluate(self, z: np.ndarray | None, examples: list[Example]) -> Evaluation:
+        loss, acc = label_cross_entropy(self.logits(z, examples), np.array([ex.label for ex in examples]))
+        return Evaluation(loss, acc)
+
+
+class FedBPTClient:
+    def __init__(self, client_id: str, service: ServiceClient, task: Task, train: list[Example],
+                 val: list[Example], config: RunConfig, batch_size: int = 16):
+        if not train:
+            raise ValueError(f"client {client_id} has no training examples")
+        self.client_id = client_id
+        self.service = service
+        self.task = task
+        self.train = train
+        self.val = val
+        self.config = config
+        self.batch_size = batch_size
+        info = service.model_info()
+        projection = Projection(config.projection_seed, config.intrinsic_dim, config.prompt_length,
+                                info.hidden_size, info.embedding_std, config.sigma0)
+        self.scorer = PromptScorer(service, task, projection, info.kind, info.max_texts)
+        self.words = corpus_words(train)
+        self.tag = zlib.crc32(client_id.encode())
+
+    def _batches(self, round_id: int) -> list[np.ndarray]:
+        """One mini-batch per local iteration, seeded by (run, client, round)."""
+        rng = np.random.default_rng([self.config.seed, self.tag, round_id, 5])
+        n = len(self.train)
+        if n <= self.batch_size:
+            return [np.arange(n)] * self.config.local_iterations
+        return [np.sort(rng.choice(n, self.batch_size, replace=False)) for _ in range(self.config.local_iterations)]
+
+    def _fitness_parts(self, z: np.ndarray, idx: np.ndarray, perturbed: list[Example] | None):
+        """Loss and accuracy on the batch, and (perturbation on) the loss on its perturbed copy, in ONE call."""
+        batch = [self.train[i] for i in idx]
+        examples = batch + ([perturbed[i] for i in idx] if perturbed is not None else [])
+        labels = np.array([ex.label for ex in examples])
+        logits = self.scorer.logits(z, examples)
+        loss, acc = label_cross_entropy(logits[:, : len(batch)], labels[: len(batch)])
+        if perturbed is None:
+            return loss, acc, loss
+        noisy_loss, _ = label_cross_entropy(logits[:, len(batch) :], labels[len(batch) :])
+        return loss, acc, loss / np.maximum(noisy_loss, 1e-12)
+
+    def run_round(self, task: RoundTask) -> UpdateRequest:
+        cfg = self.config
+        costs0 = (self.service.costs.queries, self.service.costs.sequences, self.service.costs.tokens,
+                  self.service.http.wire.bytes_up, self.service.http.wire.bytes_down)
+        mean = decode_tensor(task.mean, "mean").astype(np.float64)
+        if mean.shape != (cfg.intrinsic_dim,):
+            raise ValueError(f"global mean has shape {mean.shape}, expected ({cfg.intrinsic_dim},)")
+        metrics = {}
+        if self.val:
+            ev = self.scorer.evaluate(mean[None], self.val)
+            metrics = {"global_val_loss": float(ev.loss[0]), "global_val_accuracy": float(ev.accuracy[0]),
+                       "val_samples": len(self.val)}
+        perturbed = None
+        if cfg.perturb and cfg.strategy != "fedavg-z":
+            perturbed = perturb_examples(self.train, cfg.perturb_rate, self.words,
+                                         [cfg.seed, self.tag, task.round, 6])
+        batches = self._batches(task.round)
+        result = local_search(
+            lambda z, it: self._fitness_parts(z, batches[it], perturbed)[2],
+            mean,
+            task.local_sigma or task.sigma or cfg.sigma0,
+            cfg.local_popsize,
+            cfg.local_iterations,
+            cma_seed(cfg.seed, self.tag, task.round),
+        )
+        all_idx = np.arange(len(self.train)) if len(self.train) <= self.batch_size else batches[-1]
+        loss, acc, fitness = self._fitness_parts(result.mean[None], all_idx, perturbed)
+        c = self.service.costs
+        wire = self.service.http.wire
+        now = (c.queries, c.sequences, c.tokens, wire.bytes_up, wire.bytes_down)
+        delta = [b - a for a, b in zip(costs0, now)]
+        log.info("%s round %d: local loss %.4f acc %.3f fitness %.4f sigma %.3f -> %.3f", self.client_id, task.round,
+                 loss[0], acc[0], fitness[0], task.local_sigma or 0, result.sigmas[-1])
+        return UpdateRequest(
+            round=task.round,
+            mean=encode_tensor(result.mean),
+            fitness=float(fitness[0]),
+            sigmas=result.sigmas,
+            num_samples=len(self.train),
+            metrics=ClientMetrics(local_loss=float(loss[0]), local_accuracy=float(acc[0]), **metrics),
+            costs=ClientCosts(queries=delta[0], sequences=delta[1], tokens=delta[2],
+                              service_bytes_up=delta[3], service_bytes_down=delta[4]),
+        )

@@ -1,0 +1,52 @@
+"""The client's local CMA-ES over z, as an ask/tell loop around a fitness function."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import cma
+import numpy as np
+
+
+@dataclass(frozen=True)
+class LocalResult:
+    mean: np.ndarray  # final local search mean m_k
+    sigmas: list[float]  # step size after each iteration
+    evaluations: int
+
+
+def cma_seed(*parts: int) -> int:
+    """A positive 31-bit seed from integers (cma treats 0 and None as 'seed from the clock')."""
+    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0] % (2**31 - 2)) + 1
+
+
+def local_search(
+    fitness: Callable[[np.ndarray, int], np.ndarray],
+    mean: np.ndarray,
+    sigma: float,
+    popsize: int,
+    iterations: int,
+    seed: int,
+    on_iteration: Callable[[int, np.ndarray], None] | None = None,
+) -> LocalResult:
+    """Start CMA-ES at (mean, sigma); each iteration asks `popsize` candidates and scores them together.
+
+    `fitness(Z [popsize, d], iteration) -> [popsize]`, lower is better: one service call per iteration.
+    """
+    es = cma.CMAEvolutionStrategy(
+        np.asarray(mean, dtype=np.float64),
+        float(sigma),
+        {"popsize": popsize, "seed": seed, "verbose": -9, "maxiter": iterations, "CMA_diagonal": False},
+    )
+    sigmas = []
+    evaluations = 0
+    for it in range(iterations):
+        candidates = np.asarray(es.ask())
+        values = np.asarray(fitness(candidates, it), dtype=np.float64)
+        es.tell(list(candidates), values.tolist())
+        evaluations += len(candidates)
+        sigmas.append(float(es.sigma))
+        if on_iteration is not None:
+            on_iteration(it, values)
+    return LocalResult(mean=np.asarray(es.mean, dtype=np.float64), sigmas=sigmas, evaluations=evaluations)

@@ -1,0 +1,125 @@
+"""A client process: register, then work each round it is sampled for, until the run is done."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from .aggregator_client import AggregatorClient
+from .client import FedBPTClient
+from .data import Example, load_splits
+from .http import RequestFailed
+from .partition import few_shot, partition, train_val_split
+from .service_client import ServiceClient
+from .tasks import get_task
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ClientData:
+    train: list[Example]
+    val: list[Example]
+
+
+def client_shard(examples: list[Example], index: int, n_clients: int, alpha: float | None, seed: int,
+                 per_class: int | None = None, val_fraction: float = 0.25) -> ClientData:
+    """Client `index`'s part of a shared pool: few-shot sample, IID or Dirichlet split, local train/val.
+
+    Every client computes the same partition from the same seed, so no one hands out data.
+    """
+    labels = np.array([ex.label for ex in examples])
+    pool = few_shot(labels, per_class, seed) if per_class else np.arange(len(examples))
+    parts = partition(labels[pool], n_clients, alpha, seed)
+    mine = pool[parts[index]]
+    train_idx, val_idx = train_val_split(mine, val_fraction, seed + index)
+    return ClientData([examples[i] for i in train_idx], [examples[i] for i in val_idx])
+
+
+def run_client(service: ServiceClient, aggregator: AggregatorClient, client_id: str, data: ClientData,
+               task_name: str, *, enroll_key: str | None = None, batch_size: int = 16, poll_s: float = 0.25,
+               max_idle_s: float = 3600.0) -> int:
+    """Returns the number of rounds this client worked; exits when the run is done."""
+    reg = aggregator.register(client_id, len(data.train), enroll_key)
+    client = FedBPTClient(client_id, service, get_task(task_name), data.train, data.val, reg.config, batch_size)
+    log.info("%s registered: %d train / %d val examples, strategy %s", client_id, len(data.train), len(data.val),
+             reg.config.strategy)
+    worked = 0
+    idle_since = time.monotonic()
+    while True:
+        task = aggregator.round()
+        if task.state == "done":
+            return worked
+        if task.state == "open" and task.selected and not task.submitted:
+            update = client.run_round(task)
+            try:
+                aggregator.submit(update)
+                worked += 1
+            except RequestFailed as exc:
+                if exc.status != 409:
+                    raise
+                log.warning("%s round %d: update refused (%s); the round closed without it", client_id, task.round,
+                            exc.detail)
+            idle_since = time.monotonic()
+            continue
+        if time.monotonic() - idle_since > max_idle_s:
+            raise TimeoutError(f"{client_id}: no work for {max_idle_s:.0f} s")
+        time.sleep(poll_s)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--service", required=True, help="inference service URL")
+    parser.add_argument("--api-key", default=os.environ.get("FEDBPT_API_KEY"), help="service key (env FEDBPT_API_KEY)")
+    parser.add_argument("--aggregator", required=True, help="aggregator URL")
+    parser.add_argument("--enroll-key", default=os.environ.get("FEDBPT_ENROLL_KEY"))
+    parser.add_argument("--client-id", default=None, help="default: client-<partition index> or the host name")
+    parser.add_argument("--data", default="default",
+                        help="'default' (embedded), a CSV/TSV/JSONL file of this client's own examples, "
+                             "a directory with train/validation files, or 'hf'")
+    parser.add_argument("--task", default="rotten_tomatoes")
+    parser.add_argument("--partition", default=None, metavar="K/N",
+                        help="take part K (0-based) of N of a shared pool instead of the whole file")
+    parser.add_argument("--alpha", type=float, default=None, help="Dirichlet alpha for --partition (default IID)")
+    parser.add_argument("--per-class", type=int, default=None, help="few-shot: examples per class in the whole pool")
+    parser.add_argument("--partition-seed", type=int, default=0)
+    parser.add_argument("--val-fraction", type=float, default=0.25)
+    parser.add_argument("--batch-size", type=int, default=16, help="texts per CMA-ES iteration")
+    parser.add_argument("--timeout", type=float, default=300.0, help="HTTP timeout per request, seconds")
+
+
+def parse_partition(spec: str) -> tuple[int, int]:
+    try:
+        k, n = (int(x) for x in spec.split("/"))
+    except ValueError:
+        raise ValueError(f"--partition must be K/N, got {spec!r}") from None
+    if not 0 <= k < n:
+        raise ValueError(f"--partition {spec}: need 0 <= K < N")
+    return k, n
+
+
+def run(args: argparse.Namespace) -> None:
+    task = get_task(args.task)
+    splits = load_splits(args.data, task)
+    if args.partition:
+        k, n = parse_partition(args.partition)
+        data = client_shard(splits["train"], k, n, args.alpha, args.partition_seed, args.per_class, args.val_fraction)
+        client_id = args.client_id or f"client-{k}"
+    else:
+        train_idx, val_idx = train_val_split(np.arange(len(splits["train"])), args.val_fraction, args.partition_seed)
+        data = ClientData([splits["train"][i] for i in train_idx],
+                          splits["validation"] or [splits["train"][i] for i in val_idx])
+        client_id = args.client_id or os.uname().nodename
+    service = ServiceClient(args.service, args.api_key, timeout=args.timeout)
+    aggregator = AggregatorClient(args.aggregator, timeout=args.timeout)
+    try:
+        rounds = run_client(service, aggregator, client_id, data, args.task, enroll_key=args.enroll_key,
+                            batch_size=args.batch_size)
+    finally:
+        service.close()
+        aggregator.close()
+    log.info("%s done after %d rounds; %d service queries", client_id, rounds, service.costs.queries)

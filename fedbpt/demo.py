@@ -1,0 +1,301 @@
+"""`fedbpt demo`: the whole stack on loopback: service, aggregator and K client processes, then a report.
+
+Every part is a real server or process speaking HTTP, exactly as on separate machines.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import httpx
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class DemoConfig:
+    name: str = field(default_factory=lambda: time.strftime("demo-%Y%m%d-%H%M%S"))
+    runs_dir: str = "runs"
+    task: str = "rotten_tomatoes"
+    model: str = "smollm2-135m-instruct"
+    dtype: str = "auto"
+    strategy: str = "fedbpt"
+    clients: int = 4
+    rounds: int = 5
+    alpha: float | None = 0.5
+    per_class: int = 40
+    intrinsic_dim: int = 100
+    prompt_length: int = 5
+    sigma0: float = 1.0
+    local_popsize: int = 6
+    local_iterations: int = 4
+    batch_size: int = 12
+    test_size: int = 1000
+    seed: int = 0
+    round_timeout_s: float = 600.0
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Processes:
+    """Child processes with their logs; all stopped on exit, even on Ctrl-C."""
+
+    def __init__(self, log_dir: Path):
+        self.log_dir = log_dir
+        self.children: list[tuple[str, subprocess.Popen]] = []
+
+    def start(self, name: str, args: list[str], env: dict | None = None) -> subprocess.Popen:
+        out = open(self.log_dir / f"{name}.log", "w")
+        proc = subprocess.Popen([sys.executable, "-m", "fedbpt.cli", *args], stdout=out, stderr=subprocess.STDOUT,
+                                env={**os.environ, **(env or {})})
+        self.children.append((name, proc))
+        return proc
+
+    def check(self) -> None:
+        for name, proc in self.children:
+            if proc.poll() not in (None, 0):
+                tail = (self.log_dir / f"{name}.log").read_text()[-2000:]
+                raise RuntimeError(f"{name} exited with {proc.returncode}; its log ends:\n{tail}")
+
+    def stop(self) -> None:
+        for _, proc in self.children:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGINT)
+        deadline = time.monotonic() + 15
+        for _, proc in self.children:
+            try:
+                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def wait_healthy(url: str, procs: Processes, timeout: float = 600) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        procs.check()
+        try:
+            if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.25)
+    raise TimeoutError(f"{url} not healthy after {timeout:.0f} s")
+
+
+def _bar(done: int, total: int, width: int = 20) -> str:
+    filled = int(width * done / max(total, 1))
+    return "[" + "#" * filled + "-" * (width - filled) + "]"
+
+
+def _kb(n: int) -> str:
+    return f"{n / 1024:.1f} KiB"
+
+
+class Progress:
+    """A bar per round while clients report, and one summary line when the round merges."""
+
+    def __init__(self, rounds: int, stream=sys.stdout):
+        self.rounds = rounds
+        self.stream = stream
+        self.printed: set[int] = set()
+        self.tty = stream.isatty()
+        self.t0 = time.monotonic()
+
+    def update(self, status: dict) -> None:
+        for rec in status["history"]:
+            r = rec["round"]
+            if rec["state"] == "open":
+                if self.tty:
+                    line = (f"round {r + 1}/{self.rounds} {_bar(len(rec['reporters']), len(rec['selected']))} "
+                            f"{len(rec['reporters'])}/{len(rec['selected'])} clients")
+                    self.stream.write("\r" + line.ljust(70))
+                    self.stream.flush()
+            elif r not in self.printed:
+                self.printed.add(r)
+                acc = rec.get("val_accuracy")
+                loss = rec.get("val_loss")
+                line = (f"round {r + 1}/{self.rounds} {rec['state']:<6} | val acc "
+                        f"{'n/a' if acc is None else f'{acc:.3f}'} | val loss {'n/a' if loss is None else f'{loss:.4f}'}"
+                        f" | queries {rec['queries']} | seqs {rec['sequences']} | up {_kb(rec['bytes_up'])}"
+                        f" down {_kb(rec['bytes_down'])} | {time.monotonic() - self.t0:.0f} s")
+                self.stream.write(("\r" if self.tty else "") + line.ljust(70) + "\n")
+                self.stream.flush()
+
+
+def run_demo(cfg: DemoConfig) -> dict:
+    from fed_clients.aggregator_client import AggregatorClient
+    from fed_clients.client import PromptScorer
+    from fed_clients.data import load_splits
+    from fed_clients.projection import Projection
+    from fed_clients.service_client import ServiceClient
+    from fed_clients.tasks import get_task
+    from fedbpt_wire.tensors import decode_tensor
+
+    from . import assets
+
+    t_start = time.monotonic()
+    out = Path(cfg.runs_dir) / cfg.name
+    (out / "logs").mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
+    assets.fetch_all()
+    api_key, enroll_key = secrets.token_urlsafe(16), secrets.token_urlsafe(16)
+    svc_url = f"http://127.0.0.1:{_free_port()}"
+    agg_url = f"http://127.0.0.1:{_free_port()}"
+    procs = Processes(out / "logs")
+    try:
+        procs.start("service", ["serve", "--port", svc_url.rsplit(":", 1)[1], "--model", cfg.model,
+                                "--dtype", cfg.dtype], env={"FEDBPT_API_KEYS": api_key})
+        agg_args = ["aggregator", "--port", agg_url.rsplit(":", 1)[1], "--db", str(out / "aggregator.db"),
+                    "--strategy", cfg.strategy, "--rounds", str(cfg.rounds),
+                    "--intrinsic-dim", str(cfg.intrinsic_dim), "--prompt-length", str(cfg.prompt_length),
+                    "--sigma0", str(cfg.sigma0), "--local-popsize", str(cfg.local_popsize),
+                    "--local-iterations", str(cfg.local_iterations), "--seed", str(cfg.seed),
+                    "--projection-seed", str(cfg.seed), "--min-clients", str(cfg.clients),
+                    "--round-timeout", str(cfg.round_timeout_s)]
+        procs.start("aggregator", agg_args, env={"FEDBPT_ENROLL_KEY": enroll_key})
+        print(f"starting the service ({cfg.model}) and the aggregator; logs in {out / 'logs'}", flush=True)
+        wait_healthy(svc_url, procs)
+        wait_healthy(agg_url, procs)
+        for k in range(cfg.clients):
+            args = ["client", "--service", svc_url, "--aggregator", agg_url, "--data", "default",
+                    "--task", cfg.task, "--partition", f"{k}/{cfg.clients}", "--per-class", str(cfg.per_class),
+                    "--partition-seed", str(cfg.seed), "--batch-size", str(cfg.batch_size)]
+            if cfg.alpha is not None:
+                args += ["--alpha", str(cfg.alpha)]
+            procs.start(f"client-{k}", args, env={"FEDBPT_API_KEY": api_key, "FEDBPT_ENROLL_KEY": enroll_key})
+        print(f"{cfg.clients} clients, {cfg.rounds} rounds, strategy {cfg.strategy}", flush=True)
+        progress = Progress(cfg.rounds)
+        while True:
+            procs.check()
+            status = httpx.get(f"{agg_url}/v1/status", timeout=10).json()
+            progress.update(status)
+            if status["state"] == "done":
+                break
+            time.sleep(0.5)
+        observer = AggregatorClient(agg_url)
+        observer.http.set_token(enroll_key)
+        final = observer.global_state()
+        run_config = status["config"]
+
+        print("evaluating the zero-shot and the tuned prompt on the held-out test set", flush=True)
+        task = get_task(cfg.task)
+        test = load_splits("default", task)["test"][: cfg.test_size]
+        service = ServiceClient(svc_url, api_key)
+        info = service.model_info()
+        projection = Projection(run_config["projection_seed"], run_config["intrinsic_dim"],
+                                run_config["prompt_length"], info.hidden_size, info.embedding_std,
+                                run_config["sigma0"])
+        zero = PromptScorer(service, task, None, info.kind, info.max_texts).evaluate(None, test)
+        tuned_scorer = PromptScorer(service, task, projection, info.kind, info.max_texts)
+        tuned = tuned_scorer.evaluate(decode_tensor(final.mean)[None], test)
+    finally:
+        procs.stop()
+    history = status["history"]
+    report = {
+        "name": cfg.name,
+        "config": asdict(cfg),
+        "run_config": run_config,
+        "model": info.model_dump(),
+        "test_examples": len(test),
+        "zero_shot_test_accuracy": float(zero.accuracy[0]),
+        "zero_shot_test_loss": float(zero.loss[0]),
+        "tuned_test_accuracy": float(tuned.accuracy[0]),
+        "tuned_test_loss": float(tuned.loss[0]),
+        "rounds": [
+            {
+                "round": rec["round"],
+                "state": rec["state"],
+                "val_accuracy": rec["val_accuracy"],
+                "val_loss": rec["val_loss"],
+                "queries": rec["queries"],
+                "sequences": rec["sequences"],
+                "tokens": rec["tokens"],
+                "bytes_up": rec["bytes_up"],
+                "bytes_down": rec["bytes_down"],
+                "service_bytes": rec["service_bytes"],
+                "clients": len(rec["reporters"]),
+                "seconds": (rec["closed_at"] or rec["opened_at"]) - rec["opened_at"],
+            }
+            for rec in history
+        ],
+        "wall_seconds": time.monotonic() - t_start,
+    }
+    write_report(out, report)
+    print(f"zero-shot test accuracy {report['zero_shot_test_accuracy']:.4f} | tuned {report['tuned_test_accuracy']:.4f}"
+          f" ({len(test)} examples) | {report['wall_seconds']:.0f} s | report: {out / 'report.json'}")
+    return report
+
+
+def write_report(out: Path, report: dict) -> None:
+    (out / "report.json").write_text(json.dumps(report, indent=2))
+    rows = report["rounds"]
+    with open(out / "rounds.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["round"])
+        writer.writeheader()
+        writer.writerows(rows)
+    plot_rounds(rows, report, out / "accuracy.png")
+
+
+def plot_rounds(rows: list[dict], report: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    merged = [r for r in rows if r["val_accuracy"] is not None]
+    cumulative, total = [], 0
+    for r in rows:
+        total += r["queries"]
+        if r["val_accuracy"] is not None:
+            cumulative.append(total)
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, xs, label in ((axes[0], [r["round"] + 1 for r in merged], "round"),
+                          (axes[1], cumulative, "cumulative service queries")):
+        ax.plot(xs, [r["val_accuracy"] for r in merged], marker="o", label="global prompt, clients' validation")
+        ax.axhline(report["zero_shot_test_accuracy"], color="grey", linestyle="--", label="zero-shot (test)")
+        ax.axhline(report["tuned_test_accuracy"], color="green", linestyle=":", label="tuned (test)")
+        ax.set_xlabel(label)
+        ax.set_ylabel("accuracy")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"{report['name']}: {report['run_config']['strategy']} on {report['config']['task']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    defaults = DemoConfig()
+    for name, value in asdict(defaults).items():
+        flag = "--" + name.replace("_", "-")
+        if name == "name":
+            parser.add_argument(flag, default=None, help="run name (default: demo-<timestamp>)")
+        elif name == "alpha":
+            parser.add_argument(flag, type=float, default=value, help="Dirichlet alpha; 0 for IID")
+        else:
+            parser.add_argument(flag, type=type(value), default=value)
+
+
+def run(args: argparse.Namespace) -> None:
+    values = {k: getattr(args, k) for k in DemoConfig.__dataclass_fields__ if getattr(args, k, None) is not None}
+    if values.get("alpha") == 0:
+        values["alpha"] = None
+    run_demo(DemoConfig(**values))
