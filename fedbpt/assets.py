@@ -11,6 +11,7 @@ import bz2
 import csv
 import hashlib
 import io
+import json
 import logging
 import os
 import shutil
@@ -102,12 +103,13 @@ def ensure_model(cache: Path | None = None) -> Path:
         quantised = AutoModelForCausalLM.from_pretrained(src, gguf_file=name, dtype=torch.float32)
         # A GGUF-loaded model refuses save_pretrained; a plain model with the same weights does not.
         config = quantised.config
-        del config.quantization_config
+        config.__dict__.pop("quantization_config", None)
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
         model.load_state_dict(quantised.state_dict(), strict=True)
         staging = out.with_name(out.name + ".partial")
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
+        _readable_by_transformers_4(staging)
         _publish(staging, out)
     log.info("model ready at %s", out)
     return out
@@ -118,6 +120,25 @@ def _publish(staging: Path, out: Path) -> None:
     if out.exists():
         shutil.rmtree(out)
     staging.replace(out)
+
+
+def _readable_by_transformers_4(directory: Path) -> None:
+    """Add the field names transformers 4.x reads (vLLM 0.11 runs on it) beside the 5.x ones.
+
+    4.x ignores `rope_parameters` and would silently fall back to rope_theta 10000 (SmolLM2 uses 100000),
+    and it cannot resolve the tokenizer class name 5.x writes.
+    """
+    config_path = directory / "config.json"
+    config = json.loads(config_path.read_text())
+    rope = config.get("rope_parameters") or {}
+    if "rope_theta" in rope and "rope_theta" not in config:
+        config["rope_theta"] = rope["rope_theta"]
+        config_path.write_text(json.dumps(config, indent=2))
+    tok_path = directory / "tokenizer_config.json"
+    tok_config = json.loads(tok_path.read_text())
+    if tok_config.get("tokenizer_class") == "TokenizersBackend":
+        tok_config["tokenizer_class"] = "PreTrainedTokenizerFast"
+        tok_path.write_text(json.dumps(tok_config, indent=2))
 
 
 def data_dir(cache: Path | None = None) -> Path:

@@ -20,6 +20,8 @@ from pathlib import Path
 
 import httpx
 
+from .loopback import free_port
+
 log = logging.getLogger(__name__)
 
 
@@ -44,14 +46,6 @@ class DemoConfig:
     test_size: int = 1000
     seed: int = 0
     round_timeout_s: float = 600.0
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Processes:
@@ -157,8 +151,8 @@ def run_demo(cfg: DemoConfig) -> dict:
     (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
     assets.fetch_all()
     api_key, enroll_key = secrets.token_urlsafe(16), secrets.token_urlsafe(16)
-    svc_url = f"http://127.0.0.1:{_free_port()}"
-    agg_url = f"http://127.0.0.1:{_free_port()}"
+    svc_url = f"http://127.0.0.1:{free_port()}"
+    agg_url = f"http://127.0.0.1:{free_port()}"
     procs = Processes(out / "logs")
     try:
         procs.start("service", ["serve", "--port", svc_url.rsplit(":", 1)[1], "--model", cfg.model,

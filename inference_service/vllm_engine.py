@@ -1,0 +1,236 @@
+"""vLLM engine for causal LMs: soft prompts enter as prompt embeddings, the whole population batched by vLLM.
+
+Pinned to vllm==0.11.0, the first release whose V1 engine takes `prompt_embeds` (0.10.x fell back to V0).
+Each sequence asks for one token, greedily, restricted to the label words by `allowed_token_ids`; with
+`logprobs_mode="processed_logits"` the returned values are the model's logits after that mask, so the
+top-C "logprobs" are exactly the C label words with their raw logits. docs/vllm.md gives the reasoning.
+
+vllm and torch are imported inside the class, so importing this module never needs either.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+from fedbpt_wire.schemas import ModelInfo
+
+from .engine import ScoreBatch, ScoreResult
+from .layout import Layout, TextIds, label_token_ids, make_layout, tokenize_text
+from .limits import Limits
+
+log = logging.getLogger(__name__)
+
+VLLM_VERSION = "0.11.0"
+
+# vLLM keeps every queued request's embeddings in this process and again in its engine-core process,
+# so a large population is sent in several generate calls of at most this many bytes of embeddings.
+# Even for a 7B model a call holds thousands of sequences, more than one scheduler step runs (1024 by default).
+_MAX_CALL_BYTES = 2 * 2**30
+
+
+class VllmEngine:
+    name = "vllm"
+
+    def __init__(
+        self,
+        model_path: str,
+        *,
+        dtype: str = "auto",
+        limits: Limits | None = None,
+        display_name: str | None = None,
+        gpu_memory_utilization: float = 0.85,
+    ):
+        try:
+            from vllm import LLM
+        except ImportError as e:
+            raise ImportError(
+                f"the vllm engine needs vllm=={VLLM_VERSION} on a CUDA host (pip install 'fedbpt[service,vllm]')"
+            ) from e
+        import torch
+        import transformers
+        from packaging.version import Version
+        from transformers import AutoConfig, AutoTokenizer
+
+        from .torch_engine import model_kind, resolve_dtype
+
+        self.limits = limits or Limits()
+        config = AutoConfig.from_pretrained(model_path)
+        written = getattr(config, "transformers_version", None)
+        if written and Version(written).major > Version(transformers.__version__).major:
+            # An older transformers (vLLM 0.11 runs with 4.x) reads fields renamed since as absent and falls back
+            # to defaults without a word: SmolLM2's rope_parameters.rope_theta 100000 becomes 4.x's 10000.
+            log.warning(
+                "%s was saved by transformers %s but %s is installed: fields it does not know are silently "
+                "defaulted; re-create the directory with this transformers (re-saving a loaded copy keeps the "
+                "wrong defaults)",
+                model_path, written, transformers.__version__,
+            )
+        if model_kind(config) != "causal":
+            raise RuntimeError(f"{model_path} is a masked LM; the vllm engine serves causal LMs only (--engine torch)")
+        # Resolved as the torch engine resolves it on a GPU, so both engines run the same precision.
+        self.dtype = resolve_dtype(dtype, torch.device("cuda"))
+        self.tokenizer = AutoTokenizer.from_pretrained(model_path)
+        self.layout: Layout = make_layout(self.tokenizer, "causal")
+        t0 = time.perf_counter()
+        self.embed = _input_embeddings(model_path, config, self.dtype)
+        weight = self.embed.weight.detach()
+        width = getattr(config, "hidden_size", weight.shape[1])
+        if weight.shape[1] != width:
+            # vLLM's prompt_embeds buffer is hidden_size wide; a projected embedding (OPT-350m) cannot enter it.
+            raise RuntimeError(f"{model_path}: input embeddings are {weight.shape[1]} wide but hidden_size is {width}")
+        max_len = len(self.layout.prefix_ids) + self.limits.max_prompt_length + self.limits.max_text_tokens + 1
+        self.llm = LLM(
+            model=str(model_path),
+            dtype=str(self.dtype).removeprefix("torch."),
+            gpu_memory_utilization=gpu_memory_utilization,
+            max_model_len=max_len,
+            enable_prompt_embeds=True,
+            # 0.11.0 cannot cache prefixes of embedding prompts and would switch it off with a warning.
+            enable_prefix_caching=False,
+            logprobs_mode="processed_logits",
+            # Only C label words are ever asked for; the default cap of 20 would refuse a 21-class task.
+            max_logprobs=-1,
+        )
+        log.info("loaded %s into vllm (%s) in %.1fs", model_path, self.dtype, time.perf_counter() - t0)
+        self.info = ModelInfo(
+            name=display_name or Path(str(model_path).rstrip("/")).name,
+            kind="causal",
+            hidden_size=weight.shape[1],
+            vocab_size=weight.shape[0],
+            max_prompt_length=self.limits.max_prompt_length,
+            max_texts=self.limits.max_texts,
+            max_population=self.limits.max_population,
+            max_text_tokens=self.limits.max_text_tokens,
+            embedding_std=float(weight.float().std()),
+            dtype=str(self.dtype).removeprefix("torch."),
+            engine=self.name,
+            mask_token=None,
+        )
+        # LLM.generate is not re-entrant: concurrent requests would interleave inside one engine loop.
+        self._lock = threading.Lock()
+
+    def label_token_ids(self, label_words: list[str]) -> list[int]:
+        return label_token_ids(self.tokenizer, label_words)
+
+    def tokenize(self, texts: list[str]) -> list[TextIds]:
+        limit = self.limits.max_text_tokens
+        return [tokenize_text(self.tokenizer, self.layout, t, i, limit) for i, t in enumerate(texts)]
+
+    def score(self, batch: ScoreBatch) -> ScoreResult:
+        import torch
+        from vllm import SamplingParams
+
+        texts = self.tokenize(batch.texts)
+        label_ids = self.label_token_ids(batch.label_words)
+        n_pop, n_prompt, dim = batch.prompts.shape
+        # Greedy keeps the sampler on its all-greedy path, where processed logits are the masked logits
+        # with no temperature applied; the mask leaves exactly the C label words finite, so logprobs=C
+        # returns all of them whatever their rank in the full vocabulary.
+        params = SamplingParams(
+            max_tokens=1, temperature=0.0, logprobs=len(label_ids), allowed_token_ids=label_ids, detokenize=False
+        )
+        out = np.empty((n_pop, len(texts), len(label_ids)), dtype=np.float32)
+        # vLLM sends each embedding tensor through .numpy(), which refuses a tensor that requires grad.
+        with self._lock, torch.no_grad():
+            t0 = time.perf_counter()
+            prompts = torch.from_numpy(batch.prompts).to(self.dtype)
+            prefix = self._embed_ids(self.layout.prefix_ids)
+            lengths = [len(prefix) + n_prompt + len(t.ids) for t in texts]
+            for chunk in self._chunks(lengths, n_pop * dim * prompts.element_size()):
+                seqs = []
+                for n in chunk:
+                    # All P sequences of a text in one block; each row is a contiguous view vLLM sends as is.
+                    block = torch.empty(n_pop, lengths[n], dim, dtype=self.dtype)
+                    block[:, : len(prefix)] = prefix
+                    block[:, len(prefix) : len(prefix) + n_prompt] = prompts
+                    block[:, len(prefix) + n_prompt :] = self._embed_ids(texts[n].ids)
+                    seqs.extend({"prompt_embeds": block[p]} for p in range(n_pop))
+                results = self.llm.generate(seqs, params, use_tqdm=False)
+                for i, result in enumerate(results):
+                    out[i % n_pop, chunk[i // n_pop]] = _label_values(result, label_ids)
+            ms = (time.perf_counter() - t0) * 1e3
+        return ScoreResult(logits=out, sequences=n_pop * len(texts), tokens=n_pop * sum(lengths), engine_ms=ms)
+
+    def _embed_ids(self, ids: list[int]):
+        import torch
+
+        return self.embed(torch.tensor(ids, dtype=torch.long)).to(self.dtype)
+
+    @staticmethod
+    def _chunks(lengths: list[int], bytes_per_token: int) -> list[list[int]]:
+        """Text indices grouped so that each group's embeddings stay under _MAX_CALL_BYTES."""
+        chunks: list[list[int]] = [[]]
+        size = 0
+        for n, length in enumerate(lengths):
+            need = length * bytes_per_token
+            if chunks[-1] and size + need > _MAX_CALL_BYTES:
+                chunks.append([])
+                size = 0
+            chunks[-1].append(n)
+            size += need
+        return chunks
+
+
+def _label_values(result, label_ids: list[int]) -> list[float]:
+    values = result.outputs[0].logprobs[0]
+    missing = [t for t in label_ids if t not in values]
+    if missing:
+        raise RuntimeError(f"vllm returned no logit for label token ids {missing}; got {sorted(values)}")
+    return [values[t].logprob for t in label_ids]
+
+
+def _input_embeddings(model_path: str, config, dtype):
+    """The HF model's input embedding module on CPU, as the torch engine would apply it.
+
+    A plain embedding is read straight from the safetensors checkpoint, so the full model is never loaded
+    beside vLLM's copy. An embedding subclass (Gemma 3 scales its output) or a .bin checkpoint needs the
+    real module: the model is then loaded once on CPU and all but its embedding dropped.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(config)
+    module = skeleton.get_input_embeddings()
+    if type(module) is torch.nn.Embedding:
+        name = next(n for n, m in skeleton.named_modules() if m is module)
+        weight = _checkpoint_tensor(model_path, f"{name}.weight")
+        if weight is not None:
+            return torch.nn.Embedding.from_pretrained(weight.to(dtype), freeze=True)
+    log.info("%s: loading the model on CPU once to take its input embeddings", model_path)
+    return AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype).get_input_embeddings()
+
+
+def _checkpoint_tensor(model_path: str, name: str):
+    """One tensor of a safetensors checkpoint (local directory or hub id), or None where there is none.
+
+    Checkpoints may store keys without the base-model prefix (GPT-2's `wte.weight` for
+    `transformer.wte.weight`), so a key matches the name exactly or as its dotted suffix.
+    """
+    from safetensors import safe_open
+    from transformers.utils import cached_file
+
+    def fetch(filename: str) -> str | None:
+        return cached_file(model_path, filename, _raise_exceptions_for_missing_entries=False)
+
+    index = fetch("model.safetensors.index.json")
+    if index:
+        shard_of = json.loads(Path(index).read_text())["weight_map"]
+    else:
+        single = fetch("model.safetensors")
+        if not single:
+            return None
+        with safe_open(single, "pt") as f:
+            shard_of = dict.fromkeys(f.keys(), "model.safetensors")
+    matches = [k for k in shard_of if k == name or name.endswith("." + k)]
+    if not matches:
+        return None
+    key = max(matches, key=len)
+    with safe_open(fetch(shard_of[key]), "pt") as f:
+        return f.get_tensor(key)
