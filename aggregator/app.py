@@ -1,0 +1,117 @@
+"""The aggregator's HTTP API (FastAPI): the endpoints of fedbpt_wire/federation.py over a Coordinator.
+
+POST /v1/clients        register (enroll key as Bearer, where one is set) -> a per-client token
+GET  /v1/round          the caller's task in the open round (client token)
+POST /v1/round/update   the caller's local result for a round (client token)
+GET  /v1/global         the global search distribution (client token)
+GET  /v1/status         the run and its per-round history (no auth: it holds no client data)
+GET  /healthz
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from typing import Callable
+
+from fastapi import FastAPI, Header, Request
+from fastapi.responses import JSONResponse
+
+from fedbpt_wire.asgi import BodyLimit, install_error_handlers
+from fedbpt_wire.federation import (
+    GlobalState,
+    RegisterRequest,
+    RegisterResponse,
+    RoundTask,
+    RunConfig,
+    RunStatus,
+    UpdateRequest,
+    UpdateResponse,
+)
+
+from .coordinator import Coordinator, Rejected
+from .metering import TrafficMeter
+from .store import Store
+
+log = logging.getLogger("aggregator")
+
+DEADLINE_CHECK_S = 0.2
+
+
+def _normalise(config: RunConfig) -> RunConfig:
+    # Clients follow `perturb`; the baseline's name must not be contradicted by a default left on.
+    if config.strategy == "fedbpt-noperturb" and config.perturb:
+        log.info("strategy fedbpt-noperturb: perturb set to false")
+        return config.model_copy(update={"perturb": False})
+    return config
+
+
+async def _enforce_deadlines(coordinator: Coordinator) -> None:
+    """Closes rounds whose deadline passed even when no client calls in, so a silent client cannot stall a run."""
+    while True:
+        await asyncio.sleep(DEADLINE_CHECK_S)
+        try:
+            await asyncio.to_thread(coordinator.tick)
+        except Exception:
+            log.exception("deadline check failed; retrying")
+
+
+def create_app(
+    config: RunConfig, db_path: str, *, enroll_key: str | None = None, clock: Callable[[], float] = time.time
+) -> FastAPI:
+    """The aggregator app; a database that already holds a run resumes it (its config wins)."""
+    coordinator = Coordinator(_normalise(config), Store(db_path), enroll_key=enroll_key, clock=clock)
+    if enroll_key is None:
+        log.warning("enrollment is OPEN: anyone who reaches this port can register or re-register a client id "
+                    "(set --enroll-key or FEDBPT_ENROLL_KEY)")
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        task = asyncio.create_task(_enforce_deadlines(coordinator))
+        try:
+            yield
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            coordinator.close()
+
+    app = FastAPI(title="FedBPT aggregator", version="1", lifespan=lifespan)
+    app.state.coordinator = coordinator
+    install_error_handlers(app)
+
+    @app.exception_handler(Rejected)
+    async def rejected(request: Request, exc: Rejected):
+        headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
+        return JSONResponse(status_code=exc.status, content={"detail": exc.detail}, headers=headers)
+
+    @app.post("/v1/clients", response_model=RegisterResponse)
+    def register(req: RegisterRequest, authorization: str | None = Header(default=None)):
+        return coordinator.register(req, authorization)
+
+    @app.get("/v1/round", response_model=RoundTask)
+    def round_task(authorization: str | None = Header(default=None)):
+        return coordinator.task(authorization)
+
+    @app.post("/v1/round/update", response_model=UpdateResponse)
+    def update(req: UpdateRequest, authorization: str | None = Header(default=None)):
+        return coordinator.submit(authorization, req)
+
+    @app.get("/v1/global", response_model=GlobalState)
+    def global_state(authorization: str | None = Header(default=None)):
+        return coordinator.global_state(authorization)
+
+    @app.get("/v1/status", response_model=RunStatus)
+    def status():
+        return coordinator.status()
+
+    @app.get("/healthz")
+    def healthz():
+        return {"status": "ok", "run_id": coordinator.config.run_id, "state": coordinator.state()}
+
+    # An update is about 5.4 bytes per dimension in base64 float32, plus up to 10k local sigmas.
+    app.add_middleware(BodyLimit, max_bytes=1024 * 1024 + 16 * coordinator.config.intrinsic_dim)
+    app.add_middleware(TrafficMeter, coordinator=coordinator)  # outermost: it sees 413s too
+    return app

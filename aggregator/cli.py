@@ -1,0 +1,88 @@
+"""Command-line flags of the aggregator (`fedbpt aggregator`): where to listen and the RunConfig.
+
+Run-config flags default to "not given", so a resumed run can tell a deliberate change (warned
+about, then overridden by the stored config) from a default.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+from pydantic import ValidationError
+
+from fedbpt_wire.federation import SIGMA_RULES, STRATEGIES, RunConfig
+
+from .store import Store
+
+log = logging.getLogger("aggregator")
+
+# flag -> (RunConfig field, argparse keyword arguments)
+_CONFIG_FLAGS: dict[str, tuple[str, dict]] = {
+    "--run-id": ("run_id", {"help": "run name (default: the database file's stem)"}),
+    "--strategy": ("strategy", {"choices": STRATEGIES}),
+    "--rounds": ("rounds", {"type": int}),
+    "--intrinsic-dim": ("intrinsic_dim", {"type": int}),
+    "--prompt-length": ("prompt_length", {"type": int}),
+    "--projection-seed": ("projection_seed", {"type": int}),
+    "--seed": ("seed", {"type": int}),
+    "--sigma0": ("sigma0", {"type": float}),
+    "--local-popsize": ("local_popsize", {"type": int}),
+    "--local-iterations": ("local_iterations", {"type": int}),
+    "--no-perturb": ("perturb", {"action": "store_const", "const": False, "help": "fitness = loss (no perturbed copy)"}),
+    "--perturb-rate": ("perturb_rate", {"type": float}),
+    "--sigma-rule": ("sigma_rule", {"choices": SIGMA_RULES}),
+    "--local-sigma-floor": ("local_sigma_floor", {"type": float}),
+    "--participation": ("participation", {"type": float}),
+    "--min-clients": ("min_clients", {"type": int}),
+    "--min-updates": ("min_updates", {"type": int}),
+    "--round-timeout": ("round_timeout_s", {"type": float}),
+}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8100)
+    parser.add_argument("--db", default="aggregator.db", help="SQLite file; one that holds a run resumes it")
+    parser.add_argument("--enroll-key", default=None,
+                        help="clients register with it as Bearer token (default: $FEDBPT_ENROLL_KEY; unset = open)")
+    group = parser.add_argument_group("run config (ignored, with a warning, when --db already holds a run)")
+    for flag, (field, kwargs) in _CONFIG_FLAGS.items():
+        info = RunConfig.model_fields[field]
+        kwargs = dict(kwargs)
+        if "help" not in kwargs:
+            kwargs["help"] = f"{info.description + '; ' if info.description else ''}default {info.default}"
+        group.add_argument(flag, dest=field, default=None, **kwargs)
+
+
+def config_from_args(args: argparse.Namespace) -> RunConfig:
+    """The run's config: the stored one when the database holds a run, else the flags over the defaults."""
+    given = {field: getattr(args, field) for field, _ in _CONFIG_FLAGS.values() if getattr(args, field) is not None}
+    stored = Store.peek_config(args.db)
+    if stored is not None:
+        differs = sorted(k for k, v in given.items() if getattr(stored, k) != v)
+        if differs:
+            log.warning("%s holds run %r: its config wins, ignoring %s", args.db, stored.run_id,
+                        ", ".join(f"{k}={given[k]!r} (stored {getattr(stored, k)!r})" for k in differs))
+        return stored
+    given.setdefault("run_id", Path(args.db).stem)
+    if given.get("strategy") == "fedbpt-noperturb":
+        given.setdefault("perturb", False)
+    return RunConfig(**given)
+
+
+def run(args: argparse.Namespace) -> int:
+    from .server import serve  # fastapi, uvicorn and cma only once there is something to serve
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        config = config_from_args(args)
+    except ValidationError as exc:
+        print(f"invalid run config: {exc}", file=sys.stderr)
+        return 2
+    serve(config, args.db, host=args.host, port=args.port,
+          enroll_key=args.enroll_key or os.environ.get("FEDBPT_ENROLL_KEY") or None)
+    return 0

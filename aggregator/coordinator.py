@@ -1,0 +1,364 @@
+"""The run's round lifecycle: registration, client sampling, updates, deadlines and merges.
+
+Every change happens under one lock and is committed to the store before it is answered, and the
+in-memory state only follows a commit, so memory never runs ahead of what a restart would load.
+
+Decisions:
+- a round opens when `min_clients` have registered (round 0) or when the previous round closes, and
+  samples ceil(participation x registered) clients, sorted, with a Generator seeded by (seed, round);
+- it merges as soon as every selected client has reported, or at its deadline with at least
+  `min_updates` reports; with fewer it is recorded `failed` and the next round opens from the same
+  global state. Failed rounds count toward `config.rounds`, so a run with dead clients still ends
+  after rounds x round_timeout_s;
+- a restart gives the open round a fresh timeout: clients could not reach a stopped aggregator;
+- every merge starts from the unpickled last-committed strategy, the same object a restarted
+  aggregator would load, so a restarted run computes bit for bit what an uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+import math
+import pickle
+import secrets
+import threading
+import time
+from typing import Callable
+
+import numpy as np
+
+from fedbpt_wire.federation import (
+    GlobalState,
+    RegisterRequest,
+    RegisterResponse,
+    RoundRecord,
+    RoundTask,
+    RunConfig,
+    RunStatus,
+    UpdateRequest,
+    UpdateResponse,
+)
+from fedbpt_wire.tensors import TensorDecodeError, decode_tensor, encode_tensor
+
+from .store import RoundRow, Store
+from .strategies import ClientUpdate, Strategy, make_strategy
+
+log = logging.getLogger("aggregator")
+
+_SEED_MASK = 2**64 - 1  # SeedSequence takes non-negative ints; the mask maps a negative run seed onto one
+# Sanity bounds: past them a value is a client bug, and would overflow SQLite integers or the merge's squares.
+MAX_SAMPLES = 10**12
+MAX_SIGMA_RATIO = 1e6  # a local step size over 1e6 x sigma0; CMA-ES grows sigma at most ~e per iteration
+
+
+class Rejected(Exception):
+    """A request the run cannot accept; `detail` names the field or the rule at fault."""
+
+    def __init__(self, status: int, detail: str):
+        super().__init__(detail)
+        self.status = status
+        self.detail = detail
+
+
+def _sha256(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def bearer_token(authorization: str | None) -> str:
+    if not authorization:
+        raise Rejected(401, "Authorization: missing, send 'Authorization: Bearer <token>'")
+    scheme, _, token = authorization.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise Rejected(401, "Authorization: expected 'Bearer <token>'")
+    return token.strip()
+
+
+def round_metrics(updates: list[UpdateRequest]) -> dict:
+    """A round's record: validation metrics weighted by each client's val_samples, costs summed."""
+
+    def weighted(name: str) -> float | None:
+        pairs = [
+            (u.metrics.val_samples, getattr(u.metrics, name))
+            for u in updates
+            if u.metrics.val_samples > 0 and getattr(u.metrics, name) is not None
+        ]
+        total = sum(n for n, _ in pairs)
+        return sum(n * v for n, v in pairs) / total if total else None
+
+    return {
+        "val_accuracy": weighted("global_val_accuracy"),
+        "val_loss": weighted("global_val_loss"),
+        "queries": sum(u.costs.queries for u in updates),
+        "sequences": sum(u.costs.sequences for u in updates),
+        "tokens": sum(u.costs.tokens for u in updates),
+        "service_bytes": sum(u.costs.service_bytes_up + u.costs.service_bytes_down for u in updates),
+    }
+
+
+class Coordinator:
+    """The one object every endpoint goes through; the store is its memory across restarts."""
+
+    def __init__(
+        self, config: RunConfig, store: Store, *, enroll_key: str | None = None, clock: Callable[[], float] = time.time
+    ):
+        self._lock = threading.RLock()
+        self.store = store
+        self.clock = clock
+        self.enroll_key = enroll_key
+        stored = store.load_config()
+        if stored is None:
+            store.save_config(config)
+        elif stored != config:
+            changed = sorted(k for k in RunConfig.model_fields if getattr(stored, k) != getattr(config, k))
+            log.warning("resuming the run stored in the database; its config wins over the given one (differs in %s)",
+                        ", ".join(changed))
+        self.config = stored or config
+        self._blob = store.load_strategy()
+        self.strategy: Strategy | None = pickle.loads(self._blob) if self._blob else None
+        self._started = len(store.rounds())
+        self._open = store.open_round()
+        if self._open is not None:
+            self._open.deadline_at = clock() + self.config.round_timeout_s
+            store.set_deadline(self._open.round, self._open.deadline_at)
+            log.info("resumed round %d with %d accepted updates", self._open.round, store.update_count(self._open.round))
+        self._accounting = self._accounting_round()
+
+    # ------------------------------------------------------------------ state
+
+    def state(self) -> str:
+        if self._open is not None:
+            return "running"
+        return "done" if self._started >= self.config.rounds else "waiting"
+
+    def current_round(self) -> int:
+        """The open round; before round 0 opens 0, after the last round `config.rounds`."""
+        return self._open.round if self._open is not None else self._started
+
+    def _accounting_round(self) -> int:
+        return min(self.current_round(), self.config.rounds - 1)
+
+    def accounting_round(self) -> int:
+        """The round a request arriving now is charged to: the open one, round 0 before it opens, the
+        last round after the run ends. Read without the lock so metering never waits on a merge."""
+        return self._accounting
+
+    def add_traffic(self, round_: int, bytes_up: int, bytes_down: int) -> None:
+        self.store.add_traffic(round_, bytes_up, bytes_down)
+
+    def close(self) -> None:
+        with self._lock:  # waits for a deadline check still running in its thread
+            self.store.close()
+
+    def _is_operator(self, authorization: str | None) -> bool:
+        return self.enroll_key is not None and hmac.compare_digest(
+            bearer_token(authorization).encode(), self.enroll_key.encode())
+
+    def _authenticate(self, authorization: str | None) -> str:
+        client_id = self.store.client_by_token(_sha256(bearer_token(authorization)))
+        if client_id is None:
+            raise Rejected(401, "Authorization: unknown client token (register at POST /v1/clients)")
+        return client_id
+
+    # ------------------------------------------------------------------ endpoints
+
+    def register(self, req: RegisterRequest, authorization: str | None) -> RegisterResponse:
+        if req.num_samples > MAX_SAMPLES:
+            raise Rejected(422, f"num_samples must be at most {MAX_SAMPLES}, got {req.num_samples}")
+        if self.enroll_key is not None and not self._is_operator(authorization):
+            raise Rejected(401, "Authorization: wrong enroll key")
+        token = secrets.token_urlsafe(32)
+        with self._lock:
+            now = self.clock()
+            # Re-registering replaces the token: a restarted client rejoins, its old token stops working.
+            self.store.upsert_client(req.client_id, _sha256(token), req.num_samples, now)
+            self._tick(now)
+        return RegisterResponse(client_id=req.client_id, token=token, config=self.config)
+
+    def task(self, authorization: str | None) -> RoundTask:
+        with self._lock:
+            client_id = self._authenticate(authorization)
+            now = self.clock()
+            self._tick(now)
+            base = {"run_id": self.config.run_id, "round": self.current_round()}
+            o = self._open
+            if o is None:
+                return RoundTask(**base, state=self.state(), selected=False)
+            deadline_s = max(0.0, o.deadline_at - now)
+            if client_id not in o.selected:
+                return RoundTask(**base, state="open", selected=False, deadline_s=deadline_s)
+            t = self.strategy.task(client_id)
+            return RoundTask(
+                **base, state="open", selected=True,
+                submitted=self.store.update_digest(o.round, client_id) is not None,
+                mean=encode_tensor(t.mean), sigma=t.sigma, local_sigma=t.local_sigma, deadline_s=deadline_s,
+            )
+
+    def submit(self, authorization: str | None, req: UpdateRequest) -> UpdateResponse:
+        with self._lock:
+            client_id = self._authenticate(authorization)
+            self._check_update(req)
+            if req.round >= self.config.rounds:
+                raise Rejected(409, f"round: {req.round} is past the run's last round ({self.config.rounds - 1})")
+            body = req.model_dump_json()
+            digest = _sha256(body)
+            prior = self.store.update_digest(req.round, client_id)
+            if prior is not None:
+                if prior == digest:
+                    return UpdateResponse(accepted=True, duplicate=True, round=req.round)
+                raise Rejected(409, f"round: client {client_id} already submitted a different update for round {req.round}")
+            now = self.clock()
+            self._tick(now)  # a deadline that has passed closes the round before a late update lands
+            o = self._open
+            if o is None or req.round != o.round:
+                open_ = f"round {o.round} is open" if o is not None else f"the run is {self.state()}"
+                raise Rejected(409, f"round: {req.round} is not the open round ({open_})")
+            if client_id not in o.selected:
+                raise Rejected(409, f"round: client {client_id} is not selected for round {o.round}")
+            self.store.insert_update(o.round, client_id, digest, body, now)
+            self._tick(now)
+            return UpdateResponse(accepted=True, round=req.round)
+
+    def global_state(self, authorization: str | None) -> GlobalState:
+        with self._lock:
+            # The operator (holder of the enroll key) reads it too: the final prompt is what a run is for.
+            if not self._is_operator(authorization):
+                self._authenticate(authorization)
+            self._tick(self.clock())
+            base = {"run_id": self.config.run_id, "round": self.current_round(), "state": self.state()}
+            if self.strategy is None:
+                start = np.zeros(self.config.intrinsic_dim)
+                local = {} if self.config.strategy == "local-only" else None
+                return GlobalState(**base, mean=encode_tensor(start), sigma=self.config.sigma0, client_means=local)
+            own = self.strategy.client_means()
+            return GlobalState(
+                **base, mean=encode_tensor(self.strategy.mean), sigma=self.strategy.sigma,
+                client_means=None if own is None else {cid: encode_tensor(m) for cid, m in own.items()},
+            )
+
+    def status(self) -> RunStatus:
+        with self._lock:
+            self._tick(self.clock())
+            reporters = self.store.reporters()
+            traffic = self.store.traffic()
+            history = []
+            for r in self.store.rounds():
+                metrics = r.metrics if r.metrics is not None else round_metrics([u for _, u in self.store.updates(r.round)])
+                up, down = traffic.get(r.round, (0, 0))
+                history.append(
+                    RoundRecord(
+                        round=r.round, state=r.state, selected=r.selected, reporters=reporters.get(r.round, []),
+                        sigma_before=r.sigma_before, sigma_after=r.sigma_after, local_sigma=r.local_sigma,
+                        sigma_merged=r.sigma_merged, opened_at=r.opened_at, closed_at=r.closed_at,
+                        bytes_up=up, bytes_down=down, **metrics,
+                    )
+                )
+            return RunStatus(
+                config=self.config, state=self.state(), round=self.current_round(),
+                clients=self.store.client_ids(), history=history,
+            )
+
+    def tick(self) -> None:
+        """Enforce the open round's deadline (and open round 0 once enough clients registered)."""
+        with self._lock:
+            self._tick(self.clock())
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def _check_update(self, req: UpdateRequest) -> None:
+        d = self.config.intrinsic_dim
+        try:
+            mean = decode_tensor(req.mean, field="mean", max_elements=d)
+        except TensorDecodeError as exc:
+            raise Rejected(422, str(exc)) from None
+        if list(mean.shape) != [d]:
+            raise Rejected(422, f"mean.shape must be [{d}] (intrinsic_dim), got {req.mean.shape}")
+        if not math.isfinite(req.fitness):
+            raise Rejected(422, f"fitness must be finite, got {req.fitness}")
+        cap = MAX_SIGMA_RATIO * self.config.sigma0
+        for i, s in enumerate(req.sigmas):
+            if not (math.isfinite(s) and 0 < s <= cap):
+                raise Rejected(422, f"sigmas[{i}] must be positive and at most {cap:g}, got {s}")
+        if req.num_samples > MAX_SAMPLES:
+            raise Rejected(422, f"num_samples must be at most {MAX_SAMPLES}, got {req.num_samples}")
+        for name, value in req.metrics:
+            if isinstance(value, float) and not math.isfinite(value):
+                raise Rejected(422, f"metrics.{name} must be finite, got {value}")
+
+    def _tick(self, now: float) -> None:
+        o = self._open
+        if o is None:
+            if self._started == 0 and len(self.store.client_ids()) >= self.config.min_clients:
+                self._open_first(now)
+            return
+        reported = self.store.update_count(o.round)
+        if reported == len(o.selected):
+            self._close(o, now, merge=True)
+        elif now >= o.deadline_at:
+            self._close(o, now, merge=reported >= self.config.min_updates)
+
+    def _sample(self, round_: int) -> list[str]:
+        ids = self.store.client_ids()
+        # Rounded first, so 0.3 x 10 = 3.0000000000000004 samples 3 clients, not 4.
+        n = max(1, math.ceil(round(self.config.participation * len(ids), 9)))
+        rng = np.random.default_rng([self.config.seed & _SEED_MASK, round_])
+        return sorted(ids[i] for i in rng.choice(len(ids), size=n, replace=False))
+
+    def _round_row(self, round_: int, selected: list[str], now: float, strategy: Strategy) -> RoundRow:
+        return RoundRow(
+            round=round_, state="open", selected=selected, opened_at=now,
+            deadline_at=now + self.config.round_timeout_s, sigma_before=strategy.sigma, local_sigma=strategy.local_sigma,
+        )
+
+    def _open_first(self, now: float) -> None:
+        selected = self._sample(0)
+        strategy = make_strategy(self.config, popsize=len(selected))
+        blob = pickle.dumps(strategy)
+        row = self._round_row(0, selected, now, strategy)
+        with self.store.transaction():
+            self.store.save_strategy(blob)
+            self.store.insert_round(row)
+        self._blob, self.strategy = blob, strategy
+        self._set_open(row, started=1)
+        log.info("round 0 open: %s", ", ".join(selected))
+
+    def _close(self, o: RoundRow, now: float, merge: bool) -> None:
+        updates = self.store.updates(o.round)
+        strategy, blob, result = self.strategy, self._blob, None
+        if merge:
+            candidate = pickle.loads(self._blob)
+            try:
+                result = candidate.merge(
+                    [ClientUpdate(cid, decode_tensor(u.mean), u.fitness, u.sigmas, u.num_samples) for cid, u in updates]
+                )
+            except Exception:
+                # Recorded failed rather than retried on every check: the run goes on from the state before.
+                log.exception("round %d: the merge failed; the round is recorded as failed", o.round)
+            else:
+                strategy, blob = candidate, pickle.dumps(candidate)
+        merged = result is not None
+        nxt = o.round + 1
+        row = self._round_row(nxt, self._sample(nxt), now, strategy) if nxt < self.config.rounds else None
+        with self.store.transaction():
+            self.store.close_round(
+                o.round, "merged" if merged else "failed", now, round_metrics([u for _, u in updates]),
+                result.sigma_merged if result else None, result.sigma_after if result else None,
+            )
+            if merged:
+                self.store.save_strategy(blob)
+            if row is not None:
+                self.store.insert_round(row)
+        self._blob, self.strategy = blob, strategy
+        self._set_open(row, started=nxt + 1 if row is not None else nxt)
+        if merged:
+            log.info("round %d merged %d/%d updates: sigma %.4g -> %.4g", o.round, len(updates), len(o.selected),
+                     o.sigma_before, result.sigma_after)
+        elif not merge:
+            log.warning("round %d failed at its deadline: %d/%d updates, %d needed", o.round, len(updates),
+                        len(o.selected), self.config.min_updates)
+
+    def _set_open(self, row: RoundRow | None, started: int) -> None:
+        self._open = row
+        self._started = started
+        self._accounting = self._accounting_round()

@@ -1,0 +1,228 @@
+"""The merge of a round, one class per strategy (FedBPT and its baselines), Flower style.
+
+Pure math over numpy arrays and a `cma` object: no HTTP and no storage, so every rule can be
+checked by hand. A strategy holds the global search distribution between rounds; `task` says what a
+selected client starts from, `merge` folds a round's updates into the distribution. Strategies are
+pickled whole into the aggregator's database after every merge, so a restart resumes from the exact
+state (cma objects pickle losslessly).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import warnings
+from dataclasses import dataclass
+from typing import Sequence
+
+import cma
+import numpy as np
+from cma.recombination_weights import RecombinationWeights
+
+from fedbpt_wire.federation import RunConfig
+
+
+@dataclass(frozen=True)
+class ClientUpdate:
+    client_id: str
+    mean: np.ndarray  # [d], the client's final local mean m_k
+    fitness: float  # f_k, lower is better
+    sigmas: Sequence[float]  # the local CMA-ES step size after each local iteration
+    num_samples: int  # n_k
+
+
+@dataclass(frozen=True)
+class Task:
+    """Where a selected client's local search starts."""
+
+    mean: np.ndarray
+    sigma: float  # the global step size
+    local_sigma: float  # the step size its local CMA-ES starts with
+
+
+@dataclass(frozen=True)
+class MergeResult:
+    sigma_merged: float | None  # FedBPT: the step size the sigma rule set on the global ES before its tell
+    sigma_after: float  # the global step size after the merge
+
+
+def pooled_sigma(sigmas: Sequence[Sequence[float]], local_popsize: int) -> float:
+    """sqrt(sum_k sum_i sigma_{k,i}^2 / m / mu_local), m the number of clients that reported.
+
+    Dividing by the reporters rather than the clients sampled keeps a round with a straggler from
+    shrinking the step size just because fewer terms were summed.
+    """
+    mu_local = RecombinationWeights(local_popsize).mu
+    total = sum(float(s) ** 2 for client in sigmas for s in client)
+    return math.sqrt(total / len(sigmas) / mu_local)
+
+
+def paper_eq6_sigma(sigmas: Sequence[Sequence[float]], fitnesses: Sequence[float], local_popsize: int) -> float:
+    """2 * sqrt(sum over the best-fitness half of the clients of sum_i sigma_{k,i}^2 / (m * lambda_local)).
+
+    The half is rounded up so a single reporter still counts; ties keep the reporters' order.
+    """
+    m = len(sigmas)
+    best = np.argsort(np.asarray(fitnesses, dtype=float), kind="stable")[: math.ceil(m / 2)]
+    total = sum(float(s) ** 2 for k in best for s in sigmas[k])
+    return 2.0 * math.sqrt(total / (m * local_popsize))
+
+
+def next_local_sigma(previous: float, before: float, after: float, floor: float) -> float:
+    """previous x (after / before), clipped to [floor, previous].
+
+    The upper bound is applied last, as in the reference code, so the local step size never grows,
+    even where the floor lies above it (a run started with sigma0 under the floor).
+    """
+    return min(previous, max(floor, previous * after / before))
+
+
+class Strategy:
+    """Holds the global search distribution; subclasses say how a round's updates move it."""
+
+    local_sigma: float | None = None  # one step size for every selected client, where there is one
+
+    def __init__(self, config: RunConfig, popsize: int):
+        self.mean = np.zeros(config.intrinsic_dim)
+        self.sigma = float(config.sigma0)
+
+    def task(self, client_id: str) -> Task:
+        return Task(self.mean, self.sigma, self.local_sigma)
+
+    def merge(self, updates: Sequence[ClientUpdate]) -> MergeResult:
+        raise NotImplementedError
+
+    def client_means(self) -> dict[str, np.ndarray] | None:
+        return None
+
+
+class FedBPTStrategy(Strategy):
+    """FedBPT: the clients' means are one generation of a global CMA-ES (`fedbpt`,
+    `fedbpt-noperturb`, `centralized`: perturbation is a client-side flag, so all three merge alike).
+    """
+
+    def __init__(self, config: RunConfig, popsize: int):
+        super().__init__(config, popsize)
+        self.local_sigma = float(config.sigma0)
+        self.sigma_rule = config.sigma_rule
+        self.local_popsize = config.local_popsize
+        self.local_sigma_floor = config.local_sigma_floor
+        # cma reads seed 0 as "seed from the clock"; shift so every run seed is reproducible.
+        seed = config.seed % (2**32 - 1) + 1
+        # Step-size adaptation by CSA at every d: from d = 300 on cma defaults to two-point adaptation,
+        # which reads sigma's change off the ranks of ask()'s first two candidates, a mirrored pair the
+        # clients never evaluate; CSA reads it off the mean shift, which the clients' means do carry.
+        opts = {
+            "popsize": popsize, "CMA_mu": popsize, "seed": seed, "verbose": -9,
+            "AdaptSigma": cma.sigma_adaptation.CMAAdaptSigmaCSA,
+        }
+        self.es = cma.CMAEvolutionStrategy(self.mean.copy(), self.sigma, inopts=opts)
+
+    def merge(self, updates: Sequence[ClientUpdate]) -> MergeResult:
+        # A fixed order makes the tell independent of arrival order (ties in fitness keep it).
+        ups = sorted(updates, key=lambda u: u.client_id)
+        sigmas = [u.sigmas for u in ups]
+        if self.sigma_rule == "paper-eq6":
+            merged = paper_eq6_sigma(sigmas, [u.fitness for u in ups], self.local_popsize)
+        else:
+            merged = pooled_sigma(sigmas, self.local_popsize)
+        self.es.sigma = merged
+        _tell_population(self.es, [np.asarray(u.mean, dtype=float) for u in ups], [float(u.fitness) for u in ups])
+        after = float(self.es.sigma)
+        self.local_sigma = next_local_sigma(self.local_sigma, merged, after, self.local_sigma_floor)
+        self.mean = np.array(self.es.mean, dtype=float)
+        self.sigma = after
+        return MergeResult(sigma_merged=merged, sigma_after=after)
+
+
+def _tell_population(es: cma.CMAEvolutionStrategy, means: list[np.ndarray], fitnesses: list[float]) -> None:
+    """Tell `es` the clients' means as one generation, whatever its size.
+
+    cma expects popsize solutions per tell and, with CMA_mu = popsize, refuses fewer. When fewer
+    clients reported than were sampled (a deadline merge), or more were sampled than at round 0, the
+    generation is told with strategy parameters recomputed for its actual size (cma's own
+    `CMAParameters.set(popsize=...)`, every reporter a parent as FedBPT's CMA_mu = m intends): that
+    is exactly the update a global ES of that popsize would make, with nothing invented for the
+    missing clients (padding with the old mean would drag the mean back and shrink sigma). The
+    original parameters are put back afterwards, so a full round is cma's standard update. cma also
+    needs three solutions per generation (mirrors counted); a lone reporter is told as three
+    identical candidates, whose recombination is its mean (the weights sum to one).
+    """
+    if len(means) == 1:
+        means, fitnesses = means * 3, fitnesses * 3
+    lam = len(means)
+    saved_sp, saved_mu = es.sp, es.opts["CMA_mu"]
+    if lam != saved_sp.popsize:
+        es.sp = copy.deepcopy(saved_sp)
+        es.opts["CMA_mu"] = lam
+        es.sp.set(es.opts, popsize=lam, ccovfac=es.opts["CMA_on"], verbose=False)
+    try:
+        with warnings.catch_warnings():
+            # The asked candidates only satisfy cma's ask/tell protocol and are never evaluated, so the
+            # mirrors cma injects into them are orphaned by design.
+            warnings.simplefilter("ignore", cma.evolution_strategy.InjectionWarning)
+            es.ask()
+            es.tell(means, fitnesses)
+    finally:
+        es.sp = saved_sp
+        es.opts["CMA_mu"] = saved_mu
+
+
+class FedAvgZStrategy(Strategy):
+    """FedBBT (`fedavg-z`): the n_k-weighted average of the clients' means and final step sizes."""
+
+    def __init__(self, config: RunConfig, popsize: int):
+        super().__init__(config, popsize)
+        self.local_sigma = self.sigma
+
+    def merge(self, updates: Sequence[ClientUpdate]) -> MergeResult:
+        weights = np.array([u.num_samples for u in updates], dtype=float)
+        if weights.sum() <= 0:  # no client counted its samples: every client weighs the same
+            weights = np.ones(len(updates))
+        weights /= weights.sum()
+        self.mean = np.sum([w * np.asarray(u.mean, dtype=float) for w, u in zip(weights, updates)], axis=0)
+        self.sigma = float(sum(w * float(u.sigmas[-1]) for w, u in zip(weights, updates)))
+        self.local_sigma = self.sigma
+        return MergeResult(sigma_merged=None, sigma_after=self.sigma)
+
+
+class LocalOnlyStrategy(Strategy):
+    """No federation (`local-only`): each client continues from its own last mean and step size.
+
+    There is no global prompt: `mean` and `sigma` stay at the start point, `client_means` holds the
+    clients' own prompts.
+    """
+
+    def __init__(self, config: RunConfig, popsize: int):
+        super().__init__(config, popsize)
+        self._means: dict[str, np.ndarray] = {}
+        self._sigmas: dict[str, float] = {}
+
+    def task(self, client_id: str) -> Task:
+        if client_id not in self._means:
+            return Task(self.mean, self.sigma, self.sigma)
+        own = self._sigmas[client_id]
+        return Task(self._means[client_id], own, own)
+
+    def merge(self, updates: Sequence[ClientUpdate]) -> MergeResult:
+        for u in updates:
+            self._means[u.client_id] = np.asarray(u.mean, dtype=float)
+            self._sigmas[u.client_id] = float(u.sigmas[-1])
+        return MergeResult(sigma_merged=None, sigma_after=self.sigma)
+
+    def client_means(self) -> dict[str, np.ndarray]:
+        return dict(sorted(self._means.items()))
+
+
+STRATEGIES: dict[str, type[Strategy]] = {
+    "fedbpt": FedBPTStrategy,
+    "fedbpt-noperturb": FedBPTStrategy,
+    "centralized": FedBPTStrategy,
+    "fedavg-z": FedAvgZStrategy,
+    "local-only": LocalOnlyStrategy,
+}
+
+
+def make_strategy(config: RunConfig, popsize: int) -> Strategy:
+    """The run's strategy; `popsize` is the number of clients sampled for round 0 (FedBPT's m)."""
+    return STRATEGIES[config.strategy](config, popsize)

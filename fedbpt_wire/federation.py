@@ -1,0 +1,134 @@
+"""Pydantic models of the aggregator's API: what a client and the aggregator exchange each round.
+
+A round's download is the global search distribution (mean + step size, about 2 KB at d = 500) and
+its upload the client's local distribution and fitness: kilobytes, never a model.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, Field
+
+from .schemas import Strict, Tensor
+
+STRATEGIES = ("fedbpt", "fedbpt-noperturb", "fedavg-z", "centralized", "local-only")
+SIGMA_RULES = ("pooled", "paper-eq6")
+
+
+class RunConfig(BaseModel):
+    """Hyper-parameters of a run, fixed at the aggregator's start and handed to every client."""
+
+    run_id: str
+    strategy: Literal["fedbpt", "fedbpt-noperturb", "fedavg-z", "centralized", "local-only"] = "fedbpt"
+    rounds: int = Field(default=10, ge=1)
+    intrinsic_dim: int = Field(default=500, ge=1, description="d, the dimension of z")
+    prompt_length: int = Field(default=50, ge=1, description="L soft tokens")
+    projection_seed: int = 0
+    seed: int = 0
+    sigma0: float = Field(default=1.0, gt=0)
+    local_popsize: int = Field(default=5, ge=2)
+    local_iterations: int = Field(default=8, ge=1)
+    perturb: bool = True
+    perturb_rate: float = Field(default=0.5, ge=0, le=1)
+    sigma_rule: Literal["pooled", "paper-eq6"] = "pooled"
+    local_sigma_floor: float = Field(default=0.5, ge=0)
+    participation: float = Field(default=1.0, gt=0, le=1, description="fraction of clients sampled per round")
+    min_clients: int = Field(default=1, ge=1, description="registered clients needed before round 0 opens")
+    min_updates: int = Field(default=1, ge=1, description="updates needed to merge a round at its deadline")
+    round_timeout_s: float = Field(default=600.0, gt=0)
+
+
+class RegisterRequest(Strict):
+    client_id: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")
+    num_samples: int = Field(ge=0)
+
+
+class RegisterResponse(BaseModel):
+    client_id: str
+    token: str
+    config: RunConfig
+
+
+class RoundTask(BaseModel):
+    """What a client gets when it asks for work: the round's global distribution, or why there is none."""
+
+    run_id: str
+    round: int
+    state: Literal["waiting", "open", "done"]
+    selected: bool
+    submitted: bool = False
+    mean: Tensor | None = None  # [d]
+    sigma: float | None = None  # global step size
+    local_sigma: float | None = None  # step size the local CMA-ES starts from
+    deadline_s: float | None = None  # seconds left in the round
+
+
+class ClientCosts(Strict):
+    queries: int = Field(ge=0)
+    sequences: int = Field(ge=0)
+    tokens: int = Field(ge=0)
+    service_bytes_up: int = Field(ge=0)
+    service_bytes_down: int = Field(ge=0)
+
+
+class ClientMetrics(Strict):
+    local_loss: float
+    local_accuracy: float
+    global_val_loss: float | None = None  # the round's global mean on the local validation split
+    global_val_accuracy: float | None = None
+    val_samples: int = Field(default=0, ge=0)
+
+
+class UpdateRequest(Strict):
+    round: int = Field(ge=0)
+    mean: Tensor  # [d]
+    fitness: float
+    sigmas: list[float] = Field(min_length=1, max_length=10_000)
+    num_samples: int = Field(ge=0)
+    metrics: ClientMetrics
+    costs: ClientCosts
+
+
+class UpdateResponse(BaseModel):
+    accepted: bool
+    duplicate: bool = False
+    round: int
+
+
+class RoundRecord(BaseModel):
+    round: int
+    state: Literal["open", "merged", "failed"]
+    selected: list[str]
+    reporters: list[str]
+    sigma_before: float  # global step size handed to the round's clients
+    sigma_after: float | None = None  # global step size after the merge
+    local_sigma: float | None = None  # step size the clients' local CMA-ES started from (not local-only)
+    sigma_merged: float | None = None  # FedBPT: the sigma rule's value, set on the global ES before its tell
+    val_accuracy: float | None = None
+    val_loss: float | None = None
+    queries: int = 0
+    sequences: int = 0
+    tokens: int = 0
+    service_bytes: int = 0
+    bytes_up: int = 0  # client -> aggregator bodies, measured by the aggregator
+    bytes_down: int = 0  # aggregator -> client bodies
+    opened_at: float
+    closed_at: float | None = None
+
+
+class RunStatus(BaseModel):
+    config: RunConfig
+    state: Literal["waiting", "running", "done"]
+    round: int
+    clients: list[str]
+    history: list[RoundRecord]
+
+
+class GlobalState(BaseModel):
+    run_id: str
+    round: int
+    state: Literal["waiting", "running", "done"]
+    mean: Tensor
+    sigma: float
+    client_means: dict[str, Tensor] | None = None  # local-only: each client's own prompt

@@ -1,0 +1,125 @@
+"""The merge math of aggregator/strategies.py against values computed by hand."""
+
+from __future__ import annotations
+
+import math
+import pickle
+
+import numpy as np
+import pytest
+from cma.recombination_weights import RecombinationWeights
+from cma.sigma_adaptation import CMAAdaptSigmaCSA
+
+from aggregator.strategies import (
+    ClientUpdate,
+    FedAvgZStrategy,
+    FedBPTStrategy,
+    LocalOnlyStrategy,
+    make_strategy,
+    next_local_sigma,
+    paper_eq6_sigma,
+    pooled_sigma,
+)
+from fedbpt_wire.federation import RunConfig
+
+
+def cfg(**kw) -> RunConfig:
+    return RunConfig(run_id="t", **{"intrinsic_dim": 4, "local_popsize": 5, **kw})
+
+
+def up(cid: str, mean, fitness=1.0, sigmas=(1.0,), n=1) -> ClientUpdate:
+    return ClientUpdate(cid, np.asarray(mean, dtype=float), fitness, list(sigmas), n)
+
+
+def test_pooled_sigma_by_hand():
+    assert RecombinationWeights(5).mu == 2  # the local parent count at local popsize 5
+    # sum of squares 1 + 0.25 + 0.25 + 0.25 = 1.75, over m = 2 clients and mu_local = 2
+    assert pooled_sigma([[1.0, 0.5], [0.5, 0.5]], local_popsize=5) == pytest.approx(math.sqrt(0.4375))
+
+
+def test_paper_eq6_sigma_by_hand():
+    sigmas = [[1.0, 0.5], [0.5, 0.5], [2.0]]  # squares summed: 1.25, 0.5, 4.0
+    fitnesses = [0.1, 0.9, 0.5]  # best half of 3 (rounded up): clients 0 and 2 -> 5.25
+    # 2 * sqrt(5.25 / (3 * 5)) = 2 * sqrt(0.35)
+    assert paper_eq6_sigma(sigmas, fitnesses, local_popsize=5) == pytest.approx(2 * math.sqrt(0.35))
+    assert paper_eq6_sigma([[0.5]], [3.0], local_popsize=5) == pytest.approx(2 * math.sqrt(0.25 / 5))
+
+
+def test_local_sigma_follows_the_global_ratio_clipped():
+    assert next_local_sigma(1.0, before=2.0, after=1.4, floor=0.5) == pytest.approx(0.7)
+    assert next_local_sigma(1.0, before=2.0, after=2.6, floor=0.5) == 1.0  # never grows
+    assert next_local_sigma(1.0, before=2.0, after=0.6, floor=0.5) == 0.5  # floor
+    assert next_local_sigma(0.3, before=2.0, after=1.0, floor=0.5) == 0.3  # under the floor already: stays
+
+
+def test_fedbpt_merge_sets_the_rule_sigma_and_rescales_local_sigma():
+    s = FedBPTStrategy(cfg(), popsize=2)
+    r = s.merge([up("a", [0.1, 0, 0, 0], 0.2, [1.0, 0.5]), up("b", [0, 0.1, 0, 0], 0.8, [0.5, 0.5])])
+    assert r.sigma_merged == pytest.approx(math.sqrt(0.4375))
+    assert s.sigma == r.sigma_after == s.es.sigma
+    assert s.local_sigma == pytest.approx(min(1.0, max(0.5, 1.0 * r.sigma_after / r.sigma_merged)))
+
+
+def test_fedbpt_mean_moves_toward_the_better_client():
+    s = FedBPTStrategy(cfg(), popsize=2)
+    good, bad = np.array([0.3, 0.0, 0.0, 0.0]), np.array([-0.3, 0.0, 0.0, 0.0])
+    s.merge([up("a", bad, fitness=0.9), up("b", good, fitness=0.1)])
+    assert s.mean[0] > 0
+    assert np.linalg.norm(s.mean - good) < np.linalg.norm(s.mean - bad)
+    # with CMA_mu = 2, the better mean weighs RecombinationWeights(4)'s first positive weight
+    w = RecombinationWeights(4).positive_weights
+    np.testing.assert_allclose(s.mean, w[0] * good + w[1] * bad, atol=1e-12)
+
+
+def test_fewer_reporters_than_popsize_and_a_single_client():
+    s = FedBPTStrategy(cfg(), popsize=4)
+    sp = s.es.sp
+    s.merge([up("a", [0.2, 0, 0, 0], 0.1), up("b", [0, 0.2, 0, 0], 0.5)])  # 2 of 4 reported
+    assert s.es.sp is sp and s.es.sp.popsize == 4 and s.es.opts["CMA_mu"] == 4
+    w = RecombinationWeights(4).positive_weights
+    np.testing.assert_allclose(s.mean, [0.2 * w[0], 0.2 * w[1], 0, 0], atol=1e-12)
+
+    central = make_strategy(cfg(strategy="centralized"), popsize=1)
+    central.merge([up("all", [0.1, -0.1, 0.2, 0.0], 0.3, [1.0, 0.8])])
+    np.testing.assert_allclose(central.mean, [0.1, -0.1, 0.2, 0.0], atol=1e-12)
+    central.merge([up("all", [0.2, -0.1, 0.2, 0.1], 0.2, [0.9])])
+    np.testing.assert_allclose(central.mean, [0.2, -0.1, 0.2, 0.1], atol=1e-12)
+
+
+def test_fedbpt_restored_from_pickle_continues_identically():
+    def play(s, rounds, rng):
+        for _ in range(rounds):
+            s.merge([up(c, s.mean + rng.normal(size=4) * 0.3, float(rng.random()), [0.9, 0.8]) for c in "abc"])
+        return s
+
+    straight = play(FedBPTStrategy(cfg(seed=3), popsize=3), 4, np.random.default_rng(0))
+    rng = np.random.default_rng(0)
+    restored = pickle.loads(pickle.dumps(play(FedBPTStrategy(cfg(seed=3), popsize=3), 2, rng)))
+    np.random.seed(12345)  # cma's ask draws from the global RNG: the merge must not depend on it
+    play(restored, 2, rng)
+    np.testing.assert_array_equal(straight.mean, restored.mean)
+    assert straight.sigma == restored.sigma and straight.local_sigma == restored.local_sigma
+
+
+def test_fedavg_z_weights_by_samples():
+    s = FedAvgZStrategy(cfg(intrinsic_dim=2), popsize=2)
+    r = s.merge([up("a", [0.0, 0.0], sigmas=[0.9, 0.4], n=1), up("b", [3.0, 6.0], sigmas=[1.0], n=2)])
+    np.testing.assert_allclose(s.mean, [2.0, 4.0])  # (1*0 + 2*3) / 3, (1*0 + 2*6) / 3
+    assert s.sigma == r.sigma_after == pytest.approx(0.8)  # (1*0.4 + 2*1.0) / 3
+    assert s.task("anyone").local_sigma == pytest.approx(0.8)
+
+
+def test_local_only_keeps_each_client_on_its_own():
+    s = LocalOnlyStrategy(cfg(intrinsic_dim=2, sigma0=1.0), popsize=2)
+    s.merge([up("a", [1.0, 1.0], sigmas=[0.7]), up("b", [-1.0, 2.0], sigmas=[0.6])])
+    assert s.task("a").mean.tolist() == [1.0, 1.0] and s.task("a").local_sigma == 0.7
+    assert s.task("b").mean.tolist() == [-1.0, 2.0]
+    assert s.task("new").mean.tolist() == [0.0, 0.0] and s.task("new").sigma == 1.0
+    assert sorted(s.client_means()) == ["a", "b"]
+    np.testing.assert_array_equal(s.mean, [0.0, 0.0])
+
+
+def test_global_es_adapts_sigma_from_the_mean_shift_at_any_dimension():
+    # cma would pick two-point adaptation at d >= 300, whose signal is a candidate pair no client evaluates
+    s = FedBPTStrategy(cfg(intrinsic_dim=500), popsize=3)
+    assert isinstance(s.es.adapt_sigma, CMAAdaptSigmaCSA)
