@@ -28,6 +28,7 @@ _CONFIG_FLAGS: dict[str, tuple[str, dict]] = {
     "--intrinsic-dim": ("intrinsic_dim", {"type": int}),
     "--prompt-length": ("prompt_length", {"type": int}),
     "--projection-seed": ("projection_seed", {"type": int}),
+    "--prompt-init": ("prompt_init", {"choices": ("random", "zeros")}),
     "--seed": ("seed", {"type": int}),
     "--sigma0": ("sigma0", {"type": float}),
     "--local-popsize": ("local_popsize", {"type": int}),

@@ -19,7 +19,7 @@ from fedbpt_wire.tensors import decode_tensor, encode_tensor
 from .data import Example
 from .local_search import cma_seed, local_search
 from .perturb import corpus_words, perturb_examples
-from .projection import Projection
+from .projection import projection_for
 from .service_client import ServiceClient
 from .tasks import Task
 
@@ -77,8 +77,7 @@ class FedBPTClient:
         self.config = config
         self.batch_size = batch_size
         info = service.model_info()
-        projection = Projection(config.projection_seed, config.intrinsic_dim, config.prompt_length,
-                                info.hidden_size, info.embedding_std, config.sigma0)
+        projection = projection_for(config, info)
         self.scorer = PromptScorer(service, task, projection, info.kind, info.max_texts)
         self.words = corpus_words(train)
         self.tag = zlib.crc32(client_id.encode())

@@ -43,7 +43,7 @@ def client_shard(examples: list[Example], index: int, n_clients: int, alpha: flo
 
 def run_client(service: ServiceClient, aggregator: AggregatorClient, client_id: str, data: ClientData,
                task_name: str, *, enroll_key: str | None = None, batch_size: int = 16, poll_s: float = 0.25,
-               max_idle_s: float = 3600.0) -> int:
+               max_poll_s: float = 2.0, max_idle_s: float = 3600.0) -> int:
     """Returns the number of rounds this client worked; exits when the run is done."""
     reg = aggregator.register(client_id, len(data.train), enroll_key)
     client = FedBPTClient(client_id, service, get_task(task_name), data.train, data.val, reg.config, batch_size)
@@ -51,6 +51,7 @@ def run_client(service: ServiceClient, aggregator: AggregatorClient, client_id: 
              reg.config.strategy)
     worked = 0
     idle_since = time.monotonic()
+    wait = poll_s
     while True:
         task = aggregator.round()
         if task.state == "done":
@@ -66,10 +67,13 @@ def run_client(service: ServiceClient, aggregator: AggregatorClient, client_id: 
                 log.warning("%s round %d: update refused (%s); the round closed without it", client_id, task.round,
                             exc.detail)
             idle_since = time.monotonic()
+            wait = poll_s
             continue
         if time.monotonic() - idle_since > max_idle_s:
             raise TimeoutError(f"{client_id}: no work for {max_idle_s:.0f} s")
-        time.sleep(poll_s)
+        time.sleep(wait)
+        # Back off while idle: every poll is bytes on the aggregator link, and they are counted.
+        wait = min(wait * 1.5, max_poll_s)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -39,7 +39,19 @@ def _demo(args: argparse.Namespace) -> None:
     run(args)
 
 
+# subcommand -> (module with add_arguments, help, runner); modules are imported only to build the parser,
+# and a role installed without another's extras still gets its own subcommands.
+_SUBCOMMANDS = {
+    "serve": ("inference_service.server", "run the black-box inference service", _serve),
+    "aggregator": ("aggregator.cli", "run the aggregator", _aggregator),
+    "client": ("fed_clients.runner", "run one client against a service and an aggregator", _client),
+    "demo": ("fedbpt.demo", "end-to-end federated run on loopback, with a report", _demo),
+}
+
+
 def build_parser() -> argparse.ArgumentParser:
+    import importlib
+
     parser = argparse.ArgumentParser(prog="fedbpt", description="Federated black-box prompt tuning")
     parser.add_argument("-v", "--verbose", action="store_true")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -48,36 +60,32 @@ def build_parser() -> argparse.ArgumentParser:
     p_assets.add_argument("action", choices=["fetch"])
     p_assets.set_defaults(func=_assets)
 
-    from inference_service.server import add_arguments as serve_arguments
-
-    p_serve = sub.add_parser("serve", help="run the black-box inference service")
-    serve_arguments(p_serve)
-    p_serve.set_defaults(func=_serve)
-
-    from aggregator.cli import add_arguments as aggregator_arguments
-
-    p_agg = sub.add_parser("aggregator", help="run the aggregator")
-    aggregator_arguments(p_agg)
-    p_agg.set_defaults(func=_aggregator)
-
-    from fed_clients.runner import add_arguments as client_arguments
-
-    p_client = sub.add_parser("client", help="run one client against a service and an aggregator")
-    client_arguments(p_client)
-    p_client.set_defaults(func=_client)
-
-    from .demo import add_arguments as demo_arguments
-
-    p_demo = sub.add_parser("demo", help="end-to-end federated run on loopback, with a report")
-    demo_arguments(p_demo)
-    p_demo.set_defaults(func=_demo)
+    for name, (module, help_text, func) in _SUBCOMMANDS.items():
+        try:
+            add_arguments = importlib.import_module(module).add_arguments
+        except ImportError as exc:
+            sub.add_parser(name, help=f"unavailable: {exc}").set_defaults(func=_missing(name, exc))
+            continue
+        p = sub.add_parser(name, help=help_text)
+        add_arguments(p)
+        p.set_defaults(func=func)
     return parser
+
+
+def _missing(name: str, exc: ImportError):
+    def fail(args: argparse.Namespace) -> None:
+        sys.exit(f"fedbpt {name} needs a package that is not installed ({exc}); "
+                 "install the matching extra, e.g. pip install 'fedbpt[service,client,aggregator]'")
+
+    return fail
 
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # One line per HTTP request would drown the progress lines.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     try:
         args.func(args)
     except KeyboardInterrupt:

@@ -40,9 +40,9 @@ class DemoConfig:
     intrinsic_dim: int = 100
     prompt_length: int = 5
     sigma0: float = 1.0
-    local_popsize: int = 6
+    local_popsize: int = 5
     local_iterations: int = 4
-    batch_size: int = 12
+    batch_size: int = 8
     test_size: int = 1000
     seed: int = 0
     round_timeout_s: float = 600.0
@@ -138,7 +138,8 @@ def run_demo(cfg: DemoConfig) -> dict:
     from fed_clients.aggregator_client import AggregatorClient
     from fed_clients.client import PromptScorer
     from fed_clients.data import load_splits
-    from fed_clients.projection import Projection
+    from fed_clients.projection import projection_for
+    from fedbpt_wire.federation import RunConfig
     from fed_clients.service_client import ServiceClient
     from fed_clients.tasks import get_task
     from fedbpt_wire.tensors import decode_tensor
@@ -194,9 +195,7 @@ def run_demo(cfg: DemoConfig) -> dict:
         test = load_splits("default", task)["test"][: cfg.test_size]
         service = ServiceClient(svc_url, api_key)
         info = service.model_info()
-        projection = Projection(run_config["projection_seed"], run_config["intrinsic_dim"],
-                                run_config["prompt_length"], info.hidden_size, info.embedding_std,
-                                run_config["sigma0"])
+        projection = projection_for(RunConfig.model_validate(run_config), info)
         zero = PromptScorer(service, task, None, info.kind, info.max_texts).evaluate(None, test)
         tuned_scorer = PromptScorer(service, task, projection, info.kind, info.max_texts)
         tuned = tuned_scorer.evaluate(decode_tensor(final.mean)[None], test)

@@ -25,6 +25,10 @@ class RunConfig(BaseModel):
     intrinsic_dim: int = Field(default=500, ge=1, description="d, the dimension of z")
     prompt_length: int = Field(default=50, ge=1, description="L soft tokens")
     projection_seed: int = 0
+    prompt_init: Literal["random", "zeros"] = Field(
+        default="random",
+        description="P0, the prompt at z = 0: 'random' draws it from the projection seed with the embeddings' std",
+    )
     seed: int = 0
     sigma0: float = Field(default=1.0, gt=0)
     local_popsize: int = Field(default=5, ge=2)

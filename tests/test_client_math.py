@@ -30,8 +30,21 @@ def test_projection_is_seeded_and_scaled():
     prompts = proj(z)
     assert prompts.shape == (3000, 5, 64)
     # A z with the CMA-ES start distribution gives prompt entries about as spread as word embeddings.
-    assert prompts.std() == pytest.approx(0.2, rel=0.05)
-    np.testing.assert_allclose(project(z[0], proj.matrix, 5, 64)[0], prompts[0], rtol=1e-4, atol=1e-5)
+    assert (prompts - proj.offset).std() == pytest.approx(0.2, rel=0.05)
+    np.testing.assert_allclose(project(z[0], proj.matrix, 5, 64)[0] + proj.offset, prompts[0], rtol=1e-4, atol=1e-5)
+
+
+def test_initial_prompt_is_seeded_embedding_like_and_optional():
+    random_init = Projection(3, 40, 5, 64, embedding_std=0.2, sigma0=1.0)
+    p0 = random_init(np.zeros(40))[0]
+    np.testing.assert_array_equal(p0, random_init.offset)
+    assert p0.std() == pytest.approx(0.2, rel=0.1)
+    np.testing.assert_array_equal(p0, Projection(3, 40, 5, 64, 0.2, 1.0).offset)
+    assert not np.array_equal(p0, Projection(4, 40, 5, 64, 0.2, 1.0).offset)
+    zeros = Projection(3, 40, 5, 64, 0.2, 1.0, init="zeros")
+    assert not zeros(np.zeros(40)).any()
+    with pytest.raises(ValueError, match="prompt init"):
+        Projection(3, 40, 5, 64, 0.2, 1.0, init="vocab")
 
 
 def test_projection_is_stable_across_processes():
