@@ -45,21 +45,20 @@ def raw_forward(engine: TorchEngine, batch: ScoreBatch) -> callable:
     texts = engine.tokenize(batch.texts)
     n_pop, n_prompt, dim = batch.prompts.shape
     lengths = [len(engine.layout.prefix_ids) + n_prompt + len(t.ids) + len(engine.layout.suffix_ids) for t in texts]
-    order = sorted(range(len(texts)), key=lambda n: lengths[n])
-    items = [(p, n) for n in order for p in range(n_pop)]
+    sorted_lengths = sorted(lengths[n] for n in range(len(texts)) for _ in range(n_pop))
     inputs = []
-    for chunk in engine._micro_batches(items, lengths):
-        width = max(lengths[n] for _, n in chunk)
-        x = torch.randn(len(chunk), width, dim).to(engine.dtype) * 0.1
-        mask = torch.zeros(len(chunk), width, dtype=torch.long)
-        for i, (_, n) in enumerate(chunk):
-            mask[i, : lengths[n]] = 1
+    for lo, hi in engine._micro_batches(sorted_lengths):
+        width = sorted_lengths[hi - 1]
+        x = torch.randn(hi - lo, width, dim).to(engine.device, engine.dtype) * 0.1
+        mask = (torch.arange(width) < torch.tensor(sorted_lengths[lo:hi])[:, None]).long().to(engine.device)
         inputs.append((x, mask))
 
     def run():
         with torch.inference_mode():
             for x, mask in inputs:
                 engine.body(inputs_embeds=x, attention_mask=mask)
+        if engine.device.type == "cuda":
+            torch.cuda.synchronize()
 
     return run
 

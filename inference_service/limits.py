@@ -12,4 +12,5 @@ class Limits:
     max_texts: int = 256  # N
     max_text_tokens: int = 256  # tokens of one text
     max_body_bytes: int = 32 * 2**20
-    max_batch_tokens: int = 8192  # padded positions per forward: bounds activation memory
+    # Padded positions per forward, bounding activation memory; None = 8192 on CPU, 65536 on a GPU.
+    max_batch_tokens: int | None = None

@@ -101,6 +101,8 @@ class TorchEngine:
             engine=self.name,
             mask_token=self.tokenizer.mask_token if self.kind == "masked" else None,
         )
+        # A GPU amortises launches over far larger batches than a CPU's caches favour.
+        self.max_batch_tokens = self.limits.max_batch_tokens or (65536 if self.device.type == "cuda" else 8192)
         # One forward at a time: concurrent forwards only fight over the same cores or GPU memory.
         self._lock = threading.Lock()
 
@@ -122,35 +124,38 @@ class TorchEngine:
         return ScoreResult(logits=logits, sequences=logits.shape[0] * logits.shape[1], tokens=tokens, engine_ms=ms)
 
     def _score(self, prompts: torch.Tensor, texts: list[TextIds], label_ids: torch.Tensor) -> tuple[np.ndarray, int]:
-        n_pop, n_prompt, _ = prompts.shape
+        n_pop, n_prompt, dim = prompts.shape
         prompts = prompts.to(self.device, self.dtype)
-        pre, suf = self.layout.prefix_ids, self.layout.suffix_ids
+        pre = self.layout.prefix_ids
+        head = len(pre) + n_prompt  # every sequence: prefix, prompt, then its text's tail
+        tails = [t.ids + self.layout.suffix_ids for t in texts]
+        tail_len = torch.tensor([len(t) for t in tails], device=self.device)
+        # All tails' embeddings in one padded table, so a micro-batch is assembled by indexing, not a loop.
+        width = max(len(t) for t in tails)
+        tail_ids = torch.zeros(len(tails), width, dtype=torch.long, device=self.device)
+        for n, ids in enumerate(tails):
+            tail_ids[n, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+        tail_emb = self.embed(tail_ids).to(self.dtype)
         pre_emb = self._embed_ids(pre)
-        suf_emb = self._embed_ids(suf)
-        text_emb = [self._embed_ids(t.ids) for t in texts]
-        lengths = [len(pre) + n_prompt + len(t.ids) + len(suf) for t in texts]
+        slots = torch.tensor([t.slot for t in texts], device=self.device) + head
+        lengths = [head + len(t) for t in tails]
         # Group equal-length texts so padding stays small; every prompt of a text shares its length.
         order = sorted(range(len(texts)), key=lambda n: lengths[n])
-        items = [(p, n) for n in order for p in range(n_pop)]
-        out = torch.empty(n_pop, len(texts), len(label_ids), dtype=torch.float32)
+        items = np.array([(p, n) for n in order for p in range(n_pop)], dtype=np.int64)
+        out = np.empty((n_pop, len(texts), len(label_ids)), dtype=np.float32)
         tokens = 0
-        for chunk in self._micro_batches(items, lengths):
-            width = max(lengths[n] for _, n in chunk)
-            x = torch.zeros(len(chunk), width, prompts.shape[2], dtype=self.dtype, device=self.device)
-            mask = torch.zeros(len(chunk), width, dtype=torch.long, device=self.device)
-            slot = torch.empty(len(chunk), dtype=torch.long, device=self.device)
-            for i, (p, n) in enumerate(chunk):
-                pieces = [pre_emb, prompts[p], text_emb[n], suf_emb]
-                torch.cat(pieces, out=x[i, : lengths[n]])
-                mask[i, : lengths[n]] = 1
-                slot[i] = len(pre) + n_prompt + texts[n].slot
+        for lo, hi in self._micro_batches([lengths[n] for n in items[:, 1]]):
+            p_idx = torch.from_numpy(items[lo:hi, 0]).to(self.device)
+            n_idx = torch.from_numpy(items[lo:hi, 1]).to(self.device)
+            seq_width = head + int(tail_len[n_idx].max())
+            x = torch.cat([pre_emb.expand(hi - lo, -1, -1), prompts[p_idx],
+                           tail_emb[n_idx, : seq_width - head]], dim=1)
+            mask = (torch.arange(seq_width, device=self.device) < (head + tail_len[n_idx])[:, None]).long()
             hidden = self.body(inputs_embeds=x, attention_mask=mask).last_hidden_state
-            picked = hidden[torch.arange(len(chunk), device=self.device), slot]
-            scores = self._label_logits(picked, label_ids).float().cpu()
-            for i, (p, n) in enumerate(chunk):
-                out[p, n] = scores[i]
+            picked = hidden[torch.arange(hi - lo, device=self.device), slots[n_idx]]
+            out[items[lo:hi, 0], items[lo:hi, 1]] = self._label_logits(picked, label_ids).float().cpu().numpy()
             tokens += int(mask.sum())
-        return out.numpy(), tokens
+        return out, tokens
 
     def _label_logits(self, picked: torch.Tensor, label_ids: torch.Tensor) -> torch.Tensor:
         if self.kind == "causal" and isinstance(self.head, torch.nn.Linear):
@@ -162,16 +167,13 @@ class TorchEngine:
     def _embed_ids(self, ids: list[int]) -> torch.Tensor:
         return self.embed(torch.tensor(ids, dtype=torch.long, device=self.device)).to(self.dtype)
 
-    def _micro_batches(self, items: list[tuple[int, int]], lengths: list[int]):
-        budget = self.limits.max_batch_tokens
-        chunk: list[tuple[int, int]] = []
-        width = 0
-        for item in items:
-            w = max(width, lengths[item[1]])
-            if chunk and w * (len(chunk) + 1) > budget:
-                yield chunk
-                chunk, w = [], lengths[item[1]]
-            chunk.append(item)
-            width = w
-        if chunk:
-            yield chunk
+    def _micro_batches(self, lengths: list[int]):
+        """[lo, hi) ranges over length-sorted sequences whose padded size stays within the token budget."""
+        budget = self.max_batch_tokens
+        lo = 0
+        while lo < len(lengths):
+            hi = lo + 1
+            while hi < len(lengths) and lengths[hi] * (hi - lo + 1) <= budget:
+                hi += 1
+            yield lo, hi
+            lo = hi
