@@ -1,10 +1,11 @@
 """The aggregator's HTTP API (FastAPI): the endpoints of fedbpt_wire/federation.py over a Coordinator.
 
-POST /v1/clients        register (enroll key as Bearer, where one is set) -> a per-client token
-GET  /v1/round          the caller's task in the open round (client token)
-POST /v1/round/update   the caller's local result for a round (client token)
-GET  /v1/global         the global search distribution (client token)
-GET  /v1/status         the run and its per-round history (no auth: it holds no client data)
+POST /v1/partitions/claim  a part K of N of a shared pool for a client instance (enroll key, like /v1/clients)
+POST /v1/clients           register (enroll key as Bearer, where one is set) -> a per-client token
+GET  /v1/round             the caller's task in the open round (client token)
+POST /v1/round/update      the caller's local result for a round (client token)
+GET  /v1/global            the global search distribution (client token)
+GET  /v1/status            the run and its per-round history (no auth: it holds no client data)
 GET  /healthz
 """
 
@@ -22,6 +23,8 @@ from fastapi.responses import JSONResponse
 from fedbpt_wire.asgi import BodyLimit, install_error_handlers
 from fedbpt_wire.federation import (
     GlobalState,
+    PartitionAssignment,
+    PartitionClaim,
     RegisterRequest,
     RegisterResponse,
     RoundTask,
@@ -86,6 +89,10 @@ def create_app(
     async def rejected(request: Request, exc: Rejected):
         headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
         return JSONResponse(status_code=exc.status, content={"detail": exc.detail}, headers=headers)
+
+    @app.post("/v1/partitions/claim", response_model=PartitionAssignment)
+    def claim_partition(req: PartitionClaim, authorization: str | None = Header(default=None)):
+        return coordinator.claim_partition(req, authorization)
 
     @app.post("/v1/clients", response_model=RegisterResponse)
     def register(req: RegisterRequest, authorization: str | None = Header(default=None)):

@@ -1,4 +1,4 @@
-"""The run's round lifecycle: registration, client sampling, updates, deadlines and merges.
+"""The run's round lifecycle: partition claims, registration, client sampling, updates, deadlines and merges.
 
 Every change happens under one lock and is committed to the store before it is answered, and the
 in-memory state only follows a commit, so memory never runs ahead of what a restart would load.
@@ -10,6 +10,8 @@ Decisions:
   `min_updates` reports; with fewer it is recorded `failed` and the next round opens from the same
   global state. Failed rounds count toward `config.rounds`, so a run with dead clients still ends
   after rounds x round_timeout_s;
+- a partition claim keeps its index for good (keyed by the client's instance name, stored), so a client
+  restarted in the same container takes its own part again; a new instance takes the lowest free one;
 - a restart gives the open round a fresh timeout: clients could not reach a stopped aggregator;
 - every merge starts from the unpickled last-committed strategy, the same object a restarted
   aggregator would load, so a restarted run computes bit for bit what an uninterrupted one would.
@@ -31,6 +33,8 @@ import numpy as np
 
 from fedbpt_wire.federation import (
     GlobalState,
+    PartitionAssignment,
+    PartitionClaim,
     RegisterRequest,
     RegisterResponse,
     RoundRecord,
@@ -50,6 +54,7 @@ log = logging.getLogger("aggregator")
 _SEED_MASK = 2**64 - 1  # SeedSequence takes non-negative ints; the mask maps a negative run seed onto one
 # Sanity bounds: past them a value is a client bug, and would overflow SQLite integers or the merge's squares.
 MAX_SAMPLES = 10**12
+MAX_PARTS = 10**6
 MAX_SIGMA_RATIO = 1e6  # a local step size over 1e6 x sigma0; CMA-ES grows sigma at most ~e per iteration
 
 
@@ -155,6 +160,10 @@ class Coordinator:
         return self.enroll_key is not None and hmac.compare_digest(
             bearer_token(authorization).encode(), self.enroll_key.encode())
 
+    def _check_enroll_key(self, authorization: str | None) -> None:
+        if self.enroll_key is not None and not self._is_operator(authorization):
+            raise Rejected(401, "Authorization: wrong enroll key")
+
     def _authenticate(self, authorization: str | None) -> str:
         client_id = self.store.client_by_token(_sha256(bearer_token(authorization)))
         if client_id is None:
@@ -166,8 +175,7 @@ class Coordinator:
     def register(self, req: RegisterRequest, authorization: str | None) -> RegisterResponse:
         if req.num_samples > MAX_SAMPLES:
             raise Rejected(422, f"num_samples must be at most {MAX_SAMPLES}, got {req.num_samples}")
-        if self.enroll_key is not None and not self._is_operator(authorization):
-            raise Rejected(401, "Authorization: wrong enroll key")
+        self._check_enroll_key(authorization)
         token = secrets.token_urlsafe(32)
         with self._lock:
             now = self.clock()
@@ -175,6 +183,26 @@ class Coordinator:
             self.store.upsert_client(req.client_id, _sha256(token), req.num_samples, now)
             self._tick(now)
         return RegisterResponse(client_id=req.client_id, token=token, config=self.config)
+
+    def claim_partition(self, req: PartitionClaim, authorization: str | None) -> PartitionAssignment:
+        self._check_enroll_key(authorization)
+        if req.parts > MAX_PARTS:
+            raise Rejected(422, f"parts must be at most {MAX_PARTS}, got {req.parts}")
+        with self._lock:
+            claims = self.store.partition_claims()
+            stored = {parts for _, parts in claims.values()}
+            if stored and stored != {req.parts}:
+                # Clients with different N would compute different splits of the pool: overlapping parts.
+                raise Rejected(422, f"parts: {req.parts} differs from the {stored.pop()} parts already claimed")
+            if req.instance in claims:
+                return PartitionAssignment(index=claims[req.instance][0], parts=req.parts)
+            taken = {idx for idx, _ in claims.values()}
+            index = next((i for i in range(req.parts) if i not in taken), None)
+            if index is None:
+                raise Rejected(409, f"parts: all {req.parts} parts are claimed")
+            self.store.add_partition_claim(req.instance, index, req.parts)
+        log.info("partition %d/%d claimed by %s", index, req.parts, req.instance)
+        return PartitionAssignment(index=index, parts=req.parts)
 
     def task(self, authorization: str | None) -> RoundTask:
         with self._lock:

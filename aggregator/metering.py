@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 
-CLIENT_PATHS = frozenset({"/v1/clients", "/v1/round", "/v1/round/update", "/v1/global"})
+CLIENT_PATHS = frozenset({"/v1/clients", "/v1/partitions/claim", "/v1/round", "/v1/round/update", "/v1/global"})
 
 
 class TrafficMeter:

@@ -1,4 +1,4 @@
-"""SQLite persistence of a run: config, clients, rounds, accepted updates, traffic, strategy state.
+"""SQLite persistence of a run: config, clients, partition claims, rounds, accepted updates, traffic, strategy state.
 
 One connection in WAL mode with synchronous=FULL, guarded by a lock: every write is committed (and
 on disk) before the caller answers the client, so a SIGKILL loses nothing that was acknowledged.
@@ -55,6 +55,11 @@ CREATE TABLE IF NOT EXISTS traffic (
 CREATE TABLE IF NOT EXISTS strategy (
     id INTEGER PRIMARY KEY CHECK (id = 1),
     state BLOB NOT NULL
+);
+CREATE TABLE IF NOT EXISTS partition_claims (
+    instance TEXT PRIMARY KEY,
+    idx INTEGER NOT NULL UNIQUE,
+    parts INTEGER NOT NULL
 );
 """
 
@@ -169,6 +174,16 @@ class Store:
 
     def client_ids(self) -> list[str]:
         return [r[0] for r in self._query("SELECT client_id FROM clients ORDER BY client_id")]
+
+    # ------------------------------------------------------------------ partition claims
+
+    def partition_claims(self) -> dict[str, tuple[int, int]]:
+        """instance -> (index, parts)."""
+        rows = self._query("SELECT instance, idx, parts FROM partition_claims")
+        return {instance: (idx, parts) for instance, idx, parts in rows}
+
+    def add_partition_claim(self, instance: str, idx: int, parts: int) -> None:
+        self._write("INSERT INTO partition_claims (instance, idx, parts) VALUES (?, ?, ?)", (instance, idx, parts))
 
     # ------------------------------------------------------------------ rounds
 

@@ -1,9 +1,11 @@
-"""The client of the aggregator: registration, the round's task, the update."""
+"""The client of the aggregator: a partition claim, registration, the round's task, the update."""
 
 from __future__ import annotations
 
 from fedbpt_wire.federation import (
     GlobalState,
+    PartitionAssignment,
+    PartitionClaim,
     RegisterRequest,
     RegisterResponse,
     RoundTask,
@@ -18,6 +20,22 @@ from .http import RetryingClient
 class AggregatorClient:
     def __init__(self, url: str, **http_options):
         self.http = RetryingClient(url, **http_options)
+
+    def claim_partition(self, instance: str, parts: int, enroll_key: str | None = None) -> PartitionAssignment:
+        """Part K of `parts` for `instance`: the same K each time the same instance asks."""
+        body = PartitionClaim(instance=instance, parts=parts).model_dump()
+        # The enroll key authorizes this request only: a client token already set must outlive it.
+        headers = self.http.http.headers
+        previous = headers.pop("Authorization", None)
+        if enroll_key:
+            self.http.set_token(enroll_key)
+        try:
+            response = self.http.request("POST", "/v1/partitions/claim", body)
+        finally:
+            headers.pop("Authorization", None)
+            if previous is not None:
+                headers["Authorization"] = previous
+        return PartitionAssignment.model_validate(response)
 
     def register(self, client_id: str, num_samples: int, enroll_key: str | None = None) -> RegisterResponse:
         if enroll_key:

@@ -1,4 +1,5 @@
-"""A client process: register, then work each round it is sampled for, until the run is done."""
+"""A client process: claim its partition where told `auto/N`, register, then work each round it is sampled
+for, until the run is done."""
 
 from __future__ import annotations
 
@@ -87,7 +88,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "a directory with train/validation files, or 'hf'")
     parser.add_argument("--task", default="rotten_tomatoes")
     parser.add_argument("--partition", default=None, metavar="K/N",
-                        help="take part K (0-based) of N of a shared pool instead of the whole file")
+                        help="take part K (0-based) of N of a shared pool instead of the whole file; "
+                             "auto/N: the aggregator hands out K, the same one again to the same --client-id "
+                             "or host name")
     parser.add_argument("--alpha", type=float, default=None, help="Dirichlet alpha for --partition (default IID)")
     parser.add_argument("--per-class", type=int, default=None, help="few-shot: examples per class in the whole pool")
     parser.add_argument("--partition-seed", type=int, default=0)
@@ -96,31 +99,44 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--timeout", type=float, default=300.0, help="HTTP timeout per request, seconds")
 
 
-def parse_partition(spec: str) -> tuple[int, int]:
+def parse_partition(spec: str) -> tuple[int | None, int]:
+    """'K/N' -> (K, N); 'auto/N' -> (None, N), K then to be claimed from the aggregator."""
+    head, _, tail = spec.partition("/")
     try:
-        k, n = (int(x) for x in spec.split("/"))
+        n = int(tail)
+        k = None if head == "auto" else int(head)
     except ValueError:
-        raise ValueError(f"--partition must be K/N, got {spec!r}") from None
-    if not 0 <= k < n:
+        raise ValueError(f"--partition must be K/N or auto/N with integers K and N, got {spec!r}") from None
+    if n < 1:
+        raise ValueError(f"--partition {spec}: need N >= 1")
+    if k is not None and not 0 <= k < n:
         raise ValueError(f"--partition {spec}: need 0 <= K < N")
     return k, n
 
 
-def run(args: argparse.Namespace) -> None:
-    task = get_task(args.task)
-    splits = load_splits(args.data, task)
-    if args.partition:
-        k, n = parse_partition(args.partition)
+def _client_data(args: argparse.Namespace, aggregator: AggregatorClient) -> tuple[str, ClientData]:
+    """This client's id and examples: its part of the shared pool, or the whole of its own data."""
+    k, n = parse_partition(args.partition) if args.partition else (None, None)
+    splits = load_splits(args.data, get_task(args.task))
+    if n is not None:
+        if k is None:
+            # Compose replicas get no index; the host name is the container's and survives its restarts.
+            instance = args.client_id or os.uname().nodename
+            k = aggregator.claim_partition(instance, n, args.enroll_key).index
+            log.info("%s claimed partition %d/%d", instance, k, n)
         data = client_shard(splits["train"], k, n, args.alpha, args.partition_seed, args.per_class, args.val_fraction)
-        client_id = args.client_id or f"client-{k}"
-    else:
-        train_idx, val_idx = train_val_split(np.arange(len(splits["train"])), args.val_fraction, args.partition_seed)
-        data = ClientData([splits["train"][i] for i in train_idx],
-                          splits["validation"] or [splits["train"][i] for i in val_idx])
-        client_id = args.client_id or os.uname().nodename
+        return args.client_id or f"client-{k}", data
+    train_idx, val_idx = train_val_split(np.arange(len(splits["train"])), args.val_fraction, args.partition_seed)
+    data = ClientData([splits["train"][i] for i in train_idx],
+                      splits["validation"] or [splits["train"][i] for i in val_idx])
+    return args.client_id or os.uname().nodename, data
+
+
+def run(args: argparse.Namespace) -> None:
     service = ServiceClient(args.service, args.api_key, timeout=args.timeout)
     aggregator = AggregatorClient(args.aggregator, timeout=args.timeout)
     try:
+        client_id, data = _client_data(args, aggregator)
         rounds = run_client(service, aggregator, client_id, data, args.task, enroll_key=args.enroll_key,
                             batch_size=args.batch_size)
     finally:

@@ -43,8 +43,11 @@ class RunConfig(BaseModel):
     round_timeout_s: float = Field(default=600.0, gt=0)
 
 
+_CLIENT_NAME = {"min_length": 1, "max_length": 64, "pattern": r"^[A-Za-z0-9_.-]+$"}
+
+
 class RegisterRequest(Strict):
-    client_id: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")
+    client_id: str = Field(**_CLIENT_NAME)
     num_samples: int = Field(ge=0)
 
 
@@ -52,6 +55,18 @@ class RegisterResponse(BaseModel):
     client_id: str
     token: str
     config: RunConfig
+
+
+class PartitionClaim(Strict):
+    """A client asking for its part K of N of a shared pool, where it was given no index (compose replicas)."""
+
+    instance: str = Field(**_CLIENT_NAME, description="stable across the client's restarts, e.g. its host name")
+    parts: int = Field(ge=1, description="N")
+
+
+class PartitionAssignment(BaseModel):
+    index: int  # K, 0-based; the same one each time the same instance asks
+    parts: int
 
 
 class RoundTask(BaseModel):

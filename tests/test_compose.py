@@ -517,7 +517,7 @@ def test_each_image_extra_is_enough_for_its_role(compose, default_data_dir, role
     """The client image has `.[client]` only, the aggregator image `.[aggregator]`: their commands must not
     reach for torch, transformers or the other role's packages."""
     command = compose["services"][role]["command"]
-    if role == "client":  # until auto/N lands in the CLI, load a fixed part: the data path is the same
+    if role == "client":  # auto/N would ask an aggregator this check does not run; a fixed part loads the same way
         command = [*command]
         command[command.index("--partition") + 1] = "0/2"
     env = {**os.environ, "FEDBPT_CACHE_DIR": str(default_data_dir.parents[1])}
