@@ -126,9 +126,11 @@ def _client_data(args: argparse.Namespace, aggregator: AggregatorClient) -> tupl
             log.info("%s claimed partition %d/%d", instance, k, n)
         data = client_shard(splits["train"], k, n, args.alpha, args.partition_seed, args.per_class, args.val_fraction)
         return args.client_id or f"client-{k}", data
-    train_idx, val_idx = train_val_split(np.arange(len(splits["train"])), args.val_fraction, args.partition_seed)
-    data = ClientData([splits["train"][i] for i in train_idx],
-                      splits["validation"] or [splits["train"][i] for i in val_idx])
+    if splits["validation"]:
+        data = ClientData(splits["train"], splits["validation"])
+    else:
+        train_idx, val_idx = train_val_split(np.arange(len(splits["train"])), args.val_fraction, args.partition_seed)
+        data = ClientData([splits["train"][i] for i in train_idx], [splits["train"][i] for i in val_idx])
     return args.client_id or os.uname().nodename, data
 
 

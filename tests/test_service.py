@@ -142,6 +142,15 @@ def test_prompt_of_prefix_embeddings_equals_plain_prefix(which, request):
     np.testing.assert_allclose(with_prompt, written, rtol=1e-4, atol=1e-5)
 
 
+def test_local_directory_loads_through_the_cli_path(tiny_roberta_dir):
+    """`fedbpt serve --model PATH` resolves a local HF directory as given (no hub, no default alias)."""
+    from inference_service.server import build_engine
+
+    engine = build_engine(str(tiny_roberta_dir), dtype="float32", limits=LIMITS)
+    assert engine.info.kind == "masked" and engine.info.name == tiny_roberta_dir.name
+    assert engine.info.dtype == "float32" and engine.info.engine == "torch"
+
+
 def test_float16_wire_and_model_info(roberta_url, roberta_engine):
     info = httpx.get(f"{roberta_url}/v1/model").json()
     assert info["kind"] == "masked" and info["engine"] == "torch" and info["mask_token"] == "<mask>"
