@@ -33,6 +33,7 @@ from fedbpt_wire.federation import (
     UpdateRequest,
     UpdateResponse,
 )
+from fedbpt_wire.schemas import ErrorBody
 
 from .coordinator import Coordinator, Rejected
 from .metering import TrafficMeter
@@ -41,6 +42,19 @@ from .store import Store
 log = logging.getLogger("aggregator")
 
 DEADLINE_CHECK_S = 0.2
+
+_ERROR_TEXT = {
+    401: "missing or wrong client token or enroll key",
+    409: "refused by the run's state: round not open, client not selected, a different update already in",
+    413: "request body over the limit",
+    422: "invalid input; `detail` names the field",
+}
+
+
+def _errors(*codes: int) -> dict:
+    """The rejections a route documents, in the `{"detail": str}` shape the handlers give them. 422 always:
+    FastAPI would otherwise document its own list-of-errors shape, which this app never sends."""
+    return {code: {"model": ErrorBody, "description": _ERROR_TEXT[code]} for code in (*codes, 422)}
 
 
 def _normalise(config: RunConfig) -> RunConfig:
@@ -90,23 +104,23 @@ def create_app(
         headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
         return JSONResponse(status_code=exc.status, content={"detail": exc.detail}, headers=headers)
 
-    @app.post("/v1/partitions/claim", response_model=PartitionAssignment)
+    @app.post("/v1/partitions/claim", response_model=PartitionAssignment, responses=_errors(401, 409, 413))
     def claim_partition(req: PartitionClaim, authorization: str | None = Header(default=None)):
         return coordinator.claim_partition(req, authorization)
 
-    @app.post("/v1/clients", response_model=RegisterResponse)
+    @app.post("/v1/clients", response_model=RegisterResponse, responses=_errors(401, 413))
     def register(req: RegisterRequest, authorization: str | None = Header(default=None)):
         return coordinator.register(req, authorization)
 
-    @app.get("/v1/round", response_model=RoundTask)
+    @app.get("/v1/round", response_model=RoundTask, responses=_errors(401))
     def round_task(authorization: str | None = Header(default=None)):
         return coordinator.task(authorization)
 
-    @app.post("/v1/round/update", response_model=UpdateResponse)
+    @app.post("/v1/round/update", response_model=UpdateResponse, responses=_errors(401, 409, 413))
     def update(req: UpdateRequest, authorization: str | None = Header(default=None)):
         return coordinator.submit(authorization, req)
 
-    @app.get("/v1/global", response_model=GlobalState)
+    @app.get("/v1/global", response_model=GlobalState, responses=_errors(401))
     def global_state(authorization: str | None = Header(default=None)):
         return coordinator.global_state(authorization)
 

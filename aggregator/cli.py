@@ -50,6 +50,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--db", default="aggregator.db", help="SQLite file; one that holds a run resumes it")
     parser.add_argument("--enroll-key", default=None,
                         help="clients register with it as Bearer token (default: $FEDBPT_ENROLL_KEY; unset = open)")
+    parser.add_argument("--ssl-certfile", default=None, help="serve HTTPS with this PEM certificate (chain)")
+    parser.add_argument("--ssl-keyfile", default=None, help="the certificate's private key, if not in --ssl-certfile")
     group = parser.add_argument_group("run config (ignored, with a warning, when --db already holds a run)")
     for flag, (field, kwargs) in _CONFIG_FLAGS.items():
         info = RunConfig.model_fields[field]
@@ -79,11 +81,15 @@ def run(args: argparse.Namespace) -> int:
     from .server import serve  # fastapi, uvicorn and cma only once there is something to serve
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.ssl_keyfile and not args.ssl_certfile:
+        print("--ssl-keyfile needs --ssl-certfile", file=sys.stderr)
+        return 2
     try:
         config = config_from_args(args)
     except ValidationError as exc:
         print(f"invalid run config: {exc}", file=sys.stderr)
         return 2
     serve(config, args.db, host=args.host, port=args.port,
-          enroll_key=args.enroll_key or os.environ.get("FEDBPT_ENROLL_KEY") or None)
+          enroll_key=args.enroll_key or os.environ.get("FEDBPT_ENROLL_KEY") or None,
+          ssl_certfile=args.ssl_certfile, ssl_keyfile=args.ssl_keyfile)
     return 0

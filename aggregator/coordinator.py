@@ -56,6 +56,7 @@ _SEED_MASK = 2**64 - 1  # SeedSequence takes non-negative ints; the mask maps a 
 MAX_SAMPLES = 10**12
 MAX_PARTS = 10**6
 MAX_SIGMA_RATIO = 1e6  # a local step size over 1e6 x sigma0; CMA-ES grows sigma at most ~e per iteration
+MAX_METRIC = 1e12  # |loss| or accuracy; times val_samples (<= MAX_SAMPLES) the round's weighted sums stay finite
 
 
 class Rejected(Exception):
@@ -251,8 +252,7 @@ class Coordinator:
     def global_state(self, authorization: str | None) -> GlobalState:
         with self._lock:
             # The operator (holder of the enroll key) reads it too: the final prompt is what a run is for.
-            if not self._is_operator(authorization):
-                self._authenticate(authorization)
+            caller = None if self._is_operator(authorization) else self._authenticate(authorization)
             self._tick(self.clock())
             base = {"run_id": self.config.run_id, "round": self.current_round(), "state": self.state()}
             if self.strategy is None:
@@ -260,6 +260,9 @@ class Coordinator:
                 local = {} if self.config.strategy == "local-only" else None
                 return GlobalState(**base, mean=encode_tensor(start), sigma=self.config.sigma0, client_means=local)
             own = self.strategy.client_means()
+            if own is not None and caller is not None:
+                # local-only: a client's prompt is learnt from its data alone; other clients see only their own.
+                own = {cid: m for cid, m in own.items() if cid == caller}
             return GlobalState(
                 **base, mean=encode_tensor(self.strategy.mean), sigma=self.strategy.sigma,
                 client_means=None if own is None else {cid: encode_tensor(m) for cid, m in own.items()},
@@ -310,9 +313,13 @@ class Coordinator:
                 raise Rejected(422, f"sigmas[{i}] must be positive and at most {cap:g}, got {s}")
         if req.num_samples > MAX_SAMPLES:
             raise Rejected(422, f"num_samples must be at most {MAX_SAMPLES}, got {req.num_samples}")
+        # Checked here, not at the merge: a value the round's metrics cannot fold would fail every close of
+        # the round, and so every request after it.
+        if req.metrics.val_samples > MAX_SAMPLES:
+            raise Rejected(422, f"metrics.val_samples must be at most {MAX_SAMPLES}, got {req.metrics.val_samples}")
         for name, value in req.metrics:
-            if isinstance(value, float) and not math.isfinite(value):
-                raise Rejected(422, f"metrics.{name} must be finite, got {value}")
+            if isinstance(value, float) and not (math.isfinite(value) and abs(value) <= MAX_METRIC):
+                raise Rejected(422, f"metrics.{name} must be finite and within +-{MAX_METRIC:g}, got {value}")
 
     def _tick(self, now: float) -> None:
         o = self._open

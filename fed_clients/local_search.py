@@ -34,10 +34,15 @@ def local_search(
 
     `fitness(Z [popsize, d], iteration) -> [popsize]`, lower is better: one service call per iteration.
     """
+    # cma's `seed` reseeds numpy's process-wide generator and samples from it, so clients sharing a process
+    # (threads) would draw from one stream in whatever order they ran; a private stream keeps each client's
+    # candidates a function of its seed alone (cma's seed NaN: leave the global generator alone).
+    rng = np.random.default_rng(seed)
     es = cma.CMAEvolutionStrategy(
         np.asarray(mean, dtype=np.float64),
         float(sigma),
-        {"popsize": popsize, "seed": seed, "verbose": -9, "maxiter": iterations, "CMA_diagonal": False},
+        {"popsize": popsize, "seed": np.nan, "randn": lambda *shape: rng.standard_normal(shape), "verbose": -9,
+         "maxiter": iterations, "CMA_diagonal": False},
     )
     sigmas = []
     evaluations = 0

@@ -15,12 +15,14 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def serve_app(app, port: int | None = None, **uvicorn_kwargs):
-    """Run `app` under uvicorn on 127.0.0.1; yields its base URL; stops it cleanly on exit."""
+def serve_app(app, port: int | None = None, ssl_certfile: str | None = None, ssl_keyfile: str | None = None,
+              **uvicorn_kwargs):
+    """Run `app` under uvicorn on 127.0.0.1 (HTTPS with `ssl_certfile`); yields its base URL; stops it cleanly on exit."""
     import uvicorn
 
     port = port or free_port()
-    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", **uvicorn_kwargs)
+    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
+                            ssl_certfile=ssl_certfile, ssl_keyfile=ssl_keyfile, **uvicorn_kwargs)
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
@@ -30,7 +32,7 @@ def serve_app(app, port: int | None = None, **uvicorn_kwargs):
             raise RuntimeError("uvicorn did not start")
         time.sleep(0.02)
     try:
-        yield f"http://127.0.0.1:{port}"
+        yield f"{'https' if ssl_certfile else 'http'}://127.0.0.1:{port}"
     finally:
         server.should_exit = True
         thread.join(timeout=30)

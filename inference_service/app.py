@@ -16,14 +16,30 @@ from fedbpt_wire.metrics import label_cross_entropy
 from fedbpt_wire.schemas import ErrorBody, ModelInfo, ScoreRequest, ScoreResponse, Usage
 from fedbpt_wire.tensors import TensorDecodeError, decode_tensor, encode_tensor
 
-from .auth import KeyStore, QuotaExceeded, key_id
+from .auth import KeyRevoked, KeyStore, QuotaExceeded, key_id
 from .engine import Engine, InputError, ScoreBatch
-from .limits import Limits
+from .limits import Busy, FairScheduler, Limits
 from .metrics import CONTENT_TYPE, ServiceMetrics
 
 log = logging.getLogger(__name__)
 
 _ERRORS = {code: {"model": ErrorBody} for code in (401, 413, 422, 429)}
+
+# No vocabulary we know has a token over ~80 characters, so a text longer than this many characters
+# per allowed token is over the token limit for sure: rejected before the tokenizer spends time and
+# memory on a body-sized string.
+_MAX_CHARS_PER_TOKEN = 128
+
+
+def _check_strings(field: str, values: list[str], max_chars: int, what: str) -> None:
+    for i, value in enumerate(values):
+        if len(value) > max_chars:
+            raise InputError(f"{field}[{i}]", f"is {len(value)} characters, longer than any {what} can be")
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            # A JSON escape like "\ud800" decodes to a lone surrogate: not text any tokenizer accepts.
+            raise InputError(f"{field}[{i}]", "holds a lone UTF-16 surrogate; it must be valid Unicode text") from None
 
 
 def validate_request(req: ScoreRequest, engine: Engine, limits: Limits) -> tuple[ScoreBatch, np.ndarray | None]:
@@ -41,6 +57,8 @@ def validate_request(req: ScoreRequest, engine: Engine, limits: Limits) -> tuple
         raise HTTPException(413, f"prompts.shape: population P = {n_pop} over the limit of {limits.max_population}")
     if len(req.texts) > limits.max_texts:
         raise HTTPException(413, f"texts: {len(req.texts)} texts over the limit of {limits.max_texts}")
+    if len(req.label_words) > limits.max_label_words:
+        raise HTTPException(413, f"label_words: {len(req.label_words)} words over the limit of {limits.max_label_words}")
     if n_prompt > limits.max_prompt_length:
         raise InputError("prompts.shape", f"prompt length L = {n_prompt} over the limit of {limits.max_prompt_length}")
     if dim != engine.info.hidden_size:
@@ -49,6 +67,9 @@ def validate_request(req: ScoreRequest, engine: Engine, limits: Limits) -> tuple
         prompts = decode_tensor(req.prompts, "prompts")
     except TensorDecodeError as exc:
         raise InputError("prompts", str(exc)) from None
+    _check_strings("texts", req.texts, limits.max_text_tokens * _MAX_CHARS_PER_TOKEN,
+                   f"text of {limits.max_text_tokens} tokens")
+    _check_strings("label_words", req.label_words, _MAX_CHARS_PER_TOKEN, "single token")
     engine.label_token_ids(req.label_words)
     labels = None
     if req.labels is not None:
@@ -65,6 +86,7 @@ def create_app(engine: Engine, keys: KeyStore | None = None, limits: Limits | No
     keys = keys or KeyStore({})
     limits = limits or Limits()
     metrics = ServiceMetrics()
+    scheduler = FairScheduler(limits.max_inflight_per_key, limits.max_queued_per_key)
     app = FastAPI(
         title="FedBPT inference service",
         version="1",
@@ -77,16 +99,22 @@ def create_app(engine: Engine, keys: KeyStore | None = None, limits: Limits | No
     async def input_error(request: Request, exc: InputError):
         return JSONResponse(status_code=422, content={"detail": str(exc), "errors": [{"field": exc.field, "message": str(exc)}]})
 
-    def api_key(creds: HTTPAuthorizationCredentials | None = Depends(bearer)) -> str | None:
+    def unauthorized(message: str) -> HTTPException:
+        return HTTPException(401, message, {"WWW-Authenticate": "Bearer"})
+
+    async def api_key(creds: HTTPAuthorizationCredentials | None = Depends(bearer)) -> str | None:
         key = creds.credentials if creds else None
         if not keys.known(key):
-            raise HTTPException(401, "missing or unknown API key (Authorization: Bearer <key>)", {"WWW-Authenticate": "Bearer"})
+            raise unauthorized("missing or unknown API key (Authorization: Bearer <key>)")
         return key
 
     @app.middleware("http")
     async def count_requests(request: Request, call_next):
         response = await call_next(request)
-        metrics.requests.labels(request.url.path, str(response.status_code)).inc()
+        # Unmatched paths share one label: a label per path a scanner tries would grow without bound.
+        route = request.scope.get("route")
+        endpoint = route.path if route is not None else "unmatched"
+        metrics.requests.labels(endpoint, str(response.status_code)).inc()
         return response
 
     @app.get("/healthz")
@@ -100,20 +128,33 @@ def create_app(engine: Engine, keys: KeyStore | None = None, limits: Limits | No
     @app.post("/v1/score", response_model=ScoreResponse, responses=_ERRORS)
     async def score(req: ScoreRequest, key: str | None = Depends(api_key)) -> ScoreResponse:
         t0 = time.perf_counter()
-        batch, labels = validate_request(req, engine, limits)
+        who = key or ""  # an open service's callers share one queue
         try:
-            keys.reserve(key)
-        except QuotaExceeded as exc:
-            raise HTTPException(429, str(exc)) from None
-        try:
-            result = await to_thread.run_sync(engine.score, batch)
-        except InputError:
-            keys.refund(key)
-            raise
-        except Exception:
-            keys.refund(key)
-            log.exception("engine failed")
-            raise HTTPException(500, "the engine failed on this batch; see the service log") from None
+            async with scheduler.admit(who):
+                # Off the event loop: decoding a body-sized tensor would stall every other connection.
+                batch, labels = await to_thread.run_sync(validate_request, req, engine, limits)
+                try:
+                    keys.reserve(key)
+                except QuotaExceeded as exc:
+                    raise HTTPException(429, str(exc)) from None
+                except KeyRevoked as exc:
+                    raise unauthorized(str(exc)) from None
+                try:
+                    async with scheduler.turn(who):
+                        result = await to_thread.run_sync(engine.score, batch)
+                    if not np.isfinite(result.logits).all():
+                        raise InputError("prompts", "the model's logits are not finite for these prompts; "
+                                                    "are their values far outside the embedding scale?")
+                except InputError:
+                    keys.refund(key)
+                    raise
+                except Exception:
+                    keys.refund(key)
+                    log.exception("engine failed")
+                    raise HTTPException(500, "the engine failed on this batch; see the service log") from None
+        except Busy as exc:
+            raise HTTPException(429, f"too many concurrent requests for this key ({exc}); retry later",
+                                {"Retry-After": "1"}) from None
         loss = acc = None
         if labels is not None:
             loss_arr, acc_arr = label_cross_entropy(result.logits, labels)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
+import sys
 
 from .auth import KeyStore
 from .limits import Limits
@@ -19,16 +21,29 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--engine", choices=["torch", "vllm"], default="torch")
     parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
-    parser.add_argument("--api-keys-file", default=None, help="file of 'KEY [QUOTA]' lines; keys also from FEDBPT_API_KEYS")
+    parser.add_argument("--api-keys-file", default=None,
+                        help="file of 'KEY [QUOTA]' lines; keys also from FEDBPT_API_KEYS. Edit it to add or revoke "
+                             "keys: it is re-read within a second of a change (or on SIGHUP), a removed key gets 401 "
+                             "from its next request, usage counts survive, and a file that fails to parse leaves the "
+                             "previous keys in force. An empty file admits no one")
     parser.add_argument("--quota", type=int, default=None, help="queries allowed per key unless its line says otherwise")
     parser.add_argument("--max-prompt-length", type=int, default=Limits.max_prompt_length)
     parser.add_argument("--max-population", type=int, default=Limits.max_population)
     parser.add_argument("--max-texts", type=int, default=Limits.max_texts)
     parser.add_argument("--max-text-tokens", type=int, default=Limits.max_text_tokens)
+    parser.add_argument("--max-label-words", type=int, default=Limits.max_label_words)
     parser.add_argument("--max-body-bytes", type=int, default=Limits.max_body_bytes)
     parser.add_argument("--max-batch-tokens", type=int, default=Limits.max_batch_tokens,
                         help="padded positions per forward pass; bounds activation memory "
                              "(default 8192 on CPU, 65536 on a GPU)")
+    parser.add_argument("--max-inflight-per-key", type=int, default=Limits.max_inflight_per_key,
+                        help="score requests of one key handled at once; more wait their turn in a FIFO per key, and "
+                             "the engine is handed to keys round-robin, so a flooding key cannot starve the others")
+    parser.add_argument("--max-queued-per-key", type=int, default=Limits.max_queued_per_key,
+                        help="requests of one key that may wait beyond --max-inflight-per-key; "
+                             "further ones get 429 with Retry-After")
+    parser.add_argument("--ssl-certfile", default=None, help="serve HTTPS with this PEM certificate (chain)")
+    parser.add_argument("--ssl-keyfile", default=None, help="the certificate's private key, if not in --ssl-certfile")
 
 
 def limits_from(args: argparse.Namespace) -> Limits:
@@ -37,9 +52,25 @@ def limits_from(args: argparse.Namespace) -> Limits:
         max_population=args.max_population,
         max_texts=args.max_texts,
         max_text_tokens=args.max_text_tokens,
+        max_label_words=args.max_label_words,
         max_body_bytes=args.max_body_bytes,
         max_batch_tokens=args.max_batch_tokens,
+        max_inflight_per_key=args.max_inflight_per_key,
+        max_queued_per_key=args.max_queued_per_key,
     )
+
+
+def reload_keys_on_sighup(keys: KeyStore) -> None:
+    """SIGHUP makes the next request re-read the keys file (even one whose mtime did not change)."""
+    if hasattr(signal, "SIGHUP"):
+        signal.signal(signal.SIGHUP, lambda signum, frame: keys.request_reload())
+
+
+def tls_options(args: argparse.Namespace) -> dict:
+    """uvicorn's TLS keyword arguments; exits with a message on a key without a certificate."""
+    if args.ssl_keyfile and not args.ssl_certfile:
+        sys.exit("--ssl-keyfile needs --ssl-certfile")
+    return {"ssl_certfile": args.ssl_certfile, "ssl_keyfile": args.ssl_keyfile} if args.ssl_certfile else {}
 
 
 def build_engine(model: str, engine: str = "torch", dtype: str = "auto", device: str | None = None,
@@ -62,9 +93,12 @@ def run(args: argparse.Namespace) -> None:
 
     from .app import create_app
 
+    tls = tls_options(args)
     limits = limits_from(args)
     keys = KeyStore.from_sources(args.api_keys_file, args.quota)
+    reload_keys_on_sighup(keys)
     engine = build_engine(args.model, args.engine, args.dtype, args.device, limits)
     app = create_app(engine, keys, limits)
-    log.info("serving %s on http://%s:%d (docs at /docs)", engine.info.name, args.host, args.port)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+    scheme = "https" if tls else "http"
+    log.info("serving %s on %s://%s:%d (docs at /docs)", engine.info.name, scheme, args.host, args.port)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info", **tls)

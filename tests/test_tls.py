@@ -1,0 +1,144 @@
+"""TLS by configuration: both servers speak HTTPS with a certificate given on the command line."""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import os
+import ssl
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+from fed_clients.http import RetryingClient
+from fedbpt.loopback import free_port, serve_app
+from fedbpt_wire.tensors import encode_tensor
+from inference_service.app import create_app
+from inference_service.auth import KeyStore
+from inference_service.torch_engine import TorchEngine
+
+REPO = Path(__file__).resolve().parents[1]
+KEY = "tls-key"
+
+
+def make_self_signed(directory: Path) -> tuple[str, str]:
+    """A certificate for 127.0.0.1 and localhost, and its private key, as PEM files."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "fedbpt-test")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost"),
+                                                    x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    cert_path, key_path = directory / "cert.pem", directory / "key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return str(cert_path), str(key_path)
+
+
+@pytest.fixture(scope="module")
+def cert(tmp_path_factory) -> tuple[str, str]:
+    return make_self_signed(tmp_path_factory.mktemp("tls"))
+
+
+def trusting(cert_path: str) -> ssl.SSLContext:
+    return ssl.create_default_context(cafile=cert_path)
+
+
+def score_body() -> dict:
+    return {"prompts": encode_tensor(np.zeros((1, 1, 48), np.float32)).model_dump(),
+            "texts": ["it was {mask} ."], "label_words": [" bad", " great"]}
+
+
+# RetryingClient hands its `verify` path to httpx, which deprecates paths (not yet removed) since 0.28.
+@pytest.mark.filterwarnings("ignore:`verify=<str>` is deprecated:DeprecationWarning")
+def test_service_over_https_and_not_over_http(tiny_roberta_dir, cert):
+    cert_path, key_path = cert
+    engine = TorchEngine(str(tiny_roberta_dir), dtype="float32")
+    with serve_app(create_app(engine, KeyStore({KEY: None})), ssl_certfile=cert_path, ssl_keyfile=key_path) as url:
+        assert url.startswith("https://")
+        # The clients' own session, trusting the certificate by its path.
+        client = RetryingClient(url, token=KEY, retries=0, verify=cert_path)
+        try:
+            assert client.request("POST", "/v1/score", score_body())["logits"]["shape"] == [1, 1, 2]
+        finally:
+            client.close()
+        with pytest.raises(httpx.ConnectError, match="CERTIFICATE_VERIFY_FAILED"):
+            httpx.get(f"{url}/healthz")  # the system trust store does not know a self-signed certificate
+        with pytest.raises(httpx.TransportError):
+            httpx.get(url.replace("https://", "http://") + "/healthz", timeout=5)
+        assert httpx.get(f"{url}/healthz", verify=trusting(cert_path)).status_code == 200
+
+
+def _wait_https(url: str, cert_path: str, proc: subprocess.Popen, deadline_s: float = 90) -> None:
+    deadline = time.monotonic() + deadline_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"server exited with {proc.returncode}: {proc.stdout.read()[-3000:]}")
+        try:
+            if httpx.get(f"{url}/healthz", verify=trusting(cert_path), timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    raise AssertionError(f"{url} did not come up over HTTPS")
+
+
+def _fedbpt(*args: str, env: dict | None = None, module: str = "fedbpt.cli") -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", module, *args], cwd=REPO, env={**os.environ, **(env or {})},
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def test_cli_flags_serve_both_servers_over_https(tiny_roberta_dir, cert, tmp_path):
+    cert_path, key_path = cert
+    tls = ["--ssl-certfile", cert_path, "--ssl-keyfile", key_path]
+    svc_port, agg_port = free_port(), free_port()
+    procs = [
+        _fedbpt("serve", "--model", str(tiny_roberta_dir), "--dtype", "float32", "--device", "cpu",
+                "--port", str(svc_port), *tls, env={"FEDBPT_API_KEYS": KEY}),
+        _fedbpt("aggregator", "--db", str(tmp_path / "run.db"), "--port", str(agg_port), "--intrinsic-dim", "8", *tls),
+    ]
+    try:
+        svc, agg = f"https://127.0.0.1:{svc_port}", f"https://127.0.0.1:{agg_port}"
+        _wait_https(agg, cert_path, procs[1])
+        _wait_https(svc, cert_path, procs[0])
+        r = httpx.post(f"{svc}/v1/score", json=score_body(), headers={"Authorization": f"Bearer {KEY}"},
+                       verify=trusting(cert_path))
+        assert r.status_code == 200, r.text
+        for url in (svc, agg):
+            with pytest.raises(httpx.TransportError):
+                httpx.get(url.replace("https://", "http://") + "/healthz", timeout=5)
+    finally:
+        for proc in procs:
+            proc.terminate()
+        for proc in procs:
+            proc.wait(timeout=30)
+
+
+def test_a_key_without_a_certificate_is_refused(tmp_path):
+    # `python -m aggregator`, which exits with run()'s status; `fedbpt aggregator` drops it.
+    for module, args in (("fedbpt.cli", ["serve", "--ssl-keyfile", "k.pem"]),
+                         ("aggregator", ["--db", str(tmp_path / "x.db"), "--ssl-keyfile", "k.pem"])):
+        proc = _fedbpt(*args, module=module)
+        out, _ = proc.communicate(timeout=60)
+        assert proc.returncode != 0 and "--ssl-keyfile needs --ssl-certfile" in out, out
