@@ -14,12 +14,12 @@ import numpy as np
 
 from fedbpt_wire.federation import ClientCosts, ClientMetrics, RoundTask, RunConfig, UpdateRequest
 from fedbpt_wire.metrics import label_cross_entropy
+from fedbpt_wire.projection import Projection, projection_for
 from fedbpt_wire.tensors import decode_tensor, encode_tensor
 
 from .data import Example
 from .local_search import cma_seed, local_search
 from .perturb import corpus_words, perturb_examples
-from .projection import projection_for
 from .service_client import ServiceClient
 from .tasks import Task
 
@@ -51,12 +51,15 @@ class PromptScorer:
 
     def logits(self, z: np.ndarray | None, examples: list[Example]) -> np.ndarray:
         """[P, N, C], in as many service calls as the service's `max_texts` requires."""
-        prompts = self.prompts(z)
         texts = [self.task.render(ex.fields, self.kind) for ex in examples]
-        parts = [
-            self.service.score(prompts, texts[i : i + self.max_texts], self.task.label_words).logits
-            for i in range(0, len(texts), self.max_texts)
-        ]
+        chunks = [texts[i : i + self.max_texts] for i in range(0, len(texts), self.max_texts)]
+        words = self.task.label_words
+        if z is not None and self.projection is not None and self.service.prompt_wire == "seed":
+            z = np.atleast_2d(z)
+            parts = [self.service.score_projected(z, self.projection.spec, chunk, words).logits for chunk in chunks]
+        else:
+            prompts = self.prompts(z)
+            parts = [self.service.score(prompts, chunk, words).logits for chunk in chunks]
         return np.concatenate(parts, axis=1)
 
     def evaluate(self, z: np.ndarray | None, examples: list[Example]) -> Evaluation:

@@ -42,11 +42,14 @@ def read_examples(path: str | Path, task: Task) -> list[Example]:
 
 
 def load_splits(source: str, task: Task) -> dict[str, list[Example]]:
-    """`default` (the embedded Rotten Tomatoes data), a directory of split files, or `hf` for `datasets`."""
+    """`default` (the task's embedded data), a directory of split files, or `hf` for `datasets`."""
     if source in ("default", "embedded"):
-        from fedbpt.assets import ensure_data
+        from fedbpt.assets import EMBEDDED_DATA, ensure_data
 
-        source = str(ensure_data())
+        if task.name not in EMBEDDED_DATA:
+            raise ValueError(f"task {task.name} has no embedded data (embedded: {', '.join(sorted(EMBEDDED_DATA))}); "
+                             "pass a directory of files, or `hf`")
+        source = str(ensure_data(name=task.name))
     if source == "hf":
         return _load_hf(task)
     root = Path(source)

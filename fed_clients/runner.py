@@ -16,7 +16,7 @@ from .client import FedBPTClient
 from .data import Example, load_splits
 from .http import RequestFailed
 from .partition import few_shot, partition, train_val_split
-from .service_client import ServiceClient
+from .service_client import PROMPT_WIRE_FORMS, ServiceClient
 from .tasks import get_task
 
 log = logging.getLogger(__name__)
@@ -97,6 +97,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--val-fraction", type=float, default=0.25)
     parser.add_argument("--batch-size", type=int, default=16, help="texts per CMA-ES iteration")
     parser.add_argument("--timeout", type=float, default=300.0, help="HTTP timeout per request, seconds")
+    parser.add_argument("--prompt-wire", choices=PROMPT_WIRE_FORMS, default="float32",
+                        help="how prompts travel to the service: dense [P, L, D] float32 or float16, or 'seed': "
+                             "z [P, d] and the projection seed, expanded by the service (d floats per prompt)")
 
 
 def parse_partition(spec: str) -> tuple[int | None, int]:
@@ -135,7 +138,7 @@ def _client_data(args: argparse.Namespace, aggregator: AggregatorClient) -> tupl
 
 
 def run(args: argparse.Namespace) -> None:
-    service = ServiceClient(args.service, args.api_key, timeout=args.timeout)
+    service = ServiceClient(args.service, args.api_key, prompt_wire=args.prompt_wire, timeout=args.timeout)
     aggregator = AggregatorClient(args.aggregator, timeout=args.timeout)
     try:
         client_id, data = _client_data(args, aggregator)

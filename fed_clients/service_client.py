@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from fedbpt_wire.schemas import ModelInfo, ScoreRequest, ScoreResponse
+from fedbpt_wire.schemas import ModelInfo, ProjectedPrompts, ProjectionSpec, ScoreRequest, ScoreResponse
 from fedbpt_wire.tensors import decode_tensor, encode_tensor
 
 from .http import RetryingClient
@@ -26,10 +26,20 @@ class ServiceCosts:
     tokens: int = 0
 
 
+PROMPT_WIRE_FORMS = ("float32", "float16", "seed")
+
+
 class ServiceClient:
-    def __init__(self, url: str, api_key: str | None = None, *, wire_dtype: str = "float32", **http_options):
+    """`prompt_wire` is how a population of projected prompts travels: dense [P, L, D] in float32 or
+    float16, or as `seed`: z [P, d] in float32 plus the projection's seed, expanded by the service."""
+
+    def __init__(self, url: str, api_key: str | None = None, *, wire_dtype: str = "float32",
+                 prompt_wire: str = "float32", **http_options):
+        if prompt_wire not in PROMPT_WIRE_FORMS:
+            raise ValueError(f"prompt_wire must be one of {PROMPT_WIRE_FORMS}, got {prompt_wire!r}")
         self.http = RetryingClient(url, api_key, **http_options)
-        self.wire_dtype = wire_dtype
+        self.wire_dtype = "float16" if prompt_wire == "float16" else wire_dtype
+        self.prompt_wire = prompt_wire
         self.costs = ServiceCosts()
         self._info: ModelInfo | None = None
 
@@ -40,13 +50,25 @@ class ServiceClient:
 
     def score(self, prompts: np.ndarray, texts: list[str], label_words: list[str],
               labels: list[int] | np.ndarray | None = None) -> Scores:
-        request = ScoreRequest(
-            prompts=encode_tensor(prompts, self.wire_dtype),
-            texts=list(texts),
-            label_words=list(label_words),
-            labels=None if labels is None else [int(y) for y in labels],
-        )
-        response = ScoreResponse.model_validate(self.http.request("POST", "/v1/score", request.model_dump()))
+        """Dense prompts [P, L, D]."""
+        return self._score(ScoreRequest(prompts=encode_tensor(prompts, self.wire_dtype), texts=list(texts),
+                                        label_words=list(label_words),
+                                        labels=None if labels is None else [int(y) for y in labels]))
+
+    def score_projected(self, z: np.ndarray, projection: ProjectionSpec, texts: list[str], label_words: list[str],
+                        labels: list[int] | np.ndarray | None = None) -> Scores:
+        """z [P, d] with the projection's spec: d floats per prompt on the wire instead of L x D.
+
+        z goes as float32, the precision the projection itself works in, so the service's prompts
+        are bit for bit the client's own."""
+        if self.model_info().max_projection_values is None:
+            raise RuntimeError("this service does not take prompts as seed + z; use the float32 or float16 prompt wire")
+        projected = ProjectedPrompts(z=encode_tensor(np.atleast_2d(z), "float32"), projection=projection)
+        return self._score(ScoreRequest(projected=projected, texts=list(texts), label_words=list(label_words),
+                                        labels=None if labels is None else [int(y) for y in labels]))
+
+    def _score(self, request: ScoreRequest) -> Scores:
+        response = ScoreResponse.model_validate(self.http.request("POST", "/v1/score", request.model_dump(exclude_none=True)))
         self.costs.queries += 1
         self.costs.sequences += response.usage.sequences
         self.costs.tokens += response.usage.tokens

@@ -43,6 +43,7 @@ TASKS: dict[str, Task] = {
     t.name: t
     for t in [
         Task("rotten_tomatoes", ("text",), (" negative", " positive"), _SENTIMENT_CAUSAL, _SENTIMENT_MASKED),
+        Task("amazon_snippets", ("text",), (" negative", " positive"), _SENTIMENT_CAUSAL, _SENTIMENT_MASKED),
         Task("sst2", ("text",), (" bad", " great"), _SENTIMENT_CAUSAL, _SENTIMENT_MASKED, ("glue", "sst2")),
         Task("yelp_polarity", ("text",), (" bad", " great"), _SENTIMENT_CAUSAL, _SENTIMENT_MASKED,
              ("yelp_polarity",), "test"),

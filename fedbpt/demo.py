@@ -138,7 +138,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     from fed_clients.aggregator_client import AggregatorClient
     from fed_clients.client import PromptScorer
     from fed_clients.data import load_splits
-    from fed_clients.projection import projection_for
+    from fedbpt_wire.projection import projection_for
     from fedbpt_wire.federation import RunConfig
     from fed_clients.service_client import ServiceClient
     from fed_clients.tasks import get_task

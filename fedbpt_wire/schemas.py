@@ -39,10 +39,34 @@ class ModelInfo(BaseModel):
     dtype: str
     engine: str
     mask_token: str | None = None
+    max_projection_values: int | None = Field(
+        default=None, description="d x L x D limit of a `projected` (seed + z) request; absent where the "
+                                  "service does not take that form")
+
+
+class ProjectionSpec(Strict):
+    """The shared projection P = P0 + A z, named by its seed; the service draws A and P0 as clients do."""
+
+    seed: int = Field(ge=0, lt=2**63, description="projection seed (RunConfig.projection_seed)")
+    prompt_length: int = Field(ge=1, description="L soft tokens")
+    sigma0: float = Field(gt=0, allow_inf_nan=False, description="the CMA-ES step size A is scaled for")
+    init: Literal["random", "zeros"] = Field(default="random", description="P0: 'random' or 'zeros'")
+
+
+class ProjectedPrompts(Strict):
+    """Soft prompts in the compact form: z [P, d] and the projection that maps z to [P, L, D]."""
+
+    z: Tensor = Field(description="[P, d] points of the intrinsic space")
+    projection: ProjectionSpec
 
 
 class ScoreRequest(Strict):
-    prompts: Tensor = Field(description="soft prompts [P, L, D]; L may be 0 for the bare template")
+    prompts: Tensor | None = Field(
+        default=None, description="soft prompts [P, L, D]; L may be 0 for the bare template. "
+                                  "Exactly one of `prompts` and `projected` is given")
+    projected: ProjectedPrompts | None = Field(
+        default=None, description="the population as seed + z, expanded by the service with the shared "
+                                  "projection: d floats per prompt on the wire instead of L x D")
     texts: list[str] = Field(min_length=1, description=f"N texts, each holding exactly one {SLOT!r}")
     label_words: list[str] = Field(min_length=2, description="C label words, each a single token")
     labels: list[int] | None = Field(default=None, description="N labels in 0..C-1; with them loss and accuracy")

@@ -20,6 +20,7 @@ from .auth import KeyRevoked, KeyStore, QuotaExceeded, key_id
 from .engine import Engine, InputError, ScoreBatch
 from .limits import Busy, FairScheduler, Limits
 from .metrics import CONTENT_TYPE, ServiceMetrics
+from .projected import ProjectionCache
 
 log = logging.getLogger(__name__)
 
@@ -42,31 +43,72 @@ def _check_strings(field: str, values: list[str], max_chars: int, what: str) -> 
             raise InputError(f"{field}[{i}]", "holds a lone UTF-16 surrogate; it must be valid Unicode text") from None
 
 
-def validate_request(req: ScoreRequest, engine: Engine, limits: Limits) -> tuple[ScoreBatch, np.ndarray | None]:
-    """Shape, size, dtype and label checks as InputError (422) or HTTPException (413).
+def _check_population(field: str, n_pop: int, limits: Limits) -> None:
+    if n_pop < 1:
+        raise InputError(field, "P must be at least 1")
+    if n_pop > limits.max_population:
+        raise HTTPException(413, f"{field}: population P = {n_pop} over the limit of {limits.max_population}")
 
-    Text layout errors (slot, length) come from the engine itself, which tokenizes once.
-    """
+
+def _check_prompt_length(field: str, n_prompt: int, limits: Limits) -> None:
+    if n_prompt > limits.max_prompt_length:
+        raise InputError(field, f"prompt length L = {n_prompt} over the limit of {limits.max_prompt_length}")
+
+
+def _dense_prompts(req: ScoreRequest, engine: Engine, limits: Limits) -> np.ndarray:
     shape = req.prompts.shape
     if len(shape) != 3:
         raise InputError("prompts.shape", f"must be [P, L, D], got {shape}")
     n_pop, n_prompt, dim = shape
-    if n_pop < 1:
-        raise InputError("prompts.shape", "P must be at least 1")
-    if n_pop > limits.max_population:
-        raise HTTPException(413, f"prompts.shape: population P = {n_pop} over the limit of {limits.max_population}")
+    _check_population("prompts.shape", n_pop, limits)
+    _check_prompt_length("prompts.shape", n_prompt, limits)
+    if dim != engine.info.hidden_size:
+        raise InputError("prompts.shape", f"D = {dim} does not match the model's hidden size {engine.info.hidden_size}")
+    try:
+        return decode_tensor(req.prompts, "prompts")
+    except TensorDecodeError as exc:
+        raise InputError("prompts", str(exc)) from None
+
+
+def _projected_prompts(req: ScoreRequest, engine: Engine, limits: Limits, projections: ProjectionCache) -> np.ndarray:
+    z_tensor, spec = req.projected.z, req.projected.projection
+    shape = z_tensor.shape
+    if len(shape) != 2:
+        raise InputError("projected.z.shape", f"must be [P, d], got {shape}")
+    n_pop, dim = shape
+    _check_population("projected.z.shape", n_pop, limits)
+    _check_prompt_length("projected.projection.prompt_length", spec.prompt_length, limits)
+    if dim < 1:
+        raise InputError("projected.z.shape", "d must be at least 1")
+    size = dim * spec.prompt_length * engine.info.hidden_size
+    if size > limits.max_projection_values:
+        raise InputError("projected.z.shape", f"a projection of d = {dim} to L = {spec.prompt_length} x D = "
+                                              f"{engine.info.hidden_size} has {size} values, over the limit of "
+                                              f"{limits.max_projection_values}")
+    try:
+        z = decode_tensor(z_tensor, "projected.z")
+    except TensorDecodeError as exc:
+        raise InputError("projected.z", str(exc)) from None
+    return projections.expand(spec, z)
+
+
+def validate_request(req: ScoreRequest, engine: Engine, limits: Limits,
+                     projections: ProjectionCache | None = None) -> tuple[ScoreBatch, np.ndarray | None]:
+    """Shape, size, dtype and label checks as InputError (422) or HTTPException (413).
+
+    Text layout errors (slot, length) come from the engine itself, which tokenizes once.
+    """
+    if (req.prompts is None) == (req.projected is None):
+        raise InputError("prompts", "give exactly one of `prompts` ([P, L, D]) and `projected` (seed + z)")
     if len(req.texts) > limits.max_texts:
         raise HTTPException(413, f"texts: {len(req.texts)} texts over the limit of {limits.max_texts}")
     if len(req.label_words) > limits.max_label_words:
         raise HTTPException(413, f"label_words: {len(req.label_words)} words over the limit of {limits.max_label_words}")
-    if n_prompt > limits.max_prompt_length:
-        raise InputError("prompts.shape", f"prompt length L = {n_prompt} over the limit of {limits.max_prompt_length}")
-    if dim != engine.info.hidden_size:
-        raise InputError("prompts.shape", f"D = {dim} does not match the model's hidden size {engine.info.hidden_size}")
-    try:
-        prompts = decode_tensor(req.prompts, "prompts")
-    except TensorDecodeError as exc:
-        raise InputError("prompts", str(exc)) from None
+    if req.prompts is not None:
+        prompts = _dense_prompts(req, engine, limits)
+    else:
+        projections = projections or ProjectionCache(engine.info.hidden_size, engine.info.embedding_std)
+        prompts = _projected_prompts(req, engine, limits, projections)
     _check_strings("texts", req.texts, limits.max_text_tokens * _MAX_CHARS_PER_TOKEN,
                    f"text of {limits.max_text_tokens} tokens")
     _check_strings("label_words", req.label_words, _MAX_CHARS_PER_TOKEN, "single token")
@@ -87,6 +129,8 @@ def create_app(engine: Engine, keys: KeyStore | None = None, limits: Limits | No
     limits = limits or Limits()
     metrics = ServiceMetrics()
     scheduler = FairScheduler(limits.max_inflight_per_key, limits.max_queued_per_key)
+    projections = ProjectionCache(engine.info.hidden_size, engine.info.embedding_std)
+    published_info = engine.info.model_copy(update={"max_projection_values": limits.max_projection_values})
     app = FastAPI(
         title="FedBPT inference service",
         version="1",
@@ -123,7 +167,7 @@ def create_app(engine: Engine, keys: KeyStore | None = None, limits: Limits | No
 
     @app.get("/v1/model", response_model=ModelInfo)
     async def model_info() -> ModelInfo:
-        return engine.info
+        return published_info
 
     @app.post("/v1/score", response_model=ScoreResponse, responses=_ERRORS)
     async def score(req: ScoreRequest, key: str | None = Depends(api_key)) -> ScoreResponse:
@@ -132,7 +176,7 @@ def create_app(engine: Engine, keys: KeyStore | None = None, limits: Limits | No
         try:
             async with scheduler.admit(who):
                 # Off the event loop: decoding a body-sized tensor would stall every other connection.
-                batch, labels = await to_thread.run_sync(validate_request, req, engine, limits)
+                batch, labels = await to_thread.run_sync(validate_request, req, engine, limits, projections)
                 try:
                     keys.reserve(key)
                 except QuotaExceeded as exc:

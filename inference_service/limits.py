@@ -16,6 +16,9 @@ class Limits:
     max_text_tokens: int = 256  # tokens of one text
     max_label_words: int = 256  # C
     max_body_bytes: int = 32 * 2**20
+    # d x L x D of a seed + z request's projection matrix: 2**26 float32 values = 256 MiB, enough for
+    # d = 500 to 50 x 1024 (RoBERTa-large as in the paper) and a cap on what one request can make us build.
+    max_projection_values: int = 2**26
     # Padded positions per forward, bounding activation memory; None = 8192 on CPU, 65536 on a GPU.
     max_batch_tokens: int | None = None
     max_inflight_per_key: int = 2  # score requests of one key past its gate (see FairScheduler)

@@ -33,6 +33,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-text-tokens", type=int, default=Limits.max_text_tokens)
     parser.add_argument("--max-label-words", type=int, default=Limits.max_label_words)
     parser.add_argument("--max-body-bytes", type=int, default=Limits.max_body_bytes)
+    parser.add_argument("--max-projection-values", type=int, default=Limits.max_projection_values,
+                        help="d x L x D of the largest projection a seed + z request may ask the service to build")
     parser.add_argument("--max-batch-tokens", type=int, default=Limits.max_batch_tokens,
                         help="padded positions per forward pass; bounds activation memory "
                              "(default 8192 on CPU, 65536 on a GPU)")
@@ -54,6 +56,7 @@ def limits_from(args: argparse.Namespace) -> Limits:
         max_text_tokens=args.max_text_tokens,
         max_label_words=args.max_label_words,
         max_body_bytes=args.max_body_bytes,
+        max_projection_values=args.max_projection_values,
         max_batch_tokens=args.max_batch_tokens,
         max_inflight_per_key=args.max_inflight_per_key,
         max_queued_per_key=args.max_queued_per_key,

@@ -12,7 +12,7 @@ from fed_clients.data import Example
 from fed_clients.local_search import cma_seed, local_search
 from fed_clients.partition import dirichlet_partition, few_shot, iid_partition, partition, train_val_split
 from fed_clients.perturb import corpus_words, perturb_examples
-from fed_clients.projection import Projection, project, projection_matrix, projection_std
+from fedbpt_wire.projection import Projection, project, projection_matrix, projection_std
 from fed_clients.tasks import TASKS, get_task
 
 
@@ -48,7 +48,7 @@ def test_initial_prompt_is_seeded_embedding_like_and_optional():
 
 
 def test_projection_is_stable_across_processes():
-    code = "from fed_clients.projection import projection_matrix as m; print(repr(float(m(11, 20, 3, 8, 0.5).sum())))"
+    code = "from fedbpt_wire.projection import projection_matrix as m; print(repr(float(m(11, 20, 3, 8, 0.5).sum())))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert float(out) == float(projection_matrix(11, 20, 3, 8, 0.5).sum())
 

@@ -267,9 +267,10 @@ class SlowEngine:
 
 
 def test_one_key_flooding_does_not_starve_another(engine):
-    flood = 24
+    flood = 16
     limits = Limits(**{**LIMITS.__dict__, "max_inflight_per_key": 2, "max_queued_per_key": flood})
-    app = create_app(SlowEngine(engine, 0.05), KeyStore({"flood": None, "polite": None}), limits)
+    # Batches long against the scheduling jitter of a busy 2-core machine, so counting who went first is exact.
+    app = create_app(SlowEngine(engine, 0.25), KeyStore({"flood": None, "polite": None}), limits)
     done: list[float] = []
     with serve_app(app) as url, ThreadPoolExecutor(flood) as pool:
         def flooder():

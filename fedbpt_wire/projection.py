@@ -1,8 +1,14 @@
-"""The fixed random projection z in R^d -> soft prompt [L, D], drawn from a seed every client shares."""
+"""The fixed random projection z in R^d -> soft prompt [L, D], drawn from a seed every client shares.
+
+Pure NumPy and shared by both ends of the wire: clients project z themselves, and the service expands
+a request sent in the compact seed + z form with these same functions, bit for bit.
+"""
 
 from __future__ import annotations
 
 import numpy as np
+
+from .schemas import ProjectionSpec
 
 
 def projection_std(embedding_std: float, intrinsic_dim: int, sigma0: float) -> float:
@@ -45,6 +51,9 @@ class Projection:
                  embedding_std: float, sigma0: float, init: str = "random"):
         if init not in ("random", "zeros"):
             raise ValueError(f"prompt init must be 'random' or 'zeros', got {init!r}")
+        # What a service needs, besides the model it already has, to rebuild this projection from a seed.
+        self.spec = ProjectionSpec(seed=seed, prompt_length=prompt_length, sigma0=sigma0, init=init)
+        self.intrinsic_dim = intrinsic_dim
         self.prompt_length = prompt_length
         self.hidden_size = hidden_size
         self.std = projection_std(embedding_std, intrinsic_dim, sigma0)
@@ -54,6 +63,11 @@ class Projection:
 
     def __call__(self, z: np.ndarray) -> np.ndarray:
         return project(z, self.matrix, self.prompt_length, self.hidden_size) + self.offset
+
+
+def projection_from_spec(spec: ProjectionSpec, intrinsic_dim: int, hidden_size: int,
+                         embedding_std: float) -> Projection:
+    return Projection(spec.seed, intrinsic_dim, spec.prompt_length, hidden_size, embedding_std, spec.sigma0, spec.init)
 
 
 def projection_for(config, info) -> Projection:

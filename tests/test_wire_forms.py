@@ -1,0 +1,145 @@
+"""Prompts on the wire in three forms: dense float32, dense float16, and seed + z expanded by the service.
+
+The seed form must give the service bit for bit the prompts the client's own projection makes, so the
+scores are those of the dense float32 form, for d floats per prompt instead of L x D.
+"""
+
+from __future__ import annotations
+
+import httpx
+import numpy as np
+import pytest
+
+from fed_clients.client import PromptScorer
+from fed_clients.data import Example
+from fed_clients.service_client import ServiceClient
+from fed_clients.tasks import Task
+from fedbpt.loopback import serve_app
+from fedbpt_wire.projection import Projection
+from fedbpt_wire.schemas import SLOT, ProjectionSpec
+from fedbpt_wire.tensors import encode_tensor
+from inference_service.app import create_app
+from inference_service.auth import KeyStore
+from inference_service.limits import Limits
+from inference_service.projected import ProjectionCache
+from inference_service.torch_engine import TorchEngine
+
+KEY = "wire-key"
+D, STD = 48, 0.02
+LIMITS = Limits(max_prompt_length=16, max_population=8, max_texts=8, max_text_tokens=64,
+                max_projection_values=64 * 16 * D)
+TASK = Task("tiny", ("text",), (" bad", " great"), "{text} . it was " + SLOT, "{text} . it was " + SLOT + " .")
+EXAMPLES = [Example({"text": t}, y) for t, y in [("the movie was great", 1), ("a bad film", 0),
+                                                 ("what a great day", 1), ("the plot was bad", 0)]]
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_roberta_dir):
+    return TorchEngine(str(tiny_roberta_dir), dtype="float32", limits=LIMITS)
+
+
+@pytest.fixture(scope="module")
+def url(engine):
+    with serve_app(create_app(engine, KeyStore({KEY: None}), LIMITS)) as base:
+        yield base
+
+
+@pytest.mark.parametrize("init", ["random", "zeros"])
+@pytest.mark.parametrize("d, L", [(16, 4), (500, 3)])
+def test_service_expansion_is_bit_exact_with_the_client_projection(init, d, L):
+    client = Projection(seed=7, intrinsic_dim=d, prompt_length=L, hidden_size=D, embedding_std=STD, sigma0=0.8,
+                        init=init)
+    # CMA-ES hands out float64 z: both sides must round it to float32 the same way.
+    z = np.random.default_rng(1).standard_normal((5, d)) * 0.8
+    mine = client(z)
+    theirs = ProjectionCache(D, STD).expand(client.spec, z.astype(np.float32))
+    assert theirs.dtype == mine.dtype == np.float32 and theirs.shape == (5, L, D)
+    assert theirs.tobytes() == mine.tobytes()
+
+
+def test_the_cache_is_bounded_and_keyed_by_the_whole_spec():
+    cache = ProjectionCache(D, STD, size=2)
+    a = ProjectionSpec(seed=1, prompt_length=2, sigma0=1.0)
+    assert cache.get(a, 4) is cache.get(a, 4)
+    assert cache.get(a, 5) is not cache.get(a, 4)
+    assert not cache.get(a.model_copy(update={"init": "zeros"}), 4).offset.any()
+    assert len(cache._cache) == 2
+
+
+@pytest.mark.parametrize("wire", ["float16", "seed"])
+def test_scores_through_each_wire_form(url, engine, wire):
+    """The seed form scores exactly as dense float32; float16 within its rounding; uploads shrink."""
+    # The std the service publishes, as `projection_for` takes it: the service builds A from its own.
+    projection = Projection(seed=3, intrinsic_dim=12, prompt_length=4, hidden_size=D,
+                            embedding_std=engine.info.embedding_std, sigma0=1.0)
+    z = np.random.default_rng(2).standard_normal((6, 12))
+    dense = ServiceClient(url, KEY)
+    other = ServiceClient(url, KEY, prompt_wire=wire)
+    try:
+        base = PromptScorer(dense, TASK, projection, "masked", LIMITS.max_texts).logits(z, EXAMPLES)
+        got = PromptScorer(other, TASK, projection, "masked", LIMITS.max_texts).logits(z, EXAMPLES)
+        up_dense, up_other = dense.http.wire.bytes_up, other.http.wire.bytes_up
+    finally:
+        dense.close()
+        other.close()
+    if wire == "seed":
+        assert got.tobytes() == base.tobytes()
+        # 12 floats per prompt instead of 4 x 48: the body is mostly texts now.
+        assert up_other < up_dense / 4
+    else:
+        np.testing.assert_allclose(got, base, rtol=0, atol=0.05)
+        assert up_other < up_dense * 0.6
+
+
+def test_model_info_publishes_the_projection_limit(url):
+    info = httpx.get(f"{url}/v1/model").json()
+    assert info["max_projection_values"] == LIMITS.max_projection_values
+
+
+def projected(z, **spec) -> dict:
+    return {"z": encode_tensor(np.asarray(z, np.float32)).model_dump(),
+            "projection": {"seed": 1, "prompt_length": 2, "sigma0": 1.0, **spec}}
+
+
+GOOD = {"texts": ["it was {mask} ."], "label_words": [" bad", " great"]}
+BAD = [
+    ("both forms", {"prompts": encode_tensor(np.zeros((1, 2, D), np.float32)).model_dump(),
+                    "projected": projected(np.zeros((1, 4)))}, "prompts"),
+    ("neither form", {}, "prompts"),
+    ("z of rank 3", {"projected": projected(np.zeros((1, 2, 4)))}, "projected.z.shape"),
+    ("empty population", {"projected": projected(np.zeros((0, 4)))}, "projected.z.shape"),
+    ("d = 0", {"projected": projected(np.zeros((1, 0)))}, "projected.z.shape"),
+    ("projection too large", {"projected": projected(np.zeros((1, 65)), prompt_length=16)}, "projected.z.shape"),
+    ("L over the limit", {"projected": projected(np.zeros((1, 4)), prompt_length=17)},
+     "projected.projection.prompt_length"),
+    ("NaN in z", {"projected": projected(np.full((1, 4), np.nan))}, "projected.z"),
+    ("negative seed", {"projected": projected(np.zeros((1, 4)), seed=-1)}, "seed"),
+    ("zero sigma0", {"projected": projected(np.zeros((1, 4)), sigma0=0)}, "sigma0"),
+    ("unknown init", {"projected": projected(np.zeros((1, 4)), init="ones")}, "init"),
+    ("unknown field", {"projected": projected(np.zeros((1, 4)), scale=2.0)}, "scale"),
+]
+
+
+@pytest.mark.parametrize("case, extra, field", BAD, ids=[c[0] for c in BAD])
+def test_bad_projected_requests_are_422_naming_the_field(url, case, extra, field):
+    r = httpx.post(f"{url}/v1/score", json={**GOOD, **extra}, headers={"Authorization": f"Bearer {KEY}"}, timeout=60)
+    assert r.status_code == 422, r.text
+    assert field in r.text
+    ok = httpx.post(f"{url}/v1/score", json={**GOOD, "projected": projected(np.zeros((2, 4)))},
+                    headers={"Authorization": f"Bearer {KEY}"}, timeout=60)
+    assert ok.status_code == 200, ok.text
+    assert ok.json()["usage"]["sequences"] == 2
+
+
+def test_a_service_without_the_seed_form_is_refused_clearly(url, monkeypatch):
+    from fedbpt_wire.schemas import ModelInfo
+
+    client = ServiceClient(url, KEY, prompt_wire="seed")
+    try:
+        info = client.model_info()
+        monkeypatch.setattr(client, "_info", ModelInfo(**{**info.model_dump(), "max_projection_values": None}))
+        with pytest.raises(RuntimeError, match="seed"):
+            client.score_projected(np.zeros((1, 4)), ProjectionSpec(seed=1, prompt_length=2, sigma0=1.0),
+                                   GOOD["texts"], GOOD["label_words"])
+    finally:
+        client.close()
