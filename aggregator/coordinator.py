@@ -100,6 +100,8 @@ def round_metrics(updates: list[UpdateRequest]) -> dict:
         "sequences": sum(u.costs.sequences for u in updates),
         "tokens": sum(u.costs.tokens for u in updates),
         "service_bytes": sum(u.costs.service_bytes_up + u.costs.service_bytes_down for u in updates),
+        "service_bytes_up": sum(u.costs.service_bytes_up for u in updates),
+        "service_bytes_down": sum(u.costs.service_bytes_down for u in updates),
     }
 
 

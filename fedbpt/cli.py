@@ -39,6 +39,12 @@ def _demo(args: argparse.Namespace) -> None:
     run(args)
 
 
+def _bench(args: argparse.Namespace) -> None:
+    from bench.grid import run
+
+    run(args)
+
+
 # subcommand -> (module with add_arguments, help, runner); modules are imported only to build the parser,
 # and a role installed without another's extras still gets its own subcommands.
 _SUBCOMMANDS = {
@@ -46,6 +52,7 @@ _SUBCOMMANDS = {
     "aggregator": ("aggregator.cli", "run the aggregator", _aggregator),
     "client": ("fed_clients.runner", "run one client against a service and an aggregator", _client),
     "demo": ("fedbpt.demo", "end-to-end federated run on loopback, with a report", _demo),
+    "bench": ("bench.grid", "every method on the same data and seeds: accuracy vs queries and bytes", _bench),
 }
 
 

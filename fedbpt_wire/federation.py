@@ -129,7 +129,9 @@ class RoundRecord(BaseModel):
     queries: int = 0
     sequences: int = 0
     tokens: int = 0
-    service_bytes: int = 0
+    service_bytes: int = 0  # client <-> service bodies, both ways, as the clients measured them
+    service_bytes_up: int = 0  # of which client -> service
+    service_bytes_down: int = 0
     bytes_up: int = 0  # client -> aggregator bodies, measured by the aggregator
     bytes_down: int = 0  # aggregator -> client bodies
     opened_at: float
