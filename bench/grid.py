@@ -83,9 +83,11 @@ GRIDS = {
     # Under 10 minutes on 2 cores: one task, one seed, the federated methods against zero-shot.
     "quick": Grid("quick", tasks=("rotten_tomatoes",), seeds=(0,), methods=("zero-shot", "fedbpt", "fedavg-z"),
                   clients=4, rounds=2, test_size=200, curve_size=50),
-    # About an hour on 2 cores: both embedded tasks, the paper's few-shot non-IID setting, 3 seeds.
-    "default": Grid("default"),
-    # The whole grid; hours on a CPU, meant for a GPU host or a long run by hand.
+    # About an hour on 2 AVX2 cores (SmolLM2-135M in fp32 scores ~9 sequences/s there): the paper's
+    # few-shot non-IID setting on the default task, 3 seeds, every method, with small local budgets.
+    "default": Grid("default", tasks=("rotten_tomatoes",), rounds=3, local_iterations=1, batch_size=6,
+                    test_size=200, curve_size=50, fedprompt_steps=2),
+    # Both embedded tasks, both regimes, IID and three Dirichlet alphas: hours on a CPU, for a long run by hand.
     "full": Grid("full", regimes={"few-shot": 40, "larger": 400}, alphas=(None, 1.0, 0.5, 0.1)),
 }
 
@@ -260,6 +262,11 @@ class Bench:
     def _zero_shot(self, task, test) -> dict:
         from bench.baselines import icl_evaluate
 
+        # The manual prompt depends on neither seed nor partition: one evaluation per task serves every setting.
+        for row in self.done.values():
+            if row["method"] == "zero-shot" and row["task"] == task.name:
+                return {k: v for k, v in row.items() if k not in ("key", "seed", "regime", "alpha", "partition",
+                                                                  "wall_seconds")}
         service = self._service_client()
         try:
             info = service.model_info()
