@@ -58,3 +58,12 @@ def default_data_dir() -> Path:
     from fedbpt.assets import ensure_data
 
     return ensure_data()
+
+
+def assert_no_5xx(response) -> None:
+    """No 5xx; a rejection is a 4xx with a JSON `detail` string."""
+    status = response.status_code
+    assert status < 500, f"{status} {response.text[:500]}"
+    if status >= 400:
+        detail = response.json().get("detail")
+        assert isinstance(detail, str) and detail, response.text[:500]

@@ -25,6 +25,8 @@ from fedbpt_wire.federation import RunConfig
 from fedbpt_wire.schemas import Tensor
 from fedbpt_wire.tensors import decode_tensor, encode_tensor
 
+from .conftest import assert_no_5xx
+
 D = 8
 ENROLL = "sesame"
 OPERATIONS = [
@@ -50,15 +52,6 @@ def register(http: httpx.Client, client_id: str) -> str:
 
 def mean_of(payload: dict) -> np.ndarray:
     return decode_tensor(Tensor(**payload))
-
-
-def assert_no_5xx(response) -> None:
-    """No 5xx; a rejection is a 4xx with a JSON `detail` string."""
-    status = response.status_code
-    assert status < 500, f"{status} {response.text[:500]}"
-    if status >= 400:
-        detail = response.json().get("detail")
-        assert isinstance(detail, str) and detail, response.text[:500]
 
 
 @pytest.fixture(scope="module")

@@ -25,21 +25,14 @@ from inference_service.auth import KeyStore
 from inference_service.limits import Limits
 from inference_service.torch_engine import TorchEngine
 
+from .conftest import assert_no_5xx
+
 KEY = "fuzz-key"
 D = 48  # the tiny RoBERTa's hidden size
 LIMITS = Limits(max_prompt_length=8, max_population=4, max_texts=4, max_text_tokens=48, max_body_bytes=200_000)
 OPERATIONS = [("GET", "/healthz"), ("GET", "/v1/model"), ("POST", "/v1/score"), ("GET", "/metrics")]
 # No example database: a fuzz run must not leave files in the repository, and each run explores afresh.
 FUZZ = settings(max_examples=60, deadline=None, database=None, suppress_health_check=list(HealthCheck))
-
-
-def assert_no_5xx(response) -> None:
-    """No 5xx; a rejection is a 4xx with a JSON `detail` string."""
-    status = response.status_code
-    assert status < 500, f"{status} {response.text[:500]}"
-    if status >= 400:
-        detail = response.json().get("detail")
-        assert isinstance(detail, str) and detail, response.text[:500]
 
 
 @pytest.fixture(scope="module")
