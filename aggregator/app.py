@@ -17,7 +17,7 @@ import logging
 import time
 from typing import Callable
 
-from fastapi import FastAPI, Header, Request
+from fastapi import FastAPI, Header, Query, Request
 from fastapi.responses import JSONResponse
 
 from fedbpt_wire.asgi import BodyLimit, install_error_handlers
@@ -42,6 +42,8 @@ from .store import Store
 log = logging.getLogger("aggregator")
 
 DEADLINE_CHECK_S = 0.2
+MAX_WAIT_S = 30.0  # longest a `GET /v1/round?wait=` may be held
+WAIT_CHECK_S = 0.1
 
 _ERROR_TEXT = {
     401: "missing or wrong client token or enroll key",
@@ -63,6 +65,10 @@ def _normalise(config: RunConfig) -> RunConfig:
         log.info("strategy fedbpt-noperturb: perturb set to false")
         return config.model_copy(update={"perturb": False})
     return config
+
+
+def _actionable(task: RoundTask) -> bool:
+    return task.state == "done" or (task.state == "open" and task.selected and not task.submitted)
 
 
 async def _enforce_deadlines(coordinator: Coordinator) -> None:
@@ -113,8 +119,23 @@ def create_app(
         return coordinator.register(req, authorization)
 
     @app.get("/v1/round", response_model=RoundTask, responses=_errors(401))
-    def round_task(authorization: str | None = Header(default=None)):
-        return coordinator.task(authorization)
+    async def round_task(
+        wait: float = Query(default=0.0, ge=0.0, le=MAX_WAIT_S, allow_inf_nan=False,
+                            description="long poll: hold the answer up to this many seconds until there is work "
+                                        "for this client or the run's state changes"),
+        authorization: str | None = Header(default=None),
+    ):
+        # A waiting client costs a request per change instead of one per poll interval: on the aggregator
+        # link, polls of a client that waits for the others used to outweigh its update many times over.
+        task = await asyncio.to_thread(coordinator.task, authorization)
+        seen = (task.round, task.state, task.selected, task.submitted)
+        end = time.monotonic() + wait
+        while not _actionable(task) and time.monotonic() < end:
+            await asyncio.sleep(WAIT_CHECK_S)
+            task = await asyncio.to_thread(coordinator.task, authorization)
+            if (task.round, task.state, task.selected, task.submitted) != seen:
+                break
+        return task
 
     @app.post("/v1/round/update", response_model=UpdateResponse, responses=_errors(401, 409, 413))
     def update(req: UpdateRequest, authorization: str | None = Header(default=None)):

@@ -45,8 +45,11 @@ class AggregatorClient:
         self.http.set_token(response.token)
         return response
 
-    def round(self) -> RoundTask:
-        return RoundTask.model_validate(self.http.request("GET", "/v1/round"))
+    def round(self, wait: float = 0.0) -> RoundTask:
+        """This client's task; with `wait`, the aggregator holds the answer until there is work or the run
+        moves on (an aggregator without long polls answers at once, and the caller's own backoff applies)."""
+        path = f"/v1/round?wait={wait:g}" if wait else "/v1/round"
+        return RoundTask.model_validate(self.http.request("GET", path))
 
     def submit(self, update: UpdateRequest) -> UpdateResponse:
         return UpdateResponse.model_validate(self.http.request("POST", "/v1/round/update", update.model_dump()))

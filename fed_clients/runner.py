@@ -44,7 +44,7 @@ def client_shard(examples: list[Example], index: int, n_clients: int, alpha: flo
 
 def run_client(service: ServiceClient, aggregator: AggregatorClient, client_id: str, data: ClientData,
                task_name: str, *, enroll_key: str | None = None, batch_size: int = 16, poll_s: float = 0.25,
-               max_poll_s: float = 2.0, max_idle_s: float = 3600.0) -> int:
+               max_poll_s: float = 2.0, long_poll_s: float = 10.0, max_idle_s: float = 3600.0) -> int:
     """Returns the number of rounds this client worked; exits when the run is done."""
     reg = aggregator.register(client_id, len(data.train), enroll_key)
     client = FedBPTClient(client_id, service, get_task(task_name), data.train, data.val, reg.config, batch_size)
@@ -54,7 +54,7 @@ def run_client(service: ServiceClient, aggregator: AggregatorClient, client_id: 
     idle_since = time.monotonic()
     wait = poll_s
     while True:
-        task = aggregator.round()
+        task = aggregator.round(wait=long_poll_s)
         if task.state == "done":
             return worked
         if task.state == "open" and task.selected and not task.submitted:

@@ -11,6 +11,7 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -86,6 +87,41 @@ def play(http: httpx.Client, cid: str, k: int, headers: dict) -> dict:
     r = http.post("/v1/round/update", json=b, headers=headers)
     assert r.status_code == 200, r.text
     return r.json()
+
+
+def test_long_poll_returns_when_the_round_moves_on_and_holds_otherwise(tmp_path):
+    with live(config(min_clients=2, rounds=3), tmp_path / "run.db") as http:
+        ha, hb = register(http, "a"), register(http, "b")
+        play(http, "a", 0, ha)
+        t0 = time.monotonic()
+        held = http.get("/v1/round", params={"wait": 0.6}, headers=ha).json()
+        assert time.monotonic() - t0 >= 0.55, "nothing changed: the answer is held for the wait"
+        assert held["round"] == 0 and held["submitted"]
+
+        answers = {}
+
+        def wait_for_next():
+            t = time.monotonic()
+            answers["task"] = http.get("/v1/round", params={"wait": 20}, headers=ha, timeout=30).json()
+            answers["at"] = time.monotonic()
+            answers["held"] = answers["at"] - t
+
+        waiter = threading.Thread(target=wait_for_next)
+        waiter.start()
+        time.sleep(0.5)
+        play(http, "b", 1, hb)  # the round merges and round 1 opens: the held poll answers at once
+        closed = time.monotonic()
+        waiter.join(timeout=30)
+        assert answers["task"]["round"] == 1 and answers["task"]["selected"] and not answers["task"]["submitted"]
+        assert answers["held"] >= 0.45 and answers["at"] - closed < 1.0
+
+        # Work waiting already: no hold at all.
+        t0 = time.monotonic()
+        assert http.get("/v1/round", params={"wait": 20}, headers=hb).json()["round"] == 1
+        assert time.monotonic() - t0 < 1.0
+        for bad in ("31", "-1", "nan", "soon"):
+            r = http.get("/v1/round", params={"wait": bad}, headers=ha)
+            assert r.status_code == 422 and "wait" in r.text, (bad, r.text)
 
 
 def test_round_lifecycle_and_idempotent_resubmission(tmp_path):
