@@ -491,7 +491,7 @@ def _num(value: float | None, fmt: str = ".0f") -> str:
 
 
 COLUMNS = ("task", "regime", "partition", "method", "test acc % (mean ± std)", "queries", "sequences",
-           "queries to 95%", "KiB up / down per client-round (aggregator link)", "KiB total (aggregator link)",
+           "queries / sequences to 95%", "KiB up / down per client-round (aggregator link)", "KiB total (aggregator link)",
            "KiB total (service link)", "client peak RSS MiB", "client holds", "wall s")
 
 
@@ -499,7 +499,8 @@ def markdown_table(summary: list[dict]) -> str:
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     for s in summary:
         cells = [s["task"], s["regime"], s["partition"], LABELS.get(s["method"], s["method"]), s["accuracy"],
-                 _num(s["queries"]), _num(s["sequences"]), _num(s["queries_to_95"]),
+                 _num(s["queries"]), _num(s["sequences"]),
+                 f"{_num(s['queries_to_95'])} / {_num(s['sequences_to_95'])}",
                  f"{_kib(s['up_per_client_round'])} / {_kib(s['down_per_client_round'])}", _kib(s["bytes_total"]),
                  _kib(s["service_bytes_total"]), _num(s["client_rss_mb"]), s["client_holds"],
                  _num(s["wall_seconds"])]
