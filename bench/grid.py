@@ -585,7 +585,7 @@ def wire_sizes(texts: list[str], label_words: list[str]) -> list[dict]:
     from fedbpt_wire.schemas import ProjectedPrompts, ScoreRequest
     from fedbpt_wire.tensors import encode_tensor
 
-    cases = [("demo / bench default (SmolLM2-135M)", 5, 5, 576, 100, 16),
+    cases = [("SmolLM2-135M", 5, 5, 576, 100, 16),
              ("paper (RoBERTa-large, popsize 20)", 20, 50, 1024, 500, 32)]
     out = []
     for name, pop, length, hidden, dim, n in cases:
