@@ -159,12 +159,12 @@ class Coordinator:
         with self._lock:  # waits for a deadline check still running in its thread
             self.store.close()
 
-    def _is_operator(self, authorization: str | None) -> bool:
+    def is_operator(self, authorization: str | None) -> bool:
         return self.enroll_key is not None and hmac.compare_digest(
             bearer_token(authorization).encode(), self.enroll_key.encode())
 
     def _check_enroll_key(self, authorization: str | None) -> None:
-        if self.enroll_key is not None and not self._is_operator(authorization):
+        if self.enroll_key is not None and not self.is_operator(authorization):
             raise Rejected(401, "Authorization: wrong enroll key")
 
     def _authenticate(self, authorization: str | None) -> str:
@@ -254,7 +254,7 @@ class Coordinator:
     def global_state(self, authorization: str | None) -> GlobalState:
         with self._lock:
             # The operator (holder of the enroll key) reads it too: the final prompt is what a run is for.
-            caller = None if self._is_operator(authorization) else self._authenticate(authorization)
+            caller = None if self.is_operator(authorization) else self._authenticate(authorization)
             self._tick(self.clock())
             base = {"run_id": self.config.run_id, "round": self.current_round(), "state": self.state()}
             if self.strategy is None:

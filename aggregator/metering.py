@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 
+from .coordinator import Rejected
+
 CLIENT_PATHS = frozenset({"/v1/clients", "/v1/partitions/claim", "/v1/round", "/v1/round/update", "/v1/global"})
 
 
@@ -24,6 +26,10 @@ class TrafficMeter:
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http" or scope["path"] not in CLIENT_PATHS:
+            return await self.app(scope, receive, send)
+        if scope["path"] == "/v1/global" and self._is_operator(scope):
+            # The operator watching a run (a bench, a dashboard) is not a client: its reads would otherwise
+            # be billed to the federation, at whatever rate it polls.
             return await self.app(scope, receive, send)
         round_ = self.coordinator.accounting_round()
         up = down = 0
@@ -44,3 +50,12 @@ class TrafficMeter:
             await send(message)
 
         await self.app(scope, counting_receive, counting_send)
+
+    def _is_operator(self, scope) -> bool:
+        for name, value in scope["headers"]:
+            if name == b"authorization":
+                try:
+                    return self.coordinator.is_operator(value.decode("latin-1"))
+                except Rejected:  # malformed: the endpoint answers it, and that answer is a client's traffic
+                    return False
+        return False

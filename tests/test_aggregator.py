@@ -371,7 +371,7 @@ def test_sigkill_loses_no_accepted_update(tmp_path):
 
 
 def test_bytes_up_and_down_are_the_client_bodies(tmp_path):
-    with live(config(rounds=1), tmp_path / "run.db") as http:
+    with live(config(rounds=1), tmp_path / "run.db", enroll_key="op") as http:
         sent = received = 0
 
         def count(r: httpx.Response) -> httpx.Response:
@@ -380,8 +380,11 @@ def test_bytes_up_and_down_are_the_client_bodies(tmp_path):
             received += len(r.content)
             return r
 
-        r = count(http.post("/v1/clients", json={"client_id": "a", "num_samples": 3}))
+        r = count(http.post("/v1/clients", json={"client_id": "a", "num_samples": 3},
+                            headers={"Authorization": "Bearer op"}))
         h = {"Authorization": f"Bearer {r.json()['token']}"}
+        for _ in range(3):  # the operator watching the run: not the federation's traffic
+            assert http.get("/v1/global", headers={"Authorization": "Bearer op"}).status_code == 200
         count(http.get("/v1/round", headers=h))
         count(http.post("/v1/round/update", json=body(0, np.zeros(D)), headers=h))
         count(http.post("/v1/round/update", json={"round": 0}, headers=h))  # a 422 crosses the link too
