@@ -33,12 +33,12 @@ class ServiceClient:
     """`prompt_wire` is how a population of projected prompts travels: dense [P, L, D] in float32 or
     float16, or as `seed`: z [P, d] in float32 plus the projection's seed, expanded by the service."""
 
-    def __init__(self, url: str, api_key: str | None = None, *, wire_dtype: str = "float32",
-                 prompt_wire: str = "float32", **http_options):
+    def __init__(self, url: str, api_key: str | None = None, *, prompt_wire: str = "float32", **http_options):
         if prompt_wire not in PROMPT_WIRE_FORMS:
             raise ValueError(f"prompt_wire must be one of {PROMPT_WIRE_FORMS}, got {prompt_wire!r}")
         self.http = RetryingClient(url, api_key, **http_options)
-        self.wire_dtype = "float16" if prompt_wire == "float16" else wire_dtype
+        # Dense prompts (and the seed form's z-less calls) travel as float16 only where asked.
+        self.wire_dtype = "float16" if prompt_wire == "float16" else "float32"
         self.prompt_wire = prompt_wire
         self.costs = ServiceCosts()
         self._info: ModelInfo | None = None
