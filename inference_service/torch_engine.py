@@ -12,6 +12,7 @@ import torch
 
 from fedbpt_wire.schemas import ModelInfo
 
+from .embeddings import embedding_std
 from .engine import ScoreBatch, ScoreResult
 from .layout import Layout, TextIds, label_token_ids, make_layout, tokenize_text
 from .limits import Limits
@@ -96,7 +97,7 @@ class TorchEngine:
             max_texts=self.limits.max_texts,
             max_population=self.limits.max_population,
             max_text_tokens=self.limits.max_text_tokens,
-            embedding_std=float(weight.std()),
+            embedding_std=embedding_std(self.embed),
             dtype=str(self.dtype).removeprefix("torch."),
             engine=self.name,
             mask_token=self.tokenizer.mask_token if self.kind == "masked" else None,

@@ -20,6 +20,7 @@ import numpy as np
 
 from fedbpt_wire.schemas import ModelInfo
 
+from .embeddings import embedding_std
 from .engine import ScoreBatch, ScoreResult
 from .layout import Layout, TextIds, label_token_ids, make_layout, tokenize_text
 from .limits import Limits
@@ -107,7 +108,7 @@ class VllmEngine:
             max_texts=self.limits.max_texts,
             max_population=self.limits.max_population,
             max_text_tokens=self.limits.max_text_tokens,
-            embedding_std=float(weight.float().std()),
+            embedding_std=embedding_std(self.embed),
             dtype=str(self.dtype).removeprefix("torch."),
             engine=self.name,
             mask_token=None,
