@@ -14,7 +14,8 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from fedbpt_wire.federation import SIGMA_RULES, STRATEGIES, RunConfig
+from fedbpt_wire.federation import PLACEMENTS, SIGMA_RULES, STRATEGIES, RunConfig
+from fedbpt_wire.projection import PROMPT_INITS
 
 from .store import Store
 
@@ -28,7 +29,8 @@ _CONFIG_FLAGS: dict[str, tuple[str, dict]] = {
     "--intrinsic-dim": ("intrinsic_dim", {"type": int}),
     "--prompt-length": ("prompt_length", {"type": int}),
     "--projection-seed": ("projection_seed", {"type": int}),
-    "--prompt-init": ("prompt_init", {"choices": ("random", "zeros")}),
+    "--prompt-init": ("prompt_init", {"choices": PROMPT_INITS}),
+    "--prompt-placement": ("prompt_placement", {"choices": PLACEMENTS}),
     "--seed": ("seed", {"type": int}),
     "--sigma0": ("sigma0", {"type": float}),
     "--local-popsize": ("local_popsize", {"type": int}),

@@ -313,6 +313,8 @@ class Coordinator:
         for i, s in enumerate(req.sigmas):
             if not (math.isfinite(s) and 0 < s <= cap):
                 raise Rejected(422, f"sigmas[{i}] must be positive and at most {cap:g}, got {s}")
+        if req.final_sigma is not None and not (math.isfinite(req.final_sigma) and 0 < req.final_sigma <= cap):
+            raise Rejected(422, f"final_sigma must be positive and at most {cap:g}, got {req.final_sigma}")
         if req.num_samples > MAX_SAMPLES:
             raise Rejected(422, f"num_samples must be at most {MAX_SAMPLES}, got {req.num_samples}")
         # Checked here, not at the merge: a value the round's metrics cannot fold would fail every close of
@@ -367,7 +369,7 @@ class Coordinator:
             candidate = pickle.loads(self._blob)
             try:
                 result = candidate.merge(
-                    [ClientUpdate(cid, decode_tensor(u.mean), u.fitness, u.sigmas, u.num_samples) for cid, u in updates]
+                    [ClientUpdate(cid, decode_tensor(u.mean), u.fitness, u.sigmas, u.num_samples, u.final_sigma) for cid, u in updates]
                 )
             except Exception:
                 # Recorded failed rather than retried on every check: the run goes on from the state before.

@@ -27,8 +27,13 @@ class ClientUpdate:
     client_id: str
     mean: np.ndarray  # [d], the client's final local mean m_k
     fitness: float  # f_k, lower is better
-    sigmas: Sequence[float]  # the local CMA-ES step size after each local iteration
+    sigmas: Sequence[float]  # the local CMA-ES step size each local iteration sampled with
     num_samples: int  # n_k
+    final_sigma: float | None = None  # the step size after the last iteration (older clients: sigmas[-1])
+
+    @property
+    def last_sigma(self) -> float:
+        return float(self.final_sigma if self.final_sigma is not None else self.sigmas[-1])
 
 
 @dataclass(frozen=True)
@@ -181,7 +186,7 @@ class FedAvgZStrategy(Strategy):
             weights = np.ones(len(updates))
         weights /= weights.sum()
         self.mean = np.sum([w * np.asarray(u.mean, dtype=float) for w, u in zip(weights, updates)], axis=0)
-        self.sigma = float(sum(w * float(u.sigmas[-1]) for w, u in zip(weights, updates)))
+        self.sigma = float(sum(w * u.last_sigma for w, u in zip(weights, updates)))
         self.local_sigma = self.sigma
         return MergeResult(sigma_merged=None, sigma_after=self.sigma)
 
@@ -207,7 +212,7 @@ class LocalOnlyStrategy(Strategy):
     def merge(self, updates: Sequence[ClientUpdate]) -> MergeResult:
         for u in updates:
             self._means[u.client_id] = np.asarray(u.mean, dtype=float)
-            self._sigmas[u.client_id] = float(u.sigmas[-1])
+            self._sigmas[u.client_id] = u.last_sigma
         return MergeResult(sigma_merged=None, sigma_after=self.sigma)
 
     def client_means(self) -> dict[str, np.ndarray]:

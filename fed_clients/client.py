@@ -21,7 +21,7 @@ from .data import Example
 from .local_search import cma_seed, local_search
 from .perturb import corpus_words, perturb_examples
 from .service_client import ServiceClient
-from .tasks import Task
+from .tasks import Task, with_placement
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +54,9 @@ class PromptScorer:
         texts = [self.task.render(ex.fields, self.kind) for ex in examples]
         chunks = [texts[i : i + self.max_texts] for i in range(0, len(texts), self.max_texts)]
         words = self.task.label_words
-        if z is not None and self.projection is not None and self.service.prompt_wire == "seed":
+        # Init 'tokens' starts from the model's embeddings, which only the service can add: seed form then.
+        if z is not None and self.projection is not None and (self.service.prompt_wire == "seed"
+                                                              or self.projection.offset is None):
             z = np.atleast_2d(z)
             parts = [self.service.score_projected(z, self.projection.spec, chunk, words).logits for chunk in chunks]
         else:
@@ -74,14 +76,14 @@ class FedBPTClient:
             raise ValueError(f"client {client_id} has no training examples")
         self.client_id = client_id
         self.service = service
-        self.task = task
+        self.task = with_placement(task, config.prompt_placement)
         self.train = train
         self.val = val
         self.config = config
         self.batch_size = batch_size
         info = service.model_info()
         projection = projection_for(config, info)
-        self.scorer = PromptScorer(service, task, projection, info.kind, info.max_texts)
+        self.scorer = PromptScorer(service, self.task, projection, info.kind, info.max_texts)
         self.words = corpus_words(train)
         self.tag = zlib.crc32(client_id.encode())
 
@@ -130,19 +132,21 @@ class FedBPTClient:
             cfg.local_iterations,
             cma_seed(cfg.seed, self.tag, task.round),
         )
-        all_idx = np.arange(len(self.train)) if len(self.train) <= self.batch_size else batches[-1]
-        loss, acc, fitness = self._fitness_parts(result.mean[None], all_idx, perturbed)
+        # The reported fitness ranks this client's mean against the others' in the merge: measured on the
+        # whole local shard, not on whichever mini-batch came last.
+        loss, acc, fitness = self._fitness_parts(result.mean[None], np.arange(len(self.train)), perturbed)
         c = self.service.costs
         wire = self.service.http.wire
         now = (c.queries, c.sequences, c.tokens, wire.bytes_up, wire.bytes_down)
         delta = [b - a for a, b in zip(costs0, now)]
         log.info("%s round %d: local loss %.4f acc %.3f fitness %.4f sigma %.3f -> %.3f", self.client_id, task.round,
-                 loss[0], acc[0], fitness[0], task.local_sigma or 0, result.sigmas[-1])
+                 loss[0], acc[0], fitness[0], task.local_sigma or 0, result.final_sigma)
         return UpdateRequest(
             round=task.round,
             mean=encode_tensor(result.mean),
             fitness=float(fitness[0]),
             sigmas=result.sigmas,
+            final_sigma=result.final_sigma,
             num_samples=len(self.train),
             metrics=ClientMetrics(local_loss=float(loss[0]), local_accuracy=float(acc[0]), **metrics),
             costs=ClientCosts(queries=delta[0], sequences=delta[1], tokens=delta[2],

@@ -12,8 +12,9 @@ import numpy as np
 @dataclass(frozen=True)
 class LocalResult:
     mean: np.ndarray  # final local search mean m_k
-    sigmas: list[float]  # step size after each iteration
+    sigmas: list[float]  # the step size each iteration sampled with (as the FedBPT reference records them)
     evaluations: int
+    final_sigma: float  # after the last tell: where a continued search would start
 
 
 def cma_seed(*parts: int) -> int:
@@ -47,11 +48,12 @@ def local_search(
     sigmas = []
     evaluations = 0
     for it in range(iterations):
+        sigmas.append(float(es.sigma))
         candidates = np.asarray(es.ask())
         values = np.asarray(fitness(candidates, it), dtype=np.float64)
         es.tell(list(candidates), values.tolist())
         evaluations += len(candidates)
-        sigmas.append(float(es.sigma))
         if on_iteration is not None:
             on_iteration(it, values)
-    return LocalResult(mean=np.asarray(es.mean, dtype=np.float64), sigmas=sigmas, evaluations=evaluations)
+    return LocalResult(mean=np.asarray(es.mean, dtype=np.float64), sigmas=sigmas, evaluations=evaluations,
+                       final_sigma=float(es.sigma))

@@ -17,7 +17,7 @@ from .data import Example, load_splits
 from .http import RequestFailed
 from .partition import few_shot, partition, train_val_split
 from .service_client import PROMPT_WIRE_FORMS, ServiceClient
-from .tasks import get_task
+from .tasks import Task, get_task
 
 log = logging.getLogger(__name__)
 
@@ -43,11 +43,11 @@ def client_shard(examples: list[Example], index: int, n_clients: int, alpha: flo
 
 
 def run_client(service: ServiceClient, aggregator: AggregatorClient, client_id: str, data: ClientData,
-               task_name: str, *, enroll_key: str | None = None, batch_size: int = 16, poll_s: float = 0.25,
+               task: Task, *, enroll_key: str | None = None, batch_size: int = 16, poll_s: float = 0.25,
                max_poll_s: float = 2.0, long_poll_s: float = 10.0, max_idle_s: float = 3600.0) -> int:
     """Returns the number of rounds this client worked; exits when the run is done."""
     reg = aggregator.register(client_id, len(data.train), enroll_key)
-    client = FedBPTClient(client_id, service, get_task(task_name), data.train, data.val, reg.config, batch_size)
+    client = FedBPTClient(client_id, service, task, data.train, data.val, reg.config, batch_size)
     log.info("%s registered: %d train / %d val examples, strategy %s", client_id, len(data.train), len(data.val),
              reg.config.strategy)
     worked = 0
@@ -87,6 +87,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="'default' (embedded), a CSV/TSV/JSONL file of this client's own examples, "
                              "a directory with train/validation files, or 'hf'")
     parser.add_argument("--task", default="rotten_tomatoes")
+    parser.add_argument("--label-words", default=None,
+                        help="comma-separated verbalizer replacing the task's, in class order, each word with its "
+                             "leading space, e.g. ' bad, good' (every client of a run must give the same)")
     parser.add_argument("--partition", default=None, metavar="K/N",
                         help="take part K (0-based) of N of a shared pool instead of the whole file; "
                              "auto/N: the aggregator hands out K, the same one again to the same --client-id "
@@ -100,6 +103,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prompt-wire", choices=PROMPT_WIRE_FORMS, default="float32",
                         help="how prompts travel to the service: dense [P, L, D] float32 or float16, or 'seed': "
                              "z [P, d] and the projection seed, expanded by the service (d floats per prompt)")
+
+
+def task_from(args: argparse.Namespace) -> Task:
+    task = get_task(args.task)
+    if args.label_words:
+        task = task.with_label_words(args.label_words.split(","))
+    return task
 
 
 def parse_partition(spec: str) -> tuple[int | None, int]:
@@ -120,7 +130,7 @@ def parse_partition(spec: str) -> tuple[int | None, int]:
 def _client_data(args: argparse.Namespace, aggregator: AggregatorClient) -> tuple[str, ClientData]:
     """This client's id and examples: its part of the shared pool, or the whole of its own data."""
     k, n = parse_partition(args.partition) if args.partition else (None, None)
-    splits = load_splits(args.data, get_task(args.task))
+    splits = load_splits(args.data, task_from(args))
     if n is not None:
         if k is None:
             # Compose replicas get no index; the host name is the container's and survives its restarts.
@@ -142,7 +152,7 @@ def run(args: argparse.Namespace) -> None:
     aggregator = AggregatorClient(args.aggregator, timeout=args.timeout)
     try:
         client_id, data = _client_data(args, aggregator)
-        rounds = run_client(service, aggregator, client_id, data, args.task, enroll_key=args.enroll_key,
+        rounds = run_client(service, aggregator, client_id, data, task_from(args), enroll_key=args.enroll_key,
                             batch_size=args.batch_size)
     finally:
         service.close()

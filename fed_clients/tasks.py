@@ -6,9 +6,10 @@ causal-LM templates end at the slot so the label word is the next token.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
-from fedbpt_wire.schemas import SLOT
+from fedbpt_wire.federation import PLACEMENTS
+from fedbpt_wire.schemas import PROMPT_SLOT, SLOT
 
 
 @dataclass(frozen=True)
@@ -28,8 +29,15 @@ class Task:
         # Field values may hold braces: substitute by replacement, never with str.format.
         text = self.template(kind)
         for f in self.fields:
-            text = text.replace("{" + f + "}", example[f].replace(SLOT, "{ mask }"))
+            value = example[f].replace(SLOT, "{ mask }").replace(PROMPT_SLOT, "{ prompt }")
+            text = text.replace("{" + f + "}", value)
         return text
+
+    def with_label_words(self, words) -> "Task":
+        words = tuple(words)
+        if len(words) != self.num_classes:
+            raise ValueError(f"task {self.name} has {self.num_classes} classes, got {len(words)} label words")
+        return replace(self, label_words=words)
 
     @property
     def num_classes(self) -> int:
@@ -67,3 +75,23 @@ def get_task(name: str) -> Task:
         return TASKS[name]
     except KeyError:
         raise ValueError(f"unknown task {name!r}; known: {', '.join(sorted(TASKS))}") from None
+
+
+
+def with_placement(task: Task, placement: str) -> Task:
+    """The task with its causal template's soft prompt placed: `ahead` of the text (BBT's place; the template as
+    written, which may hold its own prompt marker) or `after-text`, before the cue line
+    ("Review: ...{prompt}\nSentiment:").
+
+    After the text, a causal LM runs each text once per request and only the prompt and the cue per
+    candidate (the service reuses the text's keys and values), about 3x less compute per candidate.
+    """
+    if placement not in PLACEMENTS:
+        raise ValueError(f"placement must be one of {', '.join(PLACEMENTS)}, got {placement!r}")
+    template = task.causal_template
+    if placement == "after-text" and PROMPT_SLOT not in template:
+        last = template.rfind("\n")
+        if last < 0:
+            raise ValueError(f"task {task.name}: its template has no cue line to put the prompt before")
+        template = template[:last] + PROMPT_SLOT + template[last:]
+    return replace(task, causal_template=template)

@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import httpx
+import numpy as np
 
 from .loopback import free_port
 
@@ -31,6 +32,9 @@ class DemoConfig:
     runs_dir: str = "runs"
     task: str = "rotten_tomatoes"
     model: str = "smollm2-135m-instruct"
+    label_words: str = ""  # comma-separated verbalizer replacing the task's, e.g. " bad, good"
+    prompt_init: str = "tokens"
+    prompt_placement: str = "after-text"
     dtype: str = "auto"
     strategy: str = "fedbpt"
     clients: int = 4
@@ -44,7 +48,7 @@ class DemoConfig:
     local_popsize: int = 4
     local_iterations: int = 3
     batch_size: int = 8
-    test_size: int = 500
+    test_size: int = 1000
     seed: int = 0
     round_timeout_s: float = 600.0
 
@@ -139,6 +143,10 @@ def run_demo(cfg: DemoConfig) -> dict:
     from fed_clients.aggregator_client import AggregatorClient
     from fed_clients.client import PromptScorer
     from fed_clients.data import load_splits
+    from fed_clients.evaluation import calibrated_predictions, fit_calibration, mcnemar_exact
+    from fed_clients.runner import client_shard
+    from fed_clients.tasks import with_placement
+    from fedbpt_wire.metrics import label_cross_entropy
     from fedbpt_wire.projection import projection_for
     from fedbpt_wire.federation import RunConfig
     from fed_clients.service_client import ServiceClient
@@ -165,6 +173,7 @@ def run_demo(cfg: DemoConfig) -> dict:
                     "--sigma0", str(cfg.sigma0), "--local-popsize", str(cfg.local_popsize),
                     "--local-iterations", str(cfg.local_iterations), "--seed", str(cfg.seed),
                     "--projection-seed", str(cfg.seed), "--min-clients", str(cfg.clients),
+                    "--prompt-init", cfg.prompt_init, "--prompt-placement", cfg.prompt_placement,
                     "--round-timeout", str(cfg.round_timeout_s)]
         procs.start("aggregator", agg_args, env={"FEDBPT_ENROLL_KEY": enroll_key})
         print(f"starting the service ({cfg.model}) and the aggregator; logs in {out / 'logs'}", flush=True)
@@ -173,7 +182,10 @@ def run_demo(cfg: DemoConfig) -> dict:
         for k in range(cfg.clients):
             args = ["client", "--service", svc_url, "--aggregator", agg_url, "--data", "default",
                     "--task", cfg.task, "--partition", f"{k}/{cfg.clients}", "--per-class", str(cfg.per_class),
-                    "--partition-seed", str(cfg.seed), "--batch-size", str(cfg.batch_size)]
+                    "--partition-seed", str(cfg.seed), "--batch-size", str(cfg.batch_size),
+                    "--prompt-wire", "seed"]
+            if cfg.label_words:
+                args += ["--label-words", cfg.label_words]
             if cfg.alpha is not None:
                 args += ["--alpha", str(cfg.alpha)]
             procs.start(f"client-{k}", args, env={"FEDBPT_API_KEY": api_key, "FEDBPT_ENROLL_KEY": enroll_key})
@@ -191,17 +203,37 @@ def run_demo(cfg: DemoConfig) -> dict:
         final = observer.global_state()
         run_config = status["config"]
 
-        print("evaluating the zero-shot and the tuned prompt on the held-out test set", flush=True)
         task = get_task(cfg.task)
-        test = load_splits("default", task)["test"][: cfg.test_size]
-        service = ServiceClient(svc_url, api_key)
+        if cfg.label_words:
+            task = task.with_label_words(parse_label_words(cfg.label_words))
+        splits = load_splits("default", task)
+        test = splits["test"][: cfg.test_size]
+        print(f"evaluating zero-shot, calibrated zero-shot and the tuned prompt on {len(test)} held-out test "
+              "examples", flush=True)
+        service = ServiceClient(svc_url, api_key, prompt_wire="seed")
         info = service.model_info()
-        projection = projection_for(RunConfig.model_validate(run_config), info)
-        zero = PromptScorer(service, task, None, info.kind, info.max_texts).evaluate(None, test)
-        tuned_scorer = PromptScorer(service, task, projection, info.kind, info.max_texts)
-        tuned = tuned_scorer.evaluate(decode_tensor(final.mean)[None], test)
+        config = RunConfig.model_validate(run_config)
+        projection = projection_for(config, info)
+        # The calibrated baseline: the manual prompt's label bias fitted on every labelled example the
+        # clients hold (what they could do without tuning anything), applied to the test set.
+        shards = [client_shard(splits["train"], k, cfg.clients, cfg.alpha, cfg.seed, cfg.per_class)
+                  for k in range(cfg.clients)]
+        own = [ex for s in shards for ex in (*s.train, *s.val)]
+        zero_scorer = PromptScorer(service, task, None, info.kind, info.max_texts)
+        bias = fit_calibration(zero_scorer.logits(None, own)[0], np.array([ex.label for ex in own]))
+        zero_logits = zero_scorer.logits(None, test)[0]
+        tuned_scorer = PromptScorer(service, with_placement(task, config.prompt_placement), projection, info.kind,
+                                    info.max_texts)
+        z_final = decode_tensor(final.mean)
+        tuned_logits = tuned_scorer.logits(z_final[None], test)[0]
     finally:
         procs.stop()
+    labels = np.array([ex.label for ex in test])
+    zero_ok = zero_logits.argmax(-1) == labels
+    cal_ok = calibrated_predictions(zero_logits, bias) == labels
+    tuned_ok = tuned_logits.argmax(-1) == labels
+    zero_loss = float(label_cross_entropy(zero_logits[None], labels)[0][0])
+    tuned_loss = float(label_cross_entropy(tuned_logits[None], labels)[0][0])
     history = status["history"]
     report = {
         "name": cfg.name,
@@ -209,10 +241,16 @@ def run_demo(cfg: DemoConfig) -> dict:
         "run_config": run_config,
         "model": info.model_dump(),
         "test_examples": len(test),
-        "zero_shot_test_accuracy": float(zero.accuracy[0]),
-        "zero_shot_test_loss": float(zero.loss[0]),
-        "tuned_test_accuracy": float(tuned.accuracy[0]),
-        "tuned_test_loss": float(tuned.loss[0]),
+        "zero_shot_test_accuracy": float(zero_ok.mean()),
+        "zero_shot_test_loss": zero_loss,
+        "calibrated_zero_shot_test_accuracy": float(cal_ok.mean()),
+        "calibration_examples": len(own),
+        "tuned_test_accuracy": float(tuned_ok.mean()),
+        "tuned_test_loss": tuned_loss,
+        # Exact McNemar p-values on the same test examples: a gain is a gain only well below 0.05.
+        "tuned_vs_zero_shot_p": mcnemar_exact(tuned_ok, zero_ok),
+        "tuned_vs_calibrated_p": mcnemar_exact(tuned_ok, cal_ok),
+        "label_words": list(task.label_words),
         "rounds": [
             {
                 "round": rec["round"],
@@ -233,9 +271,40 @@ def run_demo(cfg: DemoConfig) -> dict:
         "wall_seconds": time.monotonic() - t_start,
     }
     write_report(out, report)
-    print(f"zero-shot test accuracy {report['zero_shot_test_accuracy']:.4f} | tuned {report['tuned_test_accuracy']:.4f}"
-          f" ({len(test)} examples) | {report['wall_seconds']:.0f} s | report: {out / 'report.json'}")
+    write_prompt_file(out / "prompt.json", info, config, task, z_final, report)
+    print(f"test accuracy on {len(test)} examples: zero-shot {report['zero_shot_test_accuracy']:.4f} | calibrated "
+          f"zero-shot {report['calibrated_zero_shot_test_accuracy']:.4f} | tuned {report['tuned_test_accuracy']:.4f} "
+          f"(McNemar p {report['tuned_vs_zero_shot_p']:.2g} vs zero-shot, {report['tuned_vs_calibrated_p']:.2g} vs "
+          f"calibrated) | {report['wall_seconds']:.0f} s | report: {out / 'report.json'}")
     return report
+
+
+def parse_label_words(text: str) -> list[str]:
+    """' bad, good' -> [' bad', ' good']: commas separate, and each word keeps its own leading space."""
+    words = text.split(",")
+    if len(words) < 2 or any(not w.strip() for w in words):
+        raise ValueError(f"label words must be two or more comma-separated words, got {text!r}")
+    return words
+
+
+def write_prompt_file(path: Path, info, config, task, z, report: dict) -> None:
+    """The tuned prompt as a file to keep: what it was tuned on and for, and how to rebuild it (seed + z)."""
+    from fedbpt_wire.tensors import encode_tensor
+
+    payload = {
+        "format": "fedbpt-prompt/1",
+        "model": {"name": info.name, "hidden_size": info.hidden_size, "kind": info.kind},
+        "projection": {"seed": config.projection_seed, "intrinsic_dim": config.intrinsic_dim,
+                       "prompt_length": config.prompt_length, "sigma0": config.sigma0, "init": config.prompt_init,
+                       "placement": config.prompt_placement},
+        "z": encode_tensor(np.asarray(z, dtype=np.float32)).model_dump(),
+        "task": {"name": task.name, "template": with_placement(task, config.prompt_placement).template(info.kind),
+                 "label_words": list(task.label_words)},
+        "run_config": config.model_dump(),
+        "metrics": {k: report[k] for k in ("test_examples", "zero_shot_test_accuracy",
+                                           "calibrated_zero_shot_test_accuracy", "tuned_test_accuracy")},
+    }
+    path.write_text(json.dumps(payload, indent=2))
 
 
 def write_report(out: Path, report: dict) -> None:
@@ -265,6 +334,8 @@ def plot_rounds(rows: list[dict], report: dict, path: Path) -> None:
                           (axes[1], cumulative, "cumulative service queries")):
         ax.plot(xs, [r["val_accuracy"] for r in merged], marker="o", label="global prompt, clients' validation")
         ax.axhline(report["zero_shot_test_accuracy"], color="grey", linestyle="--", label="zero-shot (test)")
+        ax.axhline(report["calibrated_zero_shot_test_accuracy"], color="orange", linestyle="-.",
+                   label="calibrated zero-shot (test)")
         ax.axhline(report["tuned_test_accuracy"], color="green", linestyle=":", label="tuned (test)")
         ax.set_xlabel(label)
         ax.set_ylabel("accuracy")

@@ -13,6 +13,7 @@ from pydantic import BaseModel, Field
 from .schemas import Strict, Tensor
 
 STRATEGIES = ("fedbpt", "fedbpt-noperturb", "fedavg-z", "centralized", "local-only")
+PLACEMENTS = ("ahead", "after-text")
 SIGMA_RULES = ("pooled", "paper-eq6")
 
 
@@ -25,9 +26,15 @@ class RunConfig(BaseModel):
     intrinsic_dim: int = Field(default=500, ge=1, description="d, the dimension of z")
     prompt_length: int = Field(default=50, ge=1, description="L soft tokens")
     projection_seed: int = 0
-    prompt_init: Literal["random", "zeros"] = Field(
+    prompt_init: Literal["tokens", "random", "zeros"] = Field(
         default="random",
-        description="P0, the prompt at z = 0: 'random' draws it from the projection seed with the embeddings' std",
+        description="P0, the prompt at z = 0: 'tokens' the embeddings of vocabulary ids drawn from the projection "
+                    "seed (BBT; needs the seed + z wire form), 'random' normal vectors with the embeddings' std",
+    )
+    prompt_placement: Literal["ahead", "after-text"] = Field(
+        default="ahead",
+        description="where a causal LM's task template puts the soft prompt: 'ahead' of the text (BBT) or "
+                    "'after-text', before the cue line; every client must place it alike",
     )
     seed: int = 0
     sigma0: float = Field(default=1.0, gt=0)
@@ -103,8 +110,10 @@ class UpdateRequest(Strict):
     round: int = Field(ge=0)
     mean: Tensor  # [d]
     fitness: float
-    sigmas: list[float] = Field(min_length=1, max_length=10_000)
+    sigmas: list[float] = Field(min_length=1, max_length=10_000,
+                                description="the local step size each local iteration sampled its candidates with")
     num_samples: int = Field(ge=0)
+    final_sigma: float | None = Field(default=None, description="the local step size after the last iteration")
     metrics: ClientMetrics
     costs: ClientCosts
 

@@ -44,13 +44,32 @@ def initial_prompt(seed: int, prompt_length: int, hidden_size: int, embedding_st
     return (rng.standard_normal((prompt_length, hidden_size), dtype=np.float32) * np.float32(embedding_std))
 
 
+def initial_token_ids(seed: int, prompt_length: int, vocab_size: int) -> np.ndarray:
+    """The L vocabulary ids whose embeddings make P0 under init 'tokens', from their own stream of the seed.
+
+    BBT adds A z to the embeddings of real tokens: a prompt that starts as words the model has seen sits
+    where the model expects its inputs, which random vectors (init 'random') only imitate in scale.
+    """
+    rng = np.random.Generator(np.random.PCG64([seed, 2]))
+    return rng.integers(0, vocab_size, size=prompt_length, dtype=np.int64)
+
+
+PROMPT_INITS = ("tokens", "random", "zeros")
+
+
 class Projection:
-    """P = P0 + A z with A and P0 drawn from the shared seed, built from what `GET /v1/model` publishes."""
+    """P = P0 + A z with A and P0 drawn from the shared seed, built from what `GET /v1/model` publishes.
+
+    Init 'tokens' takes P0 from the model's embedding table, which only the service holds: `token_embeddings`
+    (ids -> [L, D]) is the service's; a client builds such a projection for its spec and the seed + z wire
+    form, and cannot expand z into prompts itself.
+    """
 
     def __init__(self, seed: int, intrinsic_dim: int, prompt_length: int, hidden_size: int,
-                 embedding_std: float, sigma0: float, init: str = "random"):
-        if init not in ("random", "zeros"):
-            raise ValueError(f"prompt init must be 'random' or 'zeros', got {init!r}")
+                 embedding_std: float, sigma0: float, init: str = "random", token_embeddings=None,
+                 vocab_size: int | None = None):
+        if init not in PROMPT_INITS:
+            raise ValueError(f"prompt init must be one of {', '.join(PROMPT_INITS)}, got {init!r}")
         # What a service needs, besides the model it already has, to rebuild this projection from a seed.
         self.spec = ProjectionSpec(seed=seed, prompt_length=prompt_length, sigma0=sigma0, init=init)
         self.intrinsic_dim = intrinsic_dim
@@ -58,16 +77,31 @@ class Projection:
         self.hidden_size = hidden_size
         self.std = projection_std(embedding_std, intrinsic_dim, sigma0)
         self.matrix = projection_matrix(seed, intrinsic_dim, prompt_length, hidden_size, self.std)
-        self.offset = (initial_prompt(seed, prompt_length, hidden_size, embedding_std) if init == "random"
-                       else np.zeros((prompt_length, hidden_size), np.float32))
+        self.offset: np.ndarray | None
+        if init == "tokens":
+            self.offset = None
+            if token_embeddings is not None:
+                if vocab_size is None:
+                    raise ValueError("prompt init 'tokens' needs the model's vocabulary size")
+                self.token_ids = initial_token_ids(seed, prompt_length, vocab_size)
+                self.offset = np.asarray(token_embeddings(self.token_ids), dtype=np.float32).reshape(
+                    prompt_length, hidden_size)
+        elif init == "random":
+            self.offset = initial_prompt(seed, prompt_length, hidden_size, embedding_std)
+        else:
+            self.offset = np.zeros((prompt_length, hidden_size), np.float32)
 
     def __call__(self, z: np.ndarray) -> np.ndarray:
+        if self.offset is None:
+            raise ValueError("prompt init 'tokens' starts from the model's own embeddings, which only the service "
+                             "holds: send z in the seed + z wire form and let the service expand it")
         return project(z, self.matrix, self.prompt_length, self.hidden_size) + self.offset
 
 
-def projection_from_spec(spec: ProjectionSpec, intrinsic_dim: int, hidden_size: int,
-                         embedding_std: float) -> Projection:
-    return Projection(spec.seed, intrinsic_dim, spec.prompt_length, hidden_size, embedding_std, spec.sigma0, spec.init)
+def projection_from_spec(spec: ProjectionSpec, intrinsic_dim: int, hidden_size: int, embedding_std: float,
+                         token_embeddings=None, vocab_size: int | None = None) -> Projection:
+    return Projection(spec.seed, intrinsic_dim, spec.prompt_length, hidden_size, embedding_std, spec.sigma0, spec.init,
+                      token_embeddings, vocab_size)
 
 
 def projection_for(config, info) -> Projection:

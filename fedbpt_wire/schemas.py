@@ -10,6 +10,8 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 SLOT = "{mask}"
+# Optional in a text: where the soft prompt goes (default: ahead of the text).
+PROMPT_SLOT = "{prompt}"
 
 
 class Strict(BaseModel):
@@ -50,7 +52,9 @@ class ProjectionSpec(Strict):
     seed: int = Field(ge=0, lt=2**63, description="projection seed (RunConfig.projection_seed)")
     prompt_length: int = Field(ge=1, description="L soft tokens")
     sigma0: float = Field(gt=0, allow_inf_nan=False, description="the CMA-ES step size A is scaled for")
-    init: Literal["random", "zeros"] = Field(default="random", description="P0: 'random' or 'zeros'")
+    init: Literal["tokens", "random", "zeros"] = Field(
+        default="random", description="P0: 'tokens' (embeddings of L vocabulary ids drawn from the seed, as BBT; "
+                                      "only the service can expand it), 'random' or 'zeros'")
 
 
 class ProjectedPrompts(Strict):

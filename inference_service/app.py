@@ -107,7 +107,7 @@ def validate_request(req: ScoreRequest, engine: Engine, limits: Limits,
     if req.prompts is not None:
         prompts = _dense_prompts(req, engine, limits)
     else:
-        projections = projections or ProjectionCache(engine.info.hidden_size, engine.info.embedding_std)
+        projections = projections or projection_cache(engine)
         prompts = _projected_prompts(req, engine, limits, projections)
     _check_strings("texts", req.texts, limits.max_text_tokens * _MAX_CHARS_PER_TOKEN,
                    f"text of {limits.max_text_tokens} tokens")
@@ -124,12 +124,17 @@ def validate_request(req: ScoreRequest, engine: Engine, limits: Limits,
     return ScoreBatch(prompts=prompts, texts=req.texts, label_words=req.label_words), labels
 
 
+def projection_cache(engine: Engine) -> ProjectionCache:
+    return ProjectionCache(engine.info.hidden_size, engine.info.embedding_std,
+                           token_embeddings=engine.token_embeddings, vocab_size=engine.info.vocab_size)
+
+
 def create_app(engine: Engine, keys: KeyStore | None = None, limits: Limits | None = None) -> FastAPI:
     keys = keys or KeyStore({})
     limits = limits or Limits()
     metrics = ServiceMetrics()
     scheduler = FairScheduler(limits.max_inflight_per_key, limits.max_queued_per_key)
-    projections = ProjectionCache(engine.info.hidden_size, engine.info.embedding_std)
+    projections = projection_cache(engine)
     published_info = engine.info.model_copy(update={"max_projection_values": limits.max_projection_values})
     app = FastAPI(
         title="FedBPT inference service",

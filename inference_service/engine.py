@@ -40,6 +40,11 @@ class Engine(Protocol):
         """One vocabulary id per word; InputError naming `label_words` if a word is not a single token."""
         ...
 
+    def token_embeddings(self, ids: np.ndarray) -> np.ndarray:
+        """[len(ids), D] float32: the input embeddings of vocabulary ids, as the model applies them (P0 of init
+        'tokens'; never published, only added to prompts inside the service)."""
+        ...
+
     def score(self, batch: ScoreBatch) -> ScoreResult:
         """Label-word logits of every (prompt, text) pair; InputError naming `texts[i]` for a bad text."""
         ...

@@ -21,6 +21,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "when missing), a local HF directory or a hub id")
     parser.add_argument("--engine", choices=["torch", "vllm"], default="torch")
     parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto")
+    parser.add_argument("--prompt-anchor", default="auto",
+                        help="token placed ahead of a soft prompt: 'auto' (a causal LM whose tokenizer adds no BOS "
+                             "gets its BOS, else EOS token, so the prompt does not take the attention-sink position), "
+                             "'none', or a token's text")
+    parser.add_argument("--no-kv-reuse", action="store_true",
+                        help="run every (prompt, text) sequence whole instead of reusing a shared prefix's keys and "
+                             "values (causal LMs; for comparison)")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     parser.add_argument("--api-keys-file", default=None,
                         help="file of 'KEY [QUOTA]' lines; keys also from FEDBPT_API_KEYS. Edit it to add or revoke "
@@ -78,7 +85,7 @@ def tls_options(args: argparse.Namespace) -> dict:
 
 
 def build_engine(model: str, engine: str = "torch", dtype: str = "auto", device: str | None = None,
-                 limits: Limits | None = None):
+                 limits: Limits | None = None, prompt_anchor: str = "auto", kv_reuse: bool = True):
     from fedbpt.assets import embedded_model, resolve_model
 
     path = resolve_model(model)
@@ -87,10 +94,11 @@ def build_engine(model: str, engine: str = "torch", dtype: str = "auto", device:
     if engine == "vllm":
         from .vllm_engine import VllmEngine
 
-        return VllmEngine(path, dtype=dtype, limits=limits, display_name=name)
+        return VllmEngine(path, dtype=dtype, limits=limits, display_name=name, prompt_anchor=prompt_anchor)
     from .torch_engine import TorchEngine
 
-    return TorchEngine(path, dtype=dtype, device=device, limits=limits, display_name=name)
+    return TorchEngine(path, dtype=dtype, device=device, limits=limits, display_name=name,
+                       prompt_anchor=prompt_anchor, kv_reuse=kv_reuse)
 
 
 def run(args: argparse.Namespace) -> None:
@@ -102,7 +110,8 @@ def run(args: argparse.Namespace) -> None:
     limits = limits_from(args)
     keys = KeyStore.from_sources(args.api_keys_file, args.quota)
     reload_keys_on_sighup(keys)
-    engine = build_engine(args.model, args.engine, args.dtype, args.device, limits)
+    engine = build_engine(args.model, args.engine, args.dtype, args.device, limits, args.prompt_anchor,
+                          not args.no_kv_reuse)
     app = create_app(engine, keys, limits)
     scheme = "https" if tls else "http"
     log.info("serving %s on %s://%s:%d (docs at /docs)", engine.info.name, scheme, args.host, args.port)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import logging
 import threading
 import time
@@ -14,7 +15,7 @@ from fedbpt_wire.schemas import ModelInfo
 
 from .embeddings import embedding_std
 from .engine import ScoreBatch, ScoreResult
-from .layout import Layout, TextIds, label_token_ids, make_layout, tokenize_text
+from .layout import Layout, Sequence, TextIds, label_token_ids, make_layout, sequence, tokenize_text
 from .limits import Limits
 
 log = logging.getLogger(__name__)
@@ -70,6 +71,8 @@ class TorchEngine:
         device: str | None = None,
         limits: Limits | None = None,
         display_name: str | None = None,
+        prompt_anchor: str = "auto",
+        kv_reuse: bool = True,
     ):
         from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer
 
@@ -83,9 +86,13 @@ class TorchEngine:
         self.model = cls.from_pretrained(model_path, dtype=self.dtype).to(self.device).eval()
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
         log.info("loaded %s (%s LM, %s, %s) in %.1fs", model_path, self.kind, self.dtype, self.device, time.perf_counter() - t0)
-        self.layout: Layout = make_layout(self.tokenizer, self.kind)
+        self.layout: Layout = make_layout(self.tokenizer, self.kind, prompt_anchor)
+        # Causal LMs reuse the keys and values of a shared prefix (see reuse_plan); off, every sequence runs whole.
+        self.kv_reuse = kv_reuse
         self.embed = self.model.get_input_embeddings()
         self.body = self.model.base_model
+        # transformers renamed `past_key_values` to `cache` in 5.2x; the engine runs with either.
+        self._cache_arg = "cache" if "cache" in inspect.signature(self.body.forward).parameters else "past_key_values"
         self.head = self.model.get_output_embeddings() if self.kind == "causal" else _masked_head(self.model)
         weight = self.embed.weight.detach().float()
         self.info = ModelInfo(
@@ -110,6 +117,10 @@ class TorchEngine:
     def label_token_ids(self, label_words: list[str]) -> list[int]:
         return label_token_ids(self.tokenizer, label_words)
 
+    def token_embeddings(self, ids: np.ndarray) -> np.ndarray:
+        with torch.inference_mode():
+            return self.embed(torch.as_tensor(ids, dtype=torch.long, device=self.embed.weight.device)).float().cpu().numpy()
+
     def tokenize(self, texts: list[str]) -> list[TextIds]:
         return [tokenize_text(self.tokenizer, self.layout, t, i, self.limits.max_text_tokens) for i, t in enumerate(texts)]
 
@@ -125,38 +136,157 @@ class TorchEngine:
         return ScoreResult(logits=logits, sequences=logits.shape[0] * logits.shape[1], tokens=tokens, engine_ms=ms)
 
     def _score(self, prompts: torch.Tensor, texts: list[TextIds], label_ids: torch.Tensor) -> tuple[np.ndarray, int]:
-        n_pop, n_prompt, dim = prompts.shape
+        n_pop, n_prompt, _ = prompts.shape
         prompts = prompts.to(self.device, self.dtype)
-        pre = self.layout.prefix_ids
-        head = len(pre) + n_prompt  # every sequence: prefix, prompt, then its text's tail
-        tails = [t.ids + self.layout.suffix_ids for t in texts]
-        tail_len = torch.tensor([len(t) for t in tails], device=self.device)
-        # All tails' embeddings in one padded table, so a micro-batch is assembled by indexing, not a loop.
-        width = max(len(t) for t in tails)
-        tail_ids = torch.zeros(len(tails), width, dtype=torch.long, device=self.device)
-        for n, ids in enumerate(tails):
-            tail_ids[n, : len(ids)] = torch.tensor(ids, dtype=torch.long)
-        tail_emb = self.embed(tail_ids).to(self.dtype)
-        pre_emb = self._embed_ids(pre)
-        slots = torch.tensor([t.slot for t in texts], device=self.device) + head
-        lengths = [head + len(t) for t in tails]
-        # Group equal-length texts so padding stays small; every prompt of a text shares its length.
-        order = sorted(range(len(texts)), key=lambda n: lengths[n])
-        items = np.array([(p, n) for n in order for p in range(n_pop)], dtype=np.int64)
+        seqs = [sequence(self.layout, t, n_prompt) for t in texts]
         out = np.empty((n_pop, len(texts), len(label_ids)), dtype=np.float32)
+        plan = self.reuse_plan(seqs, n_prompt) if self.kv_reuse else "none"
+        if plan == "prompt":
+            tokens = self._score_shared_prompt(prompts, seqs, label_ids, out)
+        elif plan == "text":
+            tokens = self._score_shared_text(prompts, seqs, label_ids, out)
+        else:
+            tokens = self._score_full(prompts, seqs, label_ids, out)
+        return out, tokens
+
+    def reuse_plan(self, seqs: list[Sequence], n_prompt: int) -> str:
+        """Which shared prefix a causal LM computes once and reuses through its key/value cache.
+
+        `prompt`: every text starts after the prompt, so (lead + prompt) is run once per candidate and each
+        text continues from it; `text`: every text has its own non-empty lead ahead of the prompt, run once per
+        text, each candidate's (prompt + tail) continuing from it; `none`: a masked LM (it attends both ways,
+        so no position's state is fixed by what precedes it) or a mix of the two.
+        """
+        if self.kind != "causal":
+            return "none"
+        leads = {tuple(s.lead) for s in seqs}
+        if len(leads) == 1 and len(seqs[0].lead) + n_prompt > 0:
+            return "prompt"
+        if n_prompt > 0 and all(s.lead for s in seqs):
+            return "text"
+        return "none"
+
+    def _padded_ids(self, rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Embeddings [K, W, D] of right-padded id rows, and their lengths [K]."""
+        width = max(1, max(len(r) for r in rows))
+        ids = torch.zeros(len(rows), width, dtype=torch.long, device=self.device)
+        for k, row in enumerate(rows):
+            ids[k, : len(row)] = torch.tensor(row, dtype=torch.long)
+        return self.embed(ids).to(self.dtype), torch.tensor([len(r) for r in rows], device=self.device)
+
+    def _score_full(self, prompts: torch.Tensor, seqs: list[Sequence], label_ids: torch.Tensor, out: np.ndarray) -> int:
+        """Every (prompt, text) sequence run whole: the reference path, and the only one for masked LMs."""
+        n_pop, n_prompt, _ = prompts.shape
+        # Each text's ids with room for the prompt, embedded once; a micro-batch gathers rows and writes the
+        # candidates' prompts into their slots by indexing, with no per-sequence loop.
+        rows = [s.lead + [0] * n_prompt + s.tail for s in seqs]
+        table, lengths = self._padded_ids(rows)
+        lead_len = torch.tensor([len(s.lead) for s in seqs], device=self.device)
+        slots = torch.tensor([len(s.lead) + n_prompt + s.slot for s in seqs], device=self.device)
+        order = sorted(range(len(seqs)), key=lambda n: len(rows[n]))
+        items = np.array([(p, n) for n in order for p in range(n_pop)], dtype=np.int64)
         tokens = 0
-        for lo, hi in self._micro_batches([lengths[n] for n in items[:, 1]]):
+        for lo, hi in self._micro_batches([len(rows[n]) for n in items[:, 1]]):
             p_idx = torch.from_numpy(items[lo:hi, 0]).to(self.device)
             n_idx = torch.from_numpy(items[lo:hi, 1]).to(self.device)
-            seq_width = head + int(tail_len[n_idx].max())
-            x = torch.cat([pre_emb.expand(hi - lo, -1, -1), prompts[p_idx],
-                           tail_emb[n_idx, : seq_width - head]], dim=1)
-            mask = (torch.arange(seq_width, device=self.device) < (head + tail_len[n_idx])[:, None]).long()
+            width = int(lengths[n_idx].max())
+            x = table[n_idx, :width].clone()
+            if n_prompt:
+                at = lead_len[n_idx][:, None] + torch.arange(n_prompt, device=self.device)
+                x[torch.arange(hi - lo, device=self.device)[:, None], at] = prompts[p_idx]
+            mask = (torch.arange(width, device=self.device) < lengths[n_idx][:, None]).long()
             hidden = self.body(inputs_embeds=x, attention_mask=mask).last_hidden_state
             picked = hidden[torch.arange(hi - lo, device=self.device), slots[n_idx]]
             out[items[lo:hi, 0], items[lo:hi, 1]] = self._label_logits(picked, label_ids).float().cpu().numpy()
             tokens += int(mask.sum())
-        return out, tokens
+        return tokens
+
+    def _score_shared_prompt(self, prompts: torch.Tensor, seqs: list[Sequence], label_ids: torch.Tensor,
+                             out: np.ndarray) -> int:
+        n_pop = prompts.shape[0]
+        lead = self._embed_ids(seqs[0].lead)
+        prefix = torch.cat([lead.expand(n_pop, -1, -1), prompts], dim=1)
+        prefix_len = torch.full((n_pop,), prefix.shape[1], device=self.device)
+        tails, tail_len = self._padded_ids([s.tail for s in seqs])
+        cells = np.array([(p, n) for n in range(len(seqs)) for p in range(n_pop)], dtype=np.int64)
+        return self._prefix_then_continue(
+            prefix, prefix_len, cells, cache_rows=cells[:, 0], cont_rows=cells[:, 1],
+            continuation=lambda p_idx, n_idx, width: tails[n_idx, :width],
+            cont_len=tail_len.cpu().numpy()[cells[:, 1]],
+            slots=torch.tensor([s.slot for s in seqs], device=self.device), label_ids=label_ids, out=out)
+
+    def _score_shared_text(self, prompts: torch.Tensor, seqs: list[Sequence], label_ids: torch.Tensor,
+                           out: np.ndarray) -> int:
+        n_pop, n_prompt, _ = prompts.shape
+        tokens = 0
+        for chunk in self._lead_chunks(seqs):
+            prefix, prefix_len = self._padded_ids([seqs[n].lead for n in chunk])
+            tails, tail_len = self._padded_ids([seqs[n].tail for n in chunk])
+            local = np.array([(p, k) for k in range(len(chunk)) for p in range(n_pop)], dtype=np.int64)
+            cells = np.stack([local[:, 0], np.asarray(chunk)[local[:, 1]]], axis=1)
+
+            def continuation(p_idx, k_idx, width, tails=tails):
+                return torch.cat([prompts[p_idx], tails[k_idx]], dim=1)[:, :width]
+
+            tokens += self._prefix_then_continue(
+                prefix, prefix_len, cells, cache_rows=local[:, 1], cont_rows=local[:, 1],
+                continuation=continuation, cont_len=n_prompt + tail_len.cpu().numpy()[local[:, 1]],
+                slots=torch.tensor([n_prompt + seqs[n].slot for n in chunk], device=self.device),
+                label_ids=label_ids, out=out)
+        return tokens
+
+    def _lead_chunks(self, seqs: list[Sequence]):
+        """Texts grouped so that one group's cached leads (keys and values of every layer) stay bounded."""
+        order = sorted(range(len(seqs)), key=lambda n: len(seqs[n].lead))
+        chunk: list[int] = []
+        for n in order:
+            if chunk and len(seqs[n].lead) * (len(chunk) + 1) > self.max_batch_tokens:
+                yield chunk
+                chunk = []
+            chunk.append(n)
+        if chunk:
+            yield chunk
+
+    def _prefix_then_continue(self, prefix: torch.Tensor, prefix_len: torch.Tensor, cells: np.ndarray, *,
+                              cache_rows: np.ndarray, cont_rows: np.ndarray, continuation, cont_len: np.ndarray,
+                              slots: torch.Tensor, label_ids: torch.Tensor, out: np.ndarray) -> int:
+        """Run K right-padded prefixes once, then each cell's continuation from its prefix's cached keys/values.
+
+        `cells` [B, 2] are the (candidate, text) entries of `out`; `cache_rows` [B] the prefix each one continues;
+        `continuation(p_idx, cont_idx, width)` its embeddings [b, width, D], `cont_len` [B] their lengths and
+        `slots[cont_idx]` the continuation position read out. Padded prefix positions are masked out, and
+        positions continue from each prefix's own length, so a cell computes what its whole sequence would.
+        """
+        from transformers import DynamicCache
+
+        prefix_mask = (torch.arange(prefix.shape[1], device=self.device) < prefix_len[:, None]).long()
+        parts = []
+        for lo, hi in self._micro_batches([prefix.shape[1]] * len(prefix)):
+            result = self.body(inputs_embeds=prefix[lo:hi], attention_mask=prefix_mask[lo:hi], use_cache=True)
+            cache = getattr(result, self._cache_arg)
+            parts.append([(layer.keys, layer.values) for layer in cache.layers])
+        kv = [(torch.cat([p[i][0] for p in parts]), torch.cat([p[i][1] for p in parts])) for i in range(len(parts[0]))]
+        tokens = int(prefix_len.sum())
+        order = np.argsort(cont_len, kind="stable")
+        # Attending to the cached positions costs far less than the MLPs of a new one: a quarter, roughly.
+        cost = (cont_len[order] + prefix.shape[1] // 4).tolist()
+        for lo, hi in self._micro_batches(cost):
+            sel = order[lo:hi]
+            c_idx = torch.from_numpy(cache_rows[sel]).to(self.device)
+            r_idx = torch.from_numpy(cont_rows[sel]).to(self.device)
+            p_idx = torch.from_numpy(cells[sel, 0]).to(self.device)
+            lens = torch.from_numpy(cont_len[sel]).to(self.device)
+            width = int(lens.max())
+            mask = torch.cat([prefix_mask[c_idx],
+                              (torch.arange(width, device=self.device) < lens[:, None]).long()], dim=1)
+            positions = prefix_len[c_idx][:, None] + torch.arange(width, device=self.device)
+            cache = DynamicCache(ddp_cache_data=[(k[c_idx], v[c_idx]) for k, v in kv], config=self.model.config)
+            hidden = self.body(inputs_embeds=continuation(p_idx, r_idx, width), attention_mask=mask,
+                               position_ids=positions, use_cache=True, **{self._cache_arg: cache}).last_hidden_state
+            picked = hidden[torch.arange(len(sel), device=self.device), slots[r_idx]]
+            out[cells[sel, 0], cells[sel, 1]] = self._label_logits(picked, label_ids).float().cpu().numpy()
+            tokens += int(lens.sum())
+        return tokens
 
     def _label_logits(self, picked: torch.Tensor, label_ids: torch.Tensor) -> torch.Tensor:
         if self.kind == "causal" and isinstance(self.head, torch.nn.Linear):

@@ -22,7 +22,7 @@ from fedbpt_wire.schemas import ModelInfo
 
 from .embeddings import embedding_std
 from .engine import ScoreBatch, ScoreResult
-from .layout import Layout, TextIds, label_token_ids, make_layout, tokenize_text
+from .layout import Layout, TextIds, label_token_ids, make_layout, sequence, tokenize_text
 from .limits import Limits
 
 log = logging.getLogger(__name__)
@@ -46,6 +46,7 @@ class VllmEngine:
         limits: Limits | None = None,
         display_name: str | None = None,
         gpu_memory_utilization: float = 0.85,
+        prompt_anchor: str = "auto",
     ):
         try:
             from vllm import LLM
@@ -77,7 +78,7 @@ class VllmEngine:
         # Resolved as the torch engine resolves it on a GPU, so both engines run the same precision.
         self.dtype = resolve_dtype(dtype, torch.device("cuda"))
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
-        self.layout: Layout = make_layout(self.tokenizer, "causal")
+        self.layout: Layout = make_layout(self.tokenizer, "causal", prompt_anchor)
         t0 = time.perf_counter()
         self.embed = _input_embeddings(model_path, config, self.dtype)
         weight = self.embed.weight.detach()
@@ -85,7 +86,8 @@ class VllmEngine:
         if weight.shape[1] != width:
             # vLLM's prompt_embeds buffer is hidden_size wide; a projected embedding (OPT-350m) cannot enter it.
             raise RuntimeError(f"{model_path}: input embeddings are {weight.shape[1]} wide but hidden_size is {width}")
-        max_len = len(self.layout.prefix_ids) + self.limits.max_prompt_length + self.limits.max_text_tokens + 1
+        max_len = (len(self.layout.prefix_ids) + len(self.layout.anchor_ids) + self.limits.max_prompt_length
+                   + self.limits.max_text_tokens + 1)
         self.llm = LLM(
             model=str(model_path),
             dtype=str(self.dtype).removeprefix("torch."),
@@ -119,6 +121,12 @@ class VllmEngine:
     def label_token_ids(self, label_words: list[str]) -> list[int]:
         return label_token_ids(self.tokenizer, label_words)
 
+    def token_embeddings(self, ids: np.ndarray) -> np.ndarray:
+        import torch
+
+        with torch.inference_mode():
+            return self.embed(torch.as_tensor(ids, dtype=torch.long, device=self.embed.weight.device)).float().cpu().numpy()
+
     def tokenize(self, texts: list[str]) -> list[TextIds]:
         limit = self.limits.max_text_tokens
         return [tokenize_text(self.tokenizer, self.layout, t, i, limit) for i, t in enumerate(texts)]
@@ -141,16 +149,17 @@ class VllmEngine:
         with self._lock, torch.no_grad():
             t0 = time.perf_counter()
             prompts = torch.from_numpy(batch.prompts).to(self.dtype)
-            prefix = self._embed_ids(self.layout.prefix_ids)
-            lengths = [len(prefix) + n_prompt + len(t.ids) for t in texts]
+            seqs_ids = [sequence(self.layout, t, n_prompt) for t in texts]
+            lengths = [len(s.lead) + n_prompt + len(s.tail) for s in seqs_ids]
             for chunk in self._chunks(lengths, n_pop * dim * prompts.element_size()):
                 seqs = []
                 for n in chunk:
                     # All P sequences of a text in one block; each row is a contiguous view vLLM sends as is.
+                    lead, tail = seqs_ids[n].lead, seqs_ids[n].tail
                     block = torch.empty(n_pop, lengths[n], dim, dtype=self.dtype)
-                    block[:, : len(prefix)] = prefix
-                    block[:, len(prefix) : len(prefix) + n_prompt] = prompts
-                    block[:, len(prefix) + n_prompt :] = self._embed_ids(texts[n].ids)
+                    block[:, : len(lead)] = self._embed_ids(lead)
+                    block[:, len(lead) : len(lead) + n_prompt] = prompts
+                    block[:, len(lead) + n_prompt :] = self._embed_ids(tail)
                     seqs.extend({"prompt_embeds": block[p]} for p in range(n_pop))
                 results = self.llm.generate(seqs, params, use_tqdm=False)
                 for i, result in enumerate(results):

@@ -105,7 +105,7 @@ def run_threads(service_url: str, agg_url: str, shards, aggregator_client=Aggreg
         service = ServiceClient(service_url, SVC_KEY, **service_http)
         services.append(service)
         try:
-            run_client(service, aggregator_client(agg_url, **PATIENT), f"client-{k}", shards[k], "rotten_tomatoes",
+            run_client(service, aggregator_client(agg_url, **PATIENT), f"client-{k}", shards[k], get_task("rotten_tomatoes"),
                        enroll_key=ENROLL, batch_size=BATCH, max_idle_s=300)
         except Exception as exc:  # surfaced below
             errors.append(exc)

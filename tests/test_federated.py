@@ -37,7 +37,7 @@ def _run_clients(service_url, agg_url, shards, batch_size):
         service = ServiceClient(service_url, "svc-key")
         services.append(service)
         try:
-            run_client(service, AggregatorClient(agg_url), f"client-{k}", shards[k], "rotten_tomatoes",
+            run_client(service, AggregatorClient(agg_url), f"client-{k}", shards[k], get_task("rotten_tomatoes"),
                        enroll_key="enroll", batch_size=batch_size, max_idle_s=120)
         except Exception as exc:  # surfaced to the test below
             errors.append(exc)

@@ -1,0 +1,132 @@
+"""Which prompt layout, initial prompt and anchor make black-box tuning pay off, on equal budgets.
+
+Centralized BBT in-process on the torch engine (no HTTP, no federation), so a comparison costs only model
+time: one few-shot training set, CMA-ES over z with a fixed number of candidates, then zero-shot, calibrated
+zero-shot and the tuned prompt on the same held-out test examples, with McNemar's exact test. Example:
+
+    python bench/prompt_study.py --task amazon_snippets --placement after-text --init tokens --anchor auto
+
+Each run appends one JSON line to --out (default bench/results/prompt_study.jsonl).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from fed_clients.evaluation import calibrated_predictions, fit_calibration, mcnemar_exact  # noqa: E402
+from fed_clients.local_search import cma_seed, local_search  # noqa: E402
+from fed_clients.tasks import get_task, with_placement  # noqa: E402
+from fedbpt_wire.metrics import label_cross_entropy  # noqa: E402
+from fedbpt_wire.projection import Projection  # noqa: E402
+
+
+def few_shot(train, per_class: int, seed: int):
+    rng = np.random.default_rng([seed, 11])
+    labels = np.array([ex.label for ex in train])
+    picked = [i for c in np.unique(labels) for i in rng.choice(np.flatnonzero(labels == c), per_class, replace=False)]
+    return [train[i] for i in sorted(picked)]
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--task", default="amazon_snippets")
+    ap.add_argument("--model", default="smollm2-135m-instruct")
+    ap.add_argument("--label-words", default=None, help="comma-separated, e.g. ' bad, good' (default: the task's)")
+    ap.add_argument("--placement", choices=["ahead", "after-text"], default="after-text")
+    ap.add_argument("--init", choices=["tokens", "random", "zeros"], default="tokens")
+    ap.add_argument("--anchor", default="auto")
+    ap.add_argument("--prompt-length", type=int, default=5)
+    ap.add_argument("--intrinsic-dim", type=int, default=100)
+    ap.add_argument("--popsize", type=int, default=10)
+    ap.add_argument("--iterations", type=int, default=10)
+    ap.add_argument("--sigma0", type=float, default=1.0)
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--per-class", type=int, default=40)
+    ap.add_argument("--test-size", type=int, default=1000)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--no-kv-reuse", action="store_true")
+    ap.add_argument("--out", default="bench/results/prompt_study.jsonl")
+    args = ap.parse_args(argv)
+
+    from fed_clients.data import load_splits
+    from inference_service.engine import ScoreBatch
+    from inference_service.server import build_engine
+
+    t_start = time.perf_counter()
+    engine = build_engine(args.model, dtype="float32", prompt_anchor=args.anchor, kv_reuse=not args.no_kv_reuse)
+    task = get_task(args.task)
+    if args.label_words:
+        task = task.with_label_words(args.label_words.split(","))
+    tuned_task = with_placement(task, args.placement)
+    splits = load_splits("default", task)
+    train = few_shot(splits["train"], args.per_class, args.seed)
+    test = splits["test"][: args.test_size]
+    kind = engine.info.kind
+    words = list(task.label_words)
+    dim = engine.info.hidden_size
+    projection = Projection(args.seed, args.intrinsic_dim, args.prompt_length, dim, engine.info.embedding_std,
+                            args.sigma0, args.init, engine.token_embeddings, engine.info.vocab_size)
+
+    def logits(prompts: np.ndarray, examples, t=tuned_task) -> np.ndarray:
+        texts = [t.render(ex.fields, kind) for ex in examples]
+        parts = [engine.score(ScoreBatch(prompts, texts[i : i + 256], words)).logits for i in range(0, len(texts), 256)]
+        return np.concatenate(parts, axis=1)
+
+    bare = np.zeros((1, 0, dim), np.float32)
+    y_train = np.array([ex.label for ex in train])
+    y_test = np.array([ex.label for ex in test])
+    zs_train = logits(bare, train, task)[0]
+    zs_test = logits(bare, test, task)[0]
+    calibration = fit_calibration(zs_train, y_train)
+    zs_correct = zs_test.argmax(-1) == y_test
+    cal_correct = calibrated_predictions(zs_test, calibration) == y_test
+    init_loss, init_acc = label_cross_entropy(logits(projection(np.zeros(args.intrinsic_dim)), test[:200]), y_test[:200])
+
+    rng = np.random.default_rng([args.seed, 12])
+    batches = [rng.choice(len(train), min(args.batch_size, len(train)), replace=False) for _ in range(args.iterations)]
+    t0 = time.perf_counter()
+    trace = []
+
+    def fitness(z: np.ndarray, it: int) -> np.ndarray:
+        idx = batches[it]
+        loss, _ = label_cross_entropy(logits(projection(z), [train[i] for i in idx]), y_train[idx])
+        trace.append(float(loss.min()))
+        return loss
+
+    result = local_search(fitness, np.zeros(args.intrinsic_dim), args.sigma0, args.popsize, args.iterations,
+                          cma_seed(args.seed, 13))
+    search_s = time.perf_counter() - t0
+    tuned_test = logits(projection(result.mean[None]), test)[0]
+    tuned_correct = tuned_test.argmax(-1) == y_test
+    row = {
+        "args": vars(args),
+        "model": engine.info.name,
+        "test_examples": len(test),
+        "zero_shot": float(zs_correct.mean()),
+        "calibrated_zero_shot": float(cal_correct.mean()),
+        "init_prompt_accuracy_200": float(init_acc[0]),
+        "tuned": float(tuned_correct.mean()),
+        "tuned_vs_zero_shot_p": mcnemar_exact(tuned_correct, zs_correct),
+        "tuned_vs_calibrated_p": mcnemar_exact(tuned_correct, cal_correct),
+        "candidates": result.evaluations,
+        "search_seconds": round(search_s, 1),
+        "wall_seconds": round(time.perf_counter() - t_start, 1),
+        "best_batch_loss": trace,
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    with open(args.out, "a") as f:
+        f.write(json.dumps(row) + "\n")
+    print(json.dumps({k: v for k, v in row.items() if k not in ("best_batch_loss",)}))
+    return row
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,61 @@
+"""The baselines and statistics every accuracy claim is reported with, checked against hand-computed values."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from fed_clients.evaluation import calibrated_predictions, fit_calibration, mcnemar_exact, mean_std
+from fed_clients.local_search import local_search
+
+
+def test_binary_calibration_is_the_best_threshold_on_the_logit_gap():
+    # gaps (l1 - l0): -3 -2 -1 | 0.5 1 2 for labels 0 0 1 | 1 1 1: a model biased to class 0 at threshold 0.
+    gaps = np.array([-3.0, -2.0, -1.0, 0.5, 1.0, 2.0])
+    labels = np.array([0, 0, 1, 1, 1, 1])
+    logits = np.stack([np.zeros(6), gaps], axis=1)
+    assert (logits.argmax(1) == labels).mean() == pytest.approx(5 / 6)
+    bias = fit_calibration(logits, labels)
+    # Every threshold in (-2, -1) classifies all six right; the middle of that interval is -1.5.
+    assert bias == pytest.approx([0.0, 1.5])
+    assert (calibrated_predictions(logits, bias) == labels).all()
+    # Shifting every logit of a class by a constant does not change what the calibrated classifier does.
+    shifted = logits + np.array([4.0, 0.0])
+    np.testing.assert_array_equal(calibrated_predictions(shifted, fit_calibration(shifted, labels)),
+                                  calibrated_predictions(logits, bias))
+
+
+def test_multiclass_calibration_removes_the_mean_log_probability():
+    logits = np.array([[2.0, 0.0, 0.0], [1.0, 0.0, -1.0]])
+    log_probs = logits - np.log(np.exp(logits).sum(1, keepdims=True))
+    np.testing.assert_allclose(fit_calibration(logits, np.array([0, 1])), -log_probs.mean(0))
+    with pytest.raises(ValueError, match="logits"):
+        fit_calibration(logits, np.array([0]))
+
+
+def test_mcnemar_exact_matches_the_binomial_tail():
+    a = np.array([True] * 6 + [False] * 4 + [True] * 10)
+    b = np.array([False] * 6 + [True] * 4 + [True] * 10)
+    # 6 discordant pairs one way, 4 the other: p = 2 * P(X <= 4), X ~ Bin(10, 1/2).
+    expected = 2 * sum(math.comb(10, k) for k in range(5)) / 2**10
+    assert mcnemar_exact(a, b) == pytest.approx(expected)
+    assert mcnemar_exact(b, a) == pytest.approx(expected)
+    assert mcnemar_exact(np.ones(5, bool), np.zeros(5, bool)) == pytest.approx(2 / 32)
+    assert mcnemar_exact(a, a) == 1.0
+    with pytest.raises(ValueError, match="same shape"):
+        mcnemar_exact(a, a[:3])
+
+
+def test_mean_std_is_over_seeds_with_the_sample_deviation():
+    assert mean_std([0.7, 0.8, 0.9]) == (pytest.approx(0.8), pytest.approx(0.1))
+    assert mean_std([0.5]) == (0.5, 0.0)
+
+
+def test_local_search_reports_the_step_size_each_iteration_sampled_with():
+    """As the FedBPT reference: sigma recorded before each ask (the first is the start), the final one apart."""
+    result = local_search(lambda z, it: (z ** 2).sum(1), np.ones(6), 0.7, popsize=6, iterations=4, seed=3)
+    assert len(result.sigmas) == 4 and result.sigmas[0] == 0.7
+    assert result.final_sigma != result.sigmas[-1] and result.final_sigma > 0
+    assert result.evaluations == 24
