@@ -97,6 +97,7 @@ def icl_evaluate(service: ServiceClient, task: Task, demos: list[Example], test:
     loss, acc = label_cross_entropy(logits, np.array([ex.label for ex in test]))
     queries, sequences, tokens, up, down = (b - a for a, b in zip(before, after))
     return {"accuracy": float(acc[0]), "loss": float(loss[0]), "examples": len(test), "demos": len(demos),
+            "logits": logits[0],
             "queries": queries, "sequences": sequences, "tokens": tokens, "bytes_up": up, "bytes_down": down,
             "seconds": seconds}
 

@@ -28,8 +28,9 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 BLACK_BOX = ("fedbpt", "fedbpt-noperturb", "fedavg-z", "centralized", "local-only")
-METHODS = ("zero-shot", "icl", *BLACK_BOX, "fedprompt")
-LABELS = {"zero-shot": "zero-shot (manual prompt)", "icl": "in-context (5 demos)", "fedbpt": "FedBPT",
+METHODS = ("zero-shot", "calibrated", "icl", *BLACK_BOX, "fedprompt")
+LABELS = {"zero-shot": "zero-shot (manual prompt)", "calibrated": "calibrated zero-shot",
+          "icl": "in-context (5 demos)", "fedbpt": "FedBPT",
           "fedbpt-noperturb": "FedBPT w/o perturbation", "fedavg-z": "FedBBT (FedAvg of z)",
           "centralized": "centralized BBT", "local-only": "local-only BBT", "fedprompt": "FedPrompt (white-box)"}
 # RoBERTa-large, non-IID SST-2 (FedBPT paper, Table 2), beside which ours is read.
@@ -61,7 +62,10 @@ class Grid:
     icl_shots: int = 5
     fedprompt_steps: int = 4
     fedprompt_lr: float = 0.01
-    prompt_wire: str = "float32"
+    prompt_wire: str = "seed"
+    prompt_init: str = "tokens"
+    prompt_placement: str = "after-text"
+    label_words: str = ""  # comma-separated verbalizer replacing each task's, e.g. " terrible, great"
 
     @classmethod
     def from_file(cls, path: str | Path) -> "Grid":
@@ -223,6 +227,8 @@ class Bench:
         with self.service():
             for task_name in self.grid.tasks:
                 task = get_task(task_name)
+                if self.grid.label_words:
+                    task = task.with_label_words(self.grid.label_words.split(","))
                 splits = load_splits(self.grid.data, task)
                 test = splits["test"][: self.grid.test_size]
                 for n, (setting, method) in enumerate(todo, 1):
@@ -245,6 +251,8 @@ class Bench:
     def run_one(self, setting: Setting, method: str, task, train, test) -> dict:
         if method == "zero-shot":
             return self._zero_shot(task, test)
+        if method == "calibrated":
+            return self._calibrated(setting, task, train, test)
         if method == "icl":
             return self._icl(setting, task, train, test)
         if method == "fedprompt":
@@ -277,8 +285,31 @@ class Bench:
             service.close()
         # The manual prompt costs nothing to train: its only queries are the evaluation's.
         return {"test_accuracy": res["accuracy"], "test_loss": res["loss"], "queries": 0, "sequences": 0,
+                "test_logits": res["logits"].tolist(), "correct": _correct(res["logits"], test),
                 "bytes_up": 0, "bytes_down": 0, "service_bytes_up": 0, "service_bytes_down": 0, "curve": [],
                 "rounds": [], "client_rss_mb": None, "client_holds": "nothing (a fixed template)"}
+
+    def _calibrated(self, setting: Setting, task, train, test) -> dict:
+        """The manual prompt with its label bias fitted on the clients' pooled few-shot examples (no tuning)."""
+        from bench.baselines import icl_evaluate
+        from fed_clients.evaluation import calibrated_predictions, fit_calibration
+
+        zero = self._zero_shot(task, test)
+        pool = self._pool(setting, train)
+        service = self._service_client()
+        try:
+            info = service.model_info()
+            fitted = icl_evaluate(service, task, [], pool, info.kind, info.max_texts)
+        finally:
+            service.close()
+        bias = fit_calibration(fitted["logits"], np.array([ex.label for ex in pool]))
+        logits = np.asarray(zero["test_logits"])
+        correct = calibrated_predictions(logits, bias) == np.array([ex.label for ex in test])
+        return {"test_accuracy": float(correct.mean()), "test_loss": None, "queries": fitted["queries"],
+                "sequences": fitted["sequences"], "bytes_up": 0, "bytes_down": 0,
+                "service_bytes_up": fitted["bytes_up"], "service_bytes_down": fitted["bytes_down"], "curve": [],
+                "rounds": [], "correct": correct.astype(int).tolist(), "client_rss_mb": None,
+                "client_holds": "a label bias (C floats) fitted on its own examples"}
 
     def _icl(self, setting: Setting, task, train, test) -> dict:
         from bench.baselines import icl_evaluate, pick_demos
@@ -292,6 +323,7 @@ class Bench:
             service.close()
         # Demonstrations travel with every test query: that is ICL's cost, paid at inference, not in training.
         return {"test_accuracy": res["accuracy"], "test_loss": res["loss"], "queries": 0, "sequences": 0,
+                "correct": _correct(res["logits"], test),
                 "bytes_up": 0, "bytes_down": 0, "service_bytes_up": 0, "service_bytes_down": 0, "curve": [],
                 "rounds": [], "inference_tokens_per_example": res["tokens"] / max(1, res["sequences"]),
                 "client_rss_mb": None, "client_holds": f"{len(demos)} labelled demonstrations"}
@@ -316,6 +348,7 @@ class Bench:
             "--rounds", str(g.rounds), "--intrinsic-dim", str(g.intrinsic_dim), "--prompt-length", str(g.prompt_length),
             "--sigma0", str(g.sigma0), "--local-popsize", str(g.popsize), "--local-iterations", str(g.local_iterations),
             "--seed", str(setting.seed), "--projection-seed", str(setting.seed), "--min-clients", str(clients),
+            "--prompt-init", g.prompt_init, "--prompt-placement", g.prompt_placement,
             "--round-timeout", "3600"], env={"FEDBPT_ENROLL_KEY": self.enroll_key})
         procs = []
         try:
@@ -325,6 +358,8 @@ class Bench:
                 args = ["client", "--service", self.service_url, "--aggregator", agg_url, "--data", g.data,
                         "--task", setting.task, "--partition", f"{k}/{clients}", "--partition-seed", str(setting.seed),
                         "--batch-size", str(g.batch_size), "--prompt-wire", g.prompt_wire]
+                if g.label_words:
+                    args += ["--label-words", g.label_words]
                 if per_class:
                     args += ["--per-class", str(per_class)]
                 if setting.alpha is not None and clients > 1:
@@ -364,30 +399,38 @@ class Bench:
 
     def _score_run(self, setting, method, task, test, status, means, final, rss) -> dict:
         from fed_clients.client import PromptScorer
+        from fed_clients.tasks import with_placement
         from fedbpt_wire.federation import RunConfig
+        from fedbpt_wire.metrics import label_cross_entropy
         from fedbpt_wire.projection import projection_for
         from fedbpt_wire.tensors import decode_tensor
 
         g = self.grid
+        config = RunConfig.model_validate(status["config"])
         service = self._service_client()
         try:
             info = service.model_info()
-            scorer = PromptScorer(service, task, projection_for(RunConfig.model_validate(status["config"]), info),
-                                  info.kind, info.max_texts)
+            scorer = PromptScorer(service, with_placement(task, config.prompt_placement),
+                                  projection_for(config, info), info.kind, info.max_texts)
             curve_set = test[: g.curve_size]
             if method == "local-only":
                 # Each client's own prompt, each on its own slice of the test set: the mean over clients of
                 # their accuracy, for the price of one pass over the test set.
                 own = [decode_tensor(t) for _, t in sorted(final.client_means.items())]
                 slices = np.array_split(np.arange(len(test)), len(own))
-                correct = sum(float(scorer.evaluate(z[None], [test[i] for i in idx]).accuracy[0]) * len(idx)
-                              for z, idx in zip(own, slices) if len(idx))
-                test_acc, test_loss, curve = correct / len(test), None, []
+                correct = np.zeros(len(test), int)
+                for z, idx in zip(own, slices):
+                    if len(idx):
+                        correct[idx] = _correct(scorer.logits(z[None], [test[i] for i in idx])[0],
+                                                [test[i] for i in idx])
+                test_acc, test_loss, curve = float(correct.mean()), None, []
             else:
                 curve = [float(scorer.evaluate(means[r][None], curve_set).accuracy[0]) if r in means else None
                          for r in range(g.rounds + 1)]
-                ev = scorer.evaluate(decode_tensor(final.mean)[None], test)
-                test_acc, test_loss = float(ev.accuracy[0]), float(ev.loss[0])
+                logits = scorer.logits(decode_tensor(final.mean)[None], test)
+                correct = np.array(_correct(logits[0], test))
+                loss, acc = label_cross_entropy(logits, np.array([ex.label for ex in test]))
+                test_acc, test_loss = float(acc[0]), float(loss[0])
         finally:
             service.close()
         history = status["history"]
@@ -396,6 +439,7 @@ class Bench:
                   | {"clients": len(r["reporters"])} for r in history]
         return {
             "test_accuracy": test_acc, "test_loss": test_loss, "curve": curve, "rounds": rounds,
+            "correct": [int(c) for c in correct],
             "queries": sum(r["queries"] for r in rounds), "sequences": sum(r["sequences"] for r in rounds),
             "tokens": sum(r["tokens"] for r in rounds),
             "bytes_up": sum(r["bytes_up"] for r in rounds), "bytes_down": sum(r["bytes_down"] for r in rounds),
@@ -440,6 +484,26 @@ class Bench:
 # ---------------------------------------------------------------------- report
 
 
+def _correct(logits, examples) -> list[int]:
+    """Per test example, 1 where the prediction is right: what the paired tests compare."""
+    return (np.asarray(logits).argmax(-1) == np.array([ex.label for ex in examples])).astype(int).tolist()
+
+
+def paired_p(rs: list[dict], baseline: list[dict]) -> float | None:
+    """Exact McNemar p of a method against a baseline, pooling the (seed, test example) pairs of all seeds."""
+    from fed_clients.evaluation import mcnemar_exact
+
+    base = {r["seed"]: r for r in baseline}
+    mine, theirs = [], []
+    for r in rs:
+        other = base.get(r["seed"])
+        if other is None or "correct" not in r or "correct" not in other or len(r["correct"]) != len(other["correct"]):
+            return None
+        mine += r["correct"]
+        theirs += other["correct"]
+    return mcnemar_exact(np.array(mine, bool), np.array(theirs, bool)) if mine else None
+
+
 def _mean_std(values: list[float]) -> str:
     values = [v for v in values if v is not None]
     if not values:
@@ -469,10 +533,13 @@ def summarize(rows: list[dict]) -> list[dict]:
             if i is not None and r["rounds"]:
                 to95.append((sum(x["queries"] for x in r["rounds"][:i]), sum(x["sequences"] for x in r["rounds"][:i])))
         rss = [r["client_rss_mb"] for r in rs if r.get("client_rss_mb") is not None]
+        zero, calibrated = (groups.get((task, regime, partition, m), []) for m in ("zero-shot", "calibrated"))
         out.append({
             "task": task, "regime": regime, "partition": partition, "method": method, "seeds": len(rs),
             "accuracy": _mean_std([r["test_accuracy"] for r in rs]),
             "accuracy_mean": float(np.mean([r["test_accuracy"] for r in rs])),
+            "p_vs_zero_shot": paired_p(rs, zero) if method != "zero-shot" else None,
+            "p_vs_calibrated": paired_p(rs, calibrated) if method not in ("zero-shot", "calibrated") else None,
             "queries": float(np.mean([r["queries"] for r in rs])),
             "sequences": float(np.mean([r["sequences"] for r in rs])),
             "queries_to_95": float(np.mean([q for q, _ in to95])) if to95 else None,
@@ -492,7 +559,8 @@ def _num(value: float | None, fmt: str = ".0f") -> str:
     return "-" if value is None else format(value, fmt)
 
 
-COLUMNS = ("task", "regime", "partition", "method", "test acc % (mean ± std)", "queries", "sequences",
+COLUMNS = ("task", "regime", "partition", "method", "test acc % (mean ± std)", "McNemar p vs zero-shot / calibrated",
+           "queries", "sequences",
            "queries / sequences to 95%", "KiB up / down per client-round (aggregator link)", "KiB total (aggregator link)",
            "KiB total (service link)", "client peak RSS MiB", "client holds", "wall s")
 
@@ -501,7 +569,7 @@ def markdown_table(summary: list[dict]) -> str:
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     for s in summary:
         cells = [s["task"], s["regime"], s["partition"], LABELS.get(s["method"], s["method"]), s["accuracy"],
-                 _num(s["queries"]), _num(s["sequences"]),
+                 f"{_num(s['p_vs_zero_shot'], '.2g')} / {_num(s['p_vs_calibrated'], '.2g')}", _num(s["queries"]), _num(s["sequences"]),
                  f"{_num(s['queries_to_95'])} / {_num(s['sequences_to_95'])}",
                  f"{_kib(s['up_per_client_round'])} / {_kib(s['down_per_client_round'])}", _kib(s["bytes_total"]),
                  _kib(s["service_bytes_total"]), _num(s["client_rss_mb"]), s["client_holds"],

@@ -6,7 +6,9 @@ zero-shot and the tuned prompt on the same held-out test examples, with McNemar'
 
     python bench/prompt_study.py --task amazon_snippets --placement after-text --init tokens --anchor auto
 
-Each run appends one JSON line to --out (default bench/results/prompt_study.jsonl).
+Several variants share one model load and one zero-shot pass: `--variants "placement=ahead,anchor=none;init=zeros"`
+(each `;`-separated variant overrides the flags it names). Each variant appends one JSON line to --out
+(default bench/results/prompt_study.jsonl).
 """
 
 from __future__ import annotations
@@ -53,6 +55,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--test-size", type=int, default=1000)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-kv-reuse", action="store_true")
+    ap.add_argument("--screen", action="store_true", help="only the initial prompt's accuracy on 200 test examples")
+    ap.add_argument("--variants", default="", help="';'-separated variants of key=value overrides of the flags above")
     ap.add_argument("--out", default="bench/results/prompt_study.jsonl")
     args = ap.parse_args(argv)
 
@@ -61,21 +65,18 @@ def main(argv=None) -> dict:
     from inference_service.server import build_engine
 
     t_start = time.perf_counter()
-    engine = build_engine(args.model, dtype="float32", prompt_anchor=args.anchor, kv_reuse=not args.no_kv_reuse)
+    engine = build_engine(args.model, dtype="float32", kv_reuse=not args.no_kv_reuse)
     task = get_task(args.task)
     if args.label_words:
         task = task.with_label_words(args.label_words.split(","))
-    tuned_task = with_placement(task, args.placement)
     splits = load_splits("default", task)
     train = few_shot(splits["train"], args.per_class, args.seed)
     test = splits["test"][: args.test_size]
     kind = engine.info.kind
     words = list(task.label_words)
     dim = engine.info.hidden_size
-    projection = Projection(args.seed, args.intrinsic_dim, args.prompt_length, dim, engine.info.embedding_std,
-                            args.sigma0, args.init, engine.token_embeddings, engine.info.vocab_size)
 
-    def logits(prompts: np.ndarray, examples, t=tuned_task) -> np.ndarray:
+    def logits(prompts: np.ndarray, examples, t) -> np.ndarray:
         texts = [t.render(ex.fields, kind) for ex in examples]
         parts = [engine.score(ScoreBatch(prompts, texts[i : i + 256], words)).logits for i in range(0, len(texts), 256)]
         return np.concatenate(parts, axis=1)
@@ -88,27 +89,54 @@ def main(argv=None) -> dict:
     calibration = fit_calibration(zs_train, y_train)
     zs_correct = zs_test.argmax(-1) == y_test
     cal_correct = calibrated_predictions(zs_test, calibration) == y_test
-    init_loss, init_acc = label_cross_entropy(logits(projection(np.zeros(args.intrinsic_dim)), test[:200]), y_test[:200])
+    rows = []
+    for variant in [v for v in args.variants.split(";") if v.strip()] or [""]:
+        overrides = dict(kv.split("=", 1) for kv in variant.split(",") if kv.strip())
+        run = argparse.Namespace(**{**vars(args), **{k.replace("-", "_"): type(getattr(args, k.replace("-", "_")))(v)
+                                                      if getattr(args, k.replace("-", "_")) is not None else v
+                                                      for k, v in overrides.items()}})
+        rows.append(tune(run, engine, task, train, test, y_train, y_test, zs_correct, cal_correct, logits, t_start))
+    return rows
+
+
+def tune(args, engine, task, train, test, y_train, y_test, zs_correct, cal_correct, logits, t_start) -> dict:
+    from inference_service.layout import make_layout
+
+    kind = engine.info.kind
+    dim = engine.info.hidden_size
+    engine.layout = make_layout(engine.tokenizer, kind, args.anchor)
+    tuned_task = with_placement(task, args.placement)
+    projection = Projection(args.seed, args.intrinsic_dim, args.prompt_length, dim, engine.info.embedding_std,
+                            args.sigma0, args.init, engine.token_embeddings, engine.info.vocab_size)
+    init_loss, init_acc = label_cross_entropy(logits(projection(np.zeros(args.intrinsic_dim)), test[:200], tuned_task),
+                                              y_test[:200])
+    if args.screen:
+        row = {"placement": args.placement, "init": args.init, "anchor": args.anchor, "L": args.prompt_length,
+               "zero_shot_200": float(zs_correct[:200].mean()), "init_accuracy_200": float(init_acc[0]),
+               "init_loss_200": float(init_loss[0])}
+        print(json.dumps(row), flush=True)
+        return row
 
     rng = np.random.default_rng([args.seed, 12])
     batches = [rng.choice(len(train), min(args.batch_size, len(train)), replace=False) for _ in range(args.iterations)]
     t0 = time.perf_counter()
-    trace = []
+    trace: list[float] = []
 
     def fitness(z: np.ndarray, it: int) -> np.ndarray:
         idx = batches[it]
-        loss, _ = label_cross_entropy(logits(projection(z), [train[i] for i in idx]), y_train[idx])
+        loss, _ = label_cross_entropy(logits(projection(z), [train[i] for i in idx], tuned_task), y_train[idx])
         trace.append(float(loss.min()))
         return loss
 
     result = local_search(fitness, np.zeros(args.intrinsic_dim), args.sigma0, args.popsize, args.iterations,
                           cma_seed(args.seed, 13))
     search_s = time.perf_counter() - t0
-    tuned_test = logits(projection(result.mean[None]), test)[0]
+    tuned_test = logits(projection(result.mean[None]), test, tuned_task)[0]
     tuned_correct = tuned_test.argmax(-1) == y_test
     row = {
         "args": vars(args),
         "model": engine.info.name,
+        "label_words": list(task.label_words),
         "test_examples": len(test),
         "zero_shot": float(zs_correct.mean()),
         "calibrated_zero_shot": float(cal_correct.mean()),

@@ -25,6 +25,10 @@ from .loopback import free_port
 
 log = logging.getLogger(__name__)
 
+# Clients and the aggregator share the cores with the service; their NumPy work is small, and a BLAS pool
+# per process spinning beside the model's threads only slows the model down.
+SINGLE_THREADED = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
 
 @dataclass
 class DemoConfig:
@@ -175,7 +179,7 @@ def run_demo(cfg: DemoConfig) -> dict:
                     "--projection-seed", str(cfg.seed), "--min-clients", str(cfg.clients),
                     "--prompt-init", cfg.prompt_init, "--prompt-placement", cfg.prompt_placement,
                     "--round-timeout", str(cfg.round_timeout_s)]
-        procs.start("aggregator", agg_args, env={"FEDBPT_ENROLL_KEY": enroll_key})
+        procs.start("aggregator", agg_args, env={"FEDBPT_ENROLL_KEY": enroll_key, **SINGLE_THREADED})
         print(f"starting the service ({cfg.model}) and the aggregator; logs in {out / 'logs'}", flush=True)
         wait_healthy(svc_url, procs)
         wait_healthy(agg_url, procs)
@@ -188,7 +192,8 @@ def run_demo(cfg: DemoConfig) -> dict:
                 args += ["--label-words", cfg.label_words]
             if cfg.alpha is not None:
                 args += ["--alpha", str(cfg.alpha)]
-            procs.start(f"client-{k}", args, env={"FEDBPT_API_KEY": api_key, "FEDBPT_ENROLL_KEY": enroll_key})
+            procs.start(f"client-{k}", args, env={"FEDBPT_API_KEY": api_key, "FEDBPT_ENROLL_KEY": enroll_key,
+                                                  **SINGLE_THREADED})
         print(f"{cfg.clients} clients, {cfg.rounds} rounds, strategy {cfg.strategy}", flush=True)
         progress = Progress(cfg.rounds)
         while True:

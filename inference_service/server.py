@@ -28,6 +28,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-kv-reuse", action="store_true",
                         help="run every (prompt, text) sequence whole instead of reusing a shared prefix's keys and "
                              "values (causal LMs; for comparison)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads for the model (default: torch's choice, one per core); lower it when the "
+                             "service shares its cores with other busy processes")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     parser.add_argument("--api-keys-file", default=None,
                         help="file of 'KEY [QUOTA]' lines; keys also from FEDBPT_API_KEYS. Edit it to add or revoke "
@@ -110,6 +113,10 @@ def run(args: argparse.Namespace) -> None:
     limits = limits_from(args)
     keys = KeyStore.from_sources(args.api_keys_file, args.quota)
     reload_keys_on_sighup(keys)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     engine = build_engine(args.model, args.engine, args.dtype, args.device, limits, args.prompt_anchor,
                           not args.no_kv_reuse)
     app = create_app(engine, keys, limits)

@@ -46,6 +46,18 @@ def test_summary_by_hand():
     assert s["bytes_total"] == (800 + 1400) / 2
 
 
+def test_summary_pairs_each_method_with_the_baselines_on_the_same_examples():
+    zero = [row("zero-shot", s, 0.5, [], []) | {"correct": [1, 0, 0, 0, 0, 0]} for s in (0, 1)]
+    cal = [row("calibrated", s, 0.5, [], []) | {"correct": [1, 1, 1, 0, 0, 0]} for s in (0, 1)]
+    fed = [row("fedbpt", s, 0.8, [], []) | {"correct": [1, 1, 1, 1, 1, 0]} for s in (0, 1)]
+    by = {s["method"]: s for s in summarize(zero + cal + fed)}
+    # Pooled over both seeds: vs zero-shot 8 discordant pairs, all for FedBPT: p = 2 / 2**8.
+    assert by["fedbpt"]["p_vs_zero_shot"] == pytest.approx(2 / 2**8)
+    assert by["fedbpt"]["p_vs_calibrated"] == pytest.approx(2 / 2**4)
+    assert by["calibrated"]["p_vs_zero_shot"] == pytest.approx(2 / 2**4) and by["calibrated"]["p_vs_calibrated"] is None
+    assert by["zero-shot"]["p_vs_zero_shot"] is None
+
+
 def test_wire_sizes_shrink_with_the_seed_form():
     rows = wire_sizes(["a short review . Sentiment:{mask}"] * 4, [" negative", " positive"])
     for r in rows:
@@ -57,19 +69,21 @@ def test_wire_sizes_shrink_with_the_seed_form():
 
 @pytest.fixture(scope="module")
 def service_url(default_model_dir):
-    engine = TorchEngine(str(default_model_dir), dtype="auto")
+    engine = TorchEngine(str(default_model_dir), dtype="float32")
     with serve_app(create_app(engine, KeyStore({KEY: None}))) as url:
         yield url
 
 
 def test_a_small_grid_end_to_end_and_resumed(service_url, default_data_dir, tmp_path):
     grid = Grid("tiny", tasks=("rotten_tomatoes",), regimes={"few-shot": 6}, seeds=(0,),
-                methods=("zero-shot", "icl", "fedbpt", "local-only", "fedprompt"), clients=2, rounds=2, intrinsic_dim=8, prompt_length=2,
+                methods=("zero-shot", "calibrated", "icl", "fedbpt", "local-only", "fedprompt"), clients=2, rounds=2, intrinsic_dim=8, prompt_length=2,
                 popsize=4, local_iterations=1, batch_size=4, test_size=24, curve_size=12)
     bench = Bench(grid, tmp_path, service_url, KEY)
     rows = bench.run(progress=lambda line: None)
     by = {r["method"]: r for r in rows}
-    assert set(by) == {"zero-shot", "icl", "fedbpt", "local-only", "fedprompt"}
+    assert set(by) == {"zero-shot", "calibrated", "icl", "fedbpt", "local-only", "fedprompt"}
+    assert len(by["zero-shot"]["correct"]) == len(by["calibrated"]["correct"]) == len(by["fedbpt"]["correct"]) == 24
+    assert by["calibrated"]["queries"] == 1  # the pool's zero-shot logits, to fit the bias on
     fed = by["fedbpt"]
     assert len(fed["rounds"]) == 2 and all(r["clients"] == 2 for r in fed["rounds"])
     assert len(fed["curve"]) == 3 and all(0 <= a <= 1 for a in fed["curve"])
@@ -88,11 +102,11 @@ def test_a_small_grid_end_to_end_and_resumed(service_url, default_data_dir, tmp_
     assert white["bytes_up"] > 2 * 2 * 4 * 2 * 576
 
     lines = (tmp_path / "runs.jsonl").read_text().splitlines()
-    assert len(lines) == 5
+    assert len(lines) == 6
     again = Bench(grid, tmp_path, service_url, KEY)  # finished runs are kept, nothing reruns
     assert again.run(progress=lambda line: pytest.fail(f"reran: {line}")) == [json.loads(x) for x in lines]
 
     text = write_report(grid, rows, tmp_path)
     assert "FedBPT" in text and "seed + z" in text
     assert (tmp_path / "curves_rotten_tomatoes_few-shot_dir0.5.png").stat().st_size > 10_000
-    assert (tmp_path / "summary.csv").read_text().count("\n") == 6
+    assert (tmp_path / "summary.csv").read_text().count("\n") == 7

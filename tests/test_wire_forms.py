@@ -91,6 +91,31 @@ def test_scores_through_each_wire_form(url, engine, wire):
         assert up_other < up_dense * 0.6
 
 
+def test_token_init_travels_as_seed_and_is_expanded_from_the_service_embeddings(url, engine, tiny_roberta_dir):
+    """Init 'tokens': a client that cannot build P0 sends seed + z (even when asked for dense), and the service
+    scores P0 = rows of its embedding table (read here from the checkpoint) plus A z."""
+    from safetensors.numpy import load_file
+
+    from fedbpt_wire.projection import initial_token_ids
+
+    info = engine.info
+    client_side = Projection(seed=5, intrinsic_dim=12, prompt_length=3, hidden_size=D,
+                             embedding_std=info.embedding_std, sigma0=1.0, init="tokens")
+    z = np.random.default_rng(4).standard_normal((3, 12))
+    service = ServiceClient(url, KEY)  # dense float32 by default
+    try:
+        got = PromptScorer(service, TASK, client_side, "masked", LIMITS.max_texts).logits(z, EXAMPLES)
+        table = load_file(str(tiny_roberta_dir / "model.safetensors"))
+        weight = next(v for k, v in table.items() if k.endswith("word_embeddings.weight"))
+        rows = weight[initial_token_ids(5, 3, info.vocab_size)]
+        dense = (z.astype(np.float32) @ client_side.matrix).reshape(3, 3, D) + rows
+        texts = [TASK.render(ex.fields, "masked") for ex in EXAMPLES]
+        expected = service.score(dense.astype(np.float32), texts, list(TASK.label_words)).logits
+    finally:
+        service.close()
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+
+
 def test_model_info_publishes_the_projection_limit(url):
     info = httpx.get(f"{url}/v1/model").json()
     assert info["max_projection_values"] == LIMITS.max_projection_values
