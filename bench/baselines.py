@@ -28,7 +28,7 @@ from fed_clients.tasks import Task
 from fedbpt_wire.metrics import label_cross_entropy
 from fedbpt_wire.schemas import SLOT, Tensor
 from fedbpt_wire.tensors import encode_tensor
-from inference_service.layout import TextIds
+from inference_service.layout import TextIds, sequence
 from inference_service.torch_engine import TorchEngine
 
 # ---------------------------------------------------------------- in-context learning
@@ -125,23 +125,23 @@ def prompt_label_logits(engine: TorchEngine, prompt: torch.Tensor, texts: list[T
                         label_ids: torch.Tensor) -> torch.Tensor:
     """[N, C] label-word logits of one prompt [L, D] on tokenized texts, differentiable in `prompt`.
 
-    The engine's layout: leading special tokens, the prompt, the text (right-padded); the hidden state at
-    each text's own slot, so padding never moves the read position.
+    The engine's layout (`inference_service.layout.sequence`: specials, anchor, the text's head, the prompt, the
+    rest), right-padded; the hidden state at each text's own slot, so padding never moves the read position.
     """
-    n, dev = len(texts), engine.device
-    pre = engine.layout.prefix_ids
-    head = len(pre) + prompt.shape[0]
-    tails = [t.ids + engine.layout.suffix_ids for t in texts]
-    lengths = torch.tensor([len(t) for t in tails], device=dev)
-    tail_ids = torch.zeros(n, int(lengths.max()), dtype=torch.long, device=dev)
-    for i, ids in enumerate(tails):
-        tail_ids[i, : len(ids)] = torch.tensor(ids, dtype=torch.long)
-    pre_emb = engine.embed(torch.tensor(pre, dtype=torch.long, device=dev)).to(engine.dtype)
-    x = torch.cat([pre_emb.expand(n, -1, -1), prompt.to(dev, engine.dtype).expand(n, -1, -1),
-                   engine.embed(tail_ids).to(engine.dtype)], dim=1)
-    mask = (torch.arange(x.shape[1], device=dev) < (head + lengths)[:, None]).long()
+    n, dev, n_prompt = len(texts), engine.device, prompt.shape[0]
+    seqs = [sequence(engine.layout, t, n_prompt) for t in texts]
+    rows = [q.lead + [0] * n_prompt + q.tail for q in seqs]
+    lengths = torch.tensor([len(r) for r in rows], device=dev)
+    ids = torch.zeros(n, int(lengths.max()), dtype=torch.long, device=dev)
+    for i, row in enumerate(rows):
+        ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
+    x = engine.embed(ids).to(engine.dtype)
+    lead = torch.tensor([len(q.lead) for q in seqs], device=dev)
+    at = lead[:, None] + torch.arange(n_prompt, device=dev)
+    x = x.index_put((torch.arange(n, device=dev)[:, None], at), prompt.to(dev, engine.dtype).expand(n, -1, -1))
+    mask = (torch.arange(x.shape[1], device=dev) < lengths[:, None]).long()
     hidden = engine.body(inputs_embeds=x, attention_mask=mask).last_hidden_state
-    slots = torch.tensor([t.slot for t in texts], device=dev) + head
+    slots = torch.tensor([len(q.lead) + n_prompt + q.slot for q in seqs], device=dev)
     picked = hidden[torch.arange(n, device=dev), slots]
     if engine.kind == "causal" and isinstance(engine.head, torch.nn.Linear):
         # The C label rows of the output matrix only, as the engine does: no full-vocabulary product.

@@ -41,6 +41,9 @@ class ModelInfo(BaseModel):
     dtype: str
     engine: str
     mask_token: str | None = None
+    prompt_anchor: str | None = Field(
+        default=None, description="the token placed ahead of a soft prompt (L > 0) at position 0, where the "
+                                  "tokenizer adds no BOS of its own; absent: none")
     max_projection_values: int | None = Field(
         default=None, description="d x L x D limit of a `projected` (seed + z) request; absent where the "
                                   "service does not take that form")

@@ -81,6 +81,10 @@ def anchor_ids(tokenizer, kind: str, prefix: list[int], anchor: str) -> tuple[in
     return (int(token_id),)
 
 
+def anchor_text(tokenizer, layout: Layout) -> str | None:
+    return tokenizer.convert_ids_to_tokens(layout.anchor_ids[0]) if layout.anchor_ids else None
+
+
 def make_layout(tokenizer, kind: str, anchor: str = "auto") -> Layout:
     prefix, suffix = special_tokens_around(tokenizer)
     mask_id = None

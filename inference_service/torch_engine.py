@@ -15,7 +15,7 @@ from fedbpt_wire.schemas import ModelInfo
 
 from .embeddings import embedding_std
 from .engine import ScoreBatch, ScoreResult
-from .layout import Layout, Sequence, TextIds, label_token_ids, make_layout, sequence, tokenize_text
+from .layout import Layout, anchor_text, Sequence, TextIds, label_token_ids, make_layout, sequence, tokenize_text
 from .limits import Limits
 
 log = logging.getLogger(__name__)
@@ -107,6 +107,7 @@ class TorchEngine:
             embedding_std=embedding_std(self.embed),
             dtype=str(self.dtype).removeprefix("torch."),
             engine=self.name,
+            prompt_anchor=anchor_text(self.tokenizer, self.layout),
             mask_token=self.tokenizer.mask_token if self.kind == "masked" else None,
         )
         # A GPU amortises launches over far larger batches than a CPU's caches favour.

@@ -22,7 +22,7 @@ from fedbpt_wire.schemas import ModelInfo
 
 from .embeddings import embedding_std
 from .engine import ScoreBatch, ScoreResult
-from .layout import Layout, TextIds, label_token_ids, make_layout, sequence, tokenize_text
+from .layout import Layout, anchor_text, TextIds, label_token_ids, make_layout, sequence, tokenize_text
 from .limits import Limits
 
 log = logging.getLogger(__name__)
@@ -113,6 +113,7 @@ class VllmEngine:
             embedding_std=embedding_std(self.embed),
             dtype=str(self.dtype).removeprefix("torch."),
             engine=self.name,
+            prompt_anchor=anchor_text(self.tokenizer, self.layout),
             mask_token=None,
         )
         # LLM.generate is not re-entrant: concurrent requests would interleave inside one engine loop.
