@@ -47,7 +47,7 @@ PATIENT = dict(retries=40, backoff=0.25, max_backoff=2.0, timeout=120.0)
 
 @pytest.fixture(scope="module")
 def service_url(default_model_dir):
-    engine = TorchEngine(str(default_model_dir), dtype="auto")
+    engine = TorchEngine(str(default_model_dir), dtype="float32")
     with serve_app(create_service(engine, KeyStore({SVC_KEY: None}))) as url:
         yield url
 

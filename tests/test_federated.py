@@ -25,7 +25,7 @@ from .conftest import serve_app
 
 @pytest.fixture(scope="module")
 def service_url(default_model_dir):
-    engine = TorchEngine(str(default_model_dir), dtype="auto")
+    engine = TorchEngine(str(default_model_dir), dtype="float32")
     with serve_app(create_service(engine, KeyStore({"svc-key": None}))) as url:
         yield url
 
@@ -77,8 +77,10 @@ def test_two_rounds_two_clients(service_url, default_data_dir, tmp_path, strateg
         assert rec["queries"] == 2 * (1 + config.local_iterations + 1)
         expected = 0
         for shard in shards:
-            b = min(batch, len(shard.train)) * (2 if perturb else 1)
-            expected += len(shard.val) + config.local_iterations * config.local_popsize * b + b
+            copies = 2 if perturb else 1
+            b = min(batch, len(shard.train)) * copies
+            # The final mean's fitness is measured on the whole shard (and its perturbed copy), not a batch.
+            expected += len(shard.val) + config.local_iterations * config.local_popsize * b + len(shard.train) * copies
         assert rec["sequences"] == expected
         assert rec["bytes_up"] > 0 and rec["bytes_down"] > 0 and rec["val_accuracy"] is not None
         assert 0.0 <= rec["val_accuracy"] <= 1.0

@@ -109,6 +109,18 @@ def test_fedavg_z_weights_by_samples():
     assert s.task("anyone").local_sigma == pytest.approx(0.8)
 
 
+def test_fedavg_z_and_local_only_continue_from_the_final_step_size_when_sent():
+    """`sigmas` are the step sizes the iterations sampled with; where a client also sends the step size after
+    its last iteration, that is where the next search starts."""
+    fed = FedAvgZStrategy(cfg(intrinsic_dim=2), popsize=2)
+    a = ClientUpdate("a", np.zeros(2), 1.0, [0.9, 0.4], 1, final_sigma=0.3)
+    b = ClientUpdate("b", np.ones(2), 1.0, [1.0], 1)
+    assert fed.merge([a, b]).sigma_after == pytest.approx((0.3 + 1.0) / 2)
+    own = LocalOnlyStrategy(cfg(intrinsic_dim=2), popsize=2)
+    own.merge([a, b])
+    assert own.task("a").local_sigma == 0.3 and own.task("b").local_sigma == 1.0
+
+
 def test_local_only_keeps_each_client_on_its_own():
     s = LocalOnlyStrategy(cfg(intrinsic_dim=2, sigma0=1.0), popsize=2)
     s.merge([up("a", [1.0, 1.0], sigmas=[0.7]), up("b", [-1.0, 2.0], sigmas=[0.6])])
