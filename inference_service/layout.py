@@ -85,7 +85,7 @@ def anchor_text(tokenizer, layout: Layout) -> str | None:
     return tokenizer.convert_ids_to_tokens(layout.anchor_ids[0]) if layout.anchor_ids else None
 
 
-def make_layout(tokenizer, kind: str, anchor: str = "auto") -> Layout:
+def make_layout(tokenizer, kind: str, anchor: str = "none") -> Layout:
     prefix, suffix = special_tokens_around(tokenizer)
     mask_id = None
     strip = False

@@ -21,10 +21,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "when missing), a local HF directory or a hub id")
     parser.add_argument("--engine", choices=["torch", "vllm"], default="torch")
     parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto")
-    parser.add_argument("--prompt-anchor", default="auto",
-                        help="token placed ahead of a soft prompt: 'auto' (a causal LM whose tokenizer adds no BOS "
-                             "gets its BOS, else EOS token, so the prompt does not take the attention-sink position), "
-                             "'none', or a token's text")
+    parser.add_argument("--prompt-anchor", default="none",
+                        help="token placed ahead of a soft prompt (L > 0) so that the prompt does not take the "
+                             "attention-sink position 0: 'none' (default, chosen by measurement: docs/design.md), "
+                             "'auto' (a causal LM whose tokenizer adds no BOS gets its BOS, else EOS), or a token's "
+                             "text, e.g. '<|endoftext|>'")
     parser.add_argument("--no-kv-reuse", action="store_true",
                         help="run every (prompt, text) sequence whole instead of reusing a shared prefix's keys and "
                              "values (causal LMs; for comparison)")
@@ -88,7 +89,7 @@ def tls_options(args: argparse.Namespace) -> dict:
 
 
 def build_engine(model: str, engine: str = "torch", dtype: str = "auto", device: str | None = None,
-                 limits: Limits | None = None, prompt_anchor: str = "auto", kv_reuse: bool = True):
+                 limits: Limits | None = None, prompt_anchor: str = "none", kv_reuse: bool = True):
     from fedbpt.assets import embedded_model, resolve_model
 
     path = resolve_model(model)

@@ -71,7 +71,7 @@ class TorchEngine:
         device: str | None = None,
         limits: Limits | None = None,
         display_name: str | None = None,
-        prompt_anchor: str = "auto",
+        prompt_anchor: str = "none",
         kv_reuse: bool = True,
     ):
         from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer

@@ -46,7 +46,7 @@ class VllmEngine:
         limits: Limits | None = None,
         display_name: str | None = None,
         gpu_memory_utilization: float = 0.85,
-        prompt_anchor: str = "auto",
+        prompt_anchor: str = "none",
     ):
         try:
             from vllm import LLM

@@ -103,9 +103,9 @@ def test_anchor_leads_a_soft_prompt_where_the_tokenizer_adds_no_bos(default_mode
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(default_model_dir)
-    auto = make_layout(tok, "causal")
-    assert auto.prefix_ids == [] and len(auto.anchor_ids) == 1
-    assert make_layout(tok, "causal", "none").anchor_ids == ()
+    auto = make_layout(tok, "causal", "auto")
+    assert auto.prefix_ids == [] and auto.anchor_ids == (tok.bos_token_id,)
+    assert make_layout(tok, "causal").anchor_ids == ()  # the default, by measurement
     assert make_layout(tok, "causal", "<|endoftext|>").anchor_ids == (tok.convert_tokens_to_ids("<|endoftext|>"),)
     with pytest.raises(ValueError, match="not a token"):
         make_layout(tok, "causal", "no-such-token-here")
@@ -114,6 +114,31 @@ def test_anchor_leads_a_soft_prompt_where_the_tokenizer_adds_no_bos(default_mode
     text = TextIds([5, 6], 1)
     assert sequence(auto, text, 3).lead == list(auto.anchor_ids)  # with a soft prompt
     assert sequence(auto, text, 0).lead == []  # the bare template is what a user would send
+
+
+def test_an_anchored_prompt_scores_as_transformers_reads_anchor_prompt_text(default_model_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from inference_service.torch_engine import TorchEngine
+
+    engine = TorchEngine(str(default_model_dir), dtype="float32", prompt_anchor="<|endoftext|>")
+    assert engine.info.prompt_anchor == "<|endoftext|>"
+    tok = AutoTokenizer.from_pretrained(default_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(default_model_dir, dtype=torch.float32).eval()
+    prompts = (np.random.default_rng(3).standard_normal((2, 3, 576)) * engine.info.embedding_std).astype(np.float32)
+    texts = ["Review: a fine film.\nSentiment:{mask}", "Review: dull.{prompt}\nSentiment:{mask}"]
+    words = [" negative", " positive"]
+    got = engine.score(ScoreBatch(prompts, texts, words)).logits
+    anchor, label_ids = tok.convert_tokens_to_ids("<|endoftext|>"), [tok(w, add_special_tokens=False).input_ids[0] for w in words]
+    embed = model.get_input_embeddings()
+    with torch.inference_mode():
+        for n, (before, after) in enumerate([("", "Review: a fine film.\nSentiment:"), ("Review: dull.", "\nSentiment:")]):
+            head = [anchor] + (tok(before, add_special_tokens=False).input_ids if before else [])
+            tail = tok(after, add_special_tokens=False).input_ids
+            for p in range(2):
+                x = torch.cat([embed(torch.tensor(head)), torch.from_numpy(prompts[p]), embed(torch.tensor(tail))])
+                ref = model(inputs_embeds=x[None]).logits[0, -1, label_ids].numpy()
+                np.testing.assert_allclose(got[p, n], ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
 
 
 def test_token_init_is_the_embeddings_of_seeded_vocabulary_ids(llama, llama_dir):
