@@ -84,15 +84,15 @@ class Grid:
 
 
 GRIDS = {
-    # Under 10 minutes on 2 cores: the default grid's setting, one seed, a 200-example test slice.
-    "quick": Grid("quick", tasks=("amazon_snippets",), label_words=" terrible, great", seeds=(0,),
-                  methods=("zero-shot", "calibrated", "fedbpt", "fedavg-z"), clients=4, rounds=2, popsize=10,
-                  intrinsic_dim=100, local_iterations=1, batch_size=16, test_size=200, curve_size=50),
-    # About 45 minutes on 2 AVX2 cores (SmolLM2-135M in fp32 runs ~250 tokens/s there): the demo's setting
-    # (Amazon snippets, " terrible"/" great", prompt after the text from zeros), few-shot non-IID, 3 seeds, the
-    # tuned methods against zero-shot and the calibrated zero-shot, on the whole 1,000-example test split.
-    "default": Grid("default", tasks=("amazon_snippets",), label_words=" terrible, great", prompt_init="zeros",
-                    clients=4, rounds=2, popsize=10, intrinsic_dim=100, local_iterations=1, batch_size=16,
+    # Under 10 minutes on 2 cores: the demo's setting, one seed, a 200-example test slice.
+    "quick": Grid("quick", tasks=("amazon_snippets",), label_words=" terrible, great", alphas=(None,), seeds=(0,),
+                  methods=("zero-shot", "calibrated", "fedbpt-noperturb", "fedavg-z"), clients=4, rounds=2,
+                  popsize=8, intrinsic_dim=50, local_iterations=2, batch_size=16, test_size=200, curve_size=50),
+    # About an hour on 2 AVX2 cores (SmolLM2-135M in fp32 runs ~250 tokens/s there): the demo's setting
+    # (Amazon snippets, " terrible"/" great", prompt after the text from zeros, IID), 3 seeds, the tuned methods
+    # against zero-shot and the calibrated zero-shot, on the whole 1,000-example test split.
+    "default": Grid("default", tasks=("amazon_snippets",), label_words=" terrible, great", alphas=(None,),
+                    clients=4, rounds=4, popsize=8, intrinsic_dim=50, local_iterations=2, batch_size=16,
                     methods=("zero-shot", "calibrated", "fedbpt", "fedbpt-noperturb", "fedavg-z"), test_size=1000,
                     curve_size=50),
     # Both embedded tasks, both regimes, IID and three Dirichlet alphas: hours on a CPU, for a long run by hand.

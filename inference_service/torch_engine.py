@@ -257,6 +257,7 @@ class TorchEngine:
         `continuation(p_idx, cont_idx, width)` its embeddings [b, width, D], `cont_len` [B] their lengths and
         `slots[cont_idx]` the continuation position read out. Padded prefix positions are masked out, and
         positions continue from each prefix's own length, so a cell computes what its whole sequence would.
+        Continuations are batched in length order under the token budget, cached positions included.
         """
         from transformers import DynamicCache
 
@@ -269,8 +270,8 @@ class TorchEngine:
         kv = [(torch.cat([p[i][0] for p in parts]), torch.cat([p[i][1] for p in parts])) for i in range(len(parts[0]))]
         tokens = int(prefix_len.sum())
         order = np.argsort(cont_len, kind="stable")
-        # Attending to the cached positions costs far less than the MLPs of a new one: a quarter, roughly.
-        cost = (cont_len[order] + prefix.shape[1] // 4).tolist()
+        # The cached positions count in full: each item gathers its prefix's keys and values for every layer.
+        cost = (cont_len[order] + prefix.shape[1]).tolist()
         for lo, hi in self._micro_batches(cost):
             sel = order[lo:hi]
             c_idx = torch.from_numpy(cache_rows[sel]).to(self.device)

@@ -1,0 +1,41 @@
+"""`fedbpt demo` end to end at a tiny budget: real processes, the report's baselines and the prompt file."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from fedbpt.demo import DemoConfig, parse_label_words, run_demo
+from fedbpt_wire.tensors import decode_tensor
+from fedbpt_wire.schemas import Tensor
+
+
+def test_parse_label_words_keeps_each_words_space():
+    assert parse_label_words(" terrible, great") == [" terrible", " great"]
+    for bad in (" alone", " a,", ""):
+        with pytest.raises(ValueError, match="two or more"):
+            parse_label_words(bad)
+
+
+def test_a_tiny_demo_reports_every_baseline_and_keeps_the_prompt(tmp_path, default_model_dir):
+    cfg = DemoConfig(name="tiny", runs_dir=str(tmp_path), clients=2, rounds=1, per_class=4, intrinsic_dim=8,
+                     local_popsize=3, local_iterations=1, batch_size=4, test_size=24, dtype="float32")
+    report = run_demo(cfg)
+    out = tmp_path / "tiny"
+    saved = json.loads((out / "report.json").read_text())
+    assert saved["test_examples"] == 24 and saved["calibration_examples"] == 8
+    for key in ("zero_shot_test_accuracy", "calibrated_zero_shot_test_accuracy", "tuned_test_accuracy",
+                "tuned_calibrated_test_accuracy"):
+        assert 0.0 <= saved[key] <= 1.0 and saved[key] * 24 == round(saved[key] * 24)
+    assert 0.0 < saved["tuned_vs_zero_shot_p"] <= 1.0 and 0.0 < saved["tuned_vs_calibrated_p"] <= 1.0
+    assert saved["label_words"] == [" terrible", " great"]
+    assert [r["state"] for r in saved["rounds"]] == ["merged"] and saved["rounds"][0]["bytes_up"] > 0
+    prompt = json.loads((out / "prompt.json").read_text())
+    z = decode_tensor(Tensor.model_validate(prompt["z"]))
+    assert z.shape == (8,) and np.isfinite(z).all()
+    assert prompt["projection"]["placement"] == "after-text" and prompt["projection"]["init"] == "zeros"
+    assert "{prompt}" in prompt["task"]["template"] and prompt["task"]["label_words"] == [" terrible", " great"]
+    assert prompt["metrics"]["tuned_test_accuracy"] == report["tuned_test_accuracy"]
+    assert (out / "accuracy.png").stat().st_size > 10_000
