@@ -222,7 +222,7 @@ class Bench:
 
     def run(self, progress=print) -> list[dict]:
         from fed_clients.data import load_splits
-        from fed_clients.tasks import get_task
+        from fed_clients.tasks import get_task, parse_label_words
 
         settings = self.settings()
         todo = [(s, m) for s in settings for m in self.grid.methods]
@@ -232,7 +232,7 @@ class Bench:
             for task_name in self.grid.tasks:
                 task = get_task(task_name)
                 if self.grid.label_words:
-                    task = task.with_label_words(self.grid.label_words.split(","))
+                    task = task.with_label_words(parse_label_words(self.grid.label_words))
                 splits = load_splits(self.grid.data, task)
                 test = splits["test"][: self.grid.test_size]
                 for n, (setting, method) in enumerate(todo, 1):

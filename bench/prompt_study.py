@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fed_clients.evaluation import calibrated_predictions, fit_calibration, mcnemar_exact  # noqa: E402
 from fed_clients.local_search import cma_seed, local_search  # noqa: E402
-from fed_clients.tasks import get_task, with_placement  # noqa: E402
+from fed_clients.tasks import get_task, parse_label_words, with_placement  # noqa: E402
 from fedbpt_wire.metrics import label_cross_entropy  # noqa: E402
 from fedbpt_wire.projection import Projection  # noqa: E402
 
@@ -68,7 +68,7 @@ def main(argv=None) -> dict:
     engine = build_engine(args.model, dtype="float32", kv_reuse=not args.no_kv_reuse)
     task = get_task(args.task)
     if args.label_words:
-        task = task.with_label_words(args.label_words.split(","))
+        task = task.with_label_words(parse_label_words(args.label_words))
     splits = load_splits("default", task)
     train = few_shot(splits["train"], args.per_class, args.seed)
     test = splits["test"][: args.test_size]

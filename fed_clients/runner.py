@@ -17,7 +17,7 @@ from .data import Example, load_splits
 from .http import RequestFailed
 from .partition import few_shot, partition, train_val_split
 from .service_client import PROMPT_WIRE_FORMS, ServiceClient
-from .tasks import Task, get_task
+from .tasks import Task, get_task, parse_label_words
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +108,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def task_from(args: argparse.Namespace) -> Task:
     task = get_task(args.task)
     if args.label_words:
-        task = task.with_label_words(args.label_words.split(","))
+        task = task.with_label_words(parse_label_words(args.label_words))
     return task
 
 

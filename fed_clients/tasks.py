@@ -33,7 +33,7 @@ class Task:
             text = text.replace("{" + f + "}", value)
         return text
 
-    def with_label_words(self, words) -> "Task":
+    def with_label_words(self, words) -> Task:
         words = tuple(words)
         if len(words) != self.num_classes:
             raise ValueError(f"task {self.name} has {self.num_classes} classes, got {len(words)} label words")
@@ -68,6 +68,14 @@ TASKS: dict[str, Task] = {
 
 # Column names in the HF datasets, mapped onto the fields above.
 HF_COLUMNS = {"sentence": "text", "sentence1": "text", "sentence2": "text2", "text": "text"}
+
+
+def parse_label_words(text: str) -> list[str]:
+    """' bad, good' -> [' bad', ' good']: commas separate, and each word keeps its own leading space."""
+    words = text.split(",")
+    if len(words) < 2 or any(not w.strip() for w in words):
+        raise ValueError(f"label words must be two or more comma-separated words, got {text!r}")
+    return words
 
 
 def get_task(name: str) -> Task:

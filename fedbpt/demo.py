@@ -154,7 +154,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     from fed_clients.data import load_splits
     from fed_clients.evaluation import calibrated_predictions, fit_calibration, mcnemar_exact
     from fed_clients.runner import client_shard
-    from fed_clients.tasks import with_placement
+    from fed_clients.tasks import parse_label_words, with_placement
     from fedbpt_wire.metrics import label_cross_entropy
     from fedbpt_wire.projection import projection_for
     from fedbpt_wire.federation import RunConfig
@@ -165,6 +165,10 @@ def run_demo(cfg: DemoConfig) -> dict:
     from . import assets
 
     t_start = time.monotonic()
+    # The task and its verbalizer first: a bad one fails here, before any process starts.
+    task = get_task(cfg.task)
+    if cfg.label_words:
+        task = task.with_label_words(parse_label_words(cfg.label_words))
     out = Path(cfg.runs_dir) / cfg.name
     (out / "logs").mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
@@ -213,9 +217,6 @@ def run_demo(cfg: DemoConfig) -> dict:
         final = observer.global_state()
         run_config = status["config"]
 
-        task = get_task(cfg.task)
-        if cfg.label_words:
-            task = task.with_label_words(parse_label_words(cfg.label_words))
         splits = load_splits("default", task)
         test = splits["test"][: cfg.test_size]
         print(f"evaluating zero-shot, calibrated zero-shot and the tuned prompt on {len(test)} held-out test "
@@ -292,14 +293,6 @@ def run_demo(cfg: DemoConfig) -> dict:
           f"(McNemar p {report['tuned_vs_zero_shot_p']:.2g} vs zero-shot, {report['tuned_vs_calibrated_p']:.2g} vs "
           f"calibrated) | {report['wall_seconds']:.0f} s | report: {out / 'report.json'}")
     return report
-
-
-def parse_label_words(text: str) -> list[str]:
-    """' bad, good' -> [' bad', ' good']: commas separate, and each word keeps its own leading space."""
-    words = text.split(",")
-    if len(words) < 2 or any(not w.strip() for w in words):
-        raise ValueError(f"label words must be two or more comma-separated words, got {text!r}")
-    return words
 
 
 def write_prompt_file(path: Path, info, config, task, z, report: dict) -> None:

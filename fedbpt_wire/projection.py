@@ -83,9 +83,8 @@ class Projection:
             if token_embeddings is not None:
                 if vocab_size is None:
                     raise ValueError("prompt init 'tokens' needs the model's vocabulary size")
-                self.token_ids = initial_token_ids(seed, prompt_length, vocab_size)
-                self.offset = np.asarray(token_embeddings(self.token_ids), dtype=np.float32).reshape(
-                    prompt_length, hidden_size)
+                ids = initial_token_ids(seed, prompt_length, vocab_size)
+                self.offset = np.asarray(token_embeddings(ids), dtype=np.float32).reshape(prompt_length, hidden_size)
         elif init == "random":
             self.offset = initial_prompt(seed, prompt_length, hidden_size, embedding_std)
         else:

@@ -7,7 +7,8 @@ import json
 import numpy as np
 import pytest
 
-from fedbpt.demo import DemoConfig, parse_label_words, run_demo
+from fed_clients.tasks import parse_label_words
+from fedbpt.demo import DemoConfig, run_demo
 from fedbpt_wire.tensors import decode_tensor
 from fedbpt_wire.schemas import Tensor
 

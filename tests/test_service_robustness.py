@@ -261,6 +261,9 @@ class SlowEngine:
     def label_token_ids(self, words):
         return self.engine.label_token_ids(words)
 
+    def token_embeddings(self, ids):
+        return self.engine.token_embeddings(ids)
+
     def score(self, batch):
         time.sleep(self.seconds)
         return self.engine.score(batch)
