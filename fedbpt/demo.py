@@ -153,7 +153,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     from fed_clients.client import PromptScorer
     from fed_clients.data import load_splits
     from fed_clients.evaluation import calibrated_predictions, fit_calibration, mcnemar_exact
-    from fed_clients.runner import client_shard
+    from fed_clients.partition import few_shot
     from fed_clients.tasks import parse_label_words, with_placement
     from fedbpt_wire.metrics import label_cross_entropy
     from fedbpt_wire.projection import projection_for
@@ -227,9 +227,10 @@ def run_demo(cfg: DemoConfig) -> dict:
         projection = projection_for(config, info)
         # The calibrated baseline: the manual prompt's label bias fitted on every labelled example the
         # clients hold (what they could do without tuning anything), applied to the test set.
-        shards = [client_shard(splits["train"], k, cfg.clients, cfg.alpha, cfg.seed, cfg.per_class)
-                  for k in range(cfg.clients)]
-        own = [ex for s in shards for ex in (*s.train, *s.val)]
+        # The clients' shards (train and validation) together are the run's few-shot pool.
+        train_labels = np.array([ex.label for ex in splits["train"]])
+        pool = few_shot(train_labels, cfg.per_class, cfg.seed) if cfg.per_class else np.arange(len(train_labels))
+        own = [splits["train"][i] for i in pool]
         zero_scorer = PromptScorer(service, task, None, info.kind, info.max_texts)
         bias = fit_calibration(zero_scorer.logits(None, own)[0], np.array([ex.label for ex in own]))
         zero_logits = zero_scorer.logits(None, test)[0]
