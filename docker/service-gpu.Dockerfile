@@ -1,10 +1,10 @@
 # syntax=docker/dockerfile:1
 # The inference service on an NVIDIA GPU: vLLM's official image, the vLLM engine (docs/vllm.md).
-# The project goes on top of the image's own vLLM stack: its torch, vllm, xformers, triton and flashinfer
-# stay exactly as shipped (pip constraints), and transformers stays below 5 (vLLM 0.11.0 predates it).
+# The project goes on top of the image's own vLLM stack: its torch, vllm, triton, flashinfer and transformers
+# stay exactly as shipped (pip constraints; vLLM 0.26.0 needs transformers >= 5.5.3 and torch 2.11).
 # The embedded default model is converted by the `assets` service (CPU image), not here: see docs/vllm.md.
 #   docker build -f docker/service-gpu.Dockerfile -t fedbpt/service-gpu:local .   (from the repository root)
-FROM vllm/vllm-openai:v0.11.0
+FROM vllm/vllm-openai:v0.26.0
 
 ENV PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
@@ -17,9 +17,9 @@ ENV PYTHONUNBUFFERED=1 \
 WORKDIR /src
 COPY . .
 RUN python3 -m pip list --format=freeze \
-        | grep -iE '^(vllm|torch|torchvision|torchaudio|xformers|triton|flashinfer-python)==' > /tmp/vllm-pins.txt \
+        | grep -iE '^(vllm|torch|torchvision|torchaudio|xformers|triton|flashinfer-python|transformers|tokenizers)==' > /tmp/vllm-pins.txt \
     && cat /tmp/vllm-pins.txt \
-    && PIP_BREAK_SYSTEM_PACKAGES=1 python3 -m pip install -c /tmp/vllm-pins.txt ".[service]" "transformers>=4.57,<5" \
+    && PIP_BREAK_SYSTEM_PACKAGES=1 python3 -m pip install -c /tmp/vllm-pins.txt ".[service]" \
     && python3 -c "import torch, transformers, vllm; print('torch', torch.__version__, 'transformers', transformers.__version__, 'vllm', vllm.__version__)"
 
 RUN useradd --create-home --uid 10001 --user-group fedbpt \
@@ -29,7 +29,7 @@ USER fedbpt
 WORKDIR /home/fedbpt
 
 EXPOSE 8000
-# vLLM compiles the model and captures CUDA graphs before /healthz answers: a long start period.
+# vLLM loads and compiles the model before /healthz answers: a long start period.
 HEALTHCHECK --interval=10s --timeout=5s --start-period=900s --retries=3 \
     CMD ["python3", "-c", "import sys, urllib.request; sys.exit(urllib.request.urlopen('http://127.0.0.1:8000/healthz', timeout=4).status != 200)"]
 ENTRYPOINT ["fedbpt"]

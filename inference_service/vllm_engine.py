@@ -1,9 +1,10 @@
 """vLLM engine for causal LMs: soft prompts enter as prompt embeddings, the whole population batched by vLLM.
 
-Pinned to vllm==0.11.0, the first release whose V1 engine takes `prompt_embeds` (0.10.x fell back to V0).
-Each sequence asks for one token, greedily, restricted to the label words by `allowed_token_ids`; with
-`logprobs_mode="processed_logits"` the returned values are the model's logits after that mask, so the
-top-C "logprobs" are exactly the C label words with their raw logits. docs/vllm.md gives the reasoning.
+Pinned to vllm==0.26.0, the newest release built on torch 2.11. Each sequence asks for one greedy token and
+the logits of exactly the C label words through `SamplingParams.logprob_token_ids` (no vocabulary-wide mask);
+with `logprobs_mode="processed_logits"` and greedy sampling those values are the model's raw logits. A task
+with more label words than vLLM gathers that way falls back to masking with `allowed_token_ids` and asking
+for the top C, which the mask makes exactly the label words. docs/vllm.md gives the reasoning.
 
 vllm and torch are imported inside the class, so importing this module never needs either.
 """
@@ -27,11 +28,13 @@ from .limits import Limits
 
 log = logging.getLogger(__name__)
 
-VLLM_VERSION = "0.11.0"
+VLLM_VERSION = "0.26.0"
+# vllm.sampling_params.MAX_LOGPROB_TOKEN_IDS in 0.26.0; more label words take the masked path.
+_MAX_LOGPROB_TOKEN_IDS = 128
 
-# vLLM keeps every queued request's embeddings in this process and again in its engine-core process,
-# so a large population is sent in several generate calls of at most this many bytes of embeddings.
-# Even for a 7B model a call holds thousands of sequences, more than one scheduler step runs (1024 by default).
+# Every queued request's embeddings live in host memory until the call returns, so a large population is
+# sent in several generate calls of at most this many bytes of embeddings. Even for a 7B model a call holds
+# thousands of sequences, more than one scheduler step runs.
 _MAX_CALL_BYTES = 2 * 2**30
 
 
@@ -47,7 +50,14 @@ class VllmEngine:
         display_name: str | None = None,
         gpu_memory_utilization: float = 0.85,
         prompt_anchor: str = "none",
+        max_num_batched_tokens: int = 65536,
+        enforce_eager: bool = False,
     ):
+        import os
+
+        # The engine core in this process: embeddings are handed over by reference, not serialised to a
+        # second process (which also doubled their host memory). Read when the LLM is built, not at import.
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         try:
             from vllm import LLM
         except ImportError as e:
@@ -65,8 +75,8 @@ class VllmEngine:
         config = AutoConfig.from_pretrained(model_path)
         written = getattr(config, "transformers_version", None)
         if written and Version(written).major > Version(transformers.__version__).major:
-            # An older transformers (vLLM 0.11 runs with 4.x) reads fields renamed since as absent and falls back
-            # to defaults without a word: SmolLM2's rope_parameters.rope_theta 100000 becomes 4.x's 10000.
+            # An older transformers reads fields renamed since as absent and falls back to defaults without a
+            # word: SmolLM2's rope_parameters.rope_theta 100000 becomes 4.x's 10000.
             log.warning(
                 "%s was saved by transformers %s but %s is installed: fields it does not know are silently "
                 "defaulted; re-create the directory with this transformers (re-saving a loaded copy keeps the "
@@ -94,11 +104,20 @@ class VllmEngine:
             gpu_memory_utilization=gpu_memory_utilization,
             max_model_len=max_len,
             enable_prompt_embeds=True,
-            # 0.11.0 cannot cache prefixes of embedding prompts and would switch it off with a warning.
-            enable_prefix_caching=False,
+            # Blocks of [prefix + soft prompt] shared by a candidate's N texts are computed once where a
+            # population spans several scheduler steps; embedding prompts are hashed by content since 0.22.
+            enable_prefix_caching=True,
             logprobs_mode="processed_logits",
-            # Only C label words are ever asked for; the default cap of 20 would refuse a 21-class task.
+            # The masked path asks for the top C; the default cap of 20 would refuse a 21-class task.
             max_logprobs=-1,
+            # Every request is one prefill and one sampled token: the step's token budget, not decode
+            # latency, sets throughput (the default 16384 splits a P = 64, N = 128 population into ~50 steps).
+            max_num_batched_tokens=max(max_num_batched_tokens, max_len),
+            max_num_seqs=1024,
+            # CUDA graphs replay decode steps, and this workload never decodes: capturing them only costs
+            # start-up time and memory.
+            compilation_config={"cudagraph_mode": "NONE"},
+            enforce_eager=enforce_eager,
         )
         log.info("loaded %s into vllm (%s) in %.1fs", model_path, self.dtype, time.perf_counter() - t0)
         self.info = ModelInfo(
@@ -139,12 +158,7 @@ class VllmEngine:
         texts = self.tokenize(batch.texts)
         label_ids = self.label_token_ids(batch.label_words)
         n_pop, n_prompt, dim = batch.prompts.shape
-        # Greedy keeps the sampler on its all-greedy path, where processed logits are the masked logits
-        # with no temperature applied; the mask leaves exactly the C label words finite, so logprobs=C
-        # returns all of them whatever their rank in the full vocabulary.
-        params = SamplingParams(
-            max_tokens=1, temperature=0.0, logprobs=len(label_ids), allowed_token_ids=label_ids, detokenize=False
-        )
+        params = _sampling_params(SamplingParams, label_ids)
         out = np.empty((n_pop, len(texts), len(label_ids)), dtype=np.float32)
         # vLLM sends each embedding tensor through .numpy(), which refuses a tensor that requires grad.
         with self._lock, torch.no_grad():
@@ -186,6 +200,19 @@ class VllmEngine:
             chunks[-1].append(n)
             size += need
         return chunks
+
+
+def _sampling_params(cls, label_ids: list[int]):
+    """One greedy token with the label words' logits: gathered by id, or for very many labels through a mask.
+
+    Greedy keeps the sampler on its all-greedy path, where processed logits have no temperature applied. On
+    the masked path the mask leaves exactly the C label words finite, so the top C are all of them whatever
+    their rank in the full vocabulary.
+    """
+    if len(label_ids) <= _MAX_LOGPROB_TOKEN_IDS:
+        return cls(max_tokens=1, temperature=0.0, logprob_token_ids=list(label_ids), detokenize=False)
+    return cls(max_tokens=1, temperature=0.0, logprobs=len(label_ids), allowed_token_ids=list(label_ids),
+               detokenize=False)
 
 
 def _label_values(result, label_ids: list[int]) -> list[float]:

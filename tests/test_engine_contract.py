@@ -55,7 +55,8 @@ def _torch(device):
 def _vllm(path, limits=LIMITS):
     from inference_service.vllm_engine import VllmEngine
 
-    return VllmEngine(str(path), dtype="float32", limits=limits, gpu_memory_utilization=0.3)
+    return VllmEngine(str(path), dtype="float32", limits=limits, gpu_memory_utilization=0.3,
+                      enforce_eager=True)
 
 
 ENGINES = [
@@ -187,3 +188,14 @@ def test_model_info_describes_the_model(engines, model_dirs, name, make):
     assert info.kind == "causal" and info.hidden_size == 64 and info.mask_token is None
     assert info.engine == name.split("-")[0] and info.max_prompt_length == LIMITS.max_prompt_length
     assert info.embedding_std == pytest.approx(float(engine.embed.weight.detach().float().std()), rel=1e-5)
+
+
+def test_vllm_asks_for_label_logits_by_id_and_masks_only_beyond_its_limit():
+    from inference_service.vllm_engine import _MAX_LOGPROB_TOKEN_IDS, _sampling_params
+
+    few = _sampling_params(dict, [7, 3])
+    assert few == {"max_tokens": 1, "temperature": 0.0, "logprob_token_ids": [7, 3], "detokenize": False}
+    many = list(range(_MAX_LOGPROB_TOKEN_IDS + 1))
+    masked = _sampling_params(dict, many)
+    assert masked["allowed_token_ids"] == many and masked["logprobs"] == len(many)
+    assert "logprob_token_ids" not in masked and masked["temperature"] == 0.0

@@ -85,7 +85,8 @@ def _torch(device):
 def _vllm(path):
     from inference_service.vllm_engine import VllmEngine
 
-    return VllmEngine(str(path), dtype="float32", limits=LIMITS, gpu_memory_utilization=0.3)
+    return VllmEngine(str(path), dtype="float32", limits=LIMITS, gpu_memory_utilization=0.3,
+                      enforce_eager=True)
 
 
 ENGINES = [
