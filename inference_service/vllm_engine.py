@@ -50,7 +50,7 @@ class VllmEngine:
         display_name: str | None = None,
         gpu_memory_utilization: float = 0.85,
         prompt_anchor: str = "none",
-        max_num_batched_tokens: int = 65536,
+        max_num_batched_tokens: int | None = None,
         enforce_eager: bool = False,
     ):
         import os
@@ -98,6 +98,7 @@ class VllmEngine:
             raise RuntimeError(f"{model_path}: input embeddings are {weight.shape[1]} wide but hidden_size is {width}")
         max_len = (len(self.layout.prefix_ids) + len(self.layout.anchor_ids) + self.limits.max_prompt_length
                    + self.limits.max_text_tokens + 1)
+        step_tokens = max(max_num_batched_tokens or self.limits.max_batch_tokens or 65536, max_len)
         self.llm = LLM(
             model=str(model_path),
             dtype=str(self.dtype).removeprefix("torch."),
@@ -112,8 +113,10 @@ class VllmEngine:
             max_logprobs=-1,
             # Every request is one prefill and one sampled token: the step's token budget, not decode
             # latency, sets throughput (the default 16384 splits a P = 64, N = 128 population into ~50 steps).
-            max_num_batched_tokens=max(max_num_batched_tokens, max_len),
-            max_num_seqs=1024,
+            # It is also what bounds activation memory, as max_batch_tokens does on the torch engine: the
+            # float32 path (FlexAttention) asked for 42 GiB at 65536 tokens a step on a tiny model.
+            max_num_batched_tokens=step_tokens,
+            max_num_seqs=min(1024, step_tokens),
             # CUDA graphs replay decode steps, and this workload never decodes: capturing them only costs
             # start-up time and memory.
             compilation_config={"cudagraph_mode": "NONE"},
