@@ -4,8 +4,10 @@ POST /v1/partitions/claim  a part K of N of a shared pool for a client instance 
 POST /v1/clients           register (enroll key as Bearer, where one is set) -> a per-client token
 GET  /v1/round             the caller's task in the open round (client token)
 POST /v1/round/update      the caller's local result for a round (client token)
-GET  /v1/global            the global search distribution (client token)
-GET  /v1/status            the run and its per-round history (no auth: it holds no client data)
+GET  /v1/global            the global search distribution (client token; enroll key: no client means;
+                           operator key: every client's mean under local-only)
+GET  /v1/status            the run and its per-round history (client ids, selections and validation metrics
+                           only with the operator key, where one is set)
 GET  /healthz
 """
 
@@ -35,7 +37,8 @@ from fedbpt_wire.federation import (
 )
 from fedbpt_wire.schemas import ErrorBody
 
-from .coordinator import Coordinator, Rejected
+from .coordinator import MAX_CLIENTS, Coordinator, Rejected
+from .gate import AuthGate
 from .metering import TrafficMeter
 from .store import Store
 
@@ -82,13 +85,18 @@ async def _enforce_deadlines(coordinator: Coordinator) -> None:
 
 
 def create_app(
-    config: RunConfig, db_path: str, *, enroll_key: str | None = None, clock: Callable[[], float] = time.time
+    config: RunConfig, db_path: str, *, enroll_key: str | None = None, operator_key: str | None = None,
+    max_clients: int = MAX_CLIENTS, clock: Callable[[], float] = time.time
 ) -> FastAPI:
     """The aggregator app; a database that already holds a run resumes it (its config wins)."""
-    coordinator = Coordinator(_normalise(config), Store(db_path), enroll_key=enroll_key, clock=clock)
+    coordinator = Coordinator(_normalise(config), Store(db_path), enroll_key=enroll_key, operator_key=operator_key,
+                              max_clients=max_clients, clock=clock)
     if enroll_key is None:
-        log.warning("enrollment is OPEN: anyone who reaches this port can register or re-register a client id "
+        log.warning("enrollment is OPEN: anyone who reaches this port can register a new client id "
                     "(set --enroll-key or FEDBPT_ENROLL_KEY)")
+    if operator_key is None:
+        log.warning("no operator key: /v1/status shows client ids and metrics to anyone "
+                    "(set --operator-key or FEDBPT_OPERATOR_KEY)")
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -101,7 +109,8 @@ def create_app(
                 await task
             coordinator.close()
 
-    app = FastAPI(title="FedBPT aggregator", version="1", lifespan=lifespan)
+    # No slash redirects: they echo the request's Host header into a Location.
+    app = FastAPI(title="FedBPT aggregator", version="1", lifespan=lifespan, redirect_slashes=False)
     app.state.coordinator = coordinator
     install_error_handlers(app)
 
@@ -146,8 +155,8 @@ def create_app(
         return coordinator.global_state(authorization)
 
     @app.get("/v1/status", response_model=RunStatus)
-    def status():
-        return coordinator.status()
+    def status(authorization: str | None = Header(default=None)):
+        return coordinator.status(authorization)
 
     @app.get("/healthz")
     def healthz():
@@ -155,5 +164,6 @@ def create_app(
 
     # An update is about 5.4 bytes per dimension in base64 float32, plus up to 10k local sigmas.
     app.add_middleware(BodyLimit, max_bytes=1024 * 1024 + 16 * coordinator.config.intrinsic_dim)
-    app.add_middleware(TrafficMeter, coordinator=coordinator)  # outermost: it sees 413s too
+    app.add_middleware(TrafficMeter, coordinator=coordinator)  # it sees 413s too, of authenticated callers
+    app.add_middleware(AuthGate, coordinator=coordinator)  # outermost: unauthenticated requests are not metered
     return app

@@ -14,9 +14,12 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from fedbpt_wire.federation import PLACEMENTS, SIGMA_RULES, STRATEGIES, RunConfig
+from fedbpt_wire.federation import PLACEMENTS, ROBUST_MERGES, SIGMA_RULES, STRATEGIES, RunConfig
 from fedbpt_wire.projection import PROMPT_INITS
 
+from fedbpt_wire.asgi import add_connection_arguments, uvicorn_options
+
+from .coordinator import MAX_CLIENTS
 from .store import Store
 
 log = logging.getLogger("aggregator")
@@ -43,6 +46,9 @@ _CONFIG_FLAGS: dict[str, tuple[str, dict]] = {
     "--min-clients": ("min_clients", {"type": int}),
     "--min-updates": ("min_updates", {"type": int}),
     "--round-timeout": ("round_timeout_s", {"type": float}),
+    "--clip-multiple": ("clip_multiple", {"type": float}),
+    "--max-weight-ratio": ("max_weight_ratio", {"type": float}),
+    "--robust-merge": ("robust_merge", {"choices": ROBUST_MERGES}),
 }
 
 
@@ -52,8 +58,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--db", default="aggregator.db", help="SQLite file; one that holds a run resumes it")
     parser.add_argument("--enroll-key", default=None,
                         help="clients register with it as Bearer token (default: $FEDBPT_ENROLL_KEY; unset = open)")
+    parser.add_argument("--operator-key", default=None,
+                        help="the operator's key, never given to clients: full /v1/status, every client's mean "
+                             "(default: $FEDBPT_OPERATOR_KEY; unset = /v1/status is public)")
+    parser.add_argument("--max-clients", type=int, default=MAX_CLIENTS,
+                        help=f"registered client ids at most; further registrations are refused (default {MAX_CLIENTS})")
     parser.add_argument("--ssl-certfile", default=None, help="serve HTTPS with this PEM certificate (chain)")
     parser.add_argument("--ssl-keyfile", default=None, help="the certificate's private key, if not in --ssl-certfile")
+    add_connection_arguments(parser)
     group = parser.add_argument_group("run config (ignored, with a warning, when --db already holds a run)")
     for flag, (field, kwargs) in _CONFIG_FLAGS.items():
         info = RunConfig.model_fields[field]
@@ -93,5 +105,7 @@ def run(args: argparse.Namespace) -> int:
         return 2
     serve(config, args.db, host=args.host, port=args.port,
           enroll_key=args.enroll_key or os.environ.get("FEDBPT_ENROLL_KEY") or None,
-          ssl_certfile=args.ssl_certfile, ssl_keyfile=args.ssl_keyfile)
+          operator_key=args.operator_key or os.environ.get("FEDBPT_OPERATOR_KEY") or None,
+          max_clients=args.max_clients, ssl_certfile=args.ssl_certfile, ssl_keyfile=args.ssl_keyfile,
+          options=uvicorn_options(args), allowed_hosts=args.allowed_hosts)
     return 0

@@ -47,7 +47,7 @@ from fedbpt_wire.federation import (
 from fedbpt_wire.tensors import TensorDecodeError, decode_tensor, encode_tensor
 
 from .store import RoundRow, Store
-from .strategies import ClientUpdate, Strategy, make_strategy
+from .strategies import ClientUpdate, Strategy, bound_updates, make_strategy
 
 log = logging.getLogger("aggregator")
 
@@ -57,6 +57,7 @@ MAX_SAMPLES = 10**12
 MAX_PARTS = 10**6
 MAX_SIGMA_RATIO = 1e6  # a local step size over 1e6 x sigma0; CMA-ES grows sigma at most ~e per iteration
 MAX_METRIC = 1e12  # |loss| or accuracy; times val_samples (<= MAX_SAMPLES) the round's weighted sums stay finite
+MAX_CLIENTS = 10_000  # default cap on registered identities: every one is sampled, and a round waits for it
 
 
 class Rejected(Exception):
@@ -109,12 +110,15 @@ class Coordinator:
     """The one object every endpoint goes through; the store is its memory across restarts."""
 
     def __init__(
-        self, config: RunConfig, store: Store, *, enroll_key: str | None = None, clock: Callable[[], float] = time.time
+        self, config: RunConfig, store: Store, *, enroll_key: str | None = None, operator_key: str | None = None,
+        max_clients: int = MAX_CLIENTS, clock: Callable[[], float] = time.time
     ):
         self._lock = threading.RLock()
         self.store = store
         self.clock = clock
         self.enroll_key = enroll_key
+        self.operator_key = operator_key
+        self.max_clients = max_clients
         stored = store.load_config()
         if stored is None:
             store.save_config(config)
@@ -159,12 +163,43 @@ class Coordinator:
         with self._lock:  # waits for a deadline check still running in its thread
             self.store.close()
 
+    @staticmethod
+    def _matches(authorization: str | None, secret: str | None) -> bool:
+        if secret is None or not authorization:
+            return False
+        try:
+            token = bearer_token(authorization)
+        except Rejected:
+            return False
+        return hmac.compare_digest(token.encode(), secret.encode())
+
     def is_operator(self, authorization: str | None) -> bool:
-        return self.enroll_key is not None and hmac.compare_digest(
-            bearer_token(authorization).encode(), self.enroll_key.encode())
+        return self._matches(authorization, self.operator_key)
+
+    def is_enroll(self, authorization: str | None) -> bool:
+        return self._matches(authorization, self.enroll_key)
+
+    def sees_details(self, authorization: str | None) -> bool:
+        """Client ids, selections and metrics: for the operator, or for anyone where no operator key is set."""
+        return self.operator_key is None or self.is_operator(authorization)
+
+    def credential(self, authorization: str | None) -> str | None:
+        """'operator', 'enroll', 'client' or None: what the header proves, without reading any body."""
+        if self.is_operator(authorization):
+            return "operator"
+        if self.is_enroll(authorization):
+            return "enroll"
+        if authorization:
+            try:
+                token = bearer_token(authorization)
+            except Rejected:
+                return None
+            if self.store.client_by_token(_sha256(token)) is not None:
+                return "client"
+        return None
 
     def _check_enroll_key(self, authorization: str | None) -> None:
-        if self.enroll_key is not None and not self.is_operator(authorization):
+        if self.enroll_key is not None and not (self.is_enroll(authorization) or self.is_operator(authorization)):
             raise Rejected(401, "Authorization: wrong enroll key")
 
     def _authenticate(self, authorization: str | None) -> str:
@@ -176,16 +211,34 @@ class Coordinator:
     # ------------------------------------------------------------------ endpoints
 
     def register(self, req: RegisterRequest, authorization: str | None) -> RegisterResponse:
+        """A new id needs the enroll key (where one is set); an existing id only its own current token or the
+        operator key, so holding the enroll key, which every client does, cannot take over another's id."""
         if req.num_samples > MAX_SAMPLES:
             raise Rejected(422, f"num_samples must be at most {MAX_SAMPLES}, got {req.num_samples}")
-        self._check_enroll_key(authorization)
         token = secrets.token_urlsafe(32)
         with self._lock:
+            known = self.store.client_ids()
+            if req.client_id in known:
+                own = authorization is not None and self._owner(authorization) == req.client_id
+                if not (own or self.is_operator(authorization)):
+                    raise Rejected(409, f"client_id: {req.client_id!r} is already registered; re-register it with "
+                                        "its own token (Authorization: Bearer <token>) or choose another id")
+            else:
+                self._check_enroll_key(authorization)
+                if len(known) >= self.max_clients:
+                    raise Rejected(409, f"client_id: registration is closed, the run has its {self.max_clients} "
+                                        "clients (aggregator --max-clients)")
             now = self.clock()
             # Re-registering replaces the token: a restarted client rejoins, its old token stops working.
             self.store.upsert_client(req.client_id, _sha256(token), req.num_samples, now)
             self._tick(now)
         return RegisterResponse(client_id=req.client_id, token=token, config=self.config)
+
+    def _owner(self, authorization: str) -> str | None:
+        try:
+            return self.store.client_by_token(_sha256(bearer_token(authorization)))
+        except Rejected:
+            return None
 
     def claim_partition(self, req: PartitionClaim, authorization: str | None) -> PartitionAssignment:
         self._check_enroll_key(authorization)
@@ -253,8 +306,14 @@ class Coordinator:
 
     def global_state(self, authorization: str | None) -> GlobalState:
         with self._lock:
-            # The operator (holder of the enroll key) reads it too: the final prompt is what a run is for.
-            caller = None if self.is_operator(authorization) else self._authenticate(authorization)
+            # The operator reads every client's mean; the enroll key, which every client holds, only the
+            # global distribution (the final prompt is what a run is for); a client its own mean besides.
+            if self.is_operator(authorization):
+                caller = None
+            elif self.is_enroll(authorization):
+                caller = ""
+            else:
+                caller = self._authenticate(authorization)
             self._tick(self.clock())
             base = {"run_id": self.config.run_id, "round": self.current_round(), "state": self.state()}
             if self.strategy is None:
@@ -270,8 +329,9 @@ class Coordinator:
                 client_means=None if own is None else {cid: encode_tensor(m) for cid, m in own.items()},
             )
 
-    def status(self) -> RunStatus:
+    def status(self, authorization: str | None = None) -> RunStatus:
         with self._lock:
+            details = self.sees_details(authorization)
             self._tick(self.clock())
             reporters = self.store.reporters()
             traffic = self.store.traffic()
@@ -287,9 +347,12 @@ class Coordinator:
                         bytes_up=up, bytes_down=down, **metrics,
                     )
                 )
+            if not details:
+                hidden = {"selected": [], "reporters": [], "val_accuracy": None, "val_loss": None, "clipped": None}
+                history = [r.model_copy(update=hidden) for r in history]
             return RunStatus(
                 config=self.config, state=self.state(), round=self.current_round(),
-                clients=self.store.client_ids(), history=history,
+                clients=self.store.client_ids() if details else [], history=history, redacted=not details,
             )
 
     def tick(self) -> None:
@@ -307,8 +370,8 @@ class Coordinator:
             raise Rejected(422, str(exc)) from None
         if list(mean.shape) != [d]:
             raise Rejected(422, f"mean.shape must be [{d}] (intrinsic_dim), got {req.mean.shape}")
-        if not math.isfinite(req.fitness):
-            raise Rejected(422, f"fitness must be finite, got {req.fitness}")
+        if not (math.isfinite(req.fitness) and abs(req.fitness) <= MAX_METRIC):
+            raise Rejected(422, f"fitness must be finite and within +-{MAX_METRIC:g}, got {req.fitness}")
         cap = MAX_SIGMA_RATIO * self.config.sigma0
         for i, s in enumerate(req.sigmas):
             if not (math.isfinite(s) and 0 < s <= cap):
@@ -365,12 +428,18 @@ class Coordinator:
     def _close(self, o: RoundRow, now: float, merge: bool) -> None:
         updates = self.store.updates(o.round)
         strategy, blob, result = self.strategy, self._blob, None
+        clipped = 0
         if merge:
             candidate = pickle.loads(self._blob)
             try:
-                result = candidate.merge(
-                    [ClientUpdate(cid, decode_tensor(u.mean), u.fitness, u.sigmas, u.num_samples, u.final_sigma) for cid, u in updates]
-                )
+                ups = [ClientUpdate(cid, decode_tensor(u.mean), u.fitness, u.sigmas, u.num_samples, u.final_sigma)
+                       for cid, u in updates]
+                if self.config.strategy != "local-only":  # there, a client's mean moves its own prompt only
+                    ups, clipped = bound_updates(ups, candidate.mean, candidate.sigma, candidate.local_sigma,
+                                                 self.config.clip_multiple, self.config.max_weight_ratio)
+                    if clipped:
+                        log.warning("round %d: %d of %d updates bounded before the merge", o.round, clipped, len(ups))
+                result = candidate.merge(ups)
             except Exception:
                 # Recorded failed rather than retried on every check: the run goes on from the state before.
                 log.exception("round %d: the merge failed; the round is recorded as failed", o.round)
@@ -381,7 +450,8 @@ class Coordinator:
         row = self._round_row(nxt, self._sample(nxt), now, strategy) if nxt < self.config.rounds else None
         with self.store.transaction():
             self.store.close_round(
-                o.round, "merged" if merged else "failed", now, round_metrics([u for _, u in updates]),
+                o.round, "merged" if merged else "failed", now,
+                round_metrics([u for _, u in updates]) | {"clipped": clipped},
                 result.sigma_merged if result else None, result.sigma_after if result else None,
             )
             if merged:

@@ -73,6 +73,60 @@ def paper_eq6_sigma(sigmas: Sequence[Sequence[float]], fitnesses: Sequence[float
     return 2.0 * math.sqrt(total / (m * local_popsize))
 
 
+# A local step size past this many times max(global, local start) is a client bug or an attack: CSA grows sigma
+# by a modest factor per iteration, and a run's local searches take a handful of iterations.
+SIGMA_CLIP = 10.0
+
+
+def clip_displacement(mean: np.ndarray, center: np.ndarray, radius: float) -> tuple[np.ndarray, bool]:
+    """`mean` pulled back onto the sphere of `radius` around `center` where it lies outside; and whether it did."""
+    offset = np.asarray(mean, dtype=float) - center
+    norm = float(np.linalg.norm(offset))
+    if norm <= radius:
+        return np.asarray(mean, dtype=float), False
+    return center + offset * (radius / norm), True
+
+
+def bound_updates(updates: Sequence[ClientUpdate], center: np.ndarray, sigma: float, local_sigma: float | None,
+                  clip_multiple: float, max_weight_ratio: float) -> tuple[list[ClientUpdate], int]:
+    """The round's updates with every client's pull on the merge bounded; and how many were changed.
+
+    - mean: at most clip_multiple x sigma x sqrt(d) from the global mean the round started from. Every
+      strategy's new mean is a convex combination of the clients' means, so no set of updates can move the
+      global mean farther than that radius in one round, and one client moves it by at most its weight times it.
+    - step sizes: each at most SIGMA_CLIP x max(sigma, local_sigma).
+    - num_samples: at most max_weight_ratio x the round's median (fedavg-z's weights).
+    """
+    d = center.shape[0]
+    radius = clip_multiple * sigma * math.sqrt(d) if clip_multiple > 0 else math.inf
+    sigma_cap = SIGMA_CLIP * max(sigma, local_sigma or 0.0)
+    median_n = float(np.median([u.num_samples for u in updates])) if updates else 0.0
+    n_cap = max_weight_ratio * median_n if median_n > 0 else math.inf
+    out, changed = [], 0
+    for u in updates:
+        mean, moved = clip_displacement(u.mean, center, radius)
+        sigmas = [min(float(s), sigma_cap) for s in u.sigmas]
+        final = None if u.final_sigma is None else min(float(u.final_sigma), sigma_cap)
+        n = int(min(u.num_samples, n_cap))
+        if moved or sigmas != [float(s) for s in u.sigmas] or final != u.final_sigma or n != u.num_samples:
+            changed += 1
+        out.append(ClientUpdate(u.client_id, mean, u.fitness, sigmas, n, final))
+    return out, changed
+
+
+def robust_average(rows: np.ndarray, how: str) -> np.ndarray:
+    """Coordinate-wise median, or mean after dropping the lowest and highest max(1, m // 5) per coordinate
+    (m >= 3; fewer rows leave nothing to trim and take the mean)."""
+    rows = np.asarray(rows, dtype=float)
+    if how == "median":
+        return np.median(rows, axis=0)
+    m = rows.shape[0]
+    if m < 3:
+        return rows.mean(axis=0)
+    trim = max(1, m // 5)
+    return np.sort(rows, axis=0)[trim : m - trim].mean(axis=0)
+
+
 def next_local_sigma(previous: float, before: float, after: float, floor: float) -> float:
     """previous x (after / before), clipped to [floor, previous].
 
@@ -174,13 +228,22 @@ def _tell_population(es: cma.CMAEvolutionStrategy, means: list[np.ndarray], fitn
 
 
 class FedAvgZStrategy(Strategy):
-    """FedBBT (`fedavg-z`): the n_k-weighted average of the clients' means and final step sizes."""
+    """FedBBT (`fedavg-z`): the n_k-weighted average of the clients' means and final step sizes, or with
+    `robust_merge` their coordinate-wise median or trimmed mean (unweighted: a weight is the client's word)."""
 
     def __init__(self, config: RunConfig, popsize: int):
         super().__init__(config, popsize)
         self.local_sigma = self.sigma
+        self.robust = config.robust_merge
 
     def merge(self, updates: Sequence[ClientUpdate]) -> MergeResult:
+        # Strategies pickled before robust merging existed have no attribute: they merged by weights.
+        robust = getattr(self, "robust", "none")
+        if robust != "none":
+            self.mean = robust_average([np.asarray(u.mean, dtype=float) for u in updates], robust)
+            self.sigma = float(robust_average(np.array([[u.last_sigma] for u in updates]), robust)[0])
+            self.local_sigma = self.sigma
+            return MergeResult(sigma_merged=None, sigma_after=self.sigma)
         weights = np.array([u.num_samples for u in updates], dtype=float)
         if weights.sum() <= 0:  # no client counted its samples: every client weighs the same
             weights = np.ones(len(updates))

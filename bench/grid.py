@@ -168,6 +168,7 @@ class Bench:
         self.service_url, self.api_key = service_url, api_key
         self._service_proc: subprocess.Popen | None = None
         self.enroll_key = secrets.token_urlsafe(16)
+        self.operator_key = secrets.token_urlsafe(16)
 
     # ------------------------------------------------------------------ processes
 
@@ -353,7 +354,8 @@ class Bench:
             "--sigma0", str(g.sigma0), "--local-popsize", str(g.popsize), "--local-iterations", str(g.local_iterations),
             "--seed", str(setting.seed), "--projection-seed", str(setting.seed), "--min-clients", str(clients),
             "--prompt-init", g.prompt_init, "--prompt-placement", g.prompt_placement,
-            "--round-timeout", "3600"], env={"FEDBPT_ENROLL_KEY": self.enroll_key})
+            "--round-timeout", "3600"],
+            env={"FEDBPT_ENROLL_KEY": self.enroll_key, "FEDBPT_OPERATOR_KEY": self.operator_key})
         procs = []
         try:
             self._wait_healthy(agg_url, agg, "the aggregator")
@@ -372,7 +374,7 @@ class Bench:
                                          env={"FEDBPT_API_KEY": self.api_key, "FEDBPT_ENROLL_KEY": self.enroll_key}))
             memory = PeakMemory(procs)
             observer = AggregatorClient(agg_url, timeout=60)
-            observer.http.set_token(self.enroll_key)
+            observer.http.set_token(self.operator_key)
             means: dict[int, np.ndarray] = {}
             while True:
                 for p in procs:
@@ -387,7 +389,8 @@ class Bench:
                     break
                 time.sleep(0.2)
             final = observer.global_state()
-            status = httpx.get(f"{agg_url}/v1/status", timeout=60).json()
+            status = httpx.get(f"{agg_url}/v1/status", timeout=60,
+                               headers={"Authorization": f"Bearer {self.operator_key}"}).json()
             observer.close()
             codes = [p.wait(120) for p in procs]
         finally:

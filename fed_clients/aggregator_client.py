@@ -14,7 +14,7 @@ from fedbpt_wire.federation import (
     UpdateResponse,
 )
 
-from .http import RetryingClient
+from .http import RequestFailed, RetryingClient
 
 
 class AggregatorClient:
@@ -37,10 +37,27 @@ class AggregatorClient:
                 headers["Authorization"] = previous
         return PartitionAssignment.model_validate(response)
 
-    def register(self, client_id: str, num_samples: int, enroll_key: str | None = None) -> RegisterResponse:
+    def register(self, client_id: str, num_samples: int, enroll_key: str | None = None,
+                 token: str | None = None) -> RegisterResponse:
+        """Registers `client_id`, or re-binds it with its own earlier `token` (a restarted client).
+
+        A token the aggregator no longer knows (a new run, a new database) falls back to the enroll key;
+        an id registered under another token is refused (409): only its holder or the operator re-binds it.
+        """
+        body = RegisterRequest(client_id=client_id, num_samples=num_samples).model_dump()
+        if token:
+            self.http.set_token(token)
+            try:
+                response = RegisterResponse.model_validate(self.http.request("POST", "/v1/clients", body))
+            except RequestFailed as exc:
+                if exc.status != 401:
+                    raise
+            else:
+                self.http.set_token(response.token)
+                return response
+            self.http.http.headers.pop("Authorization", None)
         if enroll_key:
             self.http.set_token(enroll_key)
-        body = RegisterRequest(client_id=client_id, num_samples=num_samples).model_dump()
         response = RegisterResponse.model_validate(self.http.request("POST", "/v1/clients", body))
         self.http.set_token(response.token)
         return response

@@ -8,11 +8,13 @@ import logging
 import os
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
 from .aggregator_client import AggregatorClient
 from .client import FedBPTClient
+from .credentials import TokenFile, default_state_dir
 from .data import Example, load_splits
 from .http import RequestFailed
 from .partition import few_shot, partition, train_val_split
@@ -44,9 +46,16 @@ def client_shard(examples: list[Example], index: int, n_clients: int, alpha: flo
 
 def run_client(service: ServiceClient, aggregator: AggregatorClient, client_id: str, data: ClientData,
                task: Task, *, enroll_key: str | None = None, batch_size: int = 16, poll_s: float = 0.25,
-               max_poll_s: float = 2.0, long_poll_s: float = 10.0, max_idle_s: float = 3600.0) -> int:
-    """Returns the number of rounds this client worked; exits when the run is done."""
-    reg = aggregator.register(client_id, len(data.train), enroll_key)
+               max_poll_s: float = 2.0, long_poll_s: float = 10.0, max_idle_s: float = 3600.0,
+               state_dir: Path | None = None) -> int:
+    """Returns the number of rounds this client worked; exits when the run is done.
+
+    The aggregator token is kept under `state_dir` (default: `default_state_dir()`), so that this client,
+    restarted, re-binds its own id.
+    """
+    saved = TokenFile(state_dir or default_state_dir(), str(aggregator.http.http.base_url), client_id)
+    reg = aggregator.register(client_id, len(data.train), enroll_key, token=saved.read())
+    saved.write(reg.token)
     client = FedBPTClient(client_id, service, task, data.train, data.val, reg.config, batch_size)
     log.info("%s registered: %d train / %d val examples, strategy %s", client_id, len(data.train), len(data.val),
              reg.config.strategy)
@@ -100,6 +109,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--val-fraction", type=float, default=0.25)
     parser.add_argument("--batch-size", type=int, default=16, help="texts per CMA-ES iteration")
     parser.add_argument("--timeout", type=float, default=300.0, help="HTTP timeout per request, seconds")
+    parser.add_argument("--state-dir", type=Path, default=None,
+                        help="where this client keeps its aggregator token, so that it re-binds its own id when "
+                             "restarted (default: $FEDBPT_STATE_DIR or ~/.local/state/fedbpt/clients)")
     parser.add_argument("--prompt-wire", choices=PROMPT_WIRE_FORMS, default="float32",
                         help="how prompts travel to the service: dense [P, L, D] float32 or float16, or 'seed': "
                              "z [P, d] and the projection seed, expanded by the service (d floats per prompt)")
@@ -153,7 +165,7 @@ def run(args: argparse.Namespace) -> None:
     try:
         client_id, data = _client_data(args, aggregator)
         rounds = run_client(service, aggregator, client_id, data, task_from(args), enroll_key=args.enroll_key,
-                            batch_size=args.batch_size)
+                            batch_size=args.batch_size, state_dir=args.state_dir)
     finally:
         service.close()
         aggregator.close()

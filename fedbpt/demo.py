@@ -173,7 +173,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     (out / "logs").mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
     assets.fetch_all()
-    api_key, enroll_key = secrets.token_urlsafe(16), secrets.token_urlsafe(16)
+    api_key, enroll_key, operator_key = (secrets.token_urlsafe(16) for _ in range(3))
     svc_url = f"http://127.0.0.1:{free_port()}"
     agg_url = f"http://127.0.0.1:{free_port()}"
     procs = Processes(out / "logs")
@@ -188,7 +188,8 @@ def run_demo(cfg: DemoConfig) -> dict:
                     "--projection-seed", str(cfg.seed), "--min-clients", str(cfg.clients),
                     "--prompt-init", cfg.prompt_init, "--prompt-placement", cfg.prompt_placement,
                     "--round-timeout", str(cfg.round_timeout_s)]
-        procs.start("aggregator", agg_args, env={"FEDBPT_ENROLL_KEY": enroll_key, **SINGLE_THREADED})
+        procs.start("aggregator", agg_args, env={"FEDBPT_ENROLL_KEY": enroll_key, "FEDBPT_OPERATOR_KEY": operator_key,
+                                                 **SINGLE_THREADED})
         print(f"starting the service ({cfg.model}) and the aggregator; logs in {out / 'logs'}", flush=True)
         wait_healthy(svc_url, procs)
         wait_healthy(agg_url, procs)
@@ -207,13 +208,14 @@ def run_demo(cfg: DemoConfig) -> dict:
         progress = Progress(cfg.rounds)
         while True:
             procs.check()
-            status = httpx.get(f"{agg_url}/v1/status", timeout=10).json()
+            status = httpx.get(f"{agg_url}/v1/status", timeout=10,
+                               headers={"Authorization": f"Bearer {operator_key}"}).json()
             progress.update(status)
             if status["state"] == "done":
                 break
             time.sleep(0.5)
         observer = AggregatorClient(agg_url)
-        observer.http.set_token(enroll_key)
+        observer.http.set_token(operator_key)
         final = observer.global_state()
         run_config = status["config"]
 

@@ -15,6 +15,9 @@ from .schemas import Strict, Tensor
 STRATEGIES = ("fedbpt", "fedbpt-noperturb", "fedavg-z", "centralized", "local-only")
 PLACEMENTS = ("ahead", "after-text")
 SIGMA_RULES = ("pooled", "paper-eq6")
+ROBUST_MERGES = ("none", "median", "trimmed-mean")
+# Counters a client reports: past 2**53 a float64 sum loses integers, and no real run comes near it.
+MAX_COUNT = 2**53
 
 
 class RunConfig(BaseModel):
@@ -48,6 +51,16 @@ class RunConfig(BaseModel):
     min_clients: int = Field(default=1, ge=1, description="registered clients needed before round 0 opens")
     min_updates: int = Field(default=1, ge=1, description="updates needed to merge a round at its deadline")
     round_timeout_s: float = Field(default=600.0, gt=0)
+    clip_multiple: float = Field(
+        default=4.0, ge=0,
+        description="a client's mean may lie at most clip_multiple x sigma x sqrt(d) from the global mean; "
+                    "farther ones are pulled back onto that sphere before the merge (0: no clipping)")
+    max_weight_ratio: float = Field(
+        default=4.0, ge=1, description="fedavg-z: no client weighs more than this many times the round's median "
+                                       "num_samples")
+    robust_merge: Literal["none", "median", "trimmed-mean"] = Field(
+        default="none", description="fedavg-z: the n-weighted mean ('none'), or the coordinate-wise median or "
+                                    "trimmed mean of the clients' means and step sizes, unweighted")
 
 
 _CLIENT_NAME = {"min_length": 1, "max_length": 64, "pattern": r"^[A-Za-z0-9_.-]+$"}
@@ -91,11 +104,11 @@ class RoundTask(BaseModel):
 
 
 class ClientCosts(Strict):
-    queries: int = Field(ge=0)
-    sequences: int = Field(ge=0)
-    tokens: int = Field(ge=0)
-    service_bytes_up: int = Field(ge=0)
-    service_bytes_down: int = Field(ge=0)
+    queries: int = Field(ge=0, le=MAX_COUNT)
+    sequences: int = Field(ge=0, le=MAX_COUNT)
+    tokens: int = Field(ge=0, le=MAX_COUNT)
+    service_bytes_up: int = Field(ge=0, le=MAX_COUNT)
+    service_bytes_down: int = Field(ge=0, le=MAX_COUNT)
 
 
 class ClientMetrics(Strict):
@@ -143,6 +156,7 @@ class RoundRecord(BaseModel):
     service_bytes_down: int = 0
     bytes_up: int = 0  # client -> aggregator bodies, measured by the aggregator
     bytes_down: int = 0  # aggregator -> client bodies
+    clipped: int | None = None  # updates the merge bounded (mean, step sizes or weight); operator only
     opened_at: float
     closed_at: float | None = None
 
@@ -153,6 +167,8 @@ class RunStatus(BaseModel):
     round: int
     clients: list[str]
     history: list[RoundRecord]
+    redacted: bool = Field(default=False, description="client ids, selections and validation metrics left out: "
+                                                      "the caller did not show the operator key")
 
 
 class GlobalState(BaseModel):

@@ -197,8 +197,14 @@ def test_auth_and_conflicts(tmp_path):
         r = http.post("/v1/round/update", json=body(1, np.zeros(D)), headers=heads[chosen])
         assert r.status_code == 409 and "not the open round" in r.json()["detail"]
 
-        # re-registering (a restarted client) issues a new token and retires the old one
-        fresh = register(http, chosen, key="sesame")
+        # An impostor cannot take the id: not with the enroll key every client holds, nor with another's token.
+        for impostor in ("sesame", heads[other]["Authorization"].split()[1]):
+            r = http.post("/v1/clients", json={"client_id": chosen, "num_samples": 10**9},
+                          headers={"Authorization": f"Bearer {impostor}"})
+            assert r.status_code == 409 and "already registered" in r.json()["detail"], r.text
+        assert http.get("/v1/round", headers=heads[chosen]).json()["selected"]
+        # re-registering with its own token (a restarted client) issues a new token and retires the old one
+        fresh = register(http, chosen, key=heads[chosen]["Authorization"].split()[1])
         assert http.get("/v1/round", headers=heads[chosen]).status_code == 401
         assert http.post("/v1/round/update", json=body(0, np.zeros(D)), headers=fresh).status_code == 200
 
@@ -371,7 +377,7 @@ def test_sigkill_loses_no_accepted_update(tmp_path):
 
 
 def test_bytes_up_and_down_are_the_client_bodies(tmp_path):
-    with live(config(rounds=1), tmp_path / "run.db", enroll_key="op") as http:
+    with live(config(rounds=1), tmp_path / "run.db", enroll_key="op", operator_key="boss") as http:
         sent = received = 0
 
         def count(r: httpx.Response) -> httpx.Response:
@@ -384,12 +390,15 @@ def test_bytes_up_and_down_are_the_client_bodies(tmp_path):
                             headers={"Authorization": "Bearer op"}))
         h = {"Authorization": f"Bearer {r.json()['token']}"}
         for _ in range(3):  # the operator watching the run: not the federation's traffic
-            assert http.get("/v1/global", headers={"Authorization": "Bearer op"}).status_code == 200
+            assert http.get("/v1/global", headers={"Authorization": "Bearer boss"}).status_code == 200
+        for junk in ({}, {"Authorization": "Bearer forged"}):  # unauthenticated: turned away before the body
+            assert http.post("/v1/round/update", content=b"x" * 5000, headers=junk).status_code == 401
+            assert http.post("/v1/clients", content=b"x" * 5000, headers=junk).status_code == 401
         count(http.get("/v1/round", headers=h))
         count(http.post("/v1/round/update", json=body(0, np.zeros(D)), headers=h))
         count(http.post("/v1/round/update", json={"round": 0}, headers=h))  # a 422 crosses the link too
         count(http.get("/v1/global", headers=h))
-        (r0,) = http.get("/v1/status").json()["history"]
+        (r0,) = http.get("/v1/status", headers={"Authorization": "Bearer boss"}).json()["history"]
         assert (r0["bytes_up"], r0["bytes_down"]) == (sent, received)
 
 

@@ -186,17 +186,21 @@ class Clock:
 
 def test_a_token_acts_only_as_its_own_client(tmp_path):
     cfg = RunConfig(run_id="auth", intrinsic_dim=D, rounds=3, min_clients=2, strategy="local-only", seed=2)
-    operator = {"Authorization": f"Bearer {ENROLL}"}
-    with serve_app(create_app(cfg, str(tmp_path / "run.db"), enroll_key=ENROLL)) as url, \
+    enroll = {"Authorization": f"Bearer {ENROLL}"}
+    operator = {"Authorization": "Bearer operator-only"}
+    with serve_app(create_app(cfg, str(tmp_path / "run.db"), enroll_key=ENROLL, operator_key="operator-only")) as url, \
             httpx.Client(base_url=url, timeout=10) as http:
         tok = {cid: register(http, cid) for cid in ("a", "b")}
         head = {cid: {"Authorization": f"Bearer {t}"} for cid, t in tok.items()}
-        # A client token is no enroll key: it cannot take over another id by re-registering it, nor claim parts.
+        # A client token cannot take over another id by re-registering it, nor create ids, nor claim parts.
         r = http.post("/v1/clients", json={"client_id": "b", "num_samples": 1}, headers=head["a"])
+        assert r.status_code == 409 and "already registered" in r.json()["detail"]
+        r = http.post("/v1/clients", json={"client_id": "c", "num_samples": 1}, headers=head["a"])
         assert r.status_code == 401 and "enroll key" in r.json()["detail"]
         assert http.post("/v1/partitions/claim", json={"instance": "x", "parts": 2}, headers=head["a"]).status_code == 401
-        # The enroll key reads the run's result but is no client: it has no round and submits nothing.
-        assert http.post("/v1/round/update", json=plain(0), headers=operator).status_code == 401
+        # Neither the enroll key nor the operator key is a client: no round, no updates.
+        for key in (enroll, operator):
+            assert http.post("/v1/round/update", json=plain(0), headers=key).status_code == 401
 
         mine = {"a": plain(0, local_loss=0.1), "b": plain(0, local_loss=0.2)}
         mine["a"]["mean"] = encode_tensor(np.full(D, 0.5, np.float32)).model_dump()
@@ -209,18 +213,25 @@ def test_a_token_acts_only_as_its_own_client(tmp_path):
         seen_by_a = http.get("/v1/global", headers=head["a"]).json()["client_means"]
         assert sorted(seen_by_a) == ["a"] and mean_of(seen_by_a["a"]).tolist() == [0.5] * D
         assert sorted(http.get("/v1/global", headers=operator).json()["client_means"]) == ["a", "b"]
+        # The enroll key, which every client holds, reads the global distribution but no client's mean.
+        assert not http.get("/v1/global", headers=enroll).json()["client_means"]
+        # Without the operator key the status names no client and shows no client's metrics.
+        public = http.get("/v1/status").json()
+        assert public["redacted"] and public["clients"] == [] and public["history"][0]["reporters"] == []
+        assert http.get("/v1/status", headers=operator).json()["clients"] == ["a", "b"]
 
         # A closed round takes nothing more, not even from a client it selected.
         r = http.post("/v1/round/update", json=plain(0, local_loss=0.3), headers=head["b"])
         assert r.status_code == 409 and "already submitted" in r.json()["detail"]
 
         # Re-registering retires the old token on every endpoint; the new one carries on in the open round.
-        fresh = {"Authorization": f"Bearer {register(http, 'a')}"}
+        again = http.post("/v1/clients", json={"client_id": "a", "num_samples": 10}, headers=head["a"])
+        fresh = {"Authorization": f"Bearer {again.json()['token']}"}
         for method, path, payload in (("GET", "/v1/round", None), ("GET", "/v1/global", None),
                                       ("POST", "/v1/round/update", plain(1))):
             r = http.request(method, path, json=payload, headers=head["a"])
             assert r.status_code == 401 and r.json()["detail"].startswith("Authorization"), (path, r.text)
-        assert http.get("/v1/status").json()["history"][1]["reporters"] == []
+        assert http.get("/v1/status", headers=operator).json()["history"][1]["reporters"] == []
         assert http.post("/v1/round/update", json=plain(1), headers=fresh).json() == \
             {"accepted": True, "duplicate": False, "round": 1}
 

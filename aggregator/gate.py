@@ -1,0 +1,45 @@
+"""Authentication at the door: a client route's credentials are checked from its headers before any body is read.
+
+FastAPI reads and parses a request body before it resolves the route's dependencies, so a check inside the
+endpoint comes after the work (and after the traffic meter has counted the bytes). This ASGI middleware
+answers 401 from the Authorization header alone; only requests it lets through reach the meter and the app,
+which still makes the exact per-route decision (whose token, which id).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+# Who may knock at each client route. "open" stands for anyone where no enroll key is set.
+ALLOWED = {
+    "/v1/round": {"client"},
+    "/v1/round/update": {"client"},
+    "/v1/global": {"client", "enroll", "operator"},
+    "/v1/clients": {"client", "enroll", "operator", "open"},
+    "/v1/partitions/claim": {"enroll", "operator", "open"},
+}
+
+
+class AuthGate:
+    def __init__(self, app, coordinator):
+        self.app = app
+        self.coordinator = coordinator
+
+    async def __call__(self, scope, receive, send):
+        allowed = ALLOWED.get(scope["path"]) if scope["type"] == "http" else None
+        if allowed is None:
+            return await self.app(scope, receive, send)
+        authorization = next((v.decode("latin-1") for k, v in scope["headers"] if k == b"authorization"), None)
+        who = await asyncio.to_thread(self.coordinator.credential, authorization)
+        if who in allowed or ("open" in allowed and self.coordinator.enroll_key is None):
+            return await self.app(scope, receive, send)
+        names = {"client": "a client token", "enroll": "the enroll key", "operator": "the operator key"}
+        wanted = " or ".join(names[a] for a in sorted(allowed) if a in names)
+        detail = (f"Authorization: {'missing' if not authorization else 'not accepted here'}; "
+                  f"{scope['path']} takes {wanted} as 'Authorization: Bearer <token>'")
+        body = json.dumps({"detail": detail}).encode()
+        await send({"type": "http.response.start", "status": 401,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                                (b"www-authenticate", b"Bearer")]})
+        await send({"type": "http.response.body", "body": body})
