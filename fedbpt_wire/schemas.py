@@ -47,6 +47,12 @@ class ModelInfo(BaseModel):
     max_projection_values: int | None = Field(
         default=None, description="d x L x D limit of a `projected` (seed + z) request; absent where the "
                                   "service does not take that form")
+    max_request_tokens: int | None = Field(
+        default=None, description="work budget of one request: P x the sum over its texts of the sequence length "
+                                  "(specials, soft prompt and text tokens); a request over it is refused with 413 "
+                                  "before any work")
+    max_request_seconds: float | None = Field(
+        default=None, description="a request still running after this long is stopped and answered 503")
 
 
 class ProjectionSpec(Strict):

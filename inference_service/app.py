@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hmac
+import json
 import logging
 import time
 
@@ -16,15 +18,15 @@ from fedbpt_wire.metrics import label_cross_entropy
 from fedbpt_wire.schemas import ErrorBody, ModelInfo, ScoreRequest, ScoreResponse, Usage
 from fedbpt_wire.tensors import TensorDecodeError, decode_tensor, encode_tensor
 
-from .auth import KeyRevoked, KeyStore, QuotaExceeded, key_id
-from .engine import Engine, InputError, ScoreBatch
-from .limits import Busy, FairScheduler, Limits
+from .auth import KeyRevoked, KeyStore, QuotaExceeded
+from .engine import Engine, InputError, ScoreBatch, ScoreResult
+from .limits import Busy, FairScheduler, Limits, TokenRate, plan_slices
 from .metrics import CONTENT_TYPE, ServiceMetrics
 from .projected import ProjectionCache
 
 log = logging.getLogger(__name__)
 
-_ERRORS = {code: {"model": ErrorBody} for code in (401, 413, 422, 429)}
+_ERRORS = {code: {"model": ErrorBody} for code in (401, 413, 422, 429, 503)}
 
 # No vocabulary we know has a token over ~80 characters, so a text longer than this many characters
 # per allowed token is over the token limit for sure: rejected before the tokenizer spends time and
@@ -124,22 +126,90 @@ def validate_request(req: ScoreRequest, engine: Engine, limits: Limits,
     return ScoreBatch(prompts=prompts, texts=req.texts, label_words=req.label_words), labels
 
 
+def _declared_shape(req: ScoreRequest) -> tuple[int, int] | None:
+    """(P, L) as the request declares them, read without decoding anything; None where malformed (the full
+    validation then names the field)."""
+    try:
+        if req.prompts is not None:
+            n_pop, n_prompt, _ = req.prompts.shape
+        else:
+            n_pop, n_prompt = req.projected.z.shape[0], req.projected.projection.prompt_length
+        return int(n_pop), int(n_prompt)
+    except (AttributeError, TypeError, ValueError, IndexError):
+        return None
+
+
+def _over_budget(what: str, tokens: int, limits: Limits) -> HTTPException:
+    return HTTPException(413, f"prompts: {what} {tokens} positions, over the request budget of "
+                              f"{limits.max_request_tokens} (GET /v1/model: max_request_tokens); send fewer candidates "
+                              "or texts per request")
+
+
+class _ClientGone(Exception):
+    pass
+
+
+class _AuthGate:
+    """401 for /v1/score from the Authorization header alone, before the body is read or parsed (FastAPI reads
+    a body before it resolves a route's dependencies); 429 likewise for a key whose quota is spent."""
+
+    def __init__(self, app, keys: KeyStore, metrics: ServiceMetrics):
+        self.app = app
+        self.keys = keys
+        self.metrics = metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["path"] != "/v1/score" or self.keys.open:
+            return await self.app(scope, receive, send)
+        header = next((v.decode("latin-1") for k, v in scope["headers"] if k == b"authorization"), "")
+        scheme, _, key = header.partition(" ")
+        key = key.strip() if scheme.lower() == "bearer" else ""
+        if not self.keys.known(key or None):
+            self.metrics.requests.labels("/v1/score", "401").inc()
+            return await _reply(send, 401, "missing or unknown API key (Authorization: Bearer <key>)",
+                                [(b"www-authenticate", b"Bearer")])
+        try:
+            used, quota = self.keys.usage(key)
+        except KeyError:  # revoked since `known`: the endpoint answers it
+            used, quota = 0, None
+        if quota is not None and used >= quota:
+            self.metrics.requests.labels("/v1/score", "429").inc()
+            return await _reply(send, 429, f"quota of {quota} queries used up for this key")
+        return await self.app(scope, receive, send)
+
+
+async def _reply(send, status: int, detail: str, headers: list | None = None) -> None:
+    body = json.dumps({"detail": detail}).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                            *(headers or [])]})
+    await send({"type": "http.response.body", "body": body})
+
+
 def projection_cache(engine: Engine) -> ProjectionCache:
     return ProjectionCache(engine.info.hidden_size, engine.info.embedding_std,
                            token_embeddings=engine.token_embeddings, vocab_size=engine.info.vocab_size)
 
 
-def create_app(engine: Engine, keys: KeyStore | None = None, limits: Limits | None = None) -> FastAPI:
+def create_app(engine: Engine, keys: KeyStore | None = None, limits: Limits | None = None, *,
+               operator_key: str | None = None, metrics_public: bool | None = None) -> FastAPI:
+    """The service app. `/metrics` needs `operator_key` as Bearer token unless `metrics_public`; by default it
+    is public only where no operator key is set."""
     keys = keys or KeyStore({})
     limits = limits or Limits()
     metrics = ServiceMetrics()
     scheduler = FairScheduler(limits.max_inflight_per_key, limits.max_queued_per_key)
+    rate = TokenRate(limits.max_key_tokens_per_minute)
     projections = projection_cache(engine)
-    published_info = engine.info.model_copy(update={"max_projection_values": limits.max_projection_values})
+    public_metrics = operator_key is None if metrics_public is None else metrics_public
+    published_info = engine.info.model_copy(update={
+        "max_projection_values": limits.max_projection_values, "max_request_tokens": limits.max_request_tokens,
+        "max_request_seconds": limits.max_request_seconds})
     app = FastAPI(
         title="FedBPT inference service",
         version="1",
         description="Label-word logits and losses for soft prompts; never weights, hidden states or gradients.",
+        redirect_slashes=False,  # a slash redirect echoes the request's Host header into its Location
     )
     install_error_handlers(app)
     bearer = HTTPBearer(auto_error=False)
@@ -175,27 +245,44 @@ def create_app(engine: Engine, keys: KeyStore | None = None, limits: Limits | No
         return published_info
 
     @app.post("/v1/score", response_model=ScoreResponse, responses=_ERRORS)
-    async def score(req: ScoreRequest, key: str | None = Depends(api_key)) -> ScoreResponse:
+    async def score(req: ScoreRequest, request: Request, key: str | None = Depends(api_key)) -> ScoreResponse:
         t0 = time.perf_counter()
+        deadline = time.monotonic() + limits.max_request_seconds
         who = key or ""  # an open service's callers share one queue
         try:
             async with scheduler.admit(who):
-                # Off the event loop: decoding a body-sized tensor would stall every other connection.
-                batch, labels = await to_thread.run_sync(validate_request, req, engine, limits, projections)
+                # Charged first, whatever follows: a request that fails validation after the work of decoding
+                # it has cost that work. Only the engine's own failure is refunded.
                 try:
                     keys.reserve(key)
                 except QuotaExceeded as exc:
                     raise HTTPException(429, str(exc)) from None
                 except KeyRevoked as exc:
                     raise unauthorized(str(exc)) from None
+                declared = _declared_shape(req)
+                # Only shapes within every per-dimension limit: past one, validation names that dimension.
+                if (declared is not None and 1 <= declared[0] <= limits.max_population
+                        and 0 <= declared[1] <= limits.max_prompt_length and len(req.texts) <= limits.max_texts):
+                    floor = declared[0] * len(req.texts) * (declared[1] + 1)
+                    if floor > limits.max_request_tokens:
+                        raise _over_budget("P x N x (L + 1) is at least", floor, limits)
+                # Off the event loop: decoding a body-sized tensor would stall every other connection.
+                batch, labels = await to_thread.run_sync(validate_request, req, engine, limits, projections)
+                n_pop, n_prompt = batch.prompts.shape[:2]
+                lengths = await to_thread.run_sync(engine.positions, batch.texts, n_prompt)
+                cost = n_pop * sum(lengths)
+                if cost > limits.max_request_tokens:
+                    raise _over_budget("it takes", cost, limits)
+                wait = rate.charge(who, cost)
+                if wait is not None:
+                    raise HTTPException(429, f"this key's {limits.max_key_tokens_per_minute} positions per minute "
+                                             f"are used up; retry in {wait:.0f} s", {"Retry-After": str(int(wait) + 1)})
                 try:
-                    async with scheduler.turn(who):
-                        result = await to_thread.run_sync(engine.score, batch)
+                    result = await _run_in_slices(request, batch, lengths, who, deadline)
                     if not np.isfinite(result.logits).all():
                         raise InputError("prompts", "the model's logits are not finite for these prompts; "
                                                     "are their values far outside the embedding scale?")
-                except InputError:
-                    keys.refund(key)
+                except (InputError, HTTPException, _ClientGone):
                     raise
                 except Exception:
                     keys.refund(key)
@@ -204,13 +291,16 @@ def create_app(engine: Engine, keys: KeyStore | None = None, limits: Limits | No
         except Busy as exc:
             raise HTTPException(429, f"too many concurrent requests for this key ({exc}); retry later",
                                 {"Retry-After": "1"}) from None
+        except _ClientGone:
+            log.info("client went away; its request stopped before finishing")
+            return Response(status_code=499)
         loss = acc = None
         if labels is not None:
             loss_arr, acc_arr = label_cross_entropy(result.logits, labels)
             loss, acc = loss_arr.tolist(), acc_arr.tolist()
         metrics.sequences.inc(result.sequences)
         metrics.tokens.inc(result.tokens)
-        metrics.key_queries.labels(key_id(key) if key else "open").inc()
+        metrics.key_queries.labels(keys.key_id(key) if key else "open").inc()
         metrics.engine_latency.observe(result.engine_ms / 1e3)
         metrics.latency.observe(time.perf_counter() - t0)
         return ScoreResponse(
@@ -220,9 +310,39 @@ def create_app(engine: Engine, keys: KeyStore | None = None, limits: Limits | No
             usage=Usage(sequences=result.sequences, tokens=result.tokens, engine_ms=result.engine_ms),
         )
 
+    async def _run_in_slices(request: Request, batch: ScoreBatch, lengths: list[int], who: str,
+                             deadline: float) -> ScoreResult:
+        """The request in blocks of at most `slice_tokens` positions, one engine turn each: other keys' requests
+        interleave with a long one, and a client gone or a deadline passed stops it at the next block."""
+        n_pop = batch.prompts.shape[0]
+        slices = plan_slices(n_pop, lengths, limits.slice_tokens)
+        logits = np.empty((n_pop, len(batch.texts), len(batch.label_words)), np.float32)
+        sequences = tokens = 0
+        engine_ms = 0.0
+        for done, (cands, texts) in enumerate(slices):
+            if done and await request.is_disconnected():
+                raise _ClientGone()
+            if done and time.monotonic() > deadline:
+                raise HTTPException(503, f"the request ran past its {limits.max_request_seconds:g} s deadline after "
+                                         f"{done} of {len(slices)} slices (GET /v1/model: max_request_seconds); "
+                                         "send smaller requests")
+            part = ScoreBatch(batch.prompts[cands], batch.texts[texts], batch.label_words)
+            async with scheduler.turn(who):
+                result = await to_thread.run_sync(engine.score, part)
+            logits[cands, texts] = result.logits
+            sequences += result.sequences
+            tokens += result.tokens
+            engine_ms += result.engine_ms
+        return ScoreResult(logits=logits, sequences=sequences, tokens=tokens, engine_ms=engine_ms)
+
     @app.get("/metrics")
-    async def prometheus() -> Response:
+    async def prometheus(creds: HTTPAuthorizationCredentials | None = Depends(bearer)) -> Response:
+        if not public_metrics and not (
+                operator_key and creds and hmac.compare_digest(creds.credentials.encode(), operator_key.encode())):
+            raise unauthorized("/metrics takes the operator key (Authorization: Bearer <key>); "
+                               "the server's --metrics-public makes it public")
         return Response(metrics.render(), media_type=CONTENT_TYPE)
 
     app.add_middleware(BodyLimit, max_bytes=limits.max_body_bytes)
+    app.add_middleware(_AuthGate, keys=keys, metrics=metrics)  # outermost: a stranger's body is never read
     return app

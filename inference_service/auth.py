@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import hashlib
+import hmac
 import logging
 import os
+import secrets
 import threading
 import time
 from collections import Counter
@@ -13,9 +15,10 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 
-def key_id(key: str) -> str:
-    """A stable, non-secret name for a key, safe to show in metrics and logs."""
-    return hashlib.sha256(key.encode()).hexdigest()[:12]
+def key_id(key: str, salt: bytes = b"") -> str:
+    """A non-secret name for a key, safe to show in metrics and logs; salted, so that a guessed or leaked key
+    cannot be confirmed against a published id."""
+    return hmac.new(salt, key.encode(), hashlib.sha256).hexdigest()[:12]
 
 
 class QuotaExceeded(Exception):
@@ -71,6 +74,7 @@ class KeyStore:
         self._next_check = 0.0
         self._reload_requested = False
         self.open = not keys and self._keys_file is None
+        self._salt = secrets.token_bytes(16)  # ids are stable for this process only, by design
         if self._keys_file is not None:
             self.reload()
 
@@ -97,7 +101,7 @@ class KeyStore:
             self._quotas = quotas
             self._stamp = stamp
         if revoked:
-            log.info("keys file reloaded: %d keys, revoked %s", len(quotas), ", ".join(sorted(map(key_id, revoked))))
+            log.info("keys file reloaded: %d keys, revoked %s", len(quotas), ", ".join(sorted(map(self.key_id, revoked))))
 
     def request_reload(self) -> None:
         """Reload before the next key check; safe from a signal handler (it takes no lock)."""
@@ -138,6 +142,9 @@ class KeyStore:
             return
         with self._lock:
             self._used[key] -= 1
+
+    def key_id(self, key: str) -> str:
+        return key_id(key, self._salt)
 
     def usage(self, key: str) -> tuple[int, int | None]:
         with self._lock:

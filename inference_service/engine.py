@@ -45,6 +45,11 @@ class Engine(Protocol):
         'tokens'; never published, only added to prompts inside the service)."""
         ...
 
+    def positions(self, texts: list[str], prompt_length: int) -> list[int]:
+        """Each text's sequence length with a soft prompt of `prompt_length` (the work of scoring it);
+        InputError naming `texts[i]` for a bad text."""
+        ...
+
     def score(self, batch: ScoreBatch) -> ScoreResult:
         """Label-word logits of every (prompt, text) pair; InputError naming `texts[i]` for a bad text."""
         ...

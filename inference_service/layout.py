@@ -49,6 +49,15 @@ def sequence(layout: Layout, text: TextIds, prompt_length: int) -> Sequence:
     return Sequence(layout.prefix_ids + anchor + list(text.head), text.ids + layout.suffix_ids, text.slot)
 
 
+def positions(layout: Layout, texts: list[TextIds], prompt_length: int) -> list[int]:
+    """Each text's sequence length around a soft prompt of `prompt_length`: what scoring it costs."""
+    out = []
+    for t in texts:
+        s = sequence(layout, t, prompt_length)
+        out.append(len(s.lead) + prompt_length + len(s.tail))
+    return out
+
+
 def special_tokens_around(tokenizer) -> tuple[list[int], list[int]]:
     """The ids `tokenizer(text)` adds before and after the text's own tokens."""
     full = tokenizer(_PROBE)["input_ids"]

@@ -23,6 +23,62 @@ class Limits:
     max_batch_tokens: int | None = None
     max_inflight_per_key: int = 2  # score requests of one key past its gate (see FairScheduler)
     max_queued_per_key: int = 64  # requests of one key waiting at its gate; beyond them, 429
+    # P x sum of sequence lengths of one request. The published per-dimension maxima multiply to ~6M positions,
+    # half an hour on two CPU cores; this budget is ~1-2 minutes there. A request is run in slices of
+    # max_batch_tokens positions, one engine turn each, so other keys' requests interleave with a long one.
+    max_request_tokens: int = 2**17
+    max_request_seconds: float = 600.0  # past it, a request stops at its next slice with 503
+    max_key_tokens_per_minute: int | None = None  # positions one key may have scored per minute; None: no cap
+
+    @property
+    def slice_tokens(self) -> int:
+        return self.max_batch_tokens or 8192
+
+
+def plan_slices(n_pop: int, lengths: list[int], budget: int) -> list[tuple[slice, slice]]:
+    """(candidates, texts) blocks of a P x N request, each of at most `budget` positions where it can be.
+
+    Whole candidates are kept together (a candidate's texts share its soft prompt, which the engine reuses);
+    only a candidate whose texts alone pass the budget is split by texts. A single text over the budget is
+    a block of its own.
+    """
+    n = len(lengths)
+    per_candidate = sum(lengths)
+    if per_candidate <= budget:
+        k = max(1, budget // max(per_candidate, 1))
+        return [(slice(p, min(p + k, n_pop)), slice(0, n)) for p in range(0, n_pop, k)]
+    chunks, start, acc = [], 0, 0
+    for i, length in enumerate(lengths):
+        if acc and acc + length > budget:
+            chunks.append(slice(start, i))
+            start, acc = i, 0
+        acc += length
+    chunks.append(slice(start, n))
+    return [(slice(p, p + 1), c) for p in range(n_pop) for c in chunks]
+
+
+class TokenRate:
+    """Positions scored per key in the current minute; refuses a request that would pass `per_minute`."""
+
+    def __init__(self, per_minute: int | None, clock=None):
+        import time
+
+        self.per_minute = per_minute
+        self.clock = clock or time.monotonic
+        self._window: dict[str, tuple[float, int]] = {}
+
+    def charge(self, key: str, tokens: int) -> float | None:
+        """None if `tokens` fit this key's minute (and they are counted), else seconds until the window resets."""
+        if self.per_minute is None:
+            return None
+        now = self.clock()
+        start, used = self._window.get(key, (now, 0))
+        if now - start >= 60.0:
+            start, used = now, 0
+        if used + tokens > self.per_minute:
+            return max(0.0, 60.0 - (now - start))
+        self._window[key] = (start, used + tokens)
+        return None
 
 
 class Busy(Exception):

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
+
+from fedbpt_wire.asgi import add_connection_arguments, harden, uvicorn_options
 
 from .auth import KeyStore
 from .limits import Limits
@@ -56,8 +59,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-queued-per-key", type=int, default=Limits.max_queued_per_key,
                         help="requests of one key that may wait beyond --max-inflight-per-key; "
                              "further ones get 429 with Retry-After")
+    parser.add_argument("--max-request-tokens", type=int, default=Limits.max_request_tokens,
+                        help="work budget of one request: P x the sum of its texts' sequence lengths; larger "
+                             "requests get 413 before any work (default %(default)s)")
+    parser.add_argument("--max-request-seconds", type=float, default=Limits.max_request_seconds,
+                        help="a request still running after this long stops at its next slice with 503 "
+                             "(default %(default)s)")
+    parser.add_argument("--max-key-tokens-per-minute", type=int, default=None,
+                        help="positions one key may have scored per minute; beyond, 429 with Retry-After "
+                             "(default: no cap)")
+    parser.add_argument("--operator-key", default=None,
+                        help="key for /metrics (default: $FEDBPT_OPERATOR_KEY); never give it to clients")
+    parser.add_argument("--metrics-public", action="store_true",
+                        help="serve /metrics to anyone (default: only with the operator key where one is set)")
     parser.add_argument("--ssl-certfile", default=None, help="serve HTTPS with this PEM certificate (chain)")
     parser.add_argument("--ssl-keyfile", default=None, help="the certificate's private key, if not in --ssl-certfile")
+    add_connection_arguments(parser)
 
 
 def limits_from(args: argparse.Namespace) -> Limits:
@@ -72,6 +89,9 @@ def limits_from(args: argparse.Namespace) -> Limits:
         max_batch_tokens=args.max_batch_tokens,
         max_inflight_per_key=args.max_inflight_per_key,
         max_queued_per_key=args.max_queued_per_key,
+        max_request_tokens=args.max_request_tokens,
+        max_request_seconds=args.max_request_seconds,
+        max_key_tokens_per_minute=args.max_key_tokens_per_minute,
     )
 
 
@@ -120,7 +140,9 @@ def run(args: argparse.Namespace) -> None:
         torch.set_num_threads(args.threads)
     engine = build_engine(args.model, args.engine, args.dtype, args.device, limits, args.prompt_anchor,
                           not args.no_kv_reuse)
-    app = create_app(engine, keys, limits)
+    operator_key = args.operator_key or os.environ.get("FEDBPT_OPERATOR_KEY") or None
+    app = create_app(engine, keys, limits, operator_key=operator_key, metrics_public=args.metrics_public)
+    harden(app, args.allowed_hosts)
     scheme = "https" if tls else "http"
     log.info("serving %s on %s://%s:%d (docs at /docs)", engine.info.name, scheme, args.host, args.port)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="info", **tls)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info", **tls, **uvicorn_options(args))

@@ -15,7 +15,7 @@ from fedbpt_wire.schemas import ModelInfo
 
 from .embeddings import embedding_std
 from .engine import ScoreBatch, ScoreResult
-from .layout import Layout, anchor_text, Sequence, TextIds, label_token_ids, make_layout, sequence, tokenize_text
+from .layout import Layout, anchor_text, Sequence, TextIds, label_token_ids, make_layout, positions as sequence_positions, sequence, tokenize_text
 from .limits import Limits
 
 log = logging.getLogger(__name__)
@@ -124,6 +124,9 @@ class TorchEngine:
 
     def tokenize(self, texts: list[str]) -> list[TextIds]:
         return [tokenize_text(self.tokenizer, self.layout, t, i, self.limits.max_text_tokens) for i, t in enumerate(texts)]
+
+    def positions(self, texts: list[str], prompt_length: int) -> list[int]:
+        return sequence_positions(self.layout, self.tokenize(texts), prompt_length)
 
     def score(self, batch: ScoreBatch) -> ScoreResult:
         texts = self.tokenize(batch.texts)

@@ -23,7 +23,7 @@ from fedbpt_wire.schemas import ModelInfo
 
 from .embeddings import embedding_std
 from .engine import ScoreBatch, ScoreResult
-from .layout import Layout, anchor_text, TextIds, label_token_ids, make_layout, sequence, tokenize_text
+from .layout import Layout, anchor_text, TextIds, label_token_ids, make_layout, positions as sequence_positions, sequence, tokenize_text
 from .limits import Limits
 
 log = logging.getLogger(__name__)
@@ -153,6 +153,9 @@ class VllmEngine:
     def tokenize(self, texts: list[str]) -> list[TextIds]:
         limit = self.limits.max_text_tokens
         return [tokenize_text(self.tokenizer, self.layout, t, i, limit) for i, t in enumerate(texts)]
+
+    def positions(self, texts: list[str], prompt_length: int) -> list[int]:
+        return sequence_positions(self.layout, self.tokenize(texts), prompt_length)
 
     def score(self, batch: ScoreBatch) -> ScoreResult:
         import torch

@@ -195,7 +195,7 @@ def test_aggregator_sigkilled_mid_round_ends_as_an_uninterrupted_run(service_url
 def test_service_killed_and_restarted_mid_run_clients_resume_through_retries(default_model_dir, shards, tmp_path):
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    argv = ["fedbpt.cli", "serve", "--model", str(default_model_dir), "--port", str(port)]
+    argv = ["fedbpt.cli", "serve", "--model", str(default_model_dir), "--port", str(port), "--metrics-public"]
     cfg = RunConfig(run_id="service-restart", **RUN)
     procs = [start_process(argv, url, tmp_path / "service.log")]
     restarted = {}

@@ -273,19 +273,21 @@ def test_auth_rejects_missing_and_unknown_keys(roberta_url):
 
 
 def test_quota_is_429_and_metrics_count_per_key(roberta_engine):
-    keys = KeyStore({"metered": 2, "free": None})
+    keys = KeyStore({"metered": 3, "free": None})
     with serve_app(create_app(roberta_engine, keys, LIMITS)) as url:
         assert post(url, _good(), key="metered").status_code == 200
-        assert post(url, _with(labels=[0, 5]), key="metered").status_code == 422  # rejected: not counted
+        # Rejected after its body was decoded and checked: that work is charged too.
+        assert post(url, _with(labels=[0, 5]), key="metered").status_code == 422
         assert post(url, _good(), key="metered").status_code == 200
         r = post(url, _good(), key="metered")
         assert r.status_code == 429 and "quota" in r.json()["detail"]
         assert post(url, _good(), key="free").status_code == 200
-        assert keys.usage("metered") == (2, 2)
+        assert keys.usage("metered") == (3, 3)
         text = httpx.get(f"{url}/metrics").text
-        assert f'fedbpt_key_queries_total{{key_id="{key_id("metered")}"}} 2.0' in text
-        assert f'fedbpt_key_queries_total{{key_id="{key_id("free")}"}} 1.0' in text
-        assert "metered" not in text.replace(key_id("metered"), "")
+        assert f'fedbpt_key_queries_total{{key_id="{keys.key_id("metered")}"}} 2.0' in text
+        assert f'fedbpt_key_queries_total{{key_id="{keys.key_id("free")}"}} 1.0' in text
+        # Salted: the published id is not the bare hash of the key, which anyone could compute from a guess.
+        assert key_id("metered") not in text and "metered" not in text.replace(keys.key_id("metered"), "")
         assert 'fedbpt_requests_total{endpoint="/v1/score",status="429"} 1.0' in text
         assert "fedbpt_sequences_total 12.0" in text
 

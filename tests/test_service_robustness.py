@@ -17,7 +17,7 @@ import pytest
 from fedbpt.loopback import serve_app
 from fedbpt_wire.tensors import encode_tensor
 from inference_service.app import create_app
-from inference_service.auth import KeyRevoked, KeyStore, key_id
+from inference_service.auth import KeyRevoked, KeyStore
 from inference_service.limits import Busy, FairScheduler, Limits
 from inference_service.server import reload_keys_on_sighup
 from inference_service.torch_engine import TorchEngine
@@ -264,6 +264,9 @@ class SlowEngine:
     def token_embeddings(self, ids):
         return self.engine.token_embeddings(ids)
 
+    def positions(self, texts, prompt_length):
+        return self.engine.positions(texts, prompt_length)
+
     def score(self, batch):
         time.sleep(self.seconds)
         return self.engine.score(batch)
@@ -328,5 +331,5 @@ def test_quota_holds_exactly_under_concurrent_requests(engine):
         text = httpx.get(f"{url}/metrics").text
     assert statuses.count(200) == quota and statuses.count(429) == threads * per_thread - quota
     assert keys.usage("metered") == (quota, quota)
-    assert f'fedbpt_key_queries_total{{key_id="{key_id("metered")}"}} {float(quota)}' in text
+    assert f'fedbpt_key_queries_total{{key_id="{keys.key_id("metered")}"}} {float(quota)}' in text
     assert f'fedbpt_requests_total{{endpoint="/v1/score",status="429"}} {float(threads * per_thread - quota)}' in text
