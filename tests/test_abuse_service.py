@@ -1,0 +1,191 @@
+"""What one key can do to the inference service, and no more (issue 11): bounded work, interleaving, cancellation.
+
+Real service app under uvicorn on 127.0.0.1 with the tiny RoBERTa in float32. `Counted` wraps the engine to
+count (and, where a test needs a queue to build, slow down) its score calls: an instrument and a fault, the
+engine itself is real.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import numpy as np
+import pytest
+
+from fedbpt.loopback import serve_app
+from inference_service.app import create_app
+from inference_service.auth import KeyStore
+from inference_service.engine import ScoreBatch
+from inference_service.limits import Limits, TokenRate, plan_slices
+from inference_service.torch_engine import TorchEngine
+
+from .test_service import body
+
+WORDS = [" bad", " great"]
+# 16 texts x (L 16 + ~8) positions per candidate: over the 64-position slices, so every text is a slice.
+LIMITS = Limits(max_prompt_length=16, max_population=8, max_texts=16, max_text_tokens=48, max_batch_tokens=64,
+                max_request_tokens=4000)
+
+
+class Counted:
+    """The real engine, its score calls counted and optionally each delayed by `delay` seconds."""
+
+    def __init__(self, engine, delay: float = 0.0):
+        self.engine, self.delay, self.info = engine, delay, engine.info
+        self.calls = 0
+        self.started = threading.Event()
+
+    def label_token_ids(self, words):
+        return self.engine.label_token_ids(words)
+
+    def token_embeddings(self, ids):
+        return self.engine.token_embeddings(ids)
+
+    def positions(self, texts, prompt_length):
+        return self.engine.positions(texts, prompt_length)
+
+    def score(self, batch):
+        self.calls += 1
+        self.started.set()
+        time.sleep(self.delay)
+        return self.engine.score(batch)
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_roberta_dir):
+    return TorchEngine(str(tiny_roberta_dir), dtype="float32", device="cpu", limits=LIMITS)
+
+
+def big(n_pop=8, n_texts=16, n_prompt=16) -> dict:
+    prompts = np.random.default_rng(0).standard_normal((n_pop, n_prompt, 48)).astype(np.float32) * 0.05
+    return body(prompts, [f"review {i} : it was {{mask}} ." for i in range(n_texts)], WORDS)
+
+
+def small() -> dict:
+    return body(np.zeros((1, 1, 48), np.float32), ["it was {mask} ."], WORDS)
+
+
+def post(url, payload, key, timeout=120.0):
+    return httpx.post(f"{url}/v1/score", json=payload, headers={"Authorization": f"Bearer {key}"}, timeout=timeout)
+
+
+def test_plan_slices_by_hand():
+    # A candidate's texts fit: whole candidates, as many as the budget holds.
+    assert plan_slices(5, [3, 4], 14) == [(slice(0, 2), slice(0, 2)), (slice(2, 4), slice(0, 2)),
+                                          (slice(4, 5), slice(0, 2))]
+    # They do not: one candidate at a time, its texts in runs under the budget; an overlong text alone.
+    assert plan_slices(2, [3, 4, 9, 2], 8) == [
+        (slice(0, 1), slice(0, 2)), (slice(0, 1), slice(2, 3)), (slice(0, 1), slice(3, 4)),
+        (slice(1, 2), slice(0, 2)), (slice(1, 2), slice(2, 3)), (slice(1, 2), slice(3, 4))]
+
+
+def test_token_rate_window():
+    now = [0.0]
+    rate = TokenRate(100, clock=lambda: now[0])
+    assert rate.charge("a", 60) is None and rate.charge("b", 100) is None
+    assert rate.charge("a", 50) == pytest.approx(60.0)  # refused, not counted
+    now[0] = 30.0
+    assert rate.charge("a", 40) is None and rate.charge("a", 1) == pytest.approx(30.0)
+    now[0] = 60.0
+    assert rate.charge("a", 100) is None  # a new minute
+
+
+def test_the_maximal_request_is_refused_before_any_work(engine):
+    counted = Counted(engine)
+    keys = KeyStore({"k": 10})
+    limits = Limits(**{**LIMITS.__dict__, "max_request_tokens": 2000})
+    with serve_app(create_app(counted, keys, limits)) as url:
+        info = httpx.get(f"{url}/v1/model").json()
+        assert info["max_request_tokens"] == 2000 and info["max_request_seconds"] == LIMITS.max_request_seconds
+        # Every dimension at its published maximum at once: P 8 x N 16 x (L 16 + 1) = 2176 > 2000.
+        r = post(url, big(), "k")
+        assert r.status_code == 413 and "request budget of 2000" in r.json()["detail"], r.text
+        # Under the per-dimension limits and that floor, but over the budget once tokenized (long texts).
+        long_texts = body(np.zeros((8, 16, 48), np.float32), ["word " * 20 + "{mask}"] * 6, WORDS)
+        r = post(url, long_texts, "k")
+        assert r.status_code == 413 and "it takes" in r.json()["detail"], r.text
+    assert counted.calls == 0 and keys.usage("k") == (2, 10)  # charged, though nothing ran
+
+
+def test_a_request_at_the_limits_under_the_budget_is_scored_in_slices_as_a_whole(engine):
+    counted = Counted(engine)
+    payload = big(n_pop=8, n_texts=8, n_prompt=16)  # ~8 x 8 x 24 positions, under 4000
+    with serve_app(create_app(counted, KeyStore({"k": None}), LIMITS)) as url:
+        r = post(url, payload, "k")
+    assert r.status_code == 200, r.text
+    from fedbpt_wire.schemas import Tensor
+    from fedbpt_wire.tensors import decode_tensor
+
+    got = decode_tensor(Tensor(**r.json()["logits"]))
+    prompts = decode_tensor(Tensor(**payload["prompts"]))
+    whole = engine.score(ScoreBatch(prompts, payload["texts"], WORDS)).logits
+    assert counted.calls > 1 and got.shape == (8, 8, 2)
+    np.testing.assert_allclose(got, whole, rtol=1e-4, atol=1e-5)
+
+
+def test_a_long_request_does_not_starve_another_key(engine):
+    counted = Counted(engine, delay=0.02)  # 128 slices: a long request, a small one's turn comes between two
+    with serve_app(create_app(counted, KeyStore({"heavy": None, "light": None}), LIMITS)) as url, \
+            ThreadPoolExecutor(1) as pool:
+        heavy = pool.submit(post, url, big(n_pop=8, n_texts=16, n_prompt=8), "heavy")
+        assert counted.started.wait(60)
+        r = post(url, small(), "light")
+        light_done_at = counted.calls
+        assert r.status_code == 200 and not heavy.done()
+        assert heavy.result().status_code == 200
+    assert light_done_at < counted.calls  # the heavy request was still being scored when the light one returned
+
+
+def test_a_client_that_goes_away_stops_its_request(engine):
+    counted = Counted(engine, delay=0.02)
+    slices = 8 * 16
+    with serve_app(create_app(counted, KeyStore({"k": None}), LIMITS)) as url:
+        with pytest.raises(httpx.TimeoutException):
+            post(url, big(n_pop=8, n_texts=16, n_prompt=8), "k", timeout=0.5)
+        previous = -1
+        for _ in range(200):  # until the count stops moving: at most one slice after the disconnect is seen
+            if counted.calls == previous:
+                break
+            previous = counted.calls
+            time.sleep(0.1)
+        assert counted.calls < slices
+
+
+def test_a_request_past_its_deadline_is_stopped_with_503(engine):
+    counted = Counted(engine, delay=0.05)
+    limits = Limits(**{**LIMITS.__dict__, "max_request_seconds": 0.01})
+    with serve_app(create_app(counted, KeyStore({"k": None}), limits)) as url:
+        r = post(url, big(n_pop=2, n_texts=16, n_prompt=8), "k")
+    assert r.status_code == 503 and "deadline" in r.json()["detail"] and counted.calls < 2 * 16
+
+
+def test_positions_per_minute_per_key(engine):
+    limits = Limits(**{**LIMITS.__dict__, "max_key_tokens_per_minute": 500})
+    with serve_app(create_app(engine, KeyStore({"a": None, "b": None}), limits)) as url:
+        assert post(url, big(n_pop=2, n_texts=8, n_prompt=8), "a").status_code == 200  # ~2 x 8 x 17 positions
+        r = post(url, big(n_pop=2, n_texts=8, n_prompt=8), "a")
+        assert r.status_code == 429 and int(r.headers["Retry-After"]) >= 1 and "per minute" in r.json()["detail"]
+        assert post(url, big(n_pop=2, n_texts=8, n_prompt=8), "b").status_code == 200  # another key's own minute
+
+
+def test_strangers_are_turned_away_before_their_body_is_read(engine):
+    with serve_app(create_app(engine, KeyStore({"k": 1}), LIMITS)) as url:
+        junk = b"{" * 2_000_000  # parsing it would be a 422; reading it, a 413 past the body limit
+        for headers in ({}, {"Authorization": "Bearer wrong"}):
+            r = httpx.post(f"{url}/v1/score", content=junk, headers=headers, timeout=30)
+            assert r.status_code == 401 and "API key" in r.json()["detail"]
+        assert post(url, small(), "k").status_code == 200
+        r = httpx.post(f"{url}/v1/score", content=junk, headers={"Authorization": "Bearer k"}, timeout=30)
+        assert r.status_code == 429 and "quota" in r.json()["detail"]  # spent: refused before the body too
+
+
+def test_metrics_take_the_operator_key(engine):
+    with serve_app(create_app(engine, KeyStore({"k": None}), LIMITS, operator_key="op")) as url:
+        assert httpx.get(f"{url}/metrics").status_code == 401
+        assert httpx.get(f"{url}/metrics", headers={"Authorization": "Bearer k"}).status_code == 401
+        assert "fedbpt_requests_total" in httpx.get(f"{url}/metrics", headers={"Authorization": "Bearer op"}).text
+    with serve_app(create_app(engine, KeyStore({"k": None}), LIMITS, operator_key="op", metrics_public=True)) as url:
+        assert httpx.get(f"{url}/metrics").status_code == 200
