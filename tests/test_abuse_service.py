@@ -189,3 +189,34 @@ def test_metrics_take_the_operator_key(engine):
         assert "fedbpt_requests_total" in httpx.get(f"{url}/metrics", headers={"Authorization": "Bearer op"}).text
     with serve_app(create_app(engine, KeyStore({"k": None}), LIMITS, operator_key="op", metrics_public=True)) as url:
         assert httpx.get(f"{url}/metrics").status_code == 200
+
+
+def test_sigterm_ends_a_long_request_and_the_server(tiny_roberta_dir, tmp_path):
+    import signal
+
+    from fedbpt.loopback import free_port
+
+    from .test_faults import SVC_KEY, start_process
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    argv = ["fedbpt.cli", "serve", "--model", str(tiny_roberta_dir), "--port", str(port), "--dtype", "float32",
+            "--max-batch-tokens", "32", "--max-request-tokens", str(10**7), "--max-texts", "256",
+            "--shutdown-timeout", "1"]
+    proc = start_process(argv, url, tmp_path / "service.log")
+    try:
+        with ThreadPoolExecutor(1) as pool:
+            # ~16k one-text slices: minutes of work, the kind of request that used to hold SIGTERM for its whole run
+            payload = body(np.zeros((64, 16, 48), np.float32), [f"text {i} {{mask}}" for i in range(256)], WORDS)
+            pending = pool.submit(post, url, payload, SVC_KEY, 600)
+            httpx.get(f"{url}/healthz", timeout=30)
+            time.sleep(2)  # let the request start its slices; the assertions below are about outcomes only
+            assert not pending.done()
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(timeout=120) == 0
+            with pytest.raises(httpx.HTTPError):  # cancelled with the server: the connection closes unanswered
+                pending.result().raise_for_status()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(30)

@@ -142,9 +142,9 @@ class SecondSubmitsLast(AggregatorClient):
             time.sleep(1.0)
         return super().submit(update)
 
-    def register(self, client_id, num_samples, enroll_key=None):
+    def register(self, client_id, num_samples, enroll_key=None, token=None):
         self.http.http.headers["X-Who"] = client_id
-        return super().register(client_id, num_samples, enroll_key)
+        return super().register(client_id, num_samples, enroll_key, token=token)
 
 
 def test_aggregator_sigkilled_mid_round_ends_as_an_uninterrupted_run(service_url, shards, tmp_path):
