@@ -66,6 +66,8 @@ class Grid:
     prompt_init: str = "zeros"
     prompt_placement: str = "after-text"
     label_words: str = ""  # comma-separated verbalizer replacing each task's, e.g. " terrible, great"
+    clip_multiple: float = 4.0  # the aggregator's bound on a client mean's distance (0: none)
+    robust_merge: str = "none"  # fedavg-z's merge: none (weighted mean), median, trimmed-mean
 
     @classmethod
     def from_file(cls, path: str | Path) -> "Grid":
@@ -354,7 +356,7 @@ class Bench:
             "--sigma0", str(g.sigma0), "--local-popsize", str(g.popsize), "--local-iterations", str(g.local_iterations),
             "--seed", str(setting.seed), "--projection-seed", str(setting.seed), "--min-clients", str(clients),
             "--prompt-init", g.prompt_init, "--prompt-placement", g.prompt_placement,
-            "--round-timeout", "3600"],
+            "--round-timeout", "3600", "--clip-multiple", str(g.clip_multiple), "--robust-merge", g.robust_merge],
             env={"FEDBPT_ENROLL_KEY": self.enroll_key, "FEDBPT_OPERATOR_KEY": self.operator_key})
         procs = []
         try:
@@ -442,7 +444,7 @@ class Bench:
             service.close()
         history = status["history"]
         rounds = [{k: r[k] for k in ("round", "state", "queries", "sequences", "tokens", "bytes_up", "bytes_down",
-                                     "service_bytes_up", "service_bytes_down", "val_accuracy")}
+                                     "service_bytes_up", "service_bytes_down", "val_accuracy", "clipped")}
                   | {"clients": len(r["reporters"])} for r in history]
         return {
             "test_accuracy": test_acc, "test_loss": test_loss, "curve": curve, "rounds": rounds,

@@ -213,7 +213,9 @@ def test_sigterm_ends_a_long_request_and_the_server(tiny_roberta_dir, tmp_path):
             time.sleep(2)  # let the request start its slices; the assertions below are about outcomes only
             assert not pending.done()
             proc.send_signal(signal.SIGTERM)
-            assert proc.wait(timeout=120) == 0
+            # uvicorn re-raises the signal once it has shut down, so a clean stop reads as "killed by SIGTERM".
+            assert proc.wait(timeout=120) in (0, -signal.SIGTERM)
+            assert "Finished server process" in (tmp_path / "service.log").read_text()
             with pytest.raises(httpx.HTTPError):  # cancelled with the server: the connection closes unanswered
                 pending.result().raise_for_status()
     finally:
