@@ -209,7 +209,7 @@ def check_data(client_id: str, data: ClientData, source: str, batch_size: int) -
     """Refuses a client with nothing to train on; warns where its updates will be noise."""
     n = len(data.train) + len(data.val)
     if not data.train or not data.val:
-        raise DataError(f"{source}: {client_id} has {n} example(s); at least 2 are needed, one to train on and one "
+        raise DataError(f"{source}: client {client_id} has {n} example(s); at least 2 are needed, one to train on and one "
                         "to validate (better: one batch or more)")
     if len(data.train) < batch_size:
         log.warning("%s: only %d training examples, fewer than one batch (--batch-size %d): its updates will be "

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import itertools
 import json
 import os
 import sys
@@ -104,7 +105,7 @@ def predict(args: argparse.Namespace) -> int:
     tty = sys.stderr.isatty()
     try:
         while True:
-            step = [row for _, row in zip(range(ROWS_PER_STEP), rows)]
+            step = [row for _, row in itertools.islice(rows, ROWS_PER_STEP)]
             if not step:
                 break
             if writer is None:
