@@ -186,9 +186,12 @@ def parse_partition(spec: str) -> tuple[int | None, int]:
 
 
 def _client_data(args: argparse.Namespace, aggregator: AggregatorClient,
-                 splits: dict[str, list[Example]]) -> tuple[str, ClientData]:
-    """This client's id and examples: its part of the shared pool, or the whole of its own data."""
+                 splits: dict[str, list[Example]] | None = None) -> tuple[str, ClientData]:
+    """This client's id and examples: its part of the shared pool, or the whole of its own data (`splits`, where
+    the caller loaded them already)."""
     k, n = parse_partition(args.partition) if args.partition else (None, None)
+    if splits is None:
+        splits = load_splits(args.data, task_from(args))
     if n is not None:
         if k is None:
             # Compose replicas get no index; the host name is the container's and survives its restarts.
