@@ -71,6 +71,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "(default: $FEDBPT_OPERATOR_KEY; unset = /v1/status is public)")
     parser.add_argument("--max-clients", type=int, default=MAX_CLIENTS,
                         help=f"registered client ids at most; further registrations are refused (default {MAX_CLIENTS})")
+    parser.add_argument("--exit-when-done", type=float, default=None, metavar="SECONDS",
+                        help="stop SECONDS after the run's last round closed (time for the clients to fetch the final "
+                             "prompt), with exit status 1 when no round merged (default: serve on)")
     parser.add_argument("--ssl-certfile", default=None, help="serve HTTPS with this PEM certificate (chain)")
     parser.add_argument("--ssl-keyfile", default=None, help="the certificate's private key, if not in --ssl-certfile")
     add_connection_arguments(parser)
@@ -136,9 +139,8 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(exc, file=sys.stderr)
         return 2
-    serve(config, args.db, host=args.host, port=args.port,
-          enroll_key=args.enroll_key or os.environ.get("FEDBPT_ENROLL_KEY") or None,
-          operator_key=args.operator_key or os.environ.get("FEDBPT_OPERATOR_KEY") or None,
-          max_clients=args.max_clients, ssl_certfile=args.ssl_certfile, ssl_keyfile=args.ssl_keyfile,
-          options=uvicorn_options(args), allowed_hosts=args.allowed_hosts)
-    return 0
+    return serve(config, args.db, host=args.host, port=args.port,
+                 enroll_key=args.enroll_key or os.environ.get("FEDBPT_ENROLL_KEY") or None,
+                 operator_key=args.operator_key or os.environ.get("FEDBPT_OPERATOR_KEY") or None,
+                 max_clients=args.max_clients, ssl_certfile=args.ssl_certfile, ssl_keyfile=args.ssl_keyfile,
+                 options=uvicorn_options(args), allowed_hosts=args.allowed_hosts, exit_when_done=args.exit_when_done)

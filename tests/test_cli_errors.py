@@ -152,3 +152,6 @@ def test_a_run_whose_rounds_all_failed_ends_non_zero(servers, tmp_path):
         assert not list(tmp_path.glob("prompt-*.json"))
     finally:
         kill(agg)
+    # The aggregator itself, told to stop once the run is done, ends non-zero (here: resuming the finished run).
+    again = cli("aggregator", "--port", str(free_port()), "--db", str(tmp_path / "agg.db"), "--exit-when-done", "0")
+    assert again.returncode == 1 and "none of its rounds merged" in again.stderr, again.stderr[-2000:]
