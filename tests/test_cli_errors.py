@@ -5,7 +5,6 @@ do, no traceback, exit status 1. The cases that need servers share one tiny-Llam
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 
@@ -155,3 +154,23 @@ def test_a_run_whose_rounds_all_failed_ends_non_zero(servers, tmp_path):
     # The aggregator itself, told to stop once the run is done, ends non-zero (here: resuming the finished run).
     again = cli("aggregator", "--port", str(free_port()), "--db", str(tmp_path / "agg.db"), "--exit-when-done", "0")
     assert again.returncode == 1 and "none of its rounds merged" in again.stderr, again.stderr[-2000:]
+
+
+def test_ca_cert_lets_a_command_trust_a_private_certificate(tmp_path):
+    import httpx
+
+    from .test_tls import make_self_signed
+
+    cert, key = make_self_signed(tmp_path)
+    url = f"https://127.0.0.1:{free_port()}"
+    agg = start(["aggregator", "--port", url.rsplit(":", 1)[1], "--db", str(tmp_path / "agg.db"), "--ssl-certfile",
+                 cert, "--ssl-keyfile", key], tmp_path / "aggregator.log")
+    try:
+        wait_until(lambda: httpx.get(f"{url}/healthz", verify=cert, timeout=2).status_code == 200,
+                   "the HTTPS aggregator", agg, tmp_path / "aggregator.log")
+        line = one_error_line(cli("status", "--aggregator", url), "status")
+        assert "certificate this machine does not trust" in line and "--ca-cert" in line, line
+        trusted = cli("status", "--aggregator", url, "--ca-cert", cert)
+        assert trusted.returncode == 0 and "waiting for 1 clients" in trusted.stdout, trusted.stderr[-2000:]
+    finally:
+        kill(agg)

@@ -213,3 +213,24 @@ def test_hand_run_on_own_data(tiny_llama, tmp_path):
         assert result["tuned"]["accuracy"] == pytest.approx(accuracy, abs=1e-12)
         for which in ("tuned", "manual"):
             assert np.array(result[which]["confusion"]).sum() == 12 and 0 <= result[which]["macro_f1"] <= 1
+
+
+def test_demo_on_own_task_and_data(tiny_llama, tmp_path):
+    """`fedbpt demo --task FILE --data FILE`: the demo splits the owner's file into clients and a test set, and
+    writes its report and the tuned prompt beside it."""
+    files = write_data(tmp_path)
+    task_file = tmp_path / "task.json"
+    task_file.write_text(json.dumps(TASK))
+    done = cli("demo", "--task", str(task_file), "--data", str(files["c"]), "--model", str(tiny_llama),
+               "--dtype", "float32", "--clients", "2", "--rounds", "1", "--per-class", "0", "--intrinsic-dim", "4",
+               "--prompt-length", "1", "--local-popsize", "3", "--local-iterations", "1", "--batch-size", "4",
+               "--label-words", "", "--runs-dir", str(tmp_path / "runs"), "--name", "own")
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    out = tmp_path / "runs" / "own"
+    report = json.loads((out / "report.json").read_text())
+    # 18 examples: 4 held out (20%, rounded), 14 split between the two clients.
+    assert report["test_examples"] == 4 and [r["state"] for r in report["rounds"]] == ["merged"]
+    assert report["label_words"] == [" bad", " great", " fine"]
+    prompt = read_prompt(out / "prompt.json")
+    assert prompt.task.names == ("neg", "pos", "mid") and prompt.z.shape == (4,)
+    assert prompt.metrics["tuned_test_accuracy"] == report["tuned_test_accuracy"]
