@@ -268,6 +268,11 @@ def run(args: argparse.Namespace) -> None:
         parse_partition(args.partition)
     # The files first: a malformed one is reported before any server is contacted.
     splits = load_splits(args.data, task)
+    seen = {ex.label for ex in splits["train"] + splits["validation"]}
+    if len(seen) < task.num_classes:
+        missing = [task.names[c] for c in range(task.num_classes) if c not in seen]
+        log.warning("%s: no example of %s among the task %s's %d classes: right task? (fine where another client "
+                    "holds them)", args.data, ", ".join(missing), task.name, task.num_classes)
     verify = args.ca_cert or True
     options = dict(timeout=args.timeout, verify=verify, retries=START_RETRIES)
     service = ServiceClient(args.service, args.api_key, prompt_wire=args.prompt_wire, name="service", **options)

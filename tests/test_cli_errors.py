@@ -157,16 +157,19 @@ def test_a_run_whose_rounds_all_failed_ends_non_zero(servers, tmp_path):
 
 
 def test_ca_cert_lets_a_command_trust_a_private_certificate(tmp_path):
+    import ssl
+
     import httpx
 
     from .test_tls import make_self_signed
 
     cert, key = make_self_signed(tmp_path)
+    trust = ssl.create_default_context(cafile=cert)
     url = f"https://127.0.0.1:{free_port()}"
     agg = start(["aggregator", "--port", url.rsplit(":", 1)[1], "--db", str(tmp_path / "agg.db"), "--ssl-certfile",
                  cert, "--ssl-keyfile", key], tmp_path / "aggregator.log")
     try:
-        wait_until(lambda: httpx.get(f"{url}/healthz", verify=cert, timeout=2).status_code == 200,
+        wait_until(lambda: httpx.get(f"{url}/healthz", verify=trust, timeout=2).status_code == 200,
                    "the HTTPS aggregator", agg, tmp_path / "aggregator.log")
         line = one_error_line(cli("status", "--aggregator", url), "status")
         assert "certificate this machine does not trust" in line and "--ca-cert" in line, line
