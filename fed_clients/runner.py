@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -257,7 +258,8 @@ def finish(service: ServiceClient, aggregator: AggregatorClient, client_id: str,
                "zero_shot_val_accuracy": float(zero.accuracy[0]), "val_examples": len(data.val),
                "train_examples": len(data.train), "rounds_merged": len(merged), "rounds": len(status.history),
                "rounds_worked": outcome.rounds_worked}
-    path = Path(prompt_out or f"prompt-{config.run_id}-{client_id}.json")
+    # A run id is the operator's free text: it must not turn into directories here.
+    path = Path(prompt_out or re.sub(r"[^A-Za-z0-9_.-]", "_", f"prompt-{config.run_id}-{client_id}") + ".json")
     write_prompt(path, prompt_payload(info, config, task, z, metrics, f"fedbpt client {client_id}"))
     return path
 
