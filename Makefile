@@ -5,7 +5,9 @@ PY := $(VENV)/bin/python
 # The CPU build that lies on this kind of machine; a GPU host sets TORCH='torch' (or its own pin).
 TORCH ?= torch==2.13.0
 STAMP := $(VENV)/.installed
-ASSETS := .cache/fedbpt/.fetched
+# make keeps the assets beside the checkout (the `fedbpt` command alone defaults to the user cache directory).
+export FEDBPT_CACHE_DIR ?= $(CURDIR)/.cache/fedbpt
+ASSETS := $(FEDBPT_CACHE_DIR)/.fetched
 
 .PHONY: setup assets demo test test-slow bench clean
 

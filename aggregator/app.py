@@ -8,6 +8,7 @@ GET  /v1/global            the global search distribution (client token; enroll 
                            operator key: every client's mean under local-only)
 GET  /v1/status            the run and its per-round history (client ids, selections and validation metrics
                            only with the operator key, where one is set)
+GET  /v1/report/clients    every accepted update's costs and metrics (operator key, where one is set)
 GET  /healthz
 """
 
@@ -24,6 +25,7 @@ from fastapi.responses import JSONResponse
 
 from fedbpt_wire.asgi import BodyLimit, install_error_handlers
 from fedbpt_wire.federation import (
+    ClientRoundRecord,
     GlobalState,
     PartitionAssignment,
     PartitionClaim,
@@ -157,6 +159,10 @@ def create_app(
     @app.get("/v1/status", response_model=RunStatus)
     def status(authorization: str | None = Header(default=None)):
         return coordinator.status(authorization)
+
+    @app.get("/v1/report/clients", response_model=list[ClientRoundRecord], responses=_errors(401))
+    def client_report(authorization: str | None = Header(default=None)):
+        return coordinator.client_rounds(authorization)
 
     @app.get("/healthz")
     def healthz():

@@ -24,6 +24,14 @@ from .store import Store
 
 log = logging.getLogger("aggregator")
 
+# Where no flag or --config file says otherwise: the search space and start that the embedded model needs, as
+# `fedbpt demo` runs it (docs/design.md, section 6), not RunConfig's paper-sized d = 500 and L = 50, which are
+# one file away (--config configs/paper-roberta-large.json).
+EMBEDDED_DEFAULTS = {"intrinsic_dim": 50, "prompt_length": 5, "prompt_init": "zeros",
+                     "prompt_placement": "after-text", "local_popsize": 8}
+# A bench config names the local population `popsize`.
+_CONFIG_FILE_ALIASES = {"popsize": "local_popsize"}
+
 # flag -> (RunConfig field, argparse keyword arguments)
 _CONFIG_FLAGS: dict[str, tuple[str, dict]] = {
     "--run-id": ("run_id", {"help": "run name (default: the database file's stem)"}),
@@ -63,21 +71,30 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "(default: $FEDBPT_OPERATOR_KEY; unset = /v1/status is public)")
     parser.add_argument("--max-clients", type=int, default=MAX_CLIENTS,
                         help=f"registered client ids at most; further registrations are refused (default {MAX_CLIENTS})")
+    parser.add_argument("--exit-when-done", type=float, default=None, metavar="SECONDS",
+                        help="stop SECONDS after the run's last round closed (time for the clients to fetch the final "
+                             "prompt), with exit status 1 when no round merged (default: serve on)")
     parser.add_argument("--ssl-certfile", default=None, help="serve HTTPS with this PEM certificate (chain)")
     parser.add_argument("--ssl-keyfile", default=None, help="the certificate's private key, if not in --ssl-certfile")
     add_connection_arguments(parser)
     group = parser.add_argument_group("run config (ignored, with a warning, when --db already holds a run)")
+    group.add_argument("--config", default=None, metavar="FILE",
+                       help="a JSON file of run-config fields (e.g. configs/paper-roberta-large.json; keys that are "
+                            "not run-config fields are ignored); flags given beside it win")
     for flag, (field, kwargs) in _CONFIG_FLAGS.items():
         info = RunConfig.model_fields[field]
         kwargs = dict(kwargs)
         if "help" not in kwargs:
-            kwargs["help"] = f"{info.description + '; ' if info.description else ''}default {info.default}"
+            default = EMBEDDED_DEFAULTS.get(field, info.default)
+            kwargs["help"] = f"{info.description + '; ' if info.description else ''}default {default}"
         group.add_argument(flag, dest=field, default=None, **kwargs)
 
 
 def config_from_args(args: argparse.Namespace) -> RunConfig:
     """The run's config: the stored one when the database holds a run, else the flags over the defaults."""
     given = {field: getattr(args, field) for field, _ in _CONFIG_FLAGS.values() if getattr(args, field) is not None}
+    if getattr(args, "config", None):
+        given = {**config_file(args.config), **given}
     stored = Store.peek_config(args.db)
     if stored is not None:
         differs = sorted(k for k, v in given.items() if getattr(stored, k) != v)
@@ -85,10 +102,26 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
             log.warning("%s holds run %r: its config wins, ignoring %s", args.db, stored.run_id,
                         ", ".join(f"{k}={given[k]!r} (stored {getattr(stored, k)!r})" for k in differs))
         return stored
+    given = {**EMBEDDED_DEFAULTS, **given}
     given.setdefault("run_id", Path(args.db).stem)
     if given.get("strategy") == "fedbpt-noperturb":
         given.setdefault("perturb", False)
     return RunConfig(**given)
+
+
+def config_file(path: str) -> dict:
+    import json
+
+    try:
+        data = json.loads(Path(path).read_text())
+    except OSError as exc:
+        raise ValueError(f"--config {path}: cannot read it ({exc.strerror or exc})") from None
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"--config {path}:{exc.lineno}: not valid JSON ({exc.msg})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"--config {path}: expected a JSON object of run-config fields")
+    data = {_CONFIG_FILE_ALIASES.get(k, k): v for k, v in data.items()}
+    return {k: v for k, v in data.items() if k in RunConfig.model_fields and k != "run_id"}
 
 
 def run(args: argparse.Namespace) -> int:
@@ -103,9 +136,11 @@ def run(args: argparse.Namespace) -> int:
     except ValidationError as exc:
         print(f"invalid run config: {exc}", file=sys.stderr)
         return 2
-    serve(config, args.db, host=args.host, port=args.port,
-          enroll_key=args.enroll_key or os.environ.get("FEDBPT_ENROLL_KEY") or None,
-          operator_key=args.operator_key or os.environ.get("FEDBPT_OPERATOR_KEY") or None,
-          max_clients=args.max_clients, ssl_certfile=args.ssl_certfile, ssl_keyfile=args.ssl_keyfile,
-          options=uvicorn_options(args), allowed_hosts=args.allowed_hosts)
-    return 0
+    except ValueError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    return serve(config, args.db, host=args.host, port=args.port,
+                 enroll_key=args.enroll_key or os.environ.get("FEDBPT_ENROLL_KEY") or None,
+                 operator_key=args.operator_key or os.environ.get("FEDBPT_OPERATOR_KEY") or None,
+                 max_clients=args.max_clients, ssl_certfile=args.ssl_certfile, ssl_keyfile=args.ssl_keyfile,
+                 options=uvicorn_options(args), allowed_hosts=args.allowed_hosts, exit_when_done=args.exit_when_done)

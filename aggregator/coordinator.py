@@ -32,6 +32,7 @@ from typing import Callable
 import numpy as np
 
 from fedbpt_wire.federation import (
+    ClientRoundRecord,
     GlobalState,
     PartitionAssignment,
     PartitionClaim,
@@ -104,6 +105,39 @@ def round_metrics(updates: list[UpdateRequest]) -> dict:
         "service_bytes_up": sum(u.costs.service_bytes_up for u in updates),
         "service_bytes_down": sum(u.costs.service_bytes_down for u in updates),
     }
+
+
+def run_history(store: Store) -> list[RoundRecord]:
+    """Every round of the run in the store, with its merged metrics and costs (details included)."""
+    reporters = store.reporters()
+    traffic = store.traffic()
+    history = []
+    for r in store.rounds():
+        metrics = r.metrics if r.metrics is not None else round_metrics([u for _, u in store.updates(r.round)])
+        up, down = traffic.get(r.round, (0, 0))
+        history.append(
+            RoundRecord(
+                round=r.round, state=r.state, selected=r.selected, reporters=reporters.get(r.round, []),
+                sigma_before=r.sigma_before, sigma_after=r.sigma_after, local_sigma=r.local_sigma,
+                sigma_merged=r.sigma_merged, opened_at=r.opened_at, closed_at=r.closed_at,
+                bytes_up=up, bytes_down=down, **metrics,
+            )
+        )
+    return history
+
+
+def client_rounds(store: Store) -> list[ClientRoundRecord]:
+    out = []
+    for r in store.rounds():
+        for cid, body_bytes, u in store.update_records(r.round):
+            m, c = u.metrics, u.costs
+            out.append(ClientRoundRecord(
+                round=r.round, client_id=cid, num_samples=u.num_samples, fitness=u.fitness,
+                local_loss=m.local_loss, local_accuracy=m.local_accuracy, global_val_loss=m.global_val_loss,
+                global_val_accuracy=m.global_val_accuracy, val_samples=m.val_samples, queries=c.queries,
+                sequences=c.sequences, tokens=c.tokens, service_bytes_up=c.service_bytes_up,
+                service_bytes_down=c.service_bytes_down, update_bytes=body_bytes))
+    return out
 
 
 class Coordinator:
@@ -333,20 +367,7 @@ class Coordinator:
         with self._lock:
             details = self.sees_details(authorization)
             self._tick(self.clock())
-            reporters = self.store.reporters()
-            traffic = self.store.traffic()
-            history = []
-            for r in self.store.rounds():
-                metrics = r.metrics if r.metrics is not None else round_metrics([u for _, u in self.store.updates(r.round)])
-                up, down = traffic.get(r.round, (0, 0))
-                history.append(
-                    RoundRecord(
-                        round=r.round, state=r.state, selected=r.selected, reporters=reporters.get(r.round, []),
-                        sigma_before=r.sigma_before, sigma_after=r.sigma_after, local_sigma=r.local_sigma,
-                        sigma_merged=r.sigma_merged, opened_at=r.opened_at, closed_at=r.closed_at,
-                        bytes_up=up, bytes_down=down, **metrics,
-                    )
-                )
+            history = run_history(self.store)
             if not details:
                 hidden = {"selected": [], "reporters": [], "val_accuracy": None, "val_loss": None, "clipped": None}
                 history = [r.model_copy(update=hidden) for r in history]
@@ -354,6 +375,13 @@ class Coordinator:
                 config=self.config, state=self.state(), round=self.current_round(),
                 clients=self.store.client_ids() if details else [], history=history, redacted=not details,
             )
+
+    def client_rounds(self, authorization: str | None) -> list[ClientRoundRecord]:
+        """Every accepted update's costs and metrics: per-client detail, so the operator's (as status details)."""
+        if not self.sees_details(authorization):
+            raise Rejected(401, "Authorization: per-client records take the operator key")
+        with self._lock:
+            return client_rounds(self.store)
 
     def tick(self) -> None:
         """Enforce the open round's deadline (and open round 0 once enough clients registered)."""

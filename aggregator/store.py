@@ -236,6 +236,11 @@ class Store:
         rows = self._query("SELECT client_id, body FROM updates WHERE round = ? ORDER BY client_id", (round_,))
         return [(cid, UpdateRequest.model_validate_json(body)) for cid, body in rows]
 
+    def update_records(self, round_: int) -> list[tuple[str, int, UpdateRequest]]:
+        """(client id, the update's body size in bytes, the update) of a round's accepted updates."""
+        rows = self._query("SELECT client_id, body FROM updates WHERE round = ? ORDER BY client_id", (round_,))
+        return [(cid, len(body.encode()), UpdateRequest.model_validate_json(body)) for cid, body in rows]
+
     def reporters(self) -> dict[int, list[str]]:
         out: dict[int, list[str]] = {}
         for round_, cid in self._query("SELECT round, client_id FROM updates ORDER BY round, client_id"):

@@ -19,7 +19,7 @@ import secrets
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import httpx
@@ -720,7 +720,8 @@ def write_report(grid: Grid, rows: list[dict], out: Path) -> str:
                                  x["bytes_down"], x["service_bytes_up"], x["service_bytes_down"], x["val_accuracy"]])
     for setting in sorted({(r["task"], r["regime"], r["partition"]) for r in rows}):
         chosen = [r for r in rows if (r["task"], r["regime"], r["partition"]) == setting]
-        plot(chosen, out / f"curves_{'_'.join(setting)}.png", " / ".join(setting))
+        # A task may be a spec file's path: its slashes must not become directories.
+        plot(chosen, out / f"curves_{'_'.join(setting).replace('/', '_')}.png", " / ".join(setting))
     task = get_task(grid.tasks[0])
     sample = [task.render(ex.fields, "causal") for ex in load_splits(grid.data, task)["train"][:32]]
     wire = wire_sizes(sample, list(task.label_words))
@@ -747,12 +748,20 @@ def add_arguments(parser) -> None:
     parser.add_argument("--config", default=None, help="a grid as JSON (e.g. configs/paper-roberta-large.json)")
     parser.add_argument("--out", default=None, help="results directory (default bench/results/<date>-<grid>); "
                                                     "an existing one resumes: finished runs are kept")
+    parser.add_argument("--task", default=None, metavar="NAME|FILE",
+                        help="run the grid on this task only: a built-in task or a task spec file (its name picks the "
+                             "embedded data, e.g. a spec named amazon_snippets with your own template and words)")
     parser.add_argument("--service", default=None, help="use this running service instead of starting one")
     parser.add_argument("--api-key", default=os.environ.get("FEDBPT_API_KEY"))
 
 
 def run(args) -> None:
     grid = Grid.from_file(args.config) if args.config else GRIDS[args.grid]
+    if getattr(args, "task", None):
+        from fed_clients.tasks import get_task
+
+        get_task(args.task)  # a bad name or spec fails here, not in the first run's log
+        grid = replace(grid, tasks=(args.task,))
     out = Path(args.out or f"bench/results/{time.strftime('%Y-%m-%d')}-{grid.name}")
     out.mkdir(parents=True, exist_ok=True)
     if grid.data == "default" or grid.model == Grid.model:

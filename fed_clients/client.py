@@ -20,7 +20,8 @@ from fedbpt_wire.tensors import decode_tensor, encode_tensor
 from .data import Example
 from .local_search import cma_seed, local_search
 from .perturb import corpus_words, perturb_examples
-from .service_client import ServiceClient
+from .http import RequestFailed
+from .service_client import ServiceClient, request_chunks
 from .tasks import Task, with_placement
 
 log = logging.getLogger(__name__)
@@ -50,23 +51,39 @@ class PromptScorer:
         return self.projection(z)
 
     def logits(self, z: np.ndarray | None, examples: list[Example]) -> np.ndarray:
-        """[P, N, C], in as many service calls as the service's `max_texts` requires."""
+        """[P, N, C], in as many service calls as the service's `max_texts` and `max_request_tokens` require."""
         texts = [self.task.render(ex.fields, self.kind) for ex in examples]
-        chunks = [texts[i : i + self.max_texts] for i in range(0, len(texts), self.max_texts)]
-        words = self.task.label_words
+        words = list(self.task.label_words)
         # Init 'tokens' starts from the model's embeddings, which only the service can add: seed form then.
         if z is not None and self.projection is not None and (self.service.prompt_wire == "seed"
                                                               or self.projection.offset is None):
             z = np.atleast_2d(z)
-            parts = [self.service.score_projected(z, self.projection.spec, chunk, words).logits for chunk in chunks]
+            def send(chunk):
+                return self.service.score_projected(z, self.projection.spec, chunk, words).logits
         else:
             prompts = self.prompts(z)
-            parts = [self.service.score(prompts, chunk, words).logits for chunk in chunks]
-        return np.concatenate(parts, axis=1)
+            def send(chunk):
+                return self.service.score(prompts, chunk, words).logits
+        population = 1 if z is None else np.atleast_2d(z).shape[0]
+        length = 0 if z is None or self.projection is None else self.projection.prompt_length
+        chunks = request_chunks(texts, population, length, self.service.model_info(), self.max_texts)
+        return np.concatenate([_split_on_refusal(send, chunk) for chunk in chunks], axis=1)
 
     def evaluate(self, z: np.ndarray | None, examples: list[Example]) -> Evaluation:
         loss, acc = label_cross_entropy(self.logits(z, examples), np.array([ex.label for ex in examples]))
         return Evaluation(loss, acc)
+
+
+def _split_on_refusal(send, chunk: list[str]) -> np.ndarray:
+    # The client's token estimate is an upper bound for byte-level tokenizers only; where the service still finds
+    # a request over its budget (413), half a request is tried, down to one text.
+    try:
+        return send(chunk)
+    except RequestFailed as exc:
+        if exc.status != 413 or len(chunk) == 1:
+            raise
+    half = len(chunk) // 2
+    return np.concatenate([_split_on_refusal(send, chunk[:half]), _split_on_refusal(send, chunk[half:])], axis=1)
 
 
 class FedBPTClient:

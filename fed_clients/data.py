@@ -1,4 +1,8 @@
-"""Loading labelled examples: the embedded default, local CSV/TSV/JSONL files, or HF `datasets` online."""
+"""Loading labelled examples: the embedded default, local CSV/TSV/JSONL/Parquet files, or HF `datasets` online.
+
+Every problem with a file is a DataError whose message names the file, the line (the record's first line) and
+what is wrong, in one line: a data owner fixes the file from it, without a traceback.
+"""
 
 from __future__ import annotations
 
@@ -6,10 +10,16 @@ import csv
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 from .tasks import HF_COLUMNS, Task
 
 SPLITS = ("train", "validation", "test")
+DATA_SUFFIXES = (".csv", ".tsv", ".jsonl", ".parquet")
+
+
+class DataError(ValueError):
+    """A data file that cannot be used; the message is `file:line: problem`."""
 
 
 @dataclass(frozen=True)
@@ -18,26 +28,112 @@ class Example:
     label: int
 
 
-def read_examples(path: str | Path, task: Task) -> list[Example]:
-    """Rows with the task's fields (`text`, `text2`) and an integer `label` from .csv, .tsv or .jsonl."""
+def _csv_rows(path: Path, delimiter: str) -> Iterator[tuple[int, dict]]:
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            # strict: a stray or unterminated quote is an error, not a row silently swallowing the rest of the file.
+            reader = csv.reader(f, delimiter=delimiter, strict=True)
+            line = 1
+            try:
+                header = next(reader, None)
+                if not header or not any(h.strip() for h in header):
+                    raise DataError(f"{path}:1: no header line (the column names, e.g. text{delimiter}label)")
+                header = [h.strip() for h in header]
+                line = reader.line_num + 1
+                for row in reader:
+                    if row:  # a blank line is no record
+                        if len(row) != len(header):
+                            raise DataError(f"{path}:{line}: {len(row)} fields where the header has {len(header)} "
+                                            f"({', '.join(header)}); quote a field that holds {delimiter!r}")
+                        yield line, dict(zip(header, row))
+                    line = reader.line_num + 1
+            except csv.Error as exc:
+                hint = "a quoted field opened here is never closed" if "end of data" in str(exc) else "bad quoting"
+                raise DataError(f"{path}:{line}: {hint} ({exc})") from None
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path}: not UTF-8 text (byte {exc.start}); save it as UTF-8") from None
+
+
+def _jsonl_rows(path: Path) -> Iterator[tuple[int, dict]]:
+    try:
+        with open(path, encoding="utf-8-sig") as f:
+            for line, text in enumerate(f, start=1):
+                if not text.strip():
+                    continue
+                try:
+                    row = json.loads(text)
+                except json.JSONDecodeError as exc:
+                    raise DataError(f"{path}:{line}: not valid JSON ({exc.msg}, column {exc.colno})") from None
+                if not isinstance(row, dict):
+                    raise DataError(f"{path}:{line}: expected a JSON object per line, got {type(row).__name__}")
+                yield line, row
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path}: not UTF-8 text (byte {exc.start}); save it as UTF-8") from None
+
+
+def _parquet_rows(path: Path) -> Iterator[tuple[int, dict]]:
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise DataError(f"{path}: reading Parquet needs pyarrow (pip install 'fedbpt[parquet]'), "
+                        "or save the file as CSV or JSONL") from None
+    try:
+        table = pq.read_table(path)
+    except Exception as exc:  # pyarrow's errors have no common base worth naming here
+        raise DataError(f"{path}: not a readable Parquet file ({exc})") from None
+    # Parquet has no lines: the row number (1-based) stands in for one.
+    for i, row in enumerate(table.to_pylist(), start=1):
+        yield i, row
+
+
+def read_rows(path: str | Path) -> Iterator[tuple[int, dict]]:
+    """(line, row) of a .csv, .tsv, .jsonl or .parquet file; DataError on a file that cannot be read."""
     path = Path(path)
-    if path.suffix == ".jsonl":
-        with open(path, encoding="utf-8") as f:
-            rows = [json.loads(line) for line in f if line.strip()]
-    elif path.suffix in (".csv", ".tsv"):
-        with open(path, newline="", encoding="utf-8") as f:
-            rows = list(csv.DictReader(f, delimiter="\t" if path.suffix == ".tsv" else ","))
-    else:
-        raise ValueError(f"{path}: expected a .csv, .tsv or .jsonl file")
-    out = []
-    for i, row in enumerate(rows):
-        missing = [c for c in (*task.fields, "label") if c not in row]
+    suffix = path.suffix.lower()
+    if suffix not in DATA_SUFFIXES:
+        raise DataError(f"{path}: expected a {', '.join(DATA_SUFFIXES)} file")
+    if not path.is_file():
+        raise DataError(f"{path}: no such file")
+    if suffix == ".jsonl":
+        return _jsonl_rows(path)
+    if suffix == ".parquet":
+        return _parquet_rows(path)
+    return _csv_rows(path, "\t" if suffix == ".tsv" else ",")
+
+
+def _text(value, path: Path, line: int, column: str) -> str:
+    if value is None or isinstance(value, (dict, list)):
+        raise DataError(f"{path}:{line}: column {column!r} must be text, got {json.dumps(value)}")
+    return str(value)
+
+
+def read_inputs(path: str | Path, task: Task) -> Iterator[tuple[int, dict]]:
+    """(line, row) with the task's text columns checked; labels, where present, are the caller's."""
+    path = Path(path)
+    for line, row in read_rows(path):
+        missing = [c for c in task.fields if c not in row]
         if missing:
-            raise ValueError(f"{path} row {i + 1}: missing column(s) {missing}")
-        label = int(row["label"])
-        if not 0 <= label < task.num_classes:
-            raise ValueError(f"{path} row {i + 1}: label {label} not in 0..{task.num_classes - 1}")
-        out.append(Example({f: str(row[f]) for f in task.fields}, label))
+            raise DataError(f"{path}:{line}: no column {', '.join(map(repr, missing))} (the template's "
+                            f"{', '.join('{' + c + '}' for c in missing)}); columns: {', '.join(map(str, row))}")
+        for c in task.fields:
+            row[c] = _text(row[c], path, line, c)
+        yield line, row
+
+
+def read_examples(path: str | Path, task: Task) -> list[Example]:
+    """Labelled rows: the task's text columns and its label column, a label name of the spec or a class index."""
+    path = Path(path)
+    out = []
+    for line, row in read_inputs(path, task):
+        if task.label_column not in row:
+            raise DataError(f"{path}:{line}: no label column {task.label_column!r}; columns: {', '.join(map(str, row))}")
+        try:
+            label = task.label_index(row[task.label_column])
+        except ValueError as exc:
+            raise DataError(f"{path}:{line}: {exc}") from None
+        out.append(Example({f: row[f] for f in task.fields}, label))
+    if not out:
+        raise DataError(f"{path}: no examples (a header and at least one labelled row are needed)")
     return out
 
 
@@ -56,13 +152,14 @@ def load_splits(source: str, task: Task) -> dict[str, list[Example]]:
     if root.is_file():
         return {"train": read_examples(root, task), "validation": [], "test": []}
     if not root.is_dir():
-        raise FileNotFoundError(f"no data at {source}")
+        raise DataError(f"{source}: no such file or directory (--data takes a data file, a directory of "
+                        "train/validation/test files, 'default' or 'hf')")
     splits = {}
     for split in SPLITS:
-        found = [root / f"{split}{ext}" for ext in (".csv", ".tsv", ".jsonl") if (root / f"{split}{ext}").exists()]
+        found = [root / f"{split}{ext}" for ext in DATA_SUFFIXES if (root / f"{split}{ext}").exists()]
         splits[split] = read_examples(found[0], task) if found else []
     if not splits["train"]:
-        raise FileNotFoundError(f"{root}: no train.csv, train.tsv or train.jsonl")
+        raise DataError(f"{root}: no train file ({', '.join('train' + e for e in DATA_SUFFIXES)})")
     return splits
 
 

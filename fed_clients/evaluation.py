@@ -59,3 +59,15 @@ def mean_std(values) -> tuple[float, float]:
     """Mean and sample standard deviation (0 for a single value) of a metric over seeds."""
     arr = np.asarray(list(values), dtype=np.float64)
     return float(arr.mean()), float(arr.std(ddof=1)) if len(arr) > 1 else 0.0
+
+
+def classification_metrics(labels: np.ndarray, predictions: np.ndarray, num_classes: int) -> dict:
+    """Accuracy, macro-F1 (a class never predicted nor present counts 0) and the confusion matrix
+    (rows: true class, columns: predicted)."""
+    confusion = np.zeros((num_classes, num_classes), dtype=int)
+    np.add.at(confusion, (labels, predictions), 1)
+    tp = np.diag(confusion).astype(float)
+    denom = confusion.sum(0) + confusion.sum(1)
+    f1 = np.divide(2 * tp, denom, out=np.zeros(num_classes), where=denom > 0)
+    return {"examples": int(len(labels)), "accuracy": float((labels == predictions).mean()) if len(labels) else 0.0,
+            "macro_f1": float(f1.mean()), "f1": f1.tolist(), "confusion": confusion.tolist()}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import ssl
 import time
 from dataclasses import dataclass
 
@@ -15,10 +16,11 @@ RETRY_STATUS = {500, 502, 503, 504}
 
 
 class RequestFailed(RuntimeError):
-    def __init__(self, status: int, detail: str):
+    def __init__(self, status: int, detail: str, path: str = ""):
         super().__init__(f"HTTP {status}: {detail}")
         self.status = status
         self.detail = detail
+        self.path = path  # the request's path, for telling the caller which step was refused
 
 
 @dataclass
@@ -38,17 +40,29 @@ def _detail(response: httpx.Response) -> str:
 class RetryingClient:
     """Bounded retries with exponential backoff on connection errors, timeouts and 5xx; never on 4xx.
 
-    Bytes are the request and response bodies as sent and received (content, not headers).
+    Retries stop after `retries` attempts, or, with `retry_for`, once that many seconds have gone by since the
+    first failure (a server restarting takes minutes, not a fixed number of tries). `verify` is True, False or
+    a CA bundle file. Bytes are the request and response bodies as sent and received (content, not headers).
     """
 
     def __init__(self, base_url: str, token: str | None = None, timeout: float = 300.0, retries: int = 5,
-                 backoff: float = 0.5, max_backoff: float = 10.0, verify: bool | str = True):
+                 backoff: float = 0.5, max_backoff: float = 10.0, verify: bool | str = True,
+                 retry_for: float | None = None, name: str = "server"):
         headers = {"Authorization": f"Bearer {token}"} if token else {}
+        if isinstance(verify, str):  # httpx takes a CA file only through an SSL context
+            verify = ssl.create_default_context(cafile=verify)
         self.http = httpx.Client(base_url=base_url.rstrip("/"), headers=headers, timeout=timeout, verify=verify)
         self.retries = retries
         self.backoff = backoff
         self.max_backoff = max_backoff
+        self.retry_for = retry_for
+        self.name = name
         self.wire = WireCounter()
+
+    def _give_up(self, attempt: int, failing_since: float) -> bool:
+        if self.retry_for is None:
+            return attempt >= self.retries
+        return time.monotonic() - failing_since >= self.retry_for
 
     def set_token(self, token: str) -> None:
         self.http.headers["Authorization"] = f"Bearer {token}"
@@ -56,24 +70,34 @@ class RetryingClient:
     def request(self, method: str, path: str, json_body: dict | None = None) -> dict:
         content = json.dumps(json_body, separators=(",", ":")).encode() if json_body is not None else None
         headers = {"Content-Type": "application/json"} if content is not None else None
-        for attempt in range(self.retries + 1):
+        failing_since = None
+        attempt = 0
+        while True:
             try:
                 response = self.http.request(method, path, content=content, headers=headers)
             except (httpx.TransportError, httpx.TimeoutException) as exc:
-                if attempt == self.retries:
+                failing_since = failing_since or time.monotonic()
+                # A certificate the client does not trust will not become trusted by waiting.
+                if self._give_up(attempt, failing_since) or "CERTIFICATE_VERIFY_FAILED" in str(exc):
                     raise
-                log.warning("%s %s: %s; retry %d/%d", method, path, exc, attempt + 1, self.retries)
+                problem = str(exc) or type(exc).__name__
             else:
                 self.wire.requests += 1
                 self.wire.bytes_up += len(content or b"")
                 self.wire.bytes_down += len(response.content)
                 if response.status_code < 400:
                     return response.json()
-                if response.status_code not in RETRY_STATUS or attempt == self.retries:
-                    raise RequestFailed(response.status_code, _detail(response))
-                log.warning("%s %s: HTTP %d; retry %d/%d", method, path, response.status_code, attempt + 1, self.retries)
+                failing_since = failing_since or time.monotonic()
+                if response.status_code not in RETRY_STATUS or self._give_up(attempt, failing_since):
+                    raise RequestFailed(response.status_code, _detail(response), path)
+                problem = f"HTTP {response.status_code}"
+            if self.retry_for is None:
+                log.warning("%s %s: %s; retry %d/%d", method, path, problem, attempt + 1, self.retries)
+            elif attempt == 0:
+                log.warning("%s %s: %s; the %s may be restarting: retrying for up to %.0f s (--retry-for)", method,
+                            path, problem, self.name, self.retry_for)
             time.sleep(min(self.backoff * 2**attempt, self.max_backoff))
-        raise AssertionError("unreachable")
+            attempt += 1
 
     def close(self) -> None:
         self.http.close()

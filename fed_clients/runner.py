@@ -6,20 +6,33 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+import httpx
+
+from fedbpt_wire.federation import RunConfig
+from fedbpt_wire.tensors import decode_tensor
+
 from .aggregator_client import AggregatorClient
 from .client import FedBPTClient
 from .credentials import TokenFile, default_state_dir
-from .data import Example, load_splits
+from .data import DataError, Example, load_splits
+from .errors import FatalError, service_refused, unreachable
 from .http import RequestFailed
 from .partition import few_shot, partition, train_val_split
+from .preflight import check_service
+from .prompt_file import prompt_payload, write_prompt
 from .service_client import PROMPT_WIRE_FORMS, ServiceClient
 from .tasks import Task, get_task, parse_label_words
+
+# Tries (about 4 s in all) before a server that does not answer at the start is reported: a wrong URL should not
+# make a user wait, whereas a server that goes away mid-run is waited for (--retry-for).
+START_RETRIES = 3
 
 log = logging.getLogger(__name__)
 
@@ -44,22 +57,34 @@ def client_shard(examples: list[Example], index: int, n_clients: int, alpha: flo
     return ClientData([examples[i] for i in train_idx], [examples[i] for i in val_idx])
 
 
+@dataclass
+class RunOutcome:
+    """What a client saw of a run: enough for its final summary and its prompt file."""
+
+    rounds_worked: int
+    config: RunConfig | None = None
+    last_val_accuracy: float | None = None  # the global prompt's, on this client's validation split
+
+
 def run_client(service: ServiceClient, aggregator: AggregatorClient, client_id: str, data: ClientData,
                task: Task, *, enroll_key: str | None = None, batch_size: int = 16, poll_s: float = 0.25,
                max_poll_s: float = 2.0, long_poll_s: float = 10.0, max_idle_s: float = 3600.0,
-               state_dir: Path | None = None) -> int:
+               state_dir: Path | None = None, outcome: RunOutcome | None = None) -> int:
     """Returns the number of rounds this client worked; exits when the run is done.
 
     The aggregator token is kept under `state_dir` (default: `default_state_dir()`), so that this client,
-    restarted, re-binds its own id.
+    restarted, re-binds its own id. `outcome`, where given, is filled in as the run goes.
     """
+    outcome = outcome or RunOutcome(0)
     saved = TokenFile(state_dir or default_state_dir(), str(aggregator.http.http.base_url), client_id)
     reg = aggregator.register(client_id, len(data.train), enroll_key, token=saved.read())
     saved.write(reg.token)
+    outcome.config = reg.config
     client = FedBPTClient(client_id, service, task, data.train, data.val, reg.config, batch_size)
-    log.info("%s registered: %d train / %d val examples, strategy %s", client_id, len(data.train), len(data.val),
-             reg.config.strategy)
+    log.info("%s registered: %d train / %d val examples, strategy %s, %d rounds", client_id, len(data.train),
+             len(data.val), reg.config.strategy, reg.config.rounds)
     worked = 0
+    started = time.monotonic()
     idle_since = time.monotonic()
     wait = poll_s
     while True:
@@ -76,6 +101,10 @@ def run_client(service: ServiceClient, aggregator: AggregatorClient, client_id: 
                     raise
                 log.warning("%s round %d: update refused (%s); the round closed without it", client_id, task.round,
                             exc.detail)
+            outcome.rounds_worked = worked
+            if update.metrics.global_val_accuracy is not None:
+                outcome.last_val_accuracy = update.metrics.global_val_accuracy
+            _progress(client_id, task.round, reg.config.rounds, time.monotonic() - started, outcome.last_val_accuracy)
             idle_since = time.monotonic()
             wait = poll_s
             continue
@@ -84,6 +113,14 @@ def run_client(service: ServiceClient, aggregator: AggregatorClient, client_id: 
         time.sleep(wait)
         # Back off while idle: every poll is bytes on the aggregator link, and they are counted.
         wait = min(wait * 1.5, max_poll_s)
+
+
+def _progress(client_id: str, round_: int, rounds: int, elapsed: float, val_accuracy: float | None) -> None:
+    done = round_ + 1
+    acc = "n/a" if val_accuracy is None else f"{val_accuracy:.3f}"
+    eta = elapsed / done * (rounds - done)
+    log.info("%s round %d/%d | %.0f s elapsed, ~%.0f s to go | global prompt's val accuracy %s (this client's split)",
+             client_id, done, rounds, elapsed, eta, acc)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -95,7 +132,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", default="default",
                         help="'default' (embedded), a CSV/TSV/JSONL file of this client's own examples, "
                              "a directory with train/validation files, or 'hf'")
-    parser.add_argument("--task", default="rotten_tomatoes")
+    parser.add_argument("--task", default="rotten_tomatoes", metavar="NAME|FILE",
+                        help="a built-in task or a task spec file (JSON: template and label words; docs/formats.md)")
     parser.add_argument("--label-words", default=None,
                         help="comma-separated verbalizer replacing the task's, in class order, each word with its "
                              "leading space, e.g. ' bad, good' (every client of a run must give the same)")
@@ -112,6 +150,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--state-dir", type=Path, default=None,
                         help="where this client keeps its aggregator token, so that it re-binds its own id when "
                              "restarted (default: $FEDBPT_STATE_DIR or ~/.local/state/fedbpt/clients)")
+    parser.add_argument("--ca-cert", default=None, metavar="FILE",
+                        help="CA certificate (PEM) to trust for HTTPS to the service and the aggregator")
+    parser.add_argument("--retry-for", type=float, default=600.0, metavar="SECONDS",
+                        help="how long to keep retrying, with backoff, a service or aggregator that stops answering "
+                             "mid-run (a restart); at the start a server that does not answer is an error at once "
+                             "(default %(default)s)")
+    parser.add_argument("--prompt-out", default=None, metavar="FILE",
+                        help="where to write the tuned prompt at the end of the run "
+                             "(default: prompt-<run id>-<client id>.json in the current directory)")
     parser.add_argument("--prompt-wire", choices=PROMPT_WIRE_FORMS, default="float32",
                         help="how prompts travel to the service: dense [P, L, D] float32 or float16, or 'seed': "
                              "z [P, d] and the projection seed, expanded by the service (d floats per prompt)")
@@ -139,10 +186,13 @@ def parse_partition(spec: str) -> tuple[int | None, int]:
     return k, n
 
 
-def _client_data(args: argparse.Namespace, aggregator: AggregatorClient) -> tuple[str, ClientData]:
-    """This client's id and examples: its part of the shared pool, or the whole of its own data."""
+def _client_data(args: argparse.Namespace, aggregator: AggregatorClient,
+                 splits: dict[str, list[Example]] | None = None) -> tuple[str, ClientData]:
+    """This client's id and examples: its part of the shared pool, or the whole of its own data (`splits`, where
+    the caller loaded them already)."""
     k, n = parse_partition(args.partition) if args.partition else (None, None)
-    splits = load_splits(args.data, task_from(args))
+    if splits is None:
+        splits = load_splits(args.data, task_from(args))
     if n is not None:
         if k is None:
             # Compose replicas get no index; the host name is the container's and survives its restarts.
@@ -159,14 +209,105 @@ def _client_data(args: argparse.Namespace, aggregator: AggregatorClient) -> tupl
     return args.client_id or os.uname().nodename, data
 
 
-def run(args: argparse.Namespace) -> None:
-    service = ServiceClient(args.service, args.api_key, prompt_wire=args.prompt_wire, timeout=args.timeout)
-    aggregator = AggregatorClient(args.aggregator, timeout=args.timeout)
+def check_data(client_id: str, data: ClientData, source: str, batch_size: int) -> None:
+    """Refuses a client with nothing to train on; warns where its updates will be noise."""
+    n = len(data.train) + len(data.val)
+    if not data.train or not data.val:
+        raise DataError(f"{source}: client {client_id} has {n} example(s); at least 2 are needed, one to train on and one "
+                        "to validate (better: one batch or more)")
+    if len(data.train) < batch_size:
+        log.warning("%s: only %d training examples, fewer than one batch (--batch-size %d): its updates will be "
+                    "noisy and it weighs little in the merge", client_id, len(data.train), batch_size)
+
+
+def _refused(url: str, exc: RequestFailed) -> FatalError:
+    if exc.path.startswith(("/v1/clients", "/v1/partitions")) and exc.status == 401:
+        return FatalError(f"the aggregator at {url} refused the enroll key ({exc.detail}); check --enroll-key or "
+                          "FEDBPT_ENROLL_KEY with the aggregator's operator")
+    if exc.path.startswith("/v1/clients") and exc.status == 409:
+        return FatalError(f"the aggregator at {url} refused the registration ({exc.detail}); use another "
+                          "--client-id, or the --state-dir that holds this id's token")
+    return FatalError(f"the aggregator at {url} refused {exc.path} (HTTP {exc.status}: {exc.detail})")
+
+
+def _ping_aggregator(aggregator: AggregatorClient, url: str) -> None:
     try:
-        client_id, data = _client_data(args, aggregator)
-        rounds = run_client(service, aggregator, client_id, data, task_from(args), enroll_key=args.enroll_key,
-                            batch_size=args.batch_size, state_dir=args.state_dir)
+        aggregator.http.request("GET", "/healthz")
+    except (httpx.TransportError, httpx.TimeoutException) as exc:
+        raise unreachable("aggregator", url, exc) from None
+
+
+def finish(service: ServiceClient, aggregator: AggregatorClient, client_id: str, data: ClientData, task: Task,
+           outcome: RunOutcome, prompt_out: str | None) -> Path:
+    """After the run: the final global prompt scored on this client's validation split and kept as a file.
+    A run in which no round merged has no prompt to keep, and is an error."""
+    status = aggregator.status()
+    merged = [r for r in status.history if r.state == "merged"]
+    if not merged:
+        raise FatalError(f"run {status.config.run_id} ended with none of its {len(status.history)} rounds merged "
+                         "(each closed with too few updates before its deadline): no prompt was tuned; see the "
+                         "aggregator's and the clients' logs")
+    final = aggregator.global_state()
+    z = decode_tensor(final.mean)
+    config = outcome.config or status.config
+    info = service.model_info()
+    scorer = FedBPTClient(client_id, service, task, data.train, data.val, config).scorer
+    ev = scorer.evaluate(z[None], data.val)
+    zero = scorer.evaluate(None, data.val)
+    metrics = {"val_accuracy": float(ev.accuracy[0]), "val_loss": float(ev.loss[0]),
+               "zero_shot_val_accuracy": float(zero.accuracy[0]), "val_examples": len(data.val),
+               "train_examples": len(data.train), "rounds_merged": len(merged), "rounds": len(status.history),
+               "rounds_worked": outcome.rounds_worked}
+    # A run id is the operator's free text: it must not turn into directories here.
+    path = Path(prompt_out or re.sub(r"[^A-Za-z0-9_.-]", "_", f"prompt-{config.run_id}-{client_id}") + ".json")
+    write_prompt(path, prompt_payload(info, config, task, z, metrics, f"fedbpt client {client_id}"))
+    return path
+
+
+def run(args: argparse.Namespace) -> None:
+    task = task_from(args)
+    if args.partition:
+        parse_partition(args.partition)
+    # The files first: a malformed one is reported before any server is contacted.
+    splits = load_splits(args.data, task)
+    seen = {ex.label for ex in splits["train"] + splits["validation"]}
+    if len(seen) < task.num_classes:
+        missing = [task.names[c] for c in range(task.num_classes) if c not in seen]
+        log.warning("%s: no example of %s among the task %s's %d classes: right task? (fine where another client "
+                    "holds them)", args.data, ", ".join(missing), task.name, task.num_classes)
+    verify = args.ca_cert or True
+    options = dict(timeout=args.timeout, verify=verify, retries=START_RETRIES)
+    service = ServiceClient(args.service, args.api_key, prompt_wire=args.prompt_wire, name="service", **options)
+    aggregator = AggregatorClient(args.aggregator, name="aggregator", **options)
+    outcome = RunOutcome(0)
+    started = time.monotonic()
+    try:
+        try:
+            if args.partition and args.partition.startswith("auto"):
+                _ping_aggregator(aggregator, args.aggregator)
+            client_id, data = _client_data(args, aggregator, splits)
+            check_data(client_id, data, args.data, args.batch_size)
+            info = check_service(service, task)
+            log.info("service %s: %s (%s, hidden size %d); key and label words %s accepted", args.service, info.name,
+                     info.kind, info.hidden_size, list(task.label_words))
+            _ping_aggregator(aggregator, args.aggregator)
+            service.http.retry_for = aggregator.http.retry_for = args.retry_for
+            rounds = run_client(service, aggregator, client_id, data, task, enroll_key=args.enroll_key,
+                                batch_size=args.batch_size, state_dir=args.state_dir, outcome=outcome)
+            path = finish(service, aggregator, client_id, data, task, outcome, args.prompt_out)
+        except RequestFailed as exc:
+            if exc.path.startswith(("/v1/score", "/v1/model")):
+                raise service_refused(args.service, exc) from None
+            raise _refused(args.aggregator, exc) from None
+        except (httpx.TransportError, httpx.TimeoutException) as exc:
+            raise FatalError(f"lost the service or the aggregator for more than --retry-for {args.retry_for:.0f} s "
+                             f"({exc}); restart this client with the same --client-id to rejoin the run") from None
     finally:
         service.close()
         aggregator.close()
-    log.info("%s done after %d rounds; %d service queries", client_id, rounds, service.costs.queries)
+    acc = "n/a" if outcome.last_val_accuracy is None else f"{outcome.last_val_accuracy:.3f}"
+    wire = service.http.wire
+    print(f"{client_id} done in {time.monotonic() - started:.0f} s: worked {rounds} rounds; {service.costs.queries} "
+          f"service queries, {service.costs.tokens} tokens, {(wire.bytes_up + wire.bytes_down) / 1024:.1f} KiB to "
+          f"and from the service, {(aggregator.http.wire.bytes_up + aggregator.http.wire.bytes_down) / 1024:.1f} KiB "
+          f"to and from the aggregator; last global val accuracy {acc}; tuned prompt: {path}", flush=True)

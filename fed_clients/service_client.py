@@ -27,6 +27,30 @@ class ServiceCosts:
 
 
 PROMPT_WIRE_FORMS = ("float32", "float16", "seed")
+# Positions of a sequence beyond its text's tokens and the soft prompt: specials, an anchor, a prefix space.
+SEQUENCE_MARGIN = 8
+
+
+def request_chunks(texts: list[str], population: int, prompt_length: int, info: ModelInfo,
+                   max_texts: int | None = None) -> list[list[str]]:
+    """The texts in consecutive requests within the service's limits: `max_texts` each, and a work budget
+    (`max_request_tokens`: P x the sequences' lengths) estimated from above with one token per UTF-8 byte,
+    as byte-level tokenizers never make more; the client has no tokenizer to count exactly."""
+    cap = min(max_texts or info.max_texts, info.max_texts)
+    budget = info.max_request_tokens
+    chunks: list[list[str]] = []
+    current: list[str] = []
+    used = 0
+    for text in texts:
+        cost = population * (len(text.encode("utf-8")) + prompt_length + SEQUENCE_MARGIN)
+        if current and (len(current) >= cap or (budget is not None and used + cost > budget)):
+            chunks.append(current)
+            current, used = [], 0
+        current.append(text)
+        used += cost
+    if current:
+        chunks.append(current)
+    return chunks
 
 
 class ServiceClient:

@@ -92,7 +92,14 @@ DOWNLOAD_TIMEOUT_S = 180
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("FEDBPT_CACHE_DIR", ".cache/fedbpt")).resolve()
+    """$FEDBPT_CACHE_DIR, else the user's cache directory (~/.cache/fedbpt on Linux): one copy of the converted
+    models whatever the current directory, where a relative default re-fetched them from every other folder."""
+    env = os.environ.get("FEDBPT_CACHE_DIR")
+    if env:
+        return Path(env).expanduser().resolve()
+    import platformdirs
+
+    return Path(platformdirs.user_cache_dir("fedbpt", appauthor=False))
 
 
 def sha256_of(path: Path) -> str:
@@ -438,4 +445,13 @@ def resolve_model(ref: str | None) -> str:
     model = embedded_model(ref)
     if model is not None:
         return str(ensure_model(name=model.name))
+    path = Path(ref).expanduser()
+    if path.is_dir():
+        return str(path)
+    # A hub id is `name` or `owner/name`; anything else that names no directory is a mistyped path.
+    looks_like_path = ref.startswith((".", "/", "~")) or ref.count("/") > 1 or os.sep != "/" and os.sep in ref
+    if looks_like_path or path.exists():
+        raise FileNotFoundError(f"model {ref!r}: no such directory; give an embedded model "
+                                f"({', '.join(sorted(EMBEDDED_MODELS))}), a local Hugging Face model directory, "
+                                "or a hub id (owner/name)")
     return ref

@@ -18,44 +18,34 @@ def _assets(args: argparse.Namespace) -> None:
         print(f"{what}: {path}")
 
 
-def _serve(args: argparse.Namespace) -> None:
-    from inference_service.server import run
+def _runner(module: str, name: str = "run"):
+    def call(args: argparse.Namespace):
+        import importlib
 
-    run(args)
+        return getattr(importlib.import_module(module), name)(args)
 
-
-def _client(args: argparse.Namespace) -> None:
-    from fed_clients.runner import run
-
-    run(args)
+    return call
 
 
-def _aggregator(args: argparse.Namespace) -> None:
-    from aggregator.cli import run
-
-    run(args)
-
-
-def _demo(args: argparse.Namespace) -> None:
-    from .demo import run
-
-    run(args)
-
-
-def _bench(args: argparse.Namespace) -> None:
-    from bench.grid import run
-
-    run(args)
-
-
-# subcommand -> (module with add_arguments, help, runner); modules are imported only to build the parser,
+# subcommand -> (module[:function adding its arguments, default add_arguments], help, runner); modules are
+# imported only to build the parser,
 # and a role installed without another's extras still gets its own subcommands.
 _SUBCOMMANDS = {
-    "serve": ("inference_service.server", "run the black-box inference service", _serve),
-    "aggregator": ("aggregator.cli", "run the aggregator", _aggregator),
-    "client": ("fed_clients.runner", "run one client against a service and an aggregator", _client),
-    "demo": ("fedbpt.demo", "end-to-end federated run on loopback, with a report", _demo),
-    "bench": ("bench.grid", "every method on the same data and seeds: accuracy vs queries and bytes", _bench),
+    "serve": ("inference_service.server", "run the black-box inference service", _runner("inference_service.server")),
+    "aggregator": ("aggregator.cli", "run the aggregator", _runner("aggregator.cli")),
+    "client": ("fed_clients.runner", "run one client against a service and an aggregator",
+               _runner("fed_clients.runner")),
+    "demo": ("fedbpt.demo", "end-to-end federated run on loopback, with a report", _runner("fedbpt.demo")),
+    "bench": ("bench.grid", "every method on the same data and seeds: accuracy vs queries and bytes",
+              _runner("bench.grid")),
+    "task": ("fedbpt.task_cmd", "the built-in tasks, and checking a task spec file", _runner("fedbpt.task_cmd")),
+    "predict": ("fedbpt.use:add_predict_arguments", "classify new texts with a tuned prompt file", _runner("fedbpt.use", "predict")),
+    "evaluate": ("fedbpt.use:add_evaluate_arguments", "accuracy, macro-F1 and confusion matrix of a tuned prompt on labelled data",
+                 _runner("fedbpt.use", "evaluate")),
+    "status": ("fedbpt.run_report:add_status_arguments", "where a run stands: round i/N, reporters, validation accuracy, ETA",
+               _runner("fedbpt.run_report", "status")),
+    "report": ("fedbpt.run_report:add_report_arguments", "per-round and per-client CSVs and plots of any run",
+               _runner("fedbpt.run_report", "report")),
 }
 
 
@@ -77,12 +67,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     for name, (module, help_text, func) in _SUBCOMMANDS.items():
         try:
-            add_arguments = importlib.import_module(module).add_arguments
+            module, _, function = module.partition(":")
+            add_arguments = getattr(importlib.import_module(module), function or "add_arguments")
         except ImportError as exc:
             sub.add_parser(name, help=f"unavailable: {exc}").set_defaults(func=_missing(name, exc))
             continue
         p = sub.add_parser(name, help=help_text)
         add_arguments(p)
+        # Also after the subcommand, where users put it; SUPPRESS keeps the top-level value when absent.
+        p.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                       help="log more, and show the traceback of an error")
         p.set_defaults(func=func)
     return parser
 
@@ -102,9 +96,25 @@ def main(argv: list[str] | None = None) -> None:
     # One line per HTTP request would drown the progress lines.
     logging.getLogger("httpx").setLevel(logging.WARNING)
     try:
-        args.func(args)
+        code = args.func(args)
     except KeyboardInterrupt:
         sys.exit(130)
+    except Exception as exc:
+        if args.verbose:
+            raise
+        sys.exit(f"fedbpt {args.command}: error: {describe(exc)}")
+    if isinstance(code, int) and code:
+        sys.exit(code)
+
+
+def describe(exc: Exception) -> str:
+    """One line for the user: our own errors already say what to do; anything else gets its type and a hint."""
+    from fed_clients.errors import FatalError
+
+    text = "; ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+    if isinstance(exc, (ValueError, FileNotFoundError, FatalError)):
+        return text or type(exc).__name__
+    return f"{type(exc).__name__}: {text} (run with --verbose for the traceback)"
 
 
 if __name__ == "__main__":

@@ -39,7 +39,10 @@ class DemoConfig:
     # prompt has room to help; the prompt between the review and its cue line, starting from zeros; IID shards
     # and no perturbation, since the label prior is what there is to learn here and FedBPT's perturbation
     # (like a label-skewed fitness ranking) works against learning it.
-    task: str = "amazon_snippets"
+    task: str = "amazon_snippets"  # a built-in task or a task spec file
+    data: str = "default"  # the task's embedded data, or a data file (or directory) of your own
+    test: str = ""  # held-out test file; empty: the demo holds out test_fraction of --data
+    test_fraction: float = 0.2
     model: str = "smollm2-135m-instruct"
     label_words: str = " terrible, great"  # comma-separated verbalizer replacing the task's
     prompt_init: str = "zeros"
@@ -159,7 +162,8 @@ def run_demo(cfg: DemoConfig) -> dict:
     from fedbpt_wire.projection import projection_for
     from fedbpt_wire.federation import RunConfig
     from fed_clients.service_client import ServiceClient
-    from fed_clients.tasks import get_task
+    from fed_clients.prompt_file import prompt_payload, write_prompt
+    from fed_clients.tasks import TASKS, get_task
     from fedbpt_wire.tensors import decode_tensor
 
     from . import assets
@@ -172,7 +176,15 @@ def run_demo(cfg: DemoConfig) -> dict:
     out = Path(cfg.runs_dir) / cfg.name
     (out / "logs").mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
-    assets.fetch_all()
+    if cfg.data == "default":
+        assets.fetch_all()
+        splits = load_splits("default", task)
+        client_data = "default"
+    else:
+        splits = own_splits(cfg, task)
+        # The clients partition the pool from one file, as they would their own files on separate machines.
+        client_data = str(write_examples(out / "data" / "train.jsonl", splits["train"], task))
+    task_ref = cfg.task if cfg.task in TASKS else str(Path(cfg.task).resolve())
     api_key, enroll_key, operator_key = (secrets.token_urlsafe(16) for _ in range(3))
     svc_url = f"http://127.0.0.1:{free_port()}"
     agg_url = f"http://127.0.0.1:{free_port()}"
@@ -194,10 +206,11 @@ def run_demo(cfg: DemoConfig) -> dict:
         wait_healthy(svc_url, procs)
         wait_healthy(agg_url, procs)
         for k in range(cfg.clients):
-            args = ["client", "--service", svc_url, "--aggregator", agg_url, "--data", "default",
-                    "--task", cfg.task, "--partition", f"{k}/{cfg.clients}", "--per-class", str(cfg.per_class),
+            args = ["client", "--service", svc_url, "--aggregator", agg_url, "--data", client_data,
+                    "--task", task_ref, "--partition", f"{k}/{cfg.clients}", "--per-class", str(cfg.per_class),
                     "--partition-seed", str(cfg.seed), "--batch-size", str(cfg.batch_size),
-                    "--prompt-wire", "seed"]
+                    "--prompt-wire", "seed", "--prompt-out", str(out / "logs" / f"prompt-client-{k}.json"),
+                    "--state-dir", str(out / "state")]
             if cfg.label_words:
                 args += ["--label-words", cfg.label_words]
             if cfg.alpha is not None:
@@ -219,7 +232,6 @@ def run_demo(cfg: DemoConfig) -> dict:
         final = observer.global_state()
         run_config = status["config"]
 
-        splits = load_splits("default", task)
         test = splits["test"][: cfg.test_size]
         print(f"evaluating zero-shot, calibrated zero-shot and the tuned prompt on {len(test)} held-out test "
               "examples", flush=True)
@@ -290,7 +302,9 @@ def run_demo(cfg: DemoConfig) -> dict:
         "wall_seconds": time.monotonic() - t_start,
     }
     write_report(out, report)
-    write_prompt_file(out / "prompt.json", info, config, task, z_final, report)
+    metrics = {k: report[k] for k in ("test_examples", "zero_shot_test_accuracy", "calibrated_zero_shot_test_accuracy",
+                                      "tuned_test_accuracy")}
+    write_prompt(out / "prompt.json", prompt_payload(info, config, task, z_final, metrics, f"fedbpt demo {cfg.name}"))
     print(f"test accuracy on {len(test)} examples: zero-shot {report['zero_shot_test_accuracy']:.4f} | calibrated "
           f"zero-shot {report['calibrated_zero_shot_test_accuracy']:.4f} | tuned {report['tuned_test_accuracy']:.4f} "
           f"(McNemar p {report['tuned_vs_zero_shot_p']:.2g} vs zero-shot, {report['tuned_vs_calibrated_p']:.2g} vs "
@@ -298,25 +312,30 @@ def run_demo(cfg: DemoConfig) -> dict:
     return report
 
 
-def write_prompt_file(path: Path, info, config, task, z, report: dict) -> None:
-    """The tuned prompt as a file to keep: what it was tuned on and for, and how to rebuild it (seed + z)."""
-    from fed_clients.tasks import with_placement
-    from fedbpt_wire.tensors import encode_tensor
+def own_splits(cfg: DemoConfig, task) -> dict:
+    """A user's data: the pool the clients split, and a test set (given, or held out of the pool, seeded)."""
+    from fed_clients.data import load_splits, read_examples
 
-    payload = {
-        "format": "fedbpt-prompt/1",
-        "model": {"name": info.name, "hidden_size": info.hidden_size, "kind": info.kind},
-        "projection": {"seed": config.projection_seed, "intrinsic_dim": config.intrinsic_dim,
-                       "prompt_length": config.prompt_length, "sigma0": config.sigma0, "init": config.prompt_init,
-                       "placement": config.prompt_placement},
-        "z": encode_tensor(np.asarray(z, dtype=np.float32)).model_dump(),
-        "task": {"name": task.name, "template": with_placement(task, config.prompt_placement).template(info.kind),
-                 "label_words": list(task.label_words)},
-        "run_config": config.model_dump(),
-        "metrics": {k: report[k] for k in ("test_examples", "zero_shot_test_accuracy",
-                                           "calibrated_zero_shot_test_accuracy", "tuned_test_accuracy")},
-    }
-    path.write_text(json.dumps(payload, indent=2))
+    pool = load_splits(cfg.data, task)
+    train = pool["train"] + pool["validation"]
+    test = read_examples(cfg.test, task) if cfg.test else pool["test"]
+    if not test:
+        order = np.random.default_rng([cfg.seed, 7]).permutation(len(train))
+        n_test = max(1, int(round(len(train) * cfg.test_fraction)))
+        test = [train[i] for i in np.sort(order[:n_test])]
+        train = [train[i] for i in np.sort(order[n_test:])]
+    if len(train) < 2 * cfg.clients:
+        raise ValueError(f"{cfg.data}: {len(train)} examples left for {cfg.clients} clients; each needs at least 2")
+    return {"train": train, "validation": [], "test": test}
+
+
+def write_examples(path: Path, examples, task) -> Path:
+    """JSONL with the task's columns and its label column, labels by name."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        for ex in examples:
+            f.write(json.dumps({**ex.fields, task.label_column: task.names[ex.label]}, ensure_ascii=False) + "\n")
+    return path
 
 
 def write_report(out: Path, report: dict) -> None:

@@ -161,6 +161,27 @@ class RoundRecord(BaseModel):
     closed_at: float | None = None
 
 
+class ClientRoundRecord(BaseModel):
+    """One accepted update: a client's costs and metrics in a round (operator only: `GET /v1/report/clients`)."""
+
+    round: int
+    client_id: str
+    num_samples: int
+    fitness: float
+    local_loss: float
+    local_accuracy: float
+    global_val_loss: float | None = None
+    global_val_accuracy: float | None = None
+    val_samples: int = 0
+    queries: int
+    sequences: int
+    tokens: int
+    service_bytes_up: int
+    service_bytes_down: int
+    update_bytes: int = Field(description="the update's body as stored: this client's upload to the aggregator in "
+                                          "the round, less its polls")
+
+
 class RunStatus(BaseModel):
     config: RunConfig
     state: Literal["waiting", "running", "done"]

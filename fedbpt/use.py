@@ -1,0 +1,169 @@
+"""`fedbpt predict` and `fedbpt evaluate`: a tuned prompt file put to use against a service.
+
+Only the service is needed besides the prompt file: it holds the model, the file holds everything else (the
+projection's seed and z, the template, the label words).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import itertools
+import json
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+
+# Rows handed to the scorer at once: it splits them further to the service's limits; this bounds memory only.
+ROWS_PER_STEP = 256
+
+
+def _service_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--prompt", required=True, metavar="FILE", help="a prompt file (fedbpt-prompt/1)")
+    parser.add_argument("--service", required=True, help="inference service URL (serving the prompt's model)")
+    parser.add_argument("--api-key", default=os.environ.get("FEDBPT_API_KEY"), help="service key (env FEDBPT_API_KEY)")
+    parser.add_argument("--ca-cert", default=None, metavar="FILE", help="CA certificate (PEM) to trust for HTTPS")
+    parser.add_argument("--timeout", type=float, default=300.0, help="HTTP timeout per request, seconds")
+
+
+def add_predict_arguments(parser: argparse.ArgumentParser) -> None:
+    _service_arguments(parser)
+    parser.add_argument("--input", required=True, metavar="FILE",
+                        help="texts to classify: .csv, .tsv, .jsonl or .parquet with the template's columns")
+    parser.add_argument("--output", default=None, metavar="FILE",
+                        help="predictions (.csv, .tsv or .jsonl): the input's columns, `prediction` (a label name) "
+                             "and `p_<label>` per label (default: <input>.predictions.csv)")
+
+
+def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
+    _service_arguments(parser)
+    parser.add_argument("--data", required=True, metavar="FILE", help="labelled examples, as for `fedbpt client`")
+    parser.add_argument("--baseline", action="store_true",
+                        help="also score the manual prompt (the template alone, no soft prompt) on the same data")
+    parser.add_argument("--output", default=None, metavar="FILE", help="also write the numbers as JSON")
+
+
+def _open(args: argparse.Namespace):
+    """The prompt, a scorer of it on the service (checked: key, model, label words), and the service client."""
+    from fed_clients.client import PromptScorer
+    from fed_clients.preflight import check_service
+    from fed_clients.prompt_file import read_prompt
+    from fed_clients.runner import START_RETRIES
+    from fed_clients.service_client import ServiceClient
+    from fedbpt_wire.projection import projection_for
+
+    prompt = read_prompt(args.prompt)
+    service = ServiceClient(args.service, args.api_key, name="service", timeout=args.timeout,
+                            verify=args.ca_cert or True, retries=START_RETRIES)
+    info = check_service(service, prompt.placed)
+    prompt.check_model(info)
+    # z and the seed travel instead of L x D floats per prompt, where the service takes that form.
+    service.prompt_wire = "seed" if info.max_projection_values is not None else "float32"
+    scorer = PromptScorer(service, prompt.placed, projection_for(prompt.config, info), info.kind, info.max_texts)
+    return prompt, scorer, service
+
+
+def _probabilities(logits: np.ndarray) -> np.ndarray:
+    shifted = logits - logits.max(-1, keepdims=True)
+    e = np.exp(shifted)
+    return e / e.sum(-1, keepdims=True)
+
+
+class _Writer:
+    def __init__(self, path: Path, columns: list[str]):
+        self.path = path
+        self.file = open(path, "w", newline="", encoding="utf-8")
+        self.jsonl = path.suffix.lower() == ".jsonl"
+        if not self.jsonl:
+            self.csv = csv.DictWriter(self.file, fieldnames=columns, extrasaction="ignore",
+                                      delimiter="\t" if path.suffix.lower() == ".tsv" else ",")
+            self.csv.writeheader()
+
+    def write(self, row: dict) -> None:
+        if self.jsonl:
+            self.file.write(json.dumps(row, ensure_ascii=False) + "\n")
+        else:
+            self.csv.writerow(row)
+
+    def close(self) -> None:
+        self.file.close()
+
+
+def predict(args: argparse.Namespace) -> int:
+    from fed_clients.data import Example, read_inputs
+
+    prompt, scorer, service = _open(args)
+    task = prompt.task
+    out = Path(args.output or Path(args.input).with_suffix(".predictions.csv"))
+    if out.suffix.lower() not in (".csv", ".tsv", ".jsonl"):
+        raise ValueError(f"--output {out}: expected a .csv, .tsv or .jsonl file")
+    rows = read_inputs(args.input, task)
+    writer = None
+    done = 0
+    tty = sys.stderr.isatty()
+    try:
+        while True:
+            step = [row for _, row in itertools.islice(rows, ROWS_PER_STEP)]
+            if not step:
+                break
+            if writer is None:
+                probs_cols = [f"p_{name}" for name in task.names]
+                writer = _Writer(out, [*step[0], "prediction", *probs_cols])
+            examples = [Example({f: row[f] for f in task.fields}, 0) for row in step]
+            probs = _probabilities(scorer.logits(prompt.z[None], examples)[0])
+            for row, p in zip(step, probs):
+                row["prediction"] = task.names[int(p.argmax())]
+                row.update({f"p_{name}": round(float(q), 6) for name, q in zip(task.names, p)})
+                writer.write(row)
+            done += len(step)
+            line = f"predicted {done} texts ({service.costs.queries} service queries)"
+            print("\r" + line if tty else line, end="" if tty else "\n", file=sys.stderr, flush=True)
+    finally:
+        if writer is not None:
+            writer.close()
+        service.close()
+    if writer is None:
+        raise ValueError(f"{args.input}: no rows to classify")
+    if tty:
+        print(file=sys.stderr)
+    print(f"{done} predictions written to {out}")
+    return 0
+
+
+def _matrix(confusion: list[list[int]], names: tuple[str, ...]) -> str:
+    width = max(8, *(len(n) for n in names)) + 2
+    lines = [" " * width + "".join(f"{n:>{width}}" for n in names) + "   <- predicted"]
+    for name, row in zip(names, confusion):
+        lines.append(f"{name:<{width}}" + "".join(f"{v:>{width}}" for v in row))
+    return "\n".join(lines)
+
+
+def evaluate(args: argparse.Namespace) -> int:
+    from fed_clients.data import read_examples
+    from fed_clients.evaluation import classification_metrics
+
+    prompt, scorer, service = _open(args)
+    task = prompt.task
+    try:
+        examples = read_examples(args.data, task)
+        labels = np.array([ex.label for ex in examples])
+        results = {"tuned": classification_metrics(labels, scorer.logits(prompt.z[None], examples)[0].argmax(-1),
+                                                   task.num_classes)}
+        if args.baseline:
+            results["manual"] = classification_metrics(labels, scorer.logits(None, examples)[0].argmax(-1),
+                                                       task.num_classes)
+    finally:
+        service.close()
+    print(f"{args.data}: {len(examples)} examples, task {task.name}, model {prompt.model['name']}")
+    for which, title in (("tuned", "tuned prompt"), ("manual", "manual prompt (baseline)")):
+        if which in results:
+            r = results[which]
+            print(f"{title:<26} accuracy {r['accuracy']:.4f}   macro-F1 {r['macro_f1']:.4f}")
+    for which in results:
+        print(f"\nconfusion matrix, {which} (rows: true label)\n{_matrix(results[which]['confusion'], task.names)}")
+    if args.output:
+        Path(args.output).write_text(json.dumps({"data": str(args.data), "labels": list(task.names),
+                                                 "service_queries": service.costs.queries, **results}, indent=2))
+    return 0
