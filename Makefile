@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 export FEDBPT_CACHE_DIR ?= $(CURDIR)/.cache/fedbpt
 ASSETS := $(FEDBPT_CACHE_DIR)/.fetched
 
-.PHONY: setup assets demo test test-slow bench clean
+.PHONY: setup assets demo test test-slow compose-test bench clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -33,6 +33,11 @@ test: $(ASSETS)
 
 test-slow: $(ASSETS)
 	$(PY) -m pytest -q -m slow
+
+# The container stack for real (tests/test_compose_stack.py, docs/docker.md): builds the images with the
+# local Docker engine, runs the cpu profile, checks the report and a resume, then `down -v`. Needs Compose v2.
+compose-test: $(STAMP)
+	$(PY) -m pytest -q -s -m docker tests/test_compose_stack.py
 
 bench: $(ASSETS)
 	$(PY) bench/service_overhead.py

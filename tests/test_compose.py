@@ -1,10 +1,11 @@
 """The container setup against the real CLI: docker-compose.yml, docker/*.Dockerfile, .env.example, .dockerignore.
 
-No Docker engine runs on the test machines, so nothing here builds an image. The compose file is loaded
-with `docker compose config` (compose's own loader and validator) where a Compose v2 client is at hand,
-else read with PyYAML and interpolated here as compose does. Every `command` then goes through
-`fedbpt.cli.build_parser()`, the Dockerfiles are read as text, and the healthchecks and the
-aggregator's and the CPU service's compose commands are run for real on loopback.
+Static checks that need no Docker engine (CI has none); tests/test_compose_stack.py builds the images and
+runs the stack for real (`make compose-test`). The compose file is loaded with `docker compose config`
+(compose's own loader and validator) where a Compose v2 client is at hand, else read with PyYAML and
+interpolated here as compose does. Every `command` then goes through `fedbpt.cli.build_parser()` (or the
+report's own parser), the Dockerfiles are read as text and checked against the compose file, the Makefile
+and the demo's settings, and the healthchecks are run against stub servers.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import fnmatch
 import http.server
+import importlib.util
 import json
 import os
 import re
@@ -20,7 +22,7 @@ import shutil
 import subprocess
 import sys
 import threading
-import time
+from dataclasses import asdict
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -33,19 +35,28 @@ ROOT = Path(__file__).resolve().parents[1]
 COMPOSE_FILE = ROOT / "docker-compose.yml"
 ENV_EXAMPLE = ROOT / ".env.example"
 PROFILES = ("cpu", "gpu")
-# service -> the `fedbpt` subcommand it runs
+# service -> the `fedbpt` subcommand it runs (`report` runs docker/compose/report.py instead)
 ROLES = {"assets": "assets", "inference-cpu": "serve", "inference-gpu": "serve", "aggregator": "aggregator",
          "client": "client"}
 STACKS = {
-    "cpu": {"assets", "inference-cpu", "aggregator", "client"},
-    "gpu": {"assets", "inference-gpu", "aggregator", "client"},
+    "cpu": {"assets", "inference-cpu", "aggregator", "client", "report"},
+    "gpu": {"assets", "inference-gpu", "aggregator", "client", "report"},
 }
+# The compose helpers in the client image (docker/client.Dockerfile copies docker/compose/ there).
+HELPERS_IN_IMAGE = "/opt/fedbpt-compose"
+REPLICA = ["python3", f"{HELPERS_IN_IMAGE}/replica.py"]
+REPORT = ["python3", f"{HELPERS_IN_IMAGE}/report.py"]
 SERVERS = ("inference-cpu", "inference-gpu", "aggregator")
 INFERENCE = ("inference-cpu", "inference-gpu")
 KEY_VARS = ("FEDBPT_API_KEYS", "FEDBPT_API_KEY", "FEDBPT_ENROLL_KEY")
 
 
 # ---------------------------------------------------------------------------------------------- loading
+
+
+def documented_variables(path: Path) -> set[str]:
+    """Every variable .env.example explains: set ones and the build settings left commented out (`#NAME=`)."""
+    return set(read_env_file(path)) | set(re.findall(r"^#([A-Z][A-Z0-9_]*)=", path.read_text(), re.M))
 
 
 def read_env_file(path: Path) -> dict[str, str]:
@@ -130,7 +141,7 @@ def _compose_cli() -> list[str] | None:
 
 def _compose_env() -> dict[str, str]:
     """The process environment less what would change the result: the file's variables and COMPOSE_*."""
-    documented = read_env_file(ENV_EXAMPLE)
+    documented = documented_variables(ENV_EXAMPLE)
     return {k: v for k, v in os.environ.items() if k not in documented and not k.startswith("COMPOSE_")}
 
 
@@ -185,6 +196,11 @@ def _normalise(service: dict) -> dict:
     if build:
         context = (ROOT / build.get("context", ".")).resolve()
         s["dockerfile_path"] = context / build.get("dockerfile", "Dockerfile")
+        args = build.get("args") or {}
+        if isinstance(args, list):
+            args = dict(item.partition("=")[::2] if "=" in item else (item, None) for item in args)
+        secrets = [x if isinstance(x, str) else x["source"] for x in build.get("secrets") or []]
+        s["build"] = {**build, "args": args, "secrets": secrets}
     return s
 
 
@@ -199,10 +215,14 @@ def compose() -> dict:
     else:
         yaml = pytest.importorskip("yaml", reason="no Compose v2 client and no PyYAML to read the compose file")
         text = COMPOSE_FILE.read_text()
-        raw = _interpolate_tree(yaml.safe_load(text), read_env_file(ENV_EXAMPLE))
+        raw = yaml.safe_load(text)
+        # compose sets COMPOSE_PROJECT_NAME for interpolation from the file's `name:`
+        env = {**read_env_file(ENV_EXAMPLE), "COMPOSE_PROJECT_NAME": raw["name"]}
+        raw = _interpolate_tree(raw, env)
         via = "PyYAML"
     services = {name: _normalise(svc) for name, svc in (raw.get("services") or {}).items()}
-    return {"services": services, "volumes": raw.get("volumes") or {}, "via": via}
+    return {"services": services, "volumes": raw.get("volumes") or {}, "secrets": raw.get("secrets") or {},
+            "via": via}
 
 
 @pytest.fixture(scope="module")
@@ -214,7 +234,33 @@ def parse(parser, argv: list[str]):
     try:
         return parser.parse_args(argv)
     except SystemExit as exc:  # argparse exits on an unknown flag or a bad value
-        raise AssertionError(f"`fedbpt {shlex.join(argv)}` is refused by fedbpt's parser") from exc
+        raise AssertionError(f"`{parser.prog} {shlex.join(argv)}` is refused by its parser") from exc
+
+
+def fedbpt_argv(name: str, svc: dict) -> list[str]:
+    """The `fedbpt` argument list a service's container runs: its command, as the replica launcher extends it."""
+    entrypoint = svc.get("entrypoint")
+    if entrypoint in (None, ["fedbpt"]):
+        return svc["command"]
+    assert entrypoint == REPLICA, f"{name}: entrypoint {entrypoint} runs no fedbpt command"
+    return [*svc["command"], "--client-id", f"fedbpt-{name}-1"]
+
+
+def load_helper(name: str):
+    """A compose helper (docker/compose/<name>.py) as a module: the file the client image carries."""
+    spec = importlib.util.spec_from_file_location(f"compose_{name}", ROOT / "docker" / "compose" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def report_parser():
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="report.py")
+    load_helper("report").add_arguments(parser)
+    return parser
 
 
 def flag(argv: list[str], name: str) -> str | None:
@@ -231,19 +277,42 @@ def health_url(test: list[str]) -> str:
 
 
 class Dockerfile:
-    """A Dockerfile read as text: continuation lines joined, comments dropped; the last stage's instructions."""
+    """A Dockerfile read as text: continuation lines joined, comments dropped, split into its stages."""
 
     def __init__(self, path: Path):
         self.path = path
-        text = re.sub(r"\\\n", " ", path.read_text())
-        self.lines = [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.strip().startswith("#")]
+        self.text = path.read_text()
+        joined = re.sub(r"\\\n", " ", self.text)
+        self.lines = [ln.strip() for ln in joined.splitlines() if ln.strip() and not ln.strip().startswith("#")]
+        self.stages: list[list[str]] = []
+        for ln in self.lines:
+            if ln.upper().startswith("FROM "):
+                self.stages.append([])
+            if self.stages:
+                self.stages[-1].append(ln)
 
-    def all(self, instruction: str) -> list[str]:
+    def args(self) -> dict[str, str | None]:
+        """Every ARG with its default (None: none)."""
+        found = {}
+        for value in self.all("ARG"):
+            name, sep, default = value.partition("=")
+            found[name] = default if sep else None
+        return found
+
+    def bases(self) -> list[str]:
+        """Each stage's base image, with the ARG defaults the FROM lines use filled in."""
+        defaults = self.args()
+        return [re.sub(r"\$\{(\w+)\}", lambda m: defaults[m.group(1)] or "", value.split()[0])
+                for value in self.all("FROM")]
+
+    def all(self, instruction: str, lines: list[str] | None = None) -> list[str]:
         prefix = instruction.upper() + " "
-        return [ln[len(prefix):].strip() for ln in self.lines if ln.upper().startswith(prefix)]
+        return [ln[len(prefix):].strip() for ln in (self.lines if lines is None else lines)
+                if ln.upper().startswith(prefix)]
 
     def last(self, instruction: str) -> str | None:
-        found = self.all(instruction)
+        """The instruction's last value in the final stage: the image that runs."""
+        found = self.all(instruction, self.stages[-1])
         return found[-1] if found else None
 
     def exec_form(self, instruction: str) -> list[str]:
@@ -261,14 +330,17 @@ class Dockerfile:
         opts = dict(re.findall(r"--([a-z-]+)=(\S+)", options))
         return opts, json.loads(cmd)
 
-    def runs(self) -> list[str]:
-        return self.all("RUN")
+    def runs(self, lines: list[str] | None = None) -> list[str]:
+        return self.all("RUN", lines)
 
 
 @pytest.fixture(scope="module")
 def dockerfiles(compose) -> dict[str, Dockerfile]:
-    return {name: Dockerfile(svc["dockerfile_path"]) for name, svc in compose["services"].items()
-            if "dockerfile_path" in svc}
+    """Every service's Dockerfile: its own build's, or that of the service that builds its image."""
+    services = compose["services"]
+    by_image = {svc["image"]: Dockerfile(svc["dockerfile_path"]) for svc in services.values()
+                if "dockerfile_path" in svc}
+    return {name: by_image[svc["image"]] for name, svc in services.items()}
 
 
 # ---------------------------------------------------------------------------------------------- structure
@@ -276,7 +348,7 @@ def dockerfiles(compose) -> dict[str, Dockerfile]:
 
 def test_services_and_profiles(compose):
     services = compose["services"]
-    assert set(services) == set(ROLES), compose["via"]
+    assert set(services) == set(ROLES) | {"report"}, compose["via"]
     for profile, stack in STACKS.items():
         enabled = {name for name, s in services.items() if not s["profiles"] or profile in s["profiles"]}
         assert enabled == stack, f"profile {profile}"
@@ -298,12 +370,15 @@ def test_compose_validates_each_profile(profile):
     assert set(json.loads(out.stdout)["services"]) == STACKS[profile]
 
 
-def test_every_command_is_accepted_by_the_cli(compose, parser):
+def test_every_command_is_accepted_by_the_cli(compose, parser, report_parser):
     for name, svc in compose["services"].items():
-        assert svc.get("entrypoint") in (None, ["fedbpt"]), f"{name}: the image's ENTRYPOINT is fedbpt"
         command = svc.get("command")
         assert command, f"{name} has no command"
-        args = parse(parser, command)
+        if name == "report":
+            assert svc["entrypoint"] == REPORT, "report runs docker/compose/report.py"
+            parse(report_parser, command)
+            continue
+        args = parse(parser, fedbpt_argv(name, svc))
         assert args.command == ROLES[name], name
         assert getattr(args.func, "__name__", "") != "fail", f"{name}: `fedbpt {args.command}` is unavailable here"
 
@@ -312,8 +387,22 @@ def test_dockerfile_commands_are_accepted_by_the_cli(dockerfiles, parser):
     for name, df in dockerfiles.items():
         assert df.exec_form("ENTRYPOINT") == ["fedbpt"], df.path.name
         args = parse(parser, df.exec_form("CMD"))
-        # `assets` runs on the CPU service image, whose own CMD serves
-        assert args.command == ("serve" if name == "assets" else ROLES[name]), df.path.name
+        # `assets` runs on the CPU service image, whose own CMD serves; `report` on the client image
+        expected = {"assets": "serve", "report": "client"}.get(name, ROLES.get(name))
+        assert args.command == expected, df.path.name
+
+
+def test_one_service_builds_each_image(compose, dockerfiles):
+    services = compose["services"]
+    builders: dict[str, list[str]] = {}
+    for name, svc in services.items():
+        if "dockerfile_path" in svc:
+            builders.setdefault(svc["image"], []).append(name)
+    # Two builds of one image run twice and leave an untagged copy behind.
+    assert all(len(names) == 1 for names in builders.values()), builders
+    assert all(svc["image"] in builders for svc in services.values()), "an image no service builds would be pulled"
+    assert dockerfiles["assets"].path == dockerfiles["inference-cpu"].path, "assets runs on the CPU service image"
+    assert dockerfiles["report"].path == dockerfiles["client"].path, "report runs on the client image"
 
 
 def test_servers_ports_healthchecks_and_dockerfiles_agree(compose, dockerfiles, parser):
@@ -340,53 +429,89 @@ def test_servers_ports_healthchecks_and_dockerfiles_agree(compose, dockerfiles, 
         assert image_args.command == args.command and image_args.port == port, df.path.name
         assert str(port) in df.last("EXPOSE").split(), df.path.name
 
-        # published ports map onto that container port
-        targets = {int(p["target"]) if isinstance(p, dict) else int(str(p).rsplit(":", 1)[-1].split("/")[0])
-                   for p in svc["ports"]}
-        assert targets <= {port}, f"{name} publishes {targets}, listens on {port}"
+        # published on the host's loopback only (the keys guard the service, not the network), onto that port
+        for p in svc["ports"]:
+            if isinstance(p, dict):
+                host_ip, target = p.get("host_ip"), int(p["target"])
+            else:
+                host_ip, _, target = str(p).split(":")[0], None, int(str(p).rsplit(":", 1)[-1].split("/")[0])
+            assert host_ip == "127.0.0.1" and target == port, f"{name} publishes {p}, listens on {port}"
 
 
-def test_clients_reach_the_services_by_name(compose, parser):
+def test_clients_and_report_reach_the_services_by_name(compose, parser, report_parser):
     services = compose["services"]
-    client = parse(parser, services["client"]["command"])
-    svc_url, agg_url = urlsplit(client.service), urlsplit(client.aggregator)
-    for name in INFERENCE:
-        assert "inference" in services[name]["aliases"], f"{name} must answer to the alias `inference`"
-        assert parse(parser, services[name]["command"]).port == svc_url.port, name
-    assert svc_url.hostname == "inference"
-    assert agg_url.hostname == "aggregator" and "aggregator" in services
-    assert parse(parser, services["aggregator"]["command"]).port == agg_url.port
-    for dep in ("aggregator", *INFERENCE):
-        assert services["client"]["depends_on"][dep]["condition"] == "service_healthy", dep
-    for name in ("client", *INFERENCE):
+    client = parse(parser, fedbpt_argv("client", services["client"]))
+    report = parse(report_parser, services["report"]["command"])
+    for who in (client, report):
+        svc_url, agg_url = urlsplit(who.service), urlsplit(who.aggregator)
+        assert svc_url.hostname == "inference" and agg_url.hostname == "aggregator"
+        for name in INFERENCE:
+            assert "inference" in services[name]["aliases"], f"{name} must answer to the alias `inference`"
+            assert parse(parser, services[name]["command"]).port == svc_url.port, name
+        assert parse(parser, services["aggregator"]["command"]).port == agg_url.port
+    for name in ("client", "report"):
+        for dep in ("aggregator", *INFERENCE):
+            assert services[name]["depends_on"][dep]["condition"] == "service_healthy", (name, dep)
+    for name in ("client", "report", *INFERENCE):
         assert services[name]["depends_on"]["assets"]["condition"] == "service_completed_successfully", name
-    assert services["assets"].get("restart") in (None, "no"), "assets is a one-shot"
+    for name in ("assets", "report"):
+        assert services[name].get("restart") in (None, "no"), f"{name} is a one-shot"
+    # The report scores the test split of the clients' own data, with their task and verbalizer.
+    assert (report.data, report.task, report.label_words) == (client.data, client.task, client.label_words)
 
 
-def test_volumes_for_state_and_assets(compose, parser):
+def test_run_settings_are_the_demos(compose, parser):
+    """The stack runs `fedbpt demo`'s setting (only the rounds and the clients come from .env)."""
+    from fedbpt.demo import DemoConfig
+
+    demo = asdict(DemoConfig())
+    env_example = read_env_file(ENV_EXAMPLE)
+    services = compose["services"]
+    agg = parse(parser, services["aggregator"]["command"])
+    for field in ("strategy", "intrinsic_dim", "prompt_length", "sigma0", "local_popsize", "local_iterations",
+                  "seed", "prompt_init", "prompt_placement", "round_timeout_s"):
+        assert getattr(agg, field) == demo[field], field
+    assert agg.projection_seed == demo["seed"]
+    assert (agg.rounds, agg.min_clients) == (int(env_example["ROUNDS"]), int(env_example["CLIENTS"]))
+    assert int(env_example["ROUNDS"]) == demo["rounds"] and int(env_example["CLIENTS"]) == demo["clients"]
+    client = parse(parser, fedbpt_argv("client", services["client"]))
+    assert (client.task, client.label_words, client.per_class, client.alpha, client.partition_seed,
+            client.batch_size, client.prompt_wire) == (demo["task"], demo["label_words"], demo["per_class"],
+                                                      demo["alpha"], demo["seed"], demo["batch_size"], "seed")
+    assert parse(parser, services["inference-cpu"]["command"]).model == demo["model"] == env_example["MODEL"]
+
+
+def test_volumes_for_state_assets_data_and_reports(compose, parser, report_parser):
     services, volumes = compose["services"], compose["volumes"]
-    assert {"assets", "aggregator-state"} <= set(volumes)
+    assert {"assets", "aggregator-state", "reports"} <= set(volumes)
 
-    def mounts(name):
-        return {v["source"]: v for v in services[name]["volumes"] if v["type"] == "volume"}
+    def mounts(name, kind="volume"):
+        return {v["source"]: v for v in services[name]["volumes"] if v["type"] == kind}
 
-    for name in ("assets", *INFERENCE, "client"):
+    for name in ("assets", *INFERENCE, "client", "report"):
         cache = services[name]["environment"].get("FEDBPT_CACHE_DIR")
         assert cache, f"{name} sets no FEDBPT_CACHE_DIR"
         assert mounts(name)["assets"]["target"] == cache, f"{name}: the assets volume is not at FEDBPT_CACHE_DIR"
     assert not mounts("assets")["assets"]["read_only"], "assets writes the cache"
-    assert mounts("client")["assets"]["read_only"], "clients only read the shared cache"
+    for name in ("client", "report"):
+        assert mounts(name)["assets"]["read_only"], f"{name} only reads the shared cache"
+        data = list(mounts(name, "bind").values())
+        assert [(d["target"], d["read_only"]) for d in data] == [("/data", True)], f"{name}: the clients' data"
+    assert mounts("client", "bind") == mounts("report", "bind"), "report reads the clients' data"
 
     db = parse(parser, services["aggregator"]["command"]).db
     state = mounts("aggregator")["aggregator-state"]
     assert str(Path(db).parent) == state["target"], f"--db {db} is not on the aggregator-state volume"
     assert not state["read_only"]
+    out = parse(report_parser, services["report"]["command"]).out
+    assert mounts("report")["reports"]["target"] == out and not mounts("report")["reports"]["read_only"]
 
 
-def test_keys_come_from_the_env_file(compose):
+def test_keys_and_settings_come_from_the_env_file(compose):
     raw = COMPOSE_FILE.read_text()
     env_example = read_env_file(ENV_EXAMPLE)
-    missing = variables_in(raw) - set(env_example)
+    # COMPOSE_PROJECT_NAME is compose's own: the file's `name:` or -p
+    missing = variables_in(raw) - documented_variables(ENV_EXAMPLE) - {"COMPOSE_PROJECT_NAME"}
     assert not missing, f".env.example does not document {sorted(missing)}"
     for var in KEY_VARS:
         # never a literal key in the compose file: only ${VAR:?...}, so a missing .env fails loudly
@@ -396,34 +521,45 @@ def test_keys_come_from_the_env_file(compose):
 
     services = compose["services"]
     wanted = {"inference-cpu": {"FEDBPT_API_KEYS"}, "inference-gpu": {"FEDBPT_API_KEYS"},
-              "aggregator": {"FEDBPT_ENROLL_KEY"}, "client": {"FEDBPT_API_KEY", "FEDBPT_ENROLL_KEY"}, "assets": set()}
+              "aggregator": {"FEDBPT_ENROLL_KEY"}, "client": {"FEDBPT_API_KEY", "FEDBPT_ENROLL_KEY"},
+              "report": {"FEDBPT_API_KEY", "FEDBPT_ENROLL_KEY"}, "assets": set()}
     for name, keys in wanted.items():
         given = {k for k in services[name]["environment"] if k in KEY_VARS}
         assert given == keys, f"{name} gets {sorted(given)}, needs exactly {sorted(keys)}"
         for k in keys:
             assert services[name]["environment"][k] == env_example[k]
 
-
-def test_clients_scale_each_with_its_own_partition(compose, parser):
-    services = compose["services"]
-    client = services["client"]
-    assert not client.get("container_name") and not client["ports"], "a fixed name or port would stop --scale"
-    spec = parse(parser, client["command"]).partition
-    m = re.fullmatch(r"auto/(\d+)", spec or "")
-    assert m, f"--partition {spec!r}: each replica must pick its own part (auto/N)"
-    n = int(m.group(1))
-    assert int(client["deploy"]["replicas"]) == n, "replicas and auto/N come from the same CLIENTS"
-    assert parse(parser, services["aggregator"]["command"]).min_clients == n
-    assert client.get("restart") == "on-failure", "a client that finished (exit 0) must not restart"
+    prefix, tag = env_example["IMAGE_PREFIX"], env_example["IMAGE_TAG"]
+    for name, svc in services.items():
+        assert re.fullmatch(rf"{re.escape(prefix)}/[a-z-]+:{re.escape(tag)}", svc["image"]), (name, svc["image"])
+    published = {name: str(p["published"] if isinstance(p, dict) else str(p).split(":")[1])
+                 for name in SERVERS for p in services[name]["ports"]}
+    assert published == {"inference-cpu": env_example["SERVICE_PORT"], "inference-gpu": env_example["SERVICE_PORT"],
+                         "aggregator": env_example["AGGREGATOR_PORT"]}
 
 
-def test_the_client_runtime_understands_auto_partitions():
-    from fed_clients.runner import parse_partition
+def test_build_args_and_the_ca_secret_reach_every_build(compose, dockerfiles):
+    # `docker compose config` drops the args that have no value: read them from the file itself
+    yaml = pytest.importorskip("yaml", reason="PyYAML reads the build args as written")
+    written = yaml.safe_load(COMPOSE_FILE.read_text())["services"]
+    assert set(compose["secrets"]) == {"ca_bundle"}
+    for name, svc in compose["services"].items():
+        if "dockerfile_path" not in svc:
+            continue
+        df, build = dockerfiles[name], _normalise(written[name])["build"]
+        assert set(build["args"]) <= set(df.args()), f"{name}: compose passes args {df.path.name} does not declare"
+        assert {"BASE_IMAGE", "PIP_INDEX_URL", "PIP_EXTRA_INDEX_URL"} <= set(build["args"]), name
+        assert build["secrets"] == ["ca_bundle"], name
+        # every pip install goes through docker/pip-install, with the optional CA secret mounted
+        installs = [r for r in df.runs() if "pip install" in r or "pip-install" in r]
+        assert installs and all("pip-install" in r and "pip install" not in r for r in installs), df.path.name
+        assert all(r.startswith("--mount=type=secret,id=ca_bundle,required=false ") for r in installs), df.path.name
+    assert "/run/secrets/ca_bundle" in (ROOT / "docker" / "pip-install").read_text()
 
-    assert parse_partition("auto/4") == (None, 4)
 
+def test_the_gpu_profile_reserves_an_nvidia_gpu_and_uses_vllm(compose, parser, dockerfiles):
+    from inference_service.vllm_engine import VLLM_VERSION
 
-def test_gpu_profile_reserves_an_nvidia_gpu_and_uses_vllm(compose, parser):
     services = compose["services"]
     gpu = services["inference-gpu"]
     devices = gpu["deploy"]["resources"]["reservations"]["devices"]
@@ -432,10 +568,39 @@ def test_gpu_profile_reserves_an_nvidia_gpu_and_uses_vllm(compose, parser):
     cpu = services["inference-cpu"]
     assert not ((cpu.get("deploy") or {}).get("resources") or {}).get("reservations"), "the CPU profile needs no GPU"
     assert parse(parser, cpu["command"]).engine == "torch"
+    # the image ships the engine's pinned vLLM, whether compose or a bare `docker build` picks the base
+    image = f"vllm/vllm-openai:v{VLLM_VERSION}"
+    assert dockerfiles["inference-gpu"].bases() == [image]
+    assert gpu["build"]["args"]["BASE_IMAGE"] == image
 
 
-def test_dockerfiles_bases_installs_and_users(dockerfiles):
+def test_clients_scale_each_with_its_own_partition(compose, parser):
+    services = compose["services"]
+    client = services["client"]
+    assert not client.get("container_name") and not client["ports"], "a fixed name or port would stop --scale"
+    spec = parse(parser, fedbpt_argv("client", client)).partition
+    m = re.fullmatch(r"auto/(\d+)", spec or "")
+    assert m, f"--partition {spec!r}: each replica must pick its own part (auto/N)"
+    n = int(m.group(1))
+    assert int(client["deploy"]["replicas"]) == n, "replicas and auto/N come from the same CLIENTS"
+    assert parse(parser, services["aggregator"]["command"]).min_clients == n
+    assert client.get("restart") == "on-failure", "a client that finished (exit 0) must not restart"
+    # the launcher names each replica as compose names its container: <project>-client-<n>
+    assert client["entrypoint"] == REPLICA
+    project = re.search(r"^name: (\S+)", COMPOSE_FILE.read_text(), re.MULTILINE).group(1)
+    assert client["environment"]["FEDBPT_REPLICA_PREFIX"] == f"{project}-client"
+
+
+def test_the_client_runtime_understands_auto_partitions():
+    from fed_clients.runner import parse_partition
+
+    assert parse_partition("auto/4") == (None, 4)
+
+
+def test_dockerfiles_bases_installs_stages_and_users(dockerfiles):
     for name, df in dockerfiles.items():
+        # A `# syntax=` line makes BuildKit pull its frontend from Docker Hub: no build where that is unreachable.
+        assert not re.match(r"\s*#\s*syntax\s*=", df.text, re.I), f"{df.path.name}: no syntax directive"
         user = df.last("USER")
         assert user and user.split(":")[0] not in ("root", "0"), f"{df.path.name} runs as root"
         assert df.exec_form("ENTRYPOINT") == ["fedbpt"]
@@ -444,63 +609,86 @@ def test_dockerfiles_bases_installs_and_users(dockerfiles):
             assert test[0] == "python3", f"{df.path.name}: the slim images have no curl"
             assert {"interval", "timeout", "start-period", "retries"} <= set(opts)
 
+    for name, extra in (("inference-cpu", "service"), ("aggregator", "aggregator"), ("client", "client")):
+        df = dockerfiles[name]
+        assert df.bases() == ["python:3.11-slim", "python:3.11-slim"], df.path.name
+        # multi-stage: the runtime stage takes the virtualenv and installs nothing itself
+        final = df.stages[-1]
+        assert df.all("COPY", final)[0] == "--from=build /opt/venv /opt/venv", df.path.name
+        assert not any("pip" in r for r in df.runs(final)), f"{df.path.name}: pip in the runtime stage"
+        assert not any("docker/wheels" in c for c in df.all("COPY", final)), "the wheelhouse stays in the build"
+        installs = [r for r in df.runs() if '".[' in r]
+        assert len(installs) == 1 and f'pip-install ".[{extra}]"' in installs[0], f"{df.path.name}: {extra} only"
+    assert dockerfiles["client"].healthcheck() is None
+    assert {c.split()[0] for c in dockerfiles["client"].all("COPY", dockerfiles["client"].stages[-1])} >= \
+        {"docker/compose/"}, "the client image carries the compose helpers"
+
     cpu = dockerfiles["inference-cpu"]
-    assert cpu.all("FROM") == ["python:3.11-slim"]
+    args = cpu.args()
+    # the same torch as `make setup` (Makefile's TORCH), from PyTorch's CPU index unless TORCH_INDEX_URL says else
+    make_torch = re.search(r"^TORCH \?= (\S+)", (ROOT / "Makefile").read_text(), re.M).group(1)
+    assert args["TORCH_REQUIREMENT"] == make_torch
+    assert args["TORCH_INDEX_URL"] == "https://download.pytorch.org/whl/cpu"
     runs = cpu.runs()
-    torch_step = next(i for i, r in enumerate(runs) if "torch==2.13.0" in r)
-    assert "--index-url https://download.pytorch.org/whl/cpu" in runs[torch_step]
+    torch_step = next(i for i, r in enumerate(runs) if '"$TORCH_REQUIREMENT"' in r)
+    assert '${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"}' in runs[torch_step]
     service_step = next(i for i, r in enumerate(runs) if '".[service]"' in r)
     assert torch_step < service_step, "the CPU torch must be in place before .[service] resolves"
-    assert dockerfiles["assets"].path == cpu.path, "assets runs on the CPU service image"
+    assert "docker/wheels/ /wheels/" in cpu.all("COPY", cpu.stages[0]), "the wheelhouse reaches pip-install"
 
     gpu = dockerfiles["inference-gpu"]
-    from inference_service.vllm_engine import VLLM_VERSION
-
-    assert gpu.all("FROM") == [f"vllm/vllm-openai:v{VLLM_VERSION}"], "the image ships the engine's pinned vLLM"
     install = next(r for r in gpu.runs() if '".[service]"' in r)
-    pins = next(r for r in gpu.runs() if "vllm-pins" in r)
     assert "-c /tmp/vllm-pins.txt" in install and "transformers>" not in install
-    assert all(name in pins for name in ("|torch|", "|transformers|", "vllm")), "the image's stack stays as shipped"
+    assert all(name in install for name in ("|torch|", "|transformers|", "vllm")), "the image's stack stays as shipped"
     assert "download.pytorch.org" not in " ".join(gpu.runs()), "the GPU image keeps vLLM's CUDA torch"
-
-    for name, extra in (("aggregator", "aggregator"), ("client", "client")):
-        df = dockerfiles[name]
-        assert df.all("FROM") == ["python:3.11-slim"]
-        installs = [r for r in df.runs() if "pip install" in r]
-        assert installs == [f'pip install ".[{extra}]"'], f"{df.path.name}: only the {extra} extra"
-    assert dockerfiles["client"].healthcheck() is None
 
 
 def test_dockerignore_keeps_secrets_out_and_the_package_in():
     patterns = [ln.strip().rstrip("/") for ln in (ROOT / ".dockerignore").read_text().splitlines()
                 if ln.strip() and not ln.startswith("#")]
-    for secret_or_bulk in (".env", ".venv", ".cache", ".git", "runs"):
+    for secret_or_bulk in (".env", ".venv", ".cache", ".git", "runs", "docker/client-data"):
         assert secret_or_bulk in patterns, secret_or_bulk
     tomllib = pytest.importorskip("tomllib")
     pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
-    needed = {"pyproject.toml", pyproject["project"]["readme"]}
+    needed = {"pyproject.toml", pyproject["project"]["readme"], "docker/pip-install", "docker/wheels",
+              "docker/compose"}
     needed |= {p.rstrip("*") for p in pyproject["tool"]["setuptools"]["packages"]["find"]["include"]}
     for path in needed:
         assert (ROOT / path).exists(), path
         assert not any(fnmatch.fnmatch(path, p) for p in patterns), f".dockerignore drops {path}"
+    # and every package the images install is one they copy
+    for df in (Dockerfile(p) for p in (ROOT / "docker").glob("*.Dockerfile")):
+        copied = {src.rstrip("/") for c in df.all("COPY") if not c.startswith("--from") for src in c.split()[:-1]}
+        packages = {p.rstrip("*") for p in pyproject["tool"]["setuptools"]["packages"]["find"]["include"]}
+        assert packages | {"pyproject.toml", "README.md"} <= copied, f"{df.path.name} copies {sorted(copied)}"
 
 
 # ---------------------------------------------------------------------------------------------- run for real
 
 _ROLE_CHECK = """
-import importlib.abc, json, sys
+import importlib.abc, importlib.util, json, sys
 BLOCKED = set(sys.argv[1].split(","))
 class Block(importlib.abc.MetaPathFinder):
     def find_spec(self, name, path=None, target=None):
         if name.split(".")[0] in BLOCKED:
             raise ImportError(f"{name} is not installed in this image")
 sys.meta_path.insert(0, Block())
-from fedbpt.cli import build_parser
-argv = json.loads(sys.argv[2])
-args = build_parser().parse_args(argv)
-assert args.func.__name__ != "fail", argv
 for module in sys.argv[3].split(","):
     importlib.import_module(module)
+argv = json.loads(sys.argv[2])
+if argv[0] == "report":
+    spec = importlib.util.spec_from_file_location("report", sys.argv[4])
+    report = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(report)
+    import argparse
+    p = argparse.ArgumentParser()
+    report.add_arguments(p)
+    p.parse_args(argv[1:])
+    print("ok")
+    sys.exit(0)
+from fedbpt.cli import build_parser
+args = build_parser().parse_args(argv)
+assert args.func.__name__ != "fail", argv
 if argv[0] == "client":
     from fed_clients.data import load_splits
     from fed_clients.tasks import get_task
@@ -509,22 +697,31 @@ print("ok")
 """
 
 SERVICE_ONLY = ["torch", "transformers", "safetensors", "tokenizers", "gguf", "accelerate", "prometheus_client"]
+# what report.py imports when it scores the test split
+REPORT_MODULES = ["fed_clients.aggregator_client", "fed_clients.client", "fed_clients.data", "fed_clients.runner",
+                  "fed_clients.service_client", "fed_clients.tasks", "fedbpt_wire.federation",
+                  "fedbpt_wire.projection", "fedbpt_wire.tensors"]
 
 
 @pytest.mark.parametrize("role, blocked, modules", [
     ("client", [*SERVICE_ONLY, "fastapi", "uvicorn", "starlette", "vllm"],
      ["fed_clients.runner", "fed_clients.client", "fed_clients.local_search"]),
+    ("report", [*SERVICE_ONLY, "fastapi", "uvicorn", "starlette", "vllm"], REPORT_MODULES),
     ("aggregator", [*SERVICE_ONLY, "matplotlib", "vllm"], ["aggregator.server", "aggregator.app"]),
 ])
 def test_each_image_extra_is_enough_for_its_role(compose, default_data_dir, role, blocked, modules):
-    """The client image has `.[client]` only, the aggregator image `.[aggregator]`: their commands must not
-    reach for torch, transformers or the other role's packages."""
-    command = compose["services"][role]["command"]
+    """The client image has `.[client]` only (and runs `report` too), the aggregator image `.[aggregator]`:
+    their commands must not reach for torch, transformers or the other role's packages."""
+    svc = compose["services"][role]
+    if role == "report":
+        command = ["report", *svc["command"]]
+    else:
+        command = fedbpt_argv(role, svc)
     if role == "client":  # auto/N would ask an aggregator this check does not run; a fixed part loads the same way
-        command = [*command]
         command[command.index("--partition") + 1] = "0/2"
     env = {**os.environ, "FEDBPT_CACHE_DIR": str(default_data_dir.parents[1])}
-    out = subprocess.run([sys.executable, "-c", _ROLE_CHECK, ",".join(blocked), json.dumps(command), ",".join(modules)],
+    out = subprocess.run([sys.executable, "-c", _ROLE_CHECK, ",".join(blocked), json.dumps(command), ",".join(modules),
+                          str(ROOT / "docker" / "compose" / "report.py")],
                          capture_output=True, text=True, timeout=120, cwd=ROOT, env=env)
     assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stdout + out.stderr
 
@@ -561,6 +758,7 @@ def stub_server(status: int):
 
 
 def test_healthcheck_commands_pass_only_on_a_200(dockerfiles):
+    """The stack test sees them pass on the real servers; the failing side is checked here."""
     for name in SERVERS:
         _, test = dockerfiles[name].healthcheck()
         with stub_server(200) as port:
@@ -568,82 +766,3 @@ def test_healthcheck_commands_pass_only_on_a_200(dockerfiles):
         with stub_server(503) as port:
             assert run_healthcheck(test, port) != 0, name
         assert run_healthcheck(test, free_port()) != 0, f"{name}: nothing listening must be unhealthy"
-
-
-@contextlib.contextmanager
-def running(argv: list[str], env: dict[str, str], log: Path):
-    with open(log, "w") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "fedbpt.cli", *argv], cwd=ROOT, env=env, stdout=out,
-                                stderr=subprocess.STDOUT)
-    try:
-        yield proc
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
-def wait_healthy(test: list[str], port: int, proc: subprocess.Popen, log: Path, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if run_healthcheck(test, port) == 0:
-            return
-        assert proc.poll() is None, f"exited with {proc.returncode}:\n{log.read_text()[-3000:]}"
-        time.sleep(0.5)
-    raise AssertionError(f"not healthy after {timeout:.0f} s:\n{log.read_text()[-3000:]}")
-
-
-def on_loopback(command: list[str], port: int, **replace: str) -> list[str]:
-    argv = [*command]
-    argv[argv.index("--host") + 1] = "127.0.0.1"
-    argv[argv.index("--port") + 1] = str(port)
-    for name, value in replace.items():
-        argv[argv.index(name) + 1] = value
-    return argv
-
-
-def test_aggregator_compose_command_runs_and_passes_its_healthcheck(compose, dockerfiles, tmp_path):
-    svc = compose["services"]["aggregator"]
-    port = free_port()
-    argv = on_loopback(svc["command"], port, **{"--db": str(tmp_path / "state" / "demo.db")})
-    (tmp_path / "state").mkdir()
-    env = {**os.environ, **svc["environment"]}
-    log = tmp_path / "aggregator.log"
-    with running(argv, env, log) as proc:
-        wait_healthy(dockerfiles["aggregator"].healthcheck()[1], port, proc, log, timeout=60)
-        import httpx
-
-        status = httpx.get(f"http://127.0.0.1:{port}/v1/status", timeout=10).json()
-        assert status["config"]["rounds"] == int(read_env_file(ENV_EXAMPLE)["ROUNDS"])
-        assert status["config"]["run_id"] == read_env_file(ENV_EXAMPLE)["RUN_ID"]
-    assert (tmp_path / "state" / "demo.db").exists()
-
-
-def test_cpu_service_compose_command_runs_and_takes_the_env_file_keys(compose, dockerfiles, default_model_dir,
-                                                                      tmp_path):
-    import httpx
-    import numpy as np
-
-    from fedbpt_wire.tensors import encode_tensor
-
-    svc = compose["services"]["inference-cpu"]
-    port = free_port()
-    argv = on_loopback(svc["command"], port)
-    cache = default_model_dir.parents[1]  # <cache>/models/<name>: the compose file mounts <cache> at /cache
-    env = {**os.environ, **svc["environment"], "FEDBPT_CACHE_DIR": str(cache), "HF_HOME": str(tmp_path / "hf")}
-    log = tmp_path / "service.log"
-    with running(argv, env, log) as proc:
-        wait_healthy(dockerfiles["inference-cpu"].healthcheck()[1], port, proc, log, timeout=180)
-        base = f"http://127.0.0.1:{port}"
-        info = httpx.get(f"{base}/v1/model", timeout=10).json()
-        body = {"prompts": encode_tensor(np.zeros((1, 1, info["hidden_size"]), np.float32)).model_dump(),
-                "texts": ["Review: a fine film.\nSentiment:{mask}"], "label_words": [" negative", " positive"]}
-        client_key = compose["services"]["client"]["environment"]["FEDBPT_API_KEY"]
-        good = httpx.post(f"{base}/v1/score", json=body, headers={"Authorization": f"Bearer {client_key}"},
-                          timeout=60)
-        assert good.status_code == 200, good.text
-        bad = httpx.post(f"{base}/v1/score", json=body, headers={"Authorization": "Bearer not-a-key"}, timeout=60)
-        assert bad.status_code == 401

@@ -1,0 +1,150 @@
+"""The compose stack's one-shot `report`: waits for the aggregator's run to finish, then writes its report.
+
+<out>/<run id>/report.json holds the run config, the clients, one row per round (the global prompt's
+accuracy and loss on the clients' validation data, the service queries, tokens and bytes, the aggregator's
+bytes), the totals, the final prompt (z; the run config rebuilds its projection) and, unless --test-size is
+0, the manual prompt's (zero-shot) and the tuned prompt's accuracy on held-out test examples, scored through
+the service as the clients score. <out>/<run id>/rounds.csv has the rows. Run again on a finished run, it
+writes the same report: everything comes from the aggregator's database and the service.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+
+log = logging.getLogger("report")
+
+ROW_FIELDS = ("round", "state", "val_accuracy", "val_loss", "queries", "sequences", "tokens", "service_bytes",
+              "bytes_up", "bytes_down", "clients", "seconds")
+COSTS = ("queries", "sequences", "tokens", "service_bytes", "bytes_up", "bytes_down")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--aggregator", required=True, help="aggregator URL")
+    parser.add_argument("--service", required=True, help="inference service URL (for the test accuracies)")
+    parser.add_argument("--out", default="/reports", help="the report goes to <out>/<run id>/")
+    parser.add_argument("--data", default="default", help="as the clients' --data")
+    parser.add_argument("--task", default="rotten_tomatoes", help="as the clients' --task")
+    parser.add_argument("--label-words", default=None, help="as the clients' --label-words")
+    parser.add_argument("--test-size", type=int, default=1000,
+                        help="held-out test examples to score the zero-shot and the tuned prompt on; 0: none")
+    parser.add_argument("--wait", type=float, default=24 * 3600.0,
+                        help="seconds to wait for the run to finish before giving up")
+
+
+def wait_for_done(url: str, wait_s: float, poll_s: float = 5.0) -> dict:
+    deadline = time.monotonic() + wait_s
+    last = "no answer yet"
+    while time.monotonic() < deadline:
+        try:
+            status = httpx.get(f"{url}/v1/status", timeout=30).json()
+        except httpx.HTTPError as exc:  # the aggregator restarting: keep waiting
+            last = f"{type(exc).__name__}: {exc}"
+        else:
+            if status["state"] == "done":
+                return status
+            last = f"round {status['round'] + 1}/{status['config']['rounds']}, state {status['state']}"
+        time.sleep(poll_s)
+    sys.exit(f"report: the run did not finish within {wait_s:.0f} s ({last})")
+
+
+def round_rows(history: list[dict]) -> list[dict]:
+    return [{**{k: rec[k] for k in ROW_FIELDS if k in rec}, "clients": len(rec["reporters"]),
+             "seconds": round((rec["closed_at"] or rec["opened_at"]) - rec["opened_at"], 3)} for rec in history]
+
+
+def test_accuracies(args: argparse.Namespace, status: dict, enroll_key: str | None, api_key: str | None) -> dict:
+    from fed_clients.aggregator_client import AggregatorClient
+    from fed_clients.client import PromptScorer
+    from fed_clients.data import load_splits
+    from fed_clients.runner import task_from
+    from fed_clients.service_client import ServiceClient
+    from fed_clients.tasks import with_placement
+    from fedbpt_wire.federation import RunConfig
+    from fedbpt_wire.projection import projection_for
+    from fedbpt_wire.tensors import decode_tensor
+
+    task = task_from(args)
+    config = RunConfig.model_validate(status["config"])
+    aggregator = AggregatorClient(args.aggregator)
+    if enroll_key:
+        aggregator.http.set_token(enroll_key)
+    final = aggregator.global_state()
+    aggregator.close()
+    z = decode_tensor(final.mean)
+    out = {"prompt": {"z": [float(x) for x in z], "sigma": final.sigma}}
+    test = load_splits(args.data, task)["test"][: args.test_size]
+    if not test:
+        log.warning("no test split in --data %s: no test accuracies", args.data)
+        return out
+    service = ServiceClient(args.service, api_key, prompt_wire="seed")
+    try:
+        info = service.model_info()
+        labels = np.array([ex.label for ex in test])
+        zero = PromptScorer(service, task, None, info.kind, info.max_texts).logits(None, test)[0]
+        tuned = PromptScorer(service, with_placement(task, config.prompt_placement), projection_for(config, info),
+                             info.kind, info.max_texts).logits(z[None], test)[0]
+    finally:
+        service.close()
+    return {**out, "model": info.name, "test_examples": len(test), "label_words": list(task.label_words),
+            "zero_shot_test_accuracy": float((zero.argmax(-1) == labels).mean()),
+            "tuned_test_accuracy": float((tuned.argmax(-1) == labels).mean())}
+
+
+def write_atomic(path: Path, text: str) -> None:
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(text)
+    partial.replace(path)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="report", description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+
+    status = wait_for_done(args.aggregator, args.wait)
+    rows = round_rows(status["history"])
+    merged = [r for r in rows if r["state"] == "merged"]
+    report = {
+        "run_id": status["config"]["run_id"],
+        "state": status["state"],
+        "run_config": status["config"],
+        "clients": status["clients"],
+        "rounds_done": len(merged),
+        "final_val_accuracy": merged[-1]["val_accuracy"] if merged else None,
+        "totals": {k: sum(r[k] for r in rows) for k in COSTS},
+        "rounds": rows,
+    }
+    if args.test_size > 0:
+        report |= test_accuracies(args, status, os.environ.get("FEDBPT_ENROLL_KEY"), os.environ.get("FEDBPT_API_KEY"))
+
+    out = Path(args.out) / report["run_id"]
+    out.mkdir(parents=True, exist_ok=True)
+    write_atomic(out / "report.json", json.dumps(report, indent=2))
+    table = io.StringIO()
+    writer = csv.DictWriter(table, fieldnames=ROW_FIELDS)
+    writer.writeheader()
+    writer.writerows(rows)
+    write_atomic(out / "rounds.csv", table.getvalue())
+    tested = (f" | test accuracy on {report['test_examples']}: zero-shot {report['zero_shot_test_accuracy']:.4f}, "
+              f"tuned {report['tuned_test_accuracy']:.4f}") if "test_examples" in report else ""
+    print(f"run {report['run_id']}: {report['rounds_done']}/{status['config']['rounds']} rounds merged, "
+          f"{len(report['clients'])} clients, {report['totals']['queries']} service queries, "
+          f"{report['totals']['tokens']} tokens{tested} | {out / 'report.json'}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
