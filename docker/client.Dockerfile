@@ -32,10 +32,10 @@ ENV PYTHONUNBUFFERED=1 \
     FEDBPT_CACHE_DIR=/cache
 COPY --from=build /opt/venv /opt/venv
 COPY docker/compose/ /opt/fedbpt-compose/
-# /reports: created owned by the user, so the empty `reports` volume mounted on it is writable by `report`.
+# /reports and /state: created owned by the user, so the empty volumes mounted on them are writable.
 RUN useradd --create-home --uid 10001 --user-group fedbpt \
-    && mkdir -p /cache /reports \
-    && chown fedbpt:fedbpt /cache /reports
+    && mkdir -p /cache /reports /state \
+    && chown fedbpt:fedbpt /cache /reports /state
 USER fedbpt
 WORKDIR /home/fedbpt
 
