@@ -178,16 +178,20 @@ def score_requests(draw) -> Request:
     return Request(body, tuple(shape), n, len(words), valid, tame)
 
 
-def _valid_example() -> Request:
-    prompts = np.full((2, 3, D), 0.02, np.float32)
-    body = {"prompts": encode_tensor(prompts).model_dump(), "texts": ["é ☃ 𝄞 {mask} .", "{mask}"],
+def _example(words: int, prompt_length: int, valid: bool) -> Request:
+    """Two texts, one of them `words` one-token words long, with labels."""
+    prompts = np.full((2, prompt_length, D), 0.02, np.float32)
+    body = {"prompts": encode_tensor(prompts).model_dump(), "texts": ["é ☃ 𝄞 {mask} .", " bad" * words + SLOT],
             "label_words": [" bad", " great"], "labels": [1, 0]}
-    return Request(body, (2, 3, D), 2, 2, True, True)
+    return Request(body, (2, prompt_length, D), 2, 2, valid, True)
 
 
 @FUZZ
 @given(req=score_requests())
-@example(req=_valid_example())
+@example(req=_example(words=3, prompt_length=3, valid=True))
+# What the first run found: 1 + 156 + 1 + 1 positions, one past the model's, within the published text limit.
+@example(req=_example(words=156, prompt_length=0, valid=False))
+@example(req=_example(words=150, prompt_length=5, valid=True))
 def test_valid_hostile_requests_reach_the_engine(service, engine, req):
     url, _ = service
     before = engine.calls
