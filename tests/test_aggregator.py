@@ -51,7 +51,7 @@ def wait_for(predicate, timeout: float = 60.0, what: str = "condition"):
 @contextlib.contextmanager
 def live(cfg: RunConfig, db: Path, **kw):
     """The app under uvicorn on a free 127.0.0.1 port, and an httpx client to it."""
-    with serve_app(create_app(cfg, str(db), **kw)) as url, httpx.Client(base_url=url, timeout=10) as http:
+    with serve_app(create_app(cfg, str(db), **kw)) as url, httpx.Client(base_url=url, timeout=60) as http:
         yield http
 
 
@@ -142,7 +142,7 @@ def test_long_poll_returns_when_the_round_moves_on_and_holds_otherwise(tmp_path)
         waiter.start()
         # The server has looked at a's task (round 0, nothing to do) before b reports: an answer given at that
         # look would say round 0. Round 1 can only come from a poll held until the round moved on.
-        first_look = looks.answers.get(timeout=30)
+        first_look = looks.answers.get(timeout=60)
         assert (first_look.round, first_look.submitted) == (0, True)
         play(http, "b", 1, hb)
         waiter.join(timeout=60)
@@ -390,7 +390,7 @@ def test_sigkill_loses_no_accepted_update(tmp_path):
 
     proc, url = start()
     try:
-        with httpx.Client(base_url=url, timeout=10) as http:
+        with httpx.Client(base_url=url, timeout=60) as http:
             heads = {cid: register(http, cid) for cid in ("a", "b")}
             play(http, "a", 0, heads["a"])
             sent = body(0, np.eye(D)[0] * 0.1, fitness=0.1)  # what `play` sent for a in round 0
@@ -400,7 +400,7 @@ def test_sigkill_loses_no_accepted_update(tmp_path):
 
     proc, url = start()
     try:
-        with httpx.Client(base_url=url, timeout=10) as http:
+        with httpx.Client(base_url=url, timeout=60) as http:
             assert http.get("/v1/status").json()["history"][0]["reporters"] == ["a"]
             assert http.post("/v1/round/update", json=sent, headers=heads["a"]).json()["duplicate"] is True
             play(http, "b", 1, heads["b"])

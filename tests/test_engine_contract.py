@@ -16,25 +16,11 @@ import torch
 from inference_service.engine import InputError, ScoreBatch
 from inference_service.limits import Limits
 
-from .conftest import build_tiny_roberta
+from .conftest import build_tiny_llama, build_tiny_roberta
 
 LIMITS = Limits(max_prompt_length=16, max_population=8, max_texts=16, max_text_tokens=48, max_batch_tokens=4096)
 HAS_CUDA = torch.cuda.is_available()
 HAS_VLLM = importlib.util.find_spec("vllm") is not None
-
-
-def build_tiny_llama(out: Path) -> Path:
-    """A random-init Llama with a locally trained BPE tokenizer that adds <s>: the BOS path of the layout."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    build_tiny_roberta(out)  # for its tokenizer files; the model below replaces its weights and config
-    tokenizer = AutoTokenizer.from_pretrained(out)
-    torch.manual_seed(1)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                         tie_word_embeddings=True, bos_token_id=0, eos_token_id=2, pad_token_id=1)
-    LlamaForCausalLM(config).save_pretrained(out)
-    return out
 
 
 @pytest.fixture(scope="module")

@@ -1,5 +1,6 @@
 """Faults in a live federated run: servers killed and restarted, clients killed and restarted, clients that
-never report. Real servers on loopback, real CMA-ES clients on SmolLM2; faults are real SIGKILLs.
+never report. Real servers on loopback and real CMA-ES clients, over a tiny Llama built here: the faults are under
+test, not the model, and a forward of it costs nothing next to a process start. Faults are real SIGKILLs.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from fedbpt.loopback import free_port, serve_app
 from fedbpt_wire.federation import RunConfig
 from inference_service.app import create_app as create_service
 from inference_service.auth import KeyStore
+from inference_service.limits import Limits
 from inference_service.torch_engine import TorchEngine
 
 from .test_aggregator import Clock, body, register, wait_for
@@ -40,14 +42,20 @@ AGG_FLAGS = ["--rounds", "3", "--intrinsic-dim", "16", "--prompt-length", "2", "
              "--local-iterations", "2", "--min-clients", "2", "--round-timeout", "300", "--seed", str(SEED),
              "--run-id", "faults"]
 BATCH = 4
+# The tiny tokenizer spends a token on every few characters of a review; rotary positions have no end.
+LIMITS = Limits(max_text_tokens=512)
+MAX_TEXT_TOKENS = ["--max-text-tokens", str(LIMITS.max_text_tokens)]
+# One-token words of the tiny vocabulary in place of the task's own.
+TASK = get_task("rotten_tomatoes").with_label_words((" bad", " great"))
+LABEL_WORDS = ["--label-words", " bad, great"]
 # Long enough to outlast a server's restart (the service loads a model) under a loaded CI machine.
 PATIENT = dict(retries=40, backoff=0.25, max_backoff=2.0, timeout=120.0)
 
 
 @pytest.fixture(scope="module")
-def service_url(default_model_dir):
-    engine = TorchEngine(str(default_model_dir), dtype="float32")
-    with serve_app(create_service(engine, KeyStore({SVC_KEY: None}))) as url:
+def service_url(tiny_llama_dir):
+    engine = TorchEngine(str(tiny_llama_dir), dtype="float32", limits=LIMITS)
+    with serve_app(create_service(engine, KeyStore({SVC_KEY: None}), LIMITS)) as url:
         yield url
 
 
@@ -88,11 +96,11 @@ def stop(proc: subprocess.Popen, sig: int = signal.SIGKILL) -> None:
 
 
 def status(url: str) -> dict:
-    return httpx.get(f"{url}/v1/status", timeout=10).json()
+    return httpx.get(f"{url}/v1/status", timeout=60).json()
 
 
 def final_state(url: str) -> dict:
-    g = httpx.get(f"{url}/v1/global", headers={"Authorization": f"Bearer {ENROLL}"}, timeout=10).json()
+    g = httpx.get(f"{url}/v1/global", headers={"Authorization": f"Bearer {ENROLL}"}, timeout=60).json()
     return {"mean": g["mean"], "sigma": g["sigma"]}
 
 
@@ -104,7 +112,7 @@ def run_threads(service_url: str, agg_url: str, shards, aggregator_client=Aggreg
         service = ServiceClient(service_url, SVC_KEY, **service_http)
         services.append(service)
         try:
-            run_client(service, aggregator_client(agg_url, **PATIENT), f"client-{k}", shards[k], get_task("rotten_tomatoes"),
+            run_client(service, aggregator_client(agg_url, **PATIENT), f"client-{k}", shards[k], TASK,
                        enroll_key=ENROLL, batch_size=BATCH, max_idle_s=300)
         except Exception as exc:  # surfaced below
             errors.append(exc)
@@ -213,10 +221,11 @@ class KillsTheServiceInRound1(AggregatorClient):
         return super().register(client_id, num_samples, enroll_key)
 
 
-def test_service_killed_and_restarted_mid_run_clients_resume_through_retries(default_model_dir, shards, tmp_path):
+def test_service_killed_and_restarted_mid_run_clients_resume_through_retries(tiny_llama_dir, shards, tmp_path):
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    argv = ["fedbpt.cli", "serve", "--model", str(default_model_dir), "--dtype", "float32", "--port", str(port)]
+    argv = ["fedbpt.cli", "serve", "--model", str(tiny_llama_dir), "--dtype", "float32", "--port", str(port),
+            *MAX_TEXT_TOKENS]
     cfg = RunConfig(run_id="service-restart", **RUN)
     procs = [start_process(argv, url, tmp_path / "service.log")]
     restarts: list[threading.Thread] = []
@@ -237,7 +246,7 @@ def test_service_killed_and_restarted_mid_run_clients_resume_through_retries(def
             for t in restarts:
                 t.join(timeout=300)
             final = status(agg_url)
-            served_after = httpx.get(f"{url}/metrics", timeout=10).text
+            served_after = httpx.get(f"{url}/metrics", timeout=60).text
         finally:
             for p in procs:
                 stop(p)
@@ -277,7 +286,7 @@ def test_killed_client_restarts_and_rejoins(service_url, tmp_path):
         def client(k: int, log: Path) -> subprocess.Popen:
             argv = [sys.executable, "-m", "fedbpt.cli", "client", "--service", service_url, "--api-key", SVC_KEY,
                     "--aggregator", agg_url, "--enroll-key", ENROLL, "--partition", f"{k}/2", "--alpha", "0.5",
-                    "--per-class", "6", "--batch-size", str(BATCH)]
+                    "--per-class", "6", "--batch-size", str(BATCH), *LABEL_WORDS]
             with open(log, "ab") as out:
                 return subprocess.Popen(argv, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
                                         env={**os.environ, "PYTHONPATH": str(ROOT)})
