@@ -25,9 +25,13 @@ def _serve(args: argparse.Namespace) -> None:
 
 
 def _client(args: argparse.Namespace) -> None:
+    from fed_clients.http import RequestFailed
     from fed_clients.runner import run
 
-    run(args)
+    try:
+        run(args)
+    except RequestFailed as exc:  # a refusal (a wrong key, a bad request) is the user's to fix: no traceback
+        sys.exit(f"fedbpt client: error: {exc}")
 
 
 def _aggregator(args: argparse.Namespace) -> None:
