@@ -101,6 +101,21 @@ def test_fedbpt_merge_step_sizes_by_hand(sampled):
     assert s.task("a").local_sigma == s.local_sigma and s.task("a").sigma == s.sigma
 
 
+def test_a_mean_far_outside_the_global_distribution_is_pulled_back_as_cma_repairs_it():
+    """cma treats the clients' means as injected solutions and clips each one's distance from the global mean, in
+    its own metric ||C^-1/2 (x - m)|| / sigma, at sqrt(n) + 2n / (n + 2): a client that wandered off moves the
+    global mean by no more than one that went to that edge."""
+    s = FedBPTStrategy(cfg(), popsize=2)
+    near, far = np.array([0.1, 0.0, 0.0, 0.0]), np.array([0.0, 30.0, 0.0, 0.0])
+    r = s.merge([up("a", near, fitness=0.2, sigmas=[1.0]), up("b", far, fitness=0.6, sigmas=[1.0])])
+    sigma, n = r.sigma_merged, 4
+    c_inv_sqrt = np.exp(-0.5e-4 / n * np.arange(n))
+    edge = math.sqrt(n) + 2 * n / (n + 2)
+    pulled = far * edge / np.linalg.norm(c_inv_sqrt * far / sigma)
+    w = np.array([math.log(2.5), math.log(1.25)])
+    np.testing.assert_allclose(s.mean, (w / w.sum()) @ np.stack([near, pulled]), rtol=0, atol=1e-12)
+
+
 def test_fedbpt_mean_moves_toward_the_better_client():
     s = FedBPTStrategy(cfg(), popsize=2)
     good, bad = np.array([0.3, 0.0, 0.0, 0.0]), np.array([-0.3, 0.0, 0.0, 0.0])
