@@ -7,7 +7,7 @@ TORCH ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 ASSETS := .cache/fedbpt/.fetched
 
-.PHONY: setup assets demo test test-slow bench clean
+.PHONY: setup assets demo test test-slow test-fuzz bench clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -31,6 +31,10 @@ test: $(ASSETS)
 
 test-slow: $(ASSETS)
 	$(PY) -m pytest -q -m slow
+
+# The fuzz tests searching twenty times as far as in `make test`.
+test-fuzz: $(ASSETS)
+	$(PY) -m pytest -q -m fuzz --hypothesis-profile=fedbpt-long
 
 bench: $(ASSETS)
 	$(PY) bench/service_overhead.py

@@ -5,8 +5,15 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
 
 from fedbpt.loopback import free_port, serve_app  # noqa: F401  (fixtures and tests import them from here)
+
+# Examples per property: `fedbpt` in every run; `pytest -m fuzz --hypothesis-profile=fedbpt-long` (make test-fuzz)
+# searches twenty times as far.
+settings.register_profile("fedbpt", max_examples=50)
+settings.register_profile("fedbpt-long", max_examples=1000)
+settings.load_profile("fedbpt")
 
 
 TINY_CORPUS = [

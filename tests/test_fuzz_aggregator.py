@@ -42,7 +42,7 @@ OPERATIONS = [
 # run; print_blob prints the @reproduce_failure line for a failure seen elsewhere. Every health check is on but
 # too_slow, which times data generation by the wall clock: on a shared machine it measures the neighbours.
 # deadline=None likewise: an example's duration is loopback HTTP and SQLite commits, no property of the aggregator.
-FUZZ = settings(max_examples=50, deadline=None, print_blob=True, suppress_health_check=[HealthCheck.too_slow])
+FUZZ = settings(deadline=None, print_blob=True, suppress_health_check=[HealthCheck.too_slow])
 
 
 def register(http: httpx.Client, client_id: str) -> str:
@@ -141,7 +141,7 @@ def one_odd_update(**metrics):
 
 
 @pytest.mark.fuzz
-@settings(FUZZ, max_examples=30)
+@FUZZ
 @given(strategy=st.sampled_from(["fedbpt", "fedavg-z", "local-only"]), sigma_rule=st.sampled_from(["pooled", "paper-eq6"]),
        bodies=st.tuples(*(st.tuples(updates(r), updates(r)) for r in range(2))))
 # The folds of a round's metrics at float64's edge: a count no float can hold, a product past the largest float.
