@@ -94,8 +94,8 @@ def test_fedprompt_run_trains_and_counts_prompt_bytes(engine, default_model_dir,
     # The reported accuracy is that of the returned global prompt on the 8 test examples, scored here by the service
     # engine (another forward than FedPrompt's own).
     test = splits["test"][:8]
-    logits = engine.score(ScoreBatch(prompts=out["prompt"][None], texts=[TASK.render(ex.fields, engine.kind) for ex in test],
-                                     label_words=list(TASK.label_words))).logits[0]
+    texts = [TASK.render(ex.fields, engine.kind) for ex in test]
+    logits = engine.score(ScoreBatch(out["prompt"][None], texts, list(TASK.label_words))).logits[0]
     assert out["test_accuracy"] == np.mean(logits.argmax(-1) == [ex.label for ex in test])
     # Bytes per client per round: the JSON of an L x D float32 tensor down; that plus the sample count up.
     tensor_json = len(encode_tensor(np.zeros((L, 576), np.float32)).model_dump_json())

@@ -236,7 +236,8 @@ def test_service_killed_and_restarted_mid_run_clients_resume_through_retries(tin
             if restarts:
                 return
             stop(procs[0])
-            restarts.append(threading.Thread(target=lambda: procs.append(start_process(argv, url, tmp_path / "service.log"))))
+            restarts.append(threading.Thread(
+                target=lambda: procs.append(start_process(argv, url, tmp_path / "service.log"))))
             restarts[0].start()
 
     with serve_app(create_aggregator(cfg, str(tmp_path / "agg.db"), enroll_key=ENROLL)) as agg_url:

@@ -92,10 +92,11 @@ def run_federation(service_url, config, shards, task, tmp_path):
 def zero_shot_val_accuracy(engine, config, shards, task) -> float:
     """Round 0's validation accuracy, computed here: the global mean is 0, so every client scores P0 (init
     'random') on its validation examples; the round's figure weighs each client's by its count."""
-    p0 = initial_prompt(config.projection_seed, config.prompt_length, engine.info.hidden_size, engine.info.embedding_std)
+    info = engine.info
+    p0 = initial_prompt(config.projection_seed, config.prompt_length, info.hidden_size, info.embedding_std)
     correct = total = 0
     for shard in shards:
-        texts = [task.render(ex.fields, engine.info.kind) for ex in shard.val]
+        texts = [task.render(ex.fields, info.kind) for ex in shard.val]
         logits = engine.score(ScoreBatch(p0[None], texts, list(task.label_words))).logits[0]
         correct += int((logits.argmax(-1) == np.array([ex.label for ex in shard.val])).sum())
         total += len(shard.val)

@@ -160,7 +160,8 @@ def score_requests(draw) -> Request:
         surrogate = any(0xD800 <= ord(c) <= 0xDFFF for c in word)
         words[draw(st.integers(0, len(words) - 1))] = word
         # Empty, several tokens, a lone surrogate or a word twice: refused. Any other text may be one token.
-        words_valid = False if word in ("", SLOT, " marvellously") or surrogate or len(set(words)) < len(words) else None
+        refused = word in ("", SLOT, " marvellously") or surrogate or len(set(words)) < len(words)
+        words_valid = False if refused else None
     tensor = {"dtype": "float32", "shape": shape, "data": encode_tensor(prompts).data}
     body = {"prompts": tensor, "texts": texts, "label_words": words}
     labels_valid = True

@@ -61,9 +61,10 @@ def _csa_step_by_hand(n: int, sampled: int, ranked_means: list[np.ndarray], sigm
     Path: p_s = sqrt(c_s (2 - c_s)) sqrt(mu_eff) C^-1/2 (m' - m) / sigma, from p_s = 0, where pycma starts from
     C = diag(exp(1e-4 / n * i)) "to prevent equal eigenvalues". Step: sigma' = sigma exp(c_s / d_s (|p_s| / chi_n - 1)),
     chi_n = sqrt(2) Gamma((n + 1) / 2) / Gamma(n / 2). Both constants are set when the ES is built, from the
-    mu0_eff of its own popsize lam: c_s = (mu0_eff + 2) / (n + mu0_eff + 3) and d_s = 0.5 + min(1, (lam_mirr /
-    (0.159 lam) - 1)^2) / 2 + 2 max(0, d_in sqrt((mu0_eff - 1) / (n + 1)) - 1) + c_s, d_in = max(1, 3 (1 - 0.5^(n / 9))).
-    For n = 4 and lam <= 3 (lam_mirr 0 or 1) the min is 1 and the max 0, so d_s = 1 + c_s.
+    mu0_eff of its own popsize lam: c_s = (mu0_eff + 2) / (n + mu0_eff + 3) and
+    d_s = 0.5 + min(1, (lam_mirr / (0.159 lam) - 1)^2) / 2 + 2 max(0, d_in sqrt((mu0_eff - 1) / (n + 1)) - 1) + c_s
+    with d_in = max(1, 3 (1 - 0.5^(n / 9))). For n = 4 and lam <= 3 (lam_mirr 0 or 1) the min is 1 and the max 0,
+    so d_s = 1 + c_s.
     """
 
     def weights(mu: int) -> np.ndarray:
