@@ -85,6 +85,10 @@ def model_parameter_mib(model_dir) -> float:
     return 4 * count / 2**20
 
 
+# Every method of the grid, a white-box FedPrompt training of SmolLM2 among them: minutes on two cores, so with
+# `make test-slow`. The methods and the report's arithmetic have tests of their own in `make test`; a grid's
+# resumption and its clients' memory are checked here only.
+@pytest.mark.slow
 def test_a_small_grid_end_to_end_and_resumed(service_url, default_model_dir, default_data_dir, tmp_path):
     grid = Grid("tiny", tasks=("rotten_tomatoes",), regimes={"few-shot": 6}, seeds=(0,),
                 methods=("zero-shot", "calibrated", "icl", "fedbpt", "local-only", "fedprompt"), clients=2, rounds=2,
