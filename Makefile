@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 export FEDBPT_CACHE_DIR ?= $(CURDIR)/.cache/fedbpt
 ASSETS := $(FEDBPT_CACHE_DIR)/.fetched
 
-.PHONY: setup assets demo test test-slow compose-test bench clean
+.PHONY: setup assets demo test test-slow test-fuzz compose-test bench clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -38,6 +38,10 @@ test-slow: $(ASSETS)
 # local Docker engine, runs the cpu profile, checks the report and a resume, then `down -v`. Needs Compose v2.
 compose-test: $(STAMP)
 	$(PY) -m pytest -q -s -m docker tests/test_compose_stack.py
+
+# The fuzz tests searching twenty times as far as in `make test`.
+test-fuzz: $(ASSETS)
+	$(PY) -m pytest -q -m fuzz --hypothesis-profile=fedbpt-long
 
 bench: $(ASSETS)
 	$(PY) bench/service_overhead.py

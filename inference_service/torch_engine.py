@@ -14,7 +14,7 @@ import torch
 from fedbpt_wire.schemas import ModelInfo
 
 from .embeddings import embedding_std
-from .engine import ScoreBatch, ScoreResult
+from .engine import InputError, ScoreBatch, ScoreResult
 from .layout import Layout, anchor_text, Sequence, TextIds, label_token_ids, make_layout, positions as sequence_positions, sequence, tokenize_text
 from .limits import Limits
 
@@ -50,6 +50,15 @@ def model_kind(config) -> str:
     if any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs):
         return "causal"
     return "masked" if config.model_type in _MASKED_TYPES else "causal"
+
+
+def _learned_positions(body) -> int | None:
+    """How many positions a model with a learned position table (BERT, RoBERTa, GPT-2) can read; None where
+    positions are computed (rotary: Llama, Gemma). RoBERTa-style tables start after padding_idx."""
+    table = getattr(getattr(body, "embeddings", None), "position_embeddings", None) or getattr(body, "wpe", None)
+    if not isinstance(table, torch.nn.Embedding):
+        return None
+    return table.num_embeddings - (table.padding_idx + 1 if table.padding_idx is not None else 0)
 
 
 def _masked_head(model):
@@ -94,6 +103,7 @@ class TorchEngine:
         # transformers renamed `past_key_values` to `cache` in 5.2x; the engine runs with either.
         self._cache_arg = "cache" if "cache" in inspect.signature(self.body.forward).parameters else "past_key_values"
         self.head = self.model.get_output_embeddings() if self.kind == "causal" else _masked_head(self.model)
+        self.max_positions = _learned_positions(self.body)
         weight = self.embed.weight.detach().float()
         self.info = ModelInfo(
             name=display_name or Path(str(model_path).rstrip("/")).name,
@@ -143,6 +153,10 @@ class TorchEngine:
         n_pop, n_prompt, _ = prompts.shape
         prompts = prompts.to(self.device, self.dtype)
         seqs = [sequence(self.layout, t, n_prompt) for t in texts]
+        for i, length in enumerate(len(s.lead) + n_prompt + len(s.tail) for s in seqs):
+            if self.max_positions is not None and length > self.max_positions:
+                raise InputError(f"texts[{i}]", f"with a prompt of L = {n_prompt} it takes {length} positions, "
+                                                f"more than the model's {self.max_positions}")
         out = np.empty((n_pop, len(texts), len(label_ids)), dtype=np.float32)
         plan = self.reuse_plan(seqs, n_prompt) if self.kv_reuse else "none"
         if plan == "prompt":

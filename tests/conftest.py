@@ -5,8 +5,15 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
 
 from fedbpt.loopback import free_port, serve_app  # noqa: F401  (fixtures and tests import them from here)
+
+# Examples per property: `fedbpt` in every run; `pytest -m fuzz --hypothesis-profile=fedbpt-long` (make test-fuzz)
+# searches twenty times as far.
+settings.register_profile("fedbpt", max_examples=50)
+settings.register_profile("fedbpt-long", max_examples=1000)
+settings.load_profile("fedbpt")
 
 
 TINY_CORPUS = [
@@ -41,9 +48,29 @@ def build_tiny_roberta(out: Path) -> Path:
     return out
 
 
+def build_tiny_llama(out: Path) -> Path:
+    """A random-init Llama with a locally trained BPE tokenizer that adds <s>: the BOS path of the layout."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    build_tiny_roberta(out)  # for its tokenizer files; the model below replaces its weights and config
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    torch.manual_seed(1)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                         tie_word_embeddings=True, bos_token_id=0, eos_token_id=2, pad_token_id=1)
+    LlamaForCausalLM(config).save_pretrained(out)
+    return out
+
+
 @pytest.fixture(scope="session")
 def tiny_roberta_dir(tmp_path_factory) -> Path:
     return build_tiny_roberta(tmp_path_factory.mktemp("tiny-roberta"))
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory) -> Path:
+    return build_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
 
 
 @pytest.fixture(scope="session")

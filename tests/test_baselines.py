@@ -37,16 +37,35 @@ def engine(default_model_dir):
     return TorchEngine(str(default_model_dir), dtype="float32", device="cpu")
 
 
-def test_fedprompt_logits_equal_the_service_engine(engine, splits):
+def transformers_reference(model_dir, prompt: np.ndarray, texts: list[str], words: list[str]) -> np.ndarray:
+    """[N, C] label-word logits of SmolLM2 for prompt + text, one sequence at a time, straight from transformers:
+    no BOS (its tokenizer adds none), the prompt vectors, the text up to the slot; the last position's logits."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    embed = model.get_input_embeddings()
+    label_ids = [tok(w, add_special_tokens=False).input_ids[0] for w in words]
+    out = np.zeros((len(texts), len(words)), np.float32)
+    with torch.inference_mode():
+        for n, text in enumerate(texts):
+            assert text.endswith("{mask}")
+            ids = torch.tensor(tok(text.removesuffix("{mask}"), add_special_tokens=False).input_ids)
+            x = torch.cat([torch.from_numpy(prompt), embed(ids)])
+            out[n] = model(inputs_embeds=x[None]).logits[0, -1, label_ids].numpy()
+    return out
+
+
+def test_fedprompt_logits_match_an_independent_forward(engine, splits, default_model_dir):
     examples = splits["test"][:6]  # reviews of different lengths: padding inside one batch
     texts = [TASK.render(ex.fields, engine.kind) for ex in examples]
+    assert len({len(t) for t in texts}) > 1
     prompt = initial_prompt(7, 4, engine.info.hidden_size, engine.info.embedding_std)
-    served = engine.score(ScoreBatch(prompts=prompt[None], texts=texts, label_words=list(TASK.label_words))).logits[0]
+    reference = transformers_reference(default_model_dir, prompt, texts, list(TASK.label_words))
     label_ids = torch.tensor(engine.label_token_ids(list(TASK.label_words)))
     with torch.inference_mode():
         ours = prompt_label_logits(engine, torch.from_numpy(prompt), engine.tokenize(texts), label_ids).numpy()
-    assert len({len(t) for t in texts}) > 1
-    np.testing.assert_allclose(ours, served, rtol=1e-4, atol=1e-4 * np.abs(served).max())
+    np.testing.assert_allclose(ours, reference, rtol=1e-4, atol=1e-4 * np.abs(reference).max())
     # And the same forward carries a gradient to the prompt, which is all FedPrompt trains.
     p = torch.nn.Parameter(torch.from_numpy(prompt.copy()))
     prompt_label_logits(engine, p, engine.tokenize(texts[:2]), label_ids).sum().backward()
@@ -63,7 +82,7 @@ def test_fedavg_weights_by_sample_count():
         fedavg([a], [1, 1])
 
 
-def test_fedprompt_run_trains_and_counts_prompt_bytes(default_model_dir, splits):
+def test_fedprompt_run_trains_and_counts_prompt_bytes(engine, default_model_dir, splits):
     shards = [client_shard(splits["train"], k, 2, None, seed=0, per_class=4) for k in range(2)]
     L, seen = 4, []
     out = fedprompt_run(default_model_dir, TASK, shards, splits["test"][:8], rounds=2, local_steps=2, lr=0.01,
@@ -72,7 +91,12 @@ def test_fedprompt_run_trains_and_counts_prompt_bytes(default_model_dir, splits)
     assert out["prompt"].shape == (L, 576) and out["trainable_params"] == L * 576
     first, last = out["rounds"]
     assert np.isfinite(first["train_loss"]) and last["train_loss"] < first["train_loss"]
-    assert 0 <= out["test_accuracy"] <= 1
+    # The reported accuracy is that of the returned global prompt on the 8 test examples, scored here by the service
+    # engine (another forward than FedPrompt's own).
+    test = splits["test"][:8]
+    texts = [TASK.render(ex.fields, engine.kind) for ex in test]
+    logits = engine.score(ScoreBatch(out["prompt"][None], texts, list(TASK.label_words))).logits[0]
+    assert out["test_accuracy"] == np.mean(logits.argmax(-1) == [ex.label for ex in test])
     # Bytes per client per round: the JSON of an L x D float32 tensor down; that plus the sample count up.
     tensor_json = len(encode_tensor(np.zeros((L, 576), np.float32)).model_dump_json())
     assert tensor_json > L * 576 * 4 * 4 // 3  # base64 of the float32 bytes, plus dtype and shape
@@ -118,8 +142,14 @@ def test_icl_evaluate_through_the_real_service(engine, splits):
             zero = icl_evaluate(service, TASK, [], test, engine.kind, max_texts=16)
         finally:
             service.close()
-    for r in (icl, zero):
-        assert 0 <= r["accuracy"] <= 1 and np.isfinite(r["loss"])
+    labels = np.array([ex.label for ex in test])
+    for r, demo_set in ((icl, demos), (zero, [])):
+        # The logits are the engine's for the rendered texts with no soft prompt, and the accuracy their share right.
+        texts = [render_icl(TASK, demo_set, ex, engine.kind) for ex in test]
+        direct = engine.score(ScoreBatch(np.zeros((1, 0, engine.info.hidden_size), np.float32), texts,
+                                         list(TASK.label_words))).logits[0]
+        np.testing.assert_allclose(r["logits"], direct, rtol=1e-4, atol=1e-4 * np.abs(direct).max())
+        assert r["accuracy"] == np.mean(r["logits"].argmax(-1) == labels) and np.isfinite(r["loss"])
         assert r["sequences"] == 16 and r["bytes_up"] > 0 and r["bytes_down"] > 0 and r["examples"] == 16
     assert icl["queries"] == 2 and zero["queries"] == 1 and icl["demos"] == 5
     # The demos are sent with every input: the token bill, not a soft prompt, is ICL's cost.

@@ -74,10 +74,26 @@ def service_url(default_model_dir):
         yield url
 
 
-def test_a_small_grid_end_to_end_and_resumed(service_url, default_data_dir, tmp_path):
+def model_parameter_mib(model_dir) -> float:
+    """The model's parameters at float32, from its checkpoint's tensor shapes."""
+    from safetensors import safe_open
+
+    count = 0
+    with safe_open(str(model_dir / "model.safetensors"), "np") as f:
+        for name in f.keys():
+            count += int(np.prod(f.get_slice(name).get_shape()))
+    return 4 * count / 2**20
+
+
+# Every method of the grid, a white-box FedPrompt training of SmolLM2 among them: minutes on two cores, so with
+# `make test-slow`. The methods and the report's arithmetic have tests of their own in `make test`; a grid's
+# resumption and its clients' memory are checked here only.
+@pytest.mark.slow
+def test_a_small_grid_end_to_end_and_resumed(service_url, default_model_dir, default_data_dir, tmp_path):
     grid = Grid("tiny", tasks=("rotten_tomatoes",), regimes={"few-shot": 6}, seeds=(0,),
-                methods=("zero-shot", "calibrated", "icl", "fedbpt", "local-only", "fedprompt"), clients=2, rounds=2, intrinsic_dim=8, prompt_length=2,
-                popsize=4, local_iterations=1, batch_size=4, test_size=24, curve_size=12)
+                methods=("zero-shot", "calibrated", "icl", "fedbpt", "local-only", "fedprompt"), clients=2, rounds=2,
+                intrinsic_dim=8, prompt_length=2, popsize=4, local_iterations=1, batch_size=4, test_size=24,
+                curve_size=12, dtype="float32")
     bench = Bench(grid, tmp_path, service_url, KEY)
     rows = bench.run(progress=lambda line: None)
     by = {r["method"]: r for r in rows}
@@ -86,18 +102,23 @@ def test_a_small_grid_end_to_end_and_resumed(service_url, default_data_dir, tmp_
     assert by["calibrated"]["queries"] == 1  # the pool's zero-shot logits, to fit the bias on
     fed = by["fedbpt"]
     assert len(fed["rounds"]) == 2 and all(r["clients"] == 2 for r in fed["rounds"])
-    assert len(fed["curve"]) == 3 and all(0 <= a <= 1 for a in fed["curve"])
+    # Each test accuracy is the share of its own per-example record; the curve's last point is the final prompt on
+    # the first curve_size test examples.
+    for method in ("zero-shot", "calibrated", "fedbpt", "local-only"):
+        assert by[method]["test_accuracy"] == pytest.approx(np.mean(by[method]["correct"]), abs=1e-12), method
+    assert len(fed["curve"]) == 3 and fed["curve"][-1] == pytest.approx(np.mean(fed["correct"][:12]), abs=1e-12)
     # One service call per client per round for validation and for each local iteration, and one for the final mean.
     assert fed["queries"] == 2 * 2 * (1 + 1 + 1)
     assert fed["bytes_up"] > 0 and fed["service_bytes_up"] > fed["service_bytes_down"] > 0
-    assert 10 < fed["client_rss_mb"] < 500  # a black-box client holds no model
-    assert by["local-only"]["curve"] == [] and 0 <= by["local-only"]["test_accuracy"] <= 1
+    assert by["local-only"]["curve"] == []
     assert by["zero-shot"]["queries"] == 0
     assert by["icl"]["inference_tokens_per_example"] > 0
     white = by["fedprompt"]
     assert len(white["curve"]) == 3 and len(white["rounds"]) == 2 and white["queries"] == 0
-    # The white-box client holds the model: hundreds of MiB where a black-box client needs tens.
-    assert white["client_rss_mb"] > 300 > fed["client_rss_mb"]
+    # Memory, against the model measured here: a black-box client peaks below the size of the model's weights,
+    # so it cannot be holding them; the white-box client holds them on top of everything a client process has.
+    weights = model_parameter_mib(default_model_dir)
+    assert fed["client_rss_mb"] < weights < white["client_rss_mb"] - fed["client_rss_mb"]
     # Its exchange is the L x D prompt each way, per client and round: bigger than FedBPT's d floats up.
     assert white["bytes_up"] > 2 * 2 * 4 * 2 * 576
 

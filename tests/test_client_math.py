@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import subprocess
 import sys
 
@@ -12,14 +13,13 @@ from fed_clients.data import Example
 from fed_clients.local_search import cma_seed, local_search
 from fed_clients.partition import dirichlet_partition, few_shot, iid_partition, partition, train_val_split
 from fed_clients.perturb import corpus_words, perturb_examples
-from fedbpt_wire.projection import Projection, project, projection_matrix, projection_std
+from fedbpt_wire.projection import Projection, initial_prompt, initial_token_ids, projection_matrix, projection_std
 from fed_clients.tasks import TASKS, get_task
 
 
 def test_projection_is_seeded_and_scaled():
     a1 = projection_matrix(7, 50, 4, 32, 0.1)
-    a2 = projection_matrix(7, 50, 4, 32, 0.1)
-    np.testing.assert_array_equal(a1, a2)
+    np.testing.assert_array_equal(a1, projection_matrix(7, 50, 4, 32, 0.1))
     assert not np.array_equal(a1, projection_matrix(8, 50, 4, 32, 0.1))
     assert a1.shape == (50, 128) and a1.dtype == np.float32
     assert a1.std() == pytest.approx(0.1, rel=0.02)
@@ -27,30 +27,44 @@ def test_projection_is_seeded_and_scaled():
     assert projection_std(0.2, 400, 2.0) == pytest.approx(0.2 / (20 * 2.0))
     proj = Projection(3, 400, 5, 64, embedding_std=0.2, sigma0=1.0)
     z = np.random.default_rng(0).standard_normal((3000, 400))
-    prompts = proj(z)
-    assert prompts.shape == (3000, 5, 64)
     # A z with the CMA-ES start distribution gives prompt entries about as spread as word embeddings.
-    assert (prompts - proj.offset).std() == pytest.approx(0.2, rel=0.05)
-    np.testing.assert_allclose(project(z[0], proj.matrix, 5, 64)[0] + proj.offset, prompts[0], rtol=1e-4, atol=1e-5)
+    assert (proj(z) - proj.offset).std() == pytest.approx(0.2, rel=0.05)
 
 
-def test_initial_prompt_is_seeded_embedding_like_and_optional():
-    random_init = Projection(3, 40, 5, 64, embedding_std=0.2, sigma0=1.0)
-    p0 = random_init(np.zeros(40))[0]
-    np.testing.assert_array_equal(p0, random_init.offset)
-    assert p0.std() == pytest.approx(0.2, rel=0.1)
-    np.testing.assert_array_equal(p0, Projection(3, 40, 5, 64, 0.2, 1.0).offset)
-    assert not np.array_equal(p0, Projection(4, 40, 5, 64, 0.2, 1.0).offset)
-    zeros = Projection(3, 40, 5, 64, 0.2, 1.0, init="zeros")
-    assert not zeros(np.zeros(40)).any()
-    with pytest.raises(ValueError, match="prompt init"):
-        Projection(3, 40, 5, 64, 0.2, 1.0, init="vocab")
+# Written down once (NumPy 2.4.6, 2025) from `projection_matrix(11, 20, 3, 8, 0.5)`, `initial_prompt(11, 3, 8, 0.02)`
+# and `initial_token_ids(11, 5, 50_000)`, printed with float() of each float32. Clients on different machines
+# and NumPy versions must draw the same A and P0 from a seed: a change of generator, dtype, draw order or scaling
+# changes these numbers.
+PINNED_A_FIRST_ROW = [0.08009058237075806, 0.04063282534480095, 0.5450631380081177, 0.40036696195602417]
+PINNED_A_LAST_ROW_END = [0.029266513884067535, -0.439483642578125, 0.2892986536026001]
+PINNED_A_SUM = 8.425011954881484  # float64 sum of all 20 x 24 entries
+PINNED_P0_FIRST = [0.008610944263637066, -0.003961818292737007, 0.01036377064883709, -0.035875629633665085]
+PINNED_P0_LAST = [0.015880953520536423, 0.0210155937820673]
+PINNED_TOKEN_IDS = [6660, 44866, 34436, 19807, 49919]
 
 
-def test_projection_is_stable_across_processes():
-    code = "from fedbpt_wire.projection import projection_matrix as m; print(repr(float(m(11, 20, 3, 8, 0.5).sum())))"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
-    assert float(out) == float(projection_matrix(11, 20, 3, 8, 0.5).sum())
+def test_projection_and_initial_prompt_match_pinned_values():
+    a = projection_matrix(11, 20, 3, 8, 0.5)
+    assert a[0, :4].tolist() == PINNED_A_FIRST_ROW
+    assert a[19, -3:].tolist() == PINNED_A_LAST_ROW_END
+    assert float(a.astype(np.float64).sum()) == pytest.approx(PINNED_A_SUM, rel=1e-12)
+    p0 = initial_prompt(11, 3, 8, 0.02)
+    assert p0.dtype == np.float32 and p0[0, :4].tolist() == PINNED_P0_FIRST and p0[2, -2:].tolist() == PINNED_P0_LAST
+    assert initial_token_ids(11, 5, 50_000).tolist() == PINNED_TOKEN_IDS
+
+
+def test_projection_is_p0_plus_a_z_computed_from_scratch():
+    """P = P0 + A z, with A and P0 drawn here straight from PCG64 streams of the seed, not through the module."""
+    d, L, D, emb_std, sigma0 = 6, 2, 5, 0.3, 0.7
+    z = np.random.default_rng(5).standard_normal((4, d))
+    a = np.random.Generator(np.random.PCG64(9)).standard_normal((d, L * D), dtype=np.float32)
+    a *= np.float32(emb_std / (math.sqrt(d) * sigma0))
+    p0 = np.random.Generator(np.random.PCG64([9, 1])).standard_normal((L, D), dtype=np.float32) * np.float32(emb_std)
+    expected = np.einsum("pd,dk->pk", z.astype(np.float32).astype(np.float64), a.astype(np.float64)).reshape(4, L, D)
+    got = Projection(9, d, L, D, emb_std, sigma0)(z)
+    assert got.dtype == np.float32
+    np.testing.assert_allclose(got, expected + p0, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(Projection(9, d, L, D, emb_std, sigma0, init="zeros")(z), expected, rtol=1e-6, atol=1e-7)
 
 
 def test_client_package_never_imports_torch():

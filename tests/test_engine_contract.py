@@ -16,25 +16,11 @@ import torch
 from inference_service.engine import InputError, ScoreBatch
 from inference_service.limits import Limits
 
-from .conftest import build_tiny_roberta
+from .conftest import build_tiny_llama, build_tiny_roberta
 
 LIMITS = Limits(max_prompt_length=16, max_population=8, max_texts=16, max_text_tokens=48, max_batch_tokens=4096)
 HAS_CUDA = torch.cuda.is_available()
 HAS_VLLM = importlib.util.find_spec("vllm") is not None
-
-
-def build_tiny_llama(out: Path) -> Path:
-    """A random-init Llama with a locally trained BPE tokenizer that adds <s>: the BOS path of the layout."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    build_tiny_roberta(out)  # for its tokenizer files; the model below replaces its weights and config
-    tokenizer = AutoTokenizer.from_pretrained(out)
-    torch.manual_seed(1)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                         tie_word_embeddings=True, bos_token_id=0, eos_token_id=2, pad_token_id=1)
-    LlamaForCausalLM(config).save_pretrained(out)
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -62,9 +48,9 @@ def _vllm(path, limits=LIMITS):
 ENGINES = [
     pytest.param("torch-cpu", _torch("cpu"), id="torch-cpu"),
     pytest.param("torch-cuda", _torch("cuda"), id="torch-cuda",
-                 marks=pytest.mark.skipif(not HAS_CUDA, reason="no CUDA device")),
-    pytest.param("vllm", _vllm, id="vllm", marks=pytest.mark.skipif(
-        not (HAS_CUDA and HAS_VLLM), reason="vllm needs a CUDA host with vllm installed (extra 'vllm')")),
+                 marks=[pytest.mark.gpu, pytest.mark.skipif(not HAS_CUDA, reason="no CUDA device")]),
+    pytest.param("vllm", _vllm, id="vllm", marks=[pytest.mark.gpu, pytest.mark.skipif(
+        not (HAS_CUDA and HAS_VLLM), reason="vllm needs a CUDA host with vllm installed (extra 'vllm')")]),
 ]
 KINDS = ["causal", "masked"]
 TEXTS = {
@@ -131,6 +117,24 @@ def test_logits_match_transformers(engines, model_dirs, name, make, kind):
     device = "cuda" if name != "torch-cpu" else "cpu"
     ref = _reference(model_dirs[kind], kind, prompts, _texts(kind), words, device)
     np.testing.assert_allclose(result.logits, ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_bfloat16_scores_track_float32(engines, model_dirs, kind):
+    """The one check in bf16, which `--dtype auto` picks on GPUs and on CPUs with AMX/AVX512-BF16; everything else
+    here is float32, for exactness. bf16 keeps 8 significant bits (a rounding of at most 2^-9 relative): the
+    roundings through two layers stay within 8 x 2^-8 of the logits' scale."""
+    from inference_service.torch_engine import TorchEngine
+
+    fp32 = engines("torch-cpu", _torch("cpu"), kind)
+    bf16 = TorchEngine(str(model_dirs[kind]), dtype="bfloat16", device="cpu", limits=LIMITS)
+    assert bf16.info.dtype == "bfloat16"
+    prompts = (np.random.default_rng(0).standard_normal((3, 4, fp32.info.hidden_size))
+               * fp32.info.embedding_std).astype(np.float32)
+    batch = ScoreBatch(prompts, _texts(kind), [" bad", " great"])
+    exact, rounded = fp32.score(batch).logits, bf16.score(batch).logits
+    assert rounded.dtype == np.float32 and np.isfinite(rounded).all()
+    np.testing.assert_allclose(rounded, exact, rtol=0, atol=8 * 2**-8 * np.abs(exact).max())
 
 
 @pytest.mark.parametrize("kind", KINDS)

@@ -92,9 +92,9 @@ def _vllm(path):
 ENGINES = [
     pytest.param(_torch("cpu"), "cpu", id="torch-cpu"),
     pytest.param(_torch("cuda"), "cuda", id="torch-cuda",
-                 marks=pytest.mark.skipif(not HAS_CUDA, reason="no CUDA device")),
-    pytest.param(_vllm, "cuda", id="vllm", marks=pytest.mark.skipif(
-        not (HAS_CUDA and HAS_VLLM), reason="vllm needs a CUDA host with vllm installed (extra 'vllm')")),
+                 marks=[pytest.mark.gpu, pytest.mark.skipif(not HAS_CUDA, reason="no CUDA device")]),
+    pytest.param(_vllm, "cuda", id="vllm", marks=[pytest.mark.gpu, pytest.mark.skipif(
+        not (HAS_CUDA and HAS_VLLM), reason="vllm needs a CUDA host with vllm installed (extra 'vllm')")]),
 ]
 
 

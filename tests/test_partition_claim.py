@@ -30,7 +30,7 @@ def config() -> RunConfig:
 @contextlib.contextmanager
 def live(db: Path, enroll_key: str | None = KEY):
     with serve_app(create_app(config(), str(db), enroll_key=enroll_key)) as url, \
-            httpx.Client(base_url=url, timeout=10) as http:
+            httpx.Client(base_url=url, timeout=60) as http:
         yield http
 
 
@@ -111,7 +111,7 @@ def test_claims_survive_an_aggregator_restart(tmp_path):
 
 def test_the_client_claims_with_the_enroll_key_and_keeps_its_token(tmp_path):
     with serve_app(create_app(config(), str(tmp_path / "run.db"), enroll_key=KEY)) as url:
-        agg = AggregatorClient(url, timeout=10)
+        agg = AggregatorClient(url, timeout=60)
         try:
             with pytest.raises(RequestFailed) as refused:
                 agg.claim_partition("c1", 2)
@@ -141,7 +141,7 @@ def test_the_runner_takes_the_claimed_part(tmp_path, monkeypatch):
         writer.writerows([f"review {i}", i % 2] for i in range(40))
     monkeypatch.setattr("os.uname", lambda: argparse.Namespace(nodename="this-host"))
     with serve_app(create_app(config(), str(tmp_path / "run.db"), enroll_key=KEY)) as url:
-        agg = AggregatorClient(url, timeout=10)
+        agg = AggregatorClient(url, timeout=60)
         try:
             assert agg.claim_partition("other-host", 2, KEY).index == 0
             client_id, mine = _client_data(client_args(data, url, "--partition", "auto/2"), agg)

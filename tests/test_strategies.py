@@ -52,12 +52,69 @@ def test_local_sigma_follows_the_global_ratio_clipped():
     assert next_local_sigma(0.3, before=2.0, after=1.0, floor=0.5) == 0.3  # under the floor already: stays
 
 
-def test_fedbpt_merge_sets_the_rule_sigma_and_rescales_local_sigma():
+def _csa_step_by_hand(n: int, sampled: int, ranked_means: list[np.ndarray], sigma: float) -> tuple[np.ndarray, float]:
+    """The mean and step size of pycma 4's first tell with CSA, from its formulas, for a global ES of dimension n
+    built for `sampled` clients (CMA_mu = popsize) and told the reporters' means best first.
+
+    Weights: w_i ~ ln((2 mu + 1) / 2) - ln(i) for i <= mu, normalised, mu = number told (cma's positive
+    recombination weights of popsize 2 mu); mu_eff = 1 / sum w_i^2. Mean: sum w_i x_i (c_mean = 1).
+    Path: p_s = sqrt(c_s (2 - c_s)) sqrt(mu_eff) C^-1/2 (m' - m) / sigma, from p_s = 0, where pycma starts from
+    C = diag(exp(1e-4 / n * i)) "to prevent equal eigenvalues". Step: sigma' = sigma exp(c_s / d_s (|p_s| / chi_n - 1)),
+    chi_n = sqrt(2) Gamma((n + 1) / 2) / Gamma(n / 2). Both constants are set when the ES is built, from the
+    mu0_eff of its own popsize lam: c_s = (mu0_eff + 2) / (n + mu0_eff + 3) and
+    d_s = 0.5 + min(1, (lam_mirr / (0.159 lam) - 1)^2) / 2 + 2 max(0, d_in sqrt((mu0_eff - 1) / (n + 1)) - 1) + c_s
+    with d_in = max(1, 3 (1 - 0.5^(n / 9))). For n = 4 and lam <= 3 (lam_mirr 0 or 1) the min is 1 and the max 0,
+    so d_s = 1 + c_s.
+    """
+
+    def weights(mu: int) -> np.ndarray:
+        w = np.array([math.log((2 * mu + 1) / 2) - math.log(i) for i in range(1, mu + 1)])
+        return w / w.sum()
+
+    w = weights(len(ranked_means))
+    mu_eff, mu0_eff = 1 / np.sum(w**2), 1 / np.sum(weights(sampled) ** 2)
+    mean = sum(wi * x for wi, x in zip(w, ranked_means))
+    c_s = (mu0_eff + 2) / (n + mu0_eff + 3)
+    d_s = 1 + c_s
+    c_inv_sqrt = np.exp(-0.5e-4 / n * np.arange(n))
+    p_s = math.sqrt(c_s * (2 - c_s)) * math.sqrt(mu_eff) * c_inv_sqrt * mean / sigma
+    chi_n = math.sqrt(2) * math.gamma((n + 1) / 2) / math.gamma(n / 2)
+    return mean, sigma * math.exp(c_s / d_s * (np.linalg.norm(p_s) / chi_n - 1))
+
+
+@pytest.mark.parametrize("sampled", [2, 3], ids=["all-reported", "one-of-three-missing"])
+def test_fedbpt_merge_step_sizes_by_hand(sampled):
+    """Round 0 of FedBPT (pooled rule, local popsize 5, floor 0.5): the step size the rule sets, the global ES's
+    step size after the tell, and the local one derived from them, each computed here from the formulas."""
+    s = FedBPTStrategy(cfg(), popsize=sampled)
+    a = up("a", [0.3, -0.2, 0.0, 0.1], fitness=0.2, sigmas=[0.9, 0.7])
+    b = up("b", [0.0, 0.4, 0.1, 0.0], fitness=0.6, sigmas=[0.8, 0.6])
+    r = s.merge([b, a])
+    # Pooled: sqrt((0.81 + 0.49 + 0.64 + 0.36) / m / mu_local), m = 2 reporters, mu_local = floor(5 / 2) = 2.
+    merged = math.sqrt(2.30 / 2 / 2)
+    mean, after = _csa_step_by_hand(4, sampled, [a.mean, b.mean], merged)
+    assert r.sigma_merged == pytest.approx(merged, rel=1e-15)
+    np.testing.assert_allclose(s.mean, mean, rtol=0, atol=1e-15)
+    assert r.sigma_after == s.sigma == pytest.approx(after, rel=1e-12)
+    # The local step size follows the global one's ratio, from sigma0 = 1, clipped to [floor 0.5, 1].
+    assert 0.5 < after / merged < 1
+    assert s.local_sigma == pytest.approx(after / merged, rel=1e-12)
+    assert s.task("a").local_sigma == s.local_sigma and s.task("a").sigma == s.sigma
+
+
+def test_a_mean_far_outside_the_global_distribution_is_pulled_back_as_cma_repairs_it():
+    """cma treats the clients' means as injected solutions and clips each one's distance from the global mean, in
+    its own metric ||C^-1/2 (x - m)|| / sigma, at sqrt(n) + 2n / (n + 2): a client that wandered off moves the
+    global mean by no more than one that went to that edge."""
     s = FedBPTStrategy(cfg(), popsize=2)
-    r = s.merge([up("a", [0.1, 0, 0, 0], 0.2, [1.0, 0.5]), up("b", [0, 0.1, 0, 0], 0.8, [0.5, 0.5])])
-    assert r.sigma_merged == pytest.approx(math.sqrt(0.4375))
-    assert s.sigma == r.sigma_after == s.es.sigma
-    assert s.local_sigma == pytest.approx(min(1.0, max(0.5, 1.0 * r.sigma_after / r.sigma_merged)))
+    near, far = np.array([0.1, 0.0, 0.0, 0.0]), np.array([0.0, 30.0, 0.0, 0.0])
+    r = s.merge([up("a", near, fitness=0.2, sigmas=[1.0]), up("b", far, fitness=0.6, sigmas=[1.0])])
+    sigma, n = r.sigma_merged, 4
+    c_inv_sqrt = np.exp(-0.5e-4 / n * np.arange(n))
+    edge = math.sqrt(n) + 2 * n / (n + 2)
+    pulled = far * edge / np.linalg.norm(c_inv_sqrt * far / sigma)
+    w = np.array([math.log(2.5), math.log(1.25)])
+    np.testing.assert_allclose(s.mean, (w / w.sum()) @ np.stack([near, pulled]), rtol=0, atol=1e-12)
 
 
 def test_fedbpt_mean_moves_toward_the_better_client():

@@ -46,15 +46,27 @@ def url(engine):
 
 @pytest.mark.parametrize("init", ["random", "zeros"])
 @pytest.mark.parametrize("d, L", [(16, 4), (500, 3)])
-def test_service_expansion_is_bit_exact_with_the_client_projection(init, d, L):
-    client = Projection(seed=7, intrinsic_dim=d, prompt_length=L, hidden_size=D, embedding_std=STD, sigma0=0.8,
-                        init=init)
-    # CMA-ES hands out float64 z: both sides must round it to float32 the same way.
-    z = np.random.default_rng(1).standard_normal((5, d)) * 0.8
-    mine = client(z)
-    theirs = ProjectionCache(D, STD).expand(client.spec, z.astype(np.float32))
-    assert theirs.dtype == mine.dtype == np.float32 and theirs.shape == (5, L, D)
-    assert theirs.tobytes() == mine.tobytes()
+def test_service_expansion_is_bit_exact_with_a_from_scratch_projection(init, d, L):
+    """What the service expands from seed + z, against P0 + A z drawn here straight from the seed's PCG64 streams
+    (the numbers those streams give are pinned in test_client_math.py)."""
+    seed, sigma0 = 7, 0.8
+    a = np.random.Generator(np.random.PCG64(seed)).standard_normal((d, L * D), dtype=np.float32)
+    a *= np.float32(STD / (np.sqrt(d) * sigma0))
+    if init == "random":
+        p0 = np.random.Generator(np.random.PCG64([seed, 1])).standard_normal((L, D), dtype=np.float32) * np.float32(STD)
+    else:
+        p0 = np.zeros((L, D), np.float32)
+    # CMA-ES hands out float64 z; the wire carries it as float32.
+    z64 = np.random.default_rng(1).standard_normal((5, d)) * 0.8
+    z = z64.astype(np.float32)
+    expected = (z @ a).reshape(5, L, D) + p0
+    spec = ProjectionSpec(seed=seed, prompt_length=L, sigma0=sigma0, init=init)
+    theirs = ProjectionCache(D, STD).expand(spec, z)
+    assert theirs.dtype == np.float32 and theirs.shape == (5, L, D)
+    assert theirs.tobytes() == expected.tobytes()
+    # The client's own projection, handed CMA-ES's float64 z, rounds it the same way.
+    mine = Projection(seed, d, L, D, STD, sigma0, init)(z64)
+    assert mine.tobytes() == expected.tobytes()
 
 
 def test_the_cache_is_bounded_and_keyed_by_the_whole_spec():
