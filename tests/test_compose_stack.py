@@ -228,7 +228,7 @@ def test_the_cpu_stack_builds_runs_reports_and_resumes(stack, tmp_path):
     for port in stack.ports.values():
         assert httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=10).status_code == 200
     first_volumes = volumes()
-    assert first_volumes == {f"{PROJECT}_{v}" for v in ("assets", "aggregator-state", "reports")}
+    assert first_volumes == {f"{PROJECT}_{v}" for v in ("assets", "aggregator-state", "client-state", "reports")}
 
     status = timed("run and report", lambda: wait_for_the_run(stack, stack.ports["aggregator"]))
     report = read_report(stack, tmp_path / "report-1")
