@@ -51,9 +51,9 @@ class Recording(AggregatorClient):
         super().__init__(url)
         self.sent = sent
 
-    def register(self, client_id, num_samples, enroll_key=None):
+    def register(self, client_id, num_samples, enroll_key=None, token=None):
         self.client_id = client_id
-        return super().register(client_id, num_samples, enroll_key)
+        return super().register(client_id, num_samples, enroll_key, token=token)
 
     def submit(self, update):
         self.sent.setdefault(update.round, {})[self.client_id] = update

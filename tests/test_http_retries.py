@@ -39,8 +39,19 @@ def flaky_app(failures: int, status: int) -> tuple[FastAPI, list[int]]:
 def sleeps(monkeypatch) -> list[float]:
     """The delays the client asks for between attempts, in order; nothing actually waits."""
     asked: list[float] = []
-    monkeypatch.setattr(client_http, "time", types.SimpleNamespace(sleep=asked.append))
+    monkeypatch.setattr(client_http, "time", logical_time(asked.append))
     return asked
+
+
+def logical_time(on_sleep) -> types.SimpleNamespace:
+    """A clock that moves only when the client sleeps: `retry_for` windows are counted in asked-for delays."""
+    now = [0.0]
+
+    def sleep(seconds: float) -> None:
+        now[0] += seconds
+        on_sleep(seconds)
+
+    return types.SimpleNamespace(sleep=sleep, monotonic=lambda: now[0])
 
 
 def test_5xx_is_retried_with_exponential_backoff_and_bytes_are_counted(sleeps):
@@ -85,7 +96,7 @@ def test_a_connection_refused_is_retried_until_the_server_is_up(sleeps, monkeypa
             if len(sleeps) == 2:
                 stack.enter_context(serve_app(app, port=port))
 
-        monkeypatch.setattr(client_http, "time", types.SimpleNamespace(sleep=sleep))
+        monkeypatch.setattr(client_http, "time", logical_time(sleep))
         client = RetryingClient(f"http://127.0.0.1:{port}", retries=4, backoff=0.25)
         assert client.request("POST", "/echo", {"x": 2}) == {"got": {"x": 2}}
     assert sleeps == [0.25, 0.5] and len(calls) == 1
