@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 export FEDBPT_CACHE_DIR ?= $(CURDIR)/.cache/fedbpt
 ASSETS := $(FEDBPT_CACHE_DIR)/.fetched
 
-.PHONY: setup assets demo test test-slow test-fuzz compose-test bench clean
+.PHONY: setup assets demo test test-shuffled test-slow test-fuzz compose-test bench clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -28,7 +28,11 @@ assets: $(ASSETS)
 demo: $(ASSETS)
 	$(PY) -m fedbpt.cli demo
 
+# File order, as CI runs it; `make test-shuffled` runs the same suite in a random order (its seed is printed).
 test: $(ASSETS)
+	$(PY) -m pytest -q -p no:randomly
+
+test-shuffled: $(ASSETS)
 	$(PY) -m pytest -q
 
 test-slow: $(ASSETS)
