@@ -260,5 +260,10 @@ def test_the_cpu_stack_builds_runs_reports_and_resumes(stack, tmp_path):
     assert sorted(again["clients"]) == sorted(status["clients"])
     assert dict(re.findall(r"(\S+) claimed partition (\d+)/", stack.logs("client"))) == claims, "parts moved"
     second = read_report(stack, tmp_path / "report-2")
-    assert second == report, "the report of the resumed run differs"
+
+    def without_link_bytes(r: dict) -> dict:
+        return {**r, "rounds": [{k: v for k, v in x.items() if k not in link} for x in r["rounds"]],
+                "totals": {k: v for k, v in r["totals"].items() if k not in link}}
+
+    assert without_link_bytes(second) == without_link_bytes(report), "the report of the resumed run differs"
     print("compose-test: " + ", ".join(f"{k} {v:.0f} s" for k, v in timings.items()), flush=True)
