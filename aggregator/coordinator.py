@@ -223,13 +223,8 @@ class Coordinator:
             return "operator"
         if self.is_enroll(authorization):
             return "enroll"
-        if authorization:
-            try:
-                token = bearer_token(authorization)
-            except Rejected:
-                return None
-            if self.store.client_by_token(_sha256(token)) is not None:
-                return "client"
+        if authorization and self._owner(authorization) is not None:
+            return "client"
         return None
 
     def _check_enroll_key(self, authorization: str | None) -> None:

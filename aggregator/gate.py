@@ -9,7 +9,8 @@ which still makes the exact per-route decision (whose token, which id).
 from __future__ import annotations
 
 import asyncio
-import json
+
+from fedbpt_wire.asgi import send_error
 
 # Who may knock at each client route. "open" stands for anyone where no enroll key is set.
 ALLOWED = {
@@ -38,8 +39,4 @@ class AuthGate:
         wanted = " or ".join(names[a] for a in sorted(allowed) if a in names)
         detail = (f"Authorization: {'missing' if not authorization else 'not accepted here'}; "
                   f"{scope['path']} takes {wanted} as 'Authorization: Bearer <token>'")
-        body = json.dumps({"detail": detail}).encode()
-        await send({"type": "http.response.start", "status": 401,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                                (b"www-authenticate", b"Bearer")]})
-        await send({"type": "http.response.body", "body": body})
+        await send_error(send, 401, detail, [(b"www-authenticate", b"Bearer")])

@@ -42,7 +42,7 @@ class BodyLimit:
                 left = None if deadline is None else max(0.0, deadline - time.monotonic())
                 message = await asyncio.wait_for(receive(), left)
             except asyncio.TimeoutError:
-                return await _error(send, 408, f"request body not received within {self.read_timeout:g} s")
+                return await send_error(send, 408, f"request body not received within {self.read_timeout:g} s")
             if message["type"] == "http.disconnect":
                 return
             body += message.get("body", b"")
@@ -63,16 +63,18 @@ class BodyLimit:
 
 
 async def _too_large(send, limit: int) -> None:
-    await _error(send, 413, f"request body over the limit of {limit} bytes")
+    await send_error(send, 413, f"request body over the limit of {limit} bytes")
 
 
-async def _error(send, status: int, detail: str) -> None:
+async def send_error(send, status: int, detail: str, headers: list[tuple[bytes, bytes]] = ()) -> None:
+    """A `{"detail": ...}` JSON answer sent straight from ASGI middleware, before any route runs."""
     body = json.dumps({"detail": detail}).encode()
     await send(
         {
             "type": "http.response.start",
             "status": status,
-            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                        *headers],
         }
     )
     await send({"type": "http.response.body", "body": body})

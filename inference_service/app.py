@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hmac
-import json
 import logging
 import time
 
@@ -13,7 +12,7 @@ from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-from fedbpt_wire.asgi import BodyLimit, install_error_handlers
+from fedbpt_wire.asgi import BodyLimit, install_error_handlers, send_error
 from fedbpt_wire.metrics import label_cross_entropy
 from fedbpt_wire.schemas import ErrorBody, ModelInfo, ScoreRequest, ScoreResponse, Usage
 from fedbpt_wire.tensors import TensorDecodeError, decode_tensor, encode_tensor
@@ -166,24 +165,16 @@ class _AuthGate:
         key = key.strip() if scheme.lower() == "bearer" else ""
         if not self.keys.known(key or None):
             self.metrics.requests.labels("/v1/score", "401").inc()
-            return await _reply(send, 401, "missing or unknown API key (Authorization: Bearer <key>)",
-                                [(b"www-authenticate", b"Bearer")])
+            return await send_error(send, 401, "missing or unknown API key (Authorization: Bearer <key>)",
+                                    [(b"www-authenticate", b"Bearer")])
         try:
             used, quota = self.keys.usage(key)
         except KeyError:  # revoked since `known`: the endpoint answers it
             used, quota = 0, None
         if quota is not None and used >= quota:
             self.metrics.requests.labels("/v1/score", "429").inc()
-            return await _reply(send, 429, f"quota of {quota} queries used up for this key")
+            return await send_error(send, 429, f"quota of {quota} queries used up for this key")
         return await self.app(scope, receive, send)
-
-
-async def _reply(send, status: int, detail: str, headers: list | None = None) -> None:
-    body = json.dumps({"detail": detail}).encode()
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                            *(headers or [])]})
-    await send({"type": "http.response.body", "body": body})
 
 
 def projection_cache(engine: Engine) -> ProjectionCache:

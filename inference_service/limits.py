@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections import deque
 from dataclasses import dataclass
 
@@ -61,8 +62,6 @@ class TokenRate:
     """Positions scored per key in the current minute; refuses a request that would pass `per_minute`."""
 
     def __init__(self, per_minute: int | None, clock=None):
-        import time
-
         self.per_minute = per_minute
         self.clock = clock or time.monotonic
         self._window: dict[str, tuple[float, int]] = {}
