@@ -87,18 +87,17 @@ def icl_evaluate(service: ServiceClient, task: Task, demos: list[Example], test:
     """
     texts = [render_icl(task, demos, ex, kind) for ex in test]
     prompts = np.zeros((1, 0, service.model_info().hidden_size), np.float32)
-    c, w = service.costs, service.http.wire
-    before = (c.queries, c.sequences, c.tokens, w.bytes_up, w.bytes_down)
+    before = service.usage()
     t0 = time.perf_counter()
     logits = np.concatenate([service.score(prompts, texts[i : i + max_texts], list(task.label_words)).logits
                              for i in range(0, len(texts), max_texts)], axis=1)
     seconds = time.perf_counter() - t0
-    after = (c.queries, c.sequences, c.tokens, w.bytes_up, w.bytes_down)
     loss, acc = label_cross_entropy(logits, np.array([ex.label for ex in test]))
-    queries, sequences, tokens, up, down = (b - a for a, b in zip(before, after))
+    spent = service.usage() - before
     return {"accuracy": float(acc[0]), "loss": float(loss[0]), "examples": len(test), "demos": len(demos),
             "logits": logits[0],
-            "queries": queries, "sequences": sequences, "tokens": tokens, "bytes_up": up, "bytes_down": down,
+            "queries": spent.queries, "sequences": spent.sequences, "tokens": spent.tokens,
+            "bytes_up": spent.bytes_up, "bytes_down": spent.bytes_down,
             "seconds": seconds}
 
 

@@ -149,7 +149,7 @@ def main(argv=None) -> list[dict]:
     if unknown:
         parser.error(f"--engines: unknown engine(s) {', '.join(unknown)}; choose from torch, vllm")
 
-    from fedbpt.assets import ensure_model
+    from fedbpt_assets import ensure_model
 
     model = args.model or str(ensure_model())
     if args.random_model:

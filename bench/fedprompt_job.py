@@ -12,7 +12,7 @@ def main(spec_path: str, out_path: str) -> None:
     from fed_clients.data import load_splits
     from fed_clients.runner import client_shard
     from fed_clients.tasks import get_task
-    from fedbpt.assets import resolve_model
+    from fedbpt_assets import resolve_model
 
     spec = json.loads(open(spec_path).read())
     task = get_task(spec["task"])

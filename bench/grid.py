@@ -765,7 +765,7 @@ def run(args) -> None:
     out = Path(args.out or f"bench/results/{time.strftime('%Y-%m-%d')}-{grid.name}")
     out.mkdir(parents=True, exist_ok=True)
     if grid.data == "default" or grid.model == Grid.model:
-        from fedbpt import assets
+        import fedbpt_assets as assets
 
         assets.fetch_all()
     bench = Bench(grid, out, args.service, args.api_key)

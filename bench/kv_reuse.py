@@ -36,7 +36,7 @@ def main(argv=None) -> list[dict]:
 
     import torch
 
-    from fedbpt.assets import ensure_data
+    from fedbpt_assets import ensure_data
     from inference_service.engine import ScoreBatch
     from inference_service.server import build_engine
 

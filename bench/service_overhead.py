@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fed_clients.data import load_splits  # noqa: E402
 from fed_clients.tasks import get_task  # noqa: E402
-from fedbpt.assets import ensure_model  # noqa: E402
+from fedbpt_assets import ensure_model  # noqa: E402
 from fedbpt_wire.tensors import encode_tensor  # noqa: E402
 from inference_service.app import create_app  # noqa: E402
 from inference_service.auth import KeyStore  # noqa: E402

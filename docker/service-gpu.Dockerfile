@@ -23,6 +23,7 @@ WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY fedbpt/ fedbpt/
 COPY fedbpt_wire/ fedbpt_wire/
+COPY fedbpt_assets/ fedbpt_assets/
 COPY inference_service/ inference_service/
 COPY fed_clients/ fed_clients/
 COPY aggregator/ aggregator/

@@ -24,17 +24,14 @@ class AggregatorClient:
     def claim_partition(self, instance: str, parts: int, enroll_key: str | None = None) -> PartitionAssignment:
         """Part K of `parts` for `instance`: the same K each time the same instance asks."""
         body = PartitionClaim(instance=instance, parts=parts).model_dump()
-        # The enroll key authorizes this request only: a client token already set must outlive it.
-        headers = self.http.http.headers
-        previous = headers.pop("Authorization", None)
-        if enroll_key:
-            self.http.set_token(enroll_key)
+        # The enroll key authorizes this request only: a client token already set must outlive it; without
+        # an enroll key the claim goes unauthenticated (an open aggregator), not under the client's token.
+        previous = self.http.token
+        self.http.set_token(None)
         try:
-            response = self.http.request("POST", "/v1/partitions/claim", body)
+            response = self.http.request("POST", "/v1/partitions/claim", body, token=enroll_key)
         finally:
-            headers.pop("Authorization", None)
-            if previous is not None:
-                headers["Authorization"] = previous
+            self.http.set_token(previous)
         return PartitionAssignment.model_validate(response)
 
     def register(self, client_id: str, num_samples: int, enroll_key: str | None = None,
@@ -55,7 +52,7 @@ class AggregatorClient:
             else:
                 self.http.set_token(response.token)
                 return response
-            self.http.http.headers.pop("Authorization", None)
+            self.http.set_token(None)
         if enroll_key:
             self.http.set_token(enroll_key)
         response = RegisterResponse.model_validate(self.http.request("POST", "/v1/clients", body))

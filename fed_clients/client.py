@@ -54,12 +54,10 @@ class PromptScorer:
         """[P, N, C], in as many service calls as the service's `max_texts` and `max_request_tokens` require."""
         texts = [self.task.render(ex.fields, self.kind) for ex in examples]
         words = list(self.task.label_words)
-        # Init 'tokens' starts from the model's embeddings, which only the service can add: seed form then.
-        if z is not None and self.projection is not None and (self.service.prompt_wire == "seed"
-                                                              or self.projection.offset is None):
-            z = np.atleast_2d(z)
+        if z is not None and self.projection is not None:
+            z, projection = np.atleast_2d(z), self.projection
             def send(chunk):
-                return self.service.score_projected(z, self.projection.spec, chunk, words).logits
+                return self.service.score_population(z, projection, chunk, words).logits
         else:
             prompts = self.prompts(z)
             def send(chunk):
@@ -126,8 +124,7 @@ class FedBPTClient:
 
     def run_round(self, task: RoundTask) -> UpdateRequest:
         cfg = self.config
-        costs0 = (self.service.costs.queries, self.service.costs.sequences, self.service.costs.tokens,
-                  self.service.http.wire.bytes_up, self.service.http.wire.bytes_down)
+        usage_before = self.service.usage()
         mean = decode_tensor(task.mean, "mean").astype(np.float64)
         if mean.shape != (cfg.intrinsic_dim,):
             raise ValueError(f"global mean has shape {mean.shape}, expected ({cfg.intrinsic_dim},)")
@@ -152,10 +149,7 @@ class FedBPTClient:
         # The reported fitness ranks this client's mean against the others' in the merge: measured on the
         # whole local shard, not on whichever mini-batch came last.
         loss, acc, fitness = self._fitness_parts(result.mean[None], np.arange(len(self.train)), perturbed)
-        c = self.service.costs
-        wire = self.service.http.wire
-        now = (c.queries, c.sequences, c.tokens, wire.bytes_up, wire.bytes_down)
-        delta = [b - a for a, b in zip(costs0, now)]
+        spent = self.service.usage() - usage_before
         log.info("%s round %d: local loss %.4f acc %.3f fitness %.4f sigma %.3f -> %.3f", self.client_id, task.round,
                  loss[0], acc[0], fitness[0], task.local_sigma or 0, result.final_sigma)
         return UpdateRequest(
@@ -166,6 +160,6 @@ class FedBPTClient:
             final_sigma=result.final_sigma,
             num_samples=len(self.train),
             metrics=ClientMetrics(local_loss=float(loss[0]), local_accuracy=float(acc[0]), **metrics),
-            costs=ClientCosts(queries=delta[0], sequences=delta[1], tokens=delta[2],
-                              service_bytes_up=delta[3], service_bytes_down=delta[4]),
+            costs=ClientCosts(queries=spent.queries, sequences=spent.sequences, tokens=spent.tokens,
+                              service_bytes_up=spent.bytes_up, service_bytes_down=spent.bytes_down),
         )

@@ -140,7 +140,7 @@ def read_examples(path: str | Path, task: Task) -> list[Example]:
 def load_splits(source: str, task: Task) -> dict[str, list[Example]]:
     """`default` (the task's embedded data), a directory of split files, or `hf` for `datasets`."""
     if source in ("default", "embedded"):
-        from fedbpt.assets import EMBEDDED_DATA, ensure_data
+        from fedbpt_assets import EMBEDDED_DATA, ensure_data
 
         if task.name not in EMBEDDED_DATA:
             raise ValueError(f"task {task.name} has no embedded data (embedded: {', '.join(sorted(EMBEDDED_DATA))}); "

@@ -64,12 +64,27 @@ class RetryingClient:
             return attempt >= self.retries
         return time.monotonic() - failing_since >= self.retry_for
 
-    def set_token(self, token: str) -> None:
-        self.http.headers["Authorization"] = f"Bearer {token}"
+    @property
+    def base_url(self) -> str:
+        return str(self.http.base_url)
 
-    def request(self, method: str, path: str, json_body: dict | None = None) -> dict:
+    @property
+    def token(self) -> str | None:
+        value = self.http.headers.get("Authorization")
+        return value.removeprefix("Bearer ") if value else None
+
+    def set_token(self, token: str | None) -> None:
+        if token:
+            self.http.headers["Authorization"] = f"Bearer {token}"
+        else:
+            self.http.headers.pop("Authorization", None)
+
+    def request(self, method: str, path: str, json_body: dict | None = None, *, token: str | None = None) -> dict:
+        """`token` authorizes this request only, in place of the session's."""
         content = json.dumps(json_body, separators=(",", ":")).encode() if json_body is not None else None
-        headers = {"Content-Type": "application/json"} if content is not None else None
+        headers = {"Content-Type": "application/json"} if content is not None else {}
+        if token:
+            headers["Authorization"] = f"Bearer {token}"
         failing_since = None
         attempt = 0
         while True:

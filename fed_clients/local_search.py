@@ -29,7 +29,6 @@ def local_search(
     popsize: int,
     iterations: int,
     seed: int,
-    on_iteration: Callable[[int, np.ndarray], None] | None = None,
 ) -> LocalResult:
     """Start CMA-ES at (mean, sigma); each iteration asks `popsize` candidates and scores them together.
 
@@ -53,7 +52,5 @@ def local_search(
         values = np.asarray(fitness(candidates, it), dtype=np.float64)
         es.tell(list(candidates), values.tolist())
         evaluations += len(candidates)
-        if on_iteration is not None:
-            on_iteration(it, values)
     return LocalResult(mean=np.asarray(es.mean, dtype=np.float64), sigmas=sigmas, evaluations=evaluations,
                        final_sigma=float(es.sigma))

@@ -18,7 +18,7 @@ from .tasks import Task
 
 
 def check_service(service: ServiceClient, task: Task) -> ModelInfo:
-    url = str(service.http.http.base_url)
+    url = service.http.base_url
     try:
         info = service.model_info()
         text = task.render({f: "ok" for f in task.fields}, info.kind)

@@ -76,7 +76,7 @@ def run_client(service: ServiceClient, aggregator: AggregatorClient, client_id: 
     restarted, re-binds its own id. `outcome`, where given, is filled in as the run goes.
     """
     outcome = outcome or RunOutcome(0)
-    saved = TokenFile(state_dir or default_state_dir(), str(aggregator.http.http.base_url), client_id)
+    saved = TokenFile(state_dir or default_state_dir(), aggregator.http.base_url, client_id)
     reg = aggregator.register(client_id, len(data.train), enroll_key, token=saved.read())
     saved.write(reg.token)
     outcome.config = reg.config
@@ -306,8 +306,8 @@ def run(args: argparse.Namespace) -> None:
         service.close()
         aggregator.close()
     acc = "n/a" if outcome.last_val_accuracy is None else f"{outcome.last_val_accuracy:.3f}"
-    wire = service.http.wire
-    print(f"{client_id} done in {time.monotonic() - started:.0f} s: worked {rounds} rounds; {service.costs.queries} "
-          f"service queries, {service.costs.tokens} tokens, {(wire.bytes_up + wire.bytes_down) / 1024:.1f} KiB to "
+    spent = service.usage()
+    print(f"{client_id} done in {time.monotonic() - started:.0f} s: worked {rounds} rounds; {spent.queries} "
+          f"service queries, {spent.tokens} tokens, {(spent.bytes_up + spent.bytes_down) / 1024:.1f} KiB to "
           f"and from the service, {(aggregator.http.wire.bytes_up + aggregator.http.wire.bytes_down) / 1024:.1f} KiB "
           f"to and from the aggregator; last global val accuracy {acc}; tuned prompt: {path}", flush=True)

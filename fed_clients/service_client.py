@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import astuple, dataclass
 
 import numpy as np
 
+from fedbpt_wire.projection import Projection
 from fedbpt_wire.schemas import ModelInfo, ProjectedPrompts, ProjectionSpec, ScoreRequest, ScoreResponse
 from fedbpt_wire.tensors import decode_tensor, encode_tensor
 
@@ -24,6 +25,20 @@ class ServiceCosts:
     queries: int = 0
     sequences: int = 0
     tokens: int = 0
+
+
+@dataclass(frozen=True)
+class Usage:
+    """What a service client has spent so far, service-counted and on the wire; differences give a round's cost."""
+
+    queries: int = 0
+    sequences: int = 0
+    tokens: int = 0
+    bytes_up: int = 0
+    bytes_down: int = 0
+
+    def __sub__(self, other: "Usage") -> "Usage":
+        return Usage(*(a - b for a, b in zip(astuple(self), astuple(other))))
 
 
 PROMPT_WIRE_FORMS = ("float32", "float16", "seed")
@@ -90,6 +105,18 @@ class ServiceClient:
         projected = ProjectedPrompts(z=encode_tensor(np.atleast_2d(z), "float32"), projection=projection)
         return self._score(ScoreRequest(projected=projected, texts=list(texts), label_words=list(label_words),
                                         labels=None if labels is None else [int(y) for y in labels]))
+
+    def score_population(self, z: np.ndarray, projection: Projection, texts: list[str],
+                         label_words: list[str]) -> Scores:
+        """z [P, d] through `projection`, in this client's prompt wire form. Init 'tokens' starts from the
+        model's embeddings, which only the service holds: such prompts always travel as seed + z."""
+        if self.prompt_wire == "seed" or projection.offset is None:
+            return self.score_projected(z, projection.spec, texts, label_words)
+        return self.score(projection(z), texts, label_words)
+
+    def usage(self) -> Usage:
+        c, w = self.costs, self.http.wire
+        return Usage(c.queries, c.sequences, c.tokens, w.bytes_up, w.bytes_down)
 
     def _score(self, request: ScoreRequest) -> Scores:
         response = ScoreResponse.model_validate(self.http.request("POST", "/v1/score", request.model_dump(exclude_none=True)))

@@ -8,7 +8,7 @@ import sys
 
 
 def _assets(args: argparse.Namespace) -> None:
-    from . import assets
+    import fedbpt_assets as assets
 
     if args.model:
         paths = {name: assets.ensure_model(name=name) for name in args.model}
@@ -56,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    from .assets import DEFAULT_MODEL, EMBEDDED_MODELS
+    from fedbpt_assets import DEFAULT_MODEL, EMBEDDED_MODELS
 
     p_assets = sub.add_parser("assets", help="the embedded models and data")
     p_assets.add_argument("action", choices=["fetch"])

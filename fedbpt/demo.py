@@ -166,7 +166,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     from fed_clients.tasks import TASKS, get_task
     from fedbpt_wire.tensors import decode_tensor
 
-    from . import assets
+    import fedbpt_assets as assets
 
     t_start = time.monotonic()
     # The task and its verbalizer first: a bad one fails here, before any process starts.

@@ -110,7 +110,7 @@ def tls_options(args: argparse.Namespace) -> dict:
 
 def build_engine(model: str, engine: str = "torch", dtype: str = "auto", device: str | None = None,
                  limits: Limits | None = None, prompt_anchor: str = "none", kv_reuse: bool = True):
-    from fedbpt.assets import embedded_model, resolve_model
+    from fedbpt_assets import embedded_model, resolve_model
 
     path = resolve_model(model)
     embedded = embedded_model(model)

@@ -75,14 +75,14 @@ def tiny_llama_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def default_model_dir() -> Path:
-    from fedbpt.assets import ensure_model
+    from fedbpt_assets import ensure_model
 
     return ensure_model()
 
 
 @pytest.fixture(scope="session")
 def default_data_dir() -> Path:
-    from fedbpt.assets import ensure_data
+    from fedbpt_assets import ensure_data
 
     return ensure_data()
 

@@ -12,7 +12,7 @@ import pytest
 
 from fed_clients.data import load_splits
 from fed_clients.tasks import get_task
-from fedbpt.assets import (
+from fedbpt_assets import (
     EMBEDDED_DATA,
     AMAZON_SNIPPETS_MEMBER,
     SPLITS,

