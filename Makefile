@@ -48,7 +48,7 @@ test-fuzz: $(ASSETS)
 	$(PY) -m pytest -q -m fuzz --hypothesis-profile=fedbpt-long
 
 bench: $(ASSETS)
-	$(PY) bench/service_overhead.py
+	$(PY) -m bench.service_overhead
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -1,6 +1,6 @@
 """Engine throughput side by side: the PyTorch and vLLM engines on one machine, one model, the same populations.
 
-    python bench/engine_throughput.py [--engines torch,vllm] [--model DIR | --random-model 1b]
+    python -m bench.engine_throughput [--engines torch,vllm] [--model DIR | --random-model 1b]
         [--dtype bfloat16] [--device cuda] [--populations 20,64] [--texts 32,128] [--prompt-lengths 5,50]
         [--batch-tokens 65536] [--peak-tflops 989] [--latency] [--out rows.jsonl]
 
@@ -23,18 +23,15 @@ import gc
 import json
 import shutil
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from fed_clients.data import load_splits  # noqa: E402
-from fed_clients.tasks import get_task  # noqa: E402
-from inference_service.engine import ScoreBatch  # noqa: E402
-from inference_service.limits import Limits  # noqa: E402
+from fed_clients.data import load_splits
+from fed_clients.tasks import get_task
+from inference_service.engine import ScoreBatch
+from inference_service.limits import Limits
 
 # A Llama of SmolLM2's family at ~1B parameters (0.97B outside the embedding), SmolLM2's vocabulary.
 RANDOM_MODELS = {

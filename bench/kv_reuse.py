@@ -4,7 +4,7 @@ The same engine, batch and prompts; only `engine.kv_reuse` differs. Each configu
 `--repeats` times, alternating the two paths so that drift on a shared machine hits both alike, and the
 best of each is compared. The logits must agree (the largest difference is printed). Example:
 
-    python bench/kv_reuse.py --population 10 --texts 32 --prompt-length 5
+    python -m bench.kv_reuse --population 10 --texts 32 --prompt-length 5
 """
 
 from __future__ import annotations
@@ -12,13 +12,9 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def main(argv=None) -> list[dict]:

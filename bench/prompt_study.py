@@ -4,7 +4,7 @@ Centralized BBT in-process on the torch engine (no HTTP, no federation), so a co
 time: one few-shot training set, CMA-ES over z with a fixed number of candidates, then zero-shot, calibrated
 zero-shot and the tuned prompt on the same held-out test examples, with McNemar's exact test. Example:
 
-    python bench/prompt_study.py --task amazon_snippets --placement after-text --init tokens --anchor auto
+    python -m bench.prompt_study --task amazon_snippets --placement after-text --init tokens --anchor auto
 
 Several variants share one model load and one zero-shot pass: `--variants "placement=ahead,anchor=none;init=zeros"`
 (each `;`-separated variant overrides the flags it names). Each variant appends one JSON line to --out
@@ -15,19 +15,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from fed_clients.evaluation import calibrated_predictions, fit_calibration, mcnemar_exact  # noqa: E402
-from fed_clients.local_search import cma_seed, local_search  # noqa: E402
-from fed_clients.tasks import get_task, parse_label_words, with_placement  # noqa: E402
-from fedbpt_wire.metrics import label_cross_entropy  # noqa: E402
-from fedbpt_wire.projection import Projection  # noqa: E402
+from fed_clients.evaluation import calibrated_predictions, fit_calibration, mcnemar_exact
+from fed_clients.local_search import cma_seed, local_search
+from fed_clients.tasks import get_task, parse_label_words, with_placement
+from fedbpt_wire.metrics import label_cross_entropy
+from fedbpt_wire.projection import Projection
 
 
 def few_shot(train, per_class: int, seed: int):

@@ -1,6 +1,6 @@
 """Service overhead: one population batch scored in-process, over HTTP, and as a raw model forward.
 
-    python bench/service_overhead.py [--population 20] [--texts 32] [--prompt-length 10] [--repeats 3]
+    python -m bench.service_overhead [--population 20] [--texts 32] [--prompt-length 10] [--repeats 3]
 
 Prints sequences/s and tokens/s of each path and the ratios HTTP / in-process and in-process / raw
 (the ceiling: the model's own forward over the same padded sequences), for float32 and bfloat16.
@@ -10,25 +10,21 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import httpx
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from fed_clients.data import load_splits  # noqa: E402
-from fed_clients.tasks import get_task  # noqa: E402
-from fedbpt_assets import ensure_model  # noqa: E402
-from fedbpt_wire.tensors import encode_tensor  # noqa: E402
-from inference_service.app import create_app  # noqa: E402
-from inference_service.auth import KeyStore  # noqa: E402
-from inference_service.engine import ScoreBatch  # noqa: E402
-from inference_service.torch_engine import TorchEngine  # noqa: E402
-from fedbpt.loopback import serve_app  # noqa: E402
+from fed_clients.data import load_splits
+from fed_clients.tasks import get_task
+from fedbpt_assets import ensure_model
+from fedbpt_wire.tensors import encode_tensor
+from inference_service.app import create_app
+from inference_service.auth import KeyStore
+from inference_service.engine import ScoreBatch
+from inference_service.torch_engine import TorchEngine
+from fedbpt.loopback import serve_app
 
 
 def best_of(repeats: int, fn) -> float:

@@ -22,7 +22,6 @@ COPY fedbpt_assets/ fedbpt_assets/
 COPY inference_service/ inference_service/
 COPY fed_clients/ fed_clients/
 COPY aggregator/ aggregator/
-COPY bench/ bench/
 RUN --mount=type=secret,id=ca_bundle,required=false \
     pip-install ".[client]"
 

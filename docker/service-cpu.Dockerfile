@@ -30,7 +30,6 @@ COPY fedbpt_assets/ fedbpt_assets/
 COPY inference_service/ inference_service/
 COPY fed_clients/ fed_clients/
 COPY aggregator/ aggregator/
-COPY bench/ bench/
 RUN --mount=type=secret,id=ca_bundle,required=false \
     pip-install ".[service]" \
     && python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"

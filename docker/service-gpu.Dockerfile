@@ -27,7 +27,6 @@ COPY fedbpt_assets/ fedbpt_assets/
 COPY inference_service/ inference_service/
 COPY fed_clients/ fed_clients/
 COPY aggregator/ aggregator/
-COPY bench/ bench/
 RUN --mount=type=secret,id=ca_bundle,required=false \
     python3 -m pip list --format=freeze \
         | grep -iE '^(vllm|torch|torchvision|torchaudio|xformers|triton|flashinfer-python|transformers|tokenizers)==' > /tmp/vllm-pins.txt \

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 
 
@@ -36,8 +35,8 @@ _SUBCOMMANDS = {
     "client": ("fed_clients.runner", "run one client against a service and an aggregator",
                _runner("fed_clients.runner")),
     "demo": ("fedbpt.demo", "end-to-end federated run on loopback, with a report", _runner("fedbpt.demo")),
-    "bench": ("bench.grid", "every method on the same data and seeds: accuracy vs queries and bytes",
-              _runner("bench.grid")),
+    "bench": ("fedbpt.bench.grid", "every method on the same data and seeds: accuracy vs queries and bytes",
+              _runner("fedbpt.bench.grid")),
     "task": ("fedbpt.task_cmd", "the built-in tasks, and checking a task spec file", _runner("fedbpt.task_cmd")),
     "predict": ("fedbpt.use:add_predict_arguments", "classify new texts with a tuned prompt file", _runner("fedbpt.use", "predict")),
     "evaluate": ("fedbpt.use:add_evaluate_arguments", "accuracy, macro-F1 and confusion matrix of a tuned prompt on labelled data",
@@ -91,10 +90,9 @@ def _missing(name: str, exc: ImportError):
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    # One line per HTTP request would drown the progress lines.
-    logging.getLogger("httpx").setLevel(logging.WARNING)
+    from fedbpt_wire.logs import setup_logging
+
+    setup_logging(args.verbose)
     try:
         code = args.func(args)
     except KeyboardInterrupt:

@@ -9,25 +9,19 @@ import argparse
 import csv
 import json
 import logging
-import os
 import secrets
-import signal
-import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import httpx
 import numpy as np
 
-from .loopback import free_port
+from fedbpt_wire.federation import RunStatus
+
+from .launch import SINGLE_THREADED, Children, aggregator_argv, client_argv, free_url, service_argv
 
 log = logging.getLogger(__name__)
-
-# Clients and the aggregator share the cores with the service; their NumPy work is small, and a BLAS pool
-# per process spinning beside the model's threads only slows the model down.
-SINGLE_THREADED = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 
 @dataclass
@@ -65,52 +59,6 @@ class DemoConfig:
     round_timeout_s: float = 600.0
 
 
-class Processes:
-    """Child processes with their logs; all stopped on exit, even on Ctrl-C."""
-
-    def __init__(self, log_dir: Path):
-        self.log_dir = log_dir
-        self.children: list[tuple[str, subprocess.Popen]] = []
-
-    def start(self, name: str, args: list[str], env: dict | None = None) -> subprocess.Popen:
-        out = open(self.log_dir / f"{name}.log", "w")
-        proc = subprocess.Popen([sys.executable, "-m", "fedbpt.cli", *args], stdout=out, stderr=subprocess.STDOUT,
-                                env={**os.environ, **(env or {})})
-        self.children.append((name, proc))
-        return proc
-
-    def check(self) -> None:
-        for name, proc in self.children:
-            if proc.poll() not in (None, 0):
-                tail = (self.log_dir / f"{name}.log").read_text()[-2000:]
-                raise RuntimeError(f"{name} exited with {proc.returncode}; its log ends:\n{tail}")
-
-    def stop(self) -> None:
-        for _, proc in self.children:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGINT)
-        deadline = time.monotonic() + 15
-        for _, proc in self.children:
-            try:
-                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-
-
-def wait_healthy(url: str, procs: Processes, timeout: float = 600) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        procs.check()
-        try:
-            if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.25)
-    raise TimeoutError(f"{url} not healthy after {timeout:.0f} s")
-
-
 def _bar(done: int, total: int, width: int = 20) -> str:
     filled = int(width * done / max(total, 1))
     return "[" + "#" * filled + "-" * (width - filled) + "]"
@@ -130,23 +78,22 @@ class Progress:
         self.tty = stream.isatty()
         self.t0 = time.monotonic()
 
-    def update(self, status: dict) -> None:
-        for rec in status["history"]:
-            r = rec["round"]
-            if rec["state"] == "open":
+    def update(self, status: RunStatus) -> None:
+        for rec in status.history:
+            r = rec.round
+            if rec.state == "open":
                 if self.tty:
-                    line = (f"round {r + 1}/{self.rounds} {_bar(len(rec['reporters']), len(rec['selected']))} "
-                            f"{len(rec['reporters'])}/{len(rec['selected'])} clients")
+                    line = (f"round {r + 1}/{self.rounds} {_bar(len(rec.reporters), len(rec.selected))} "
+                            f"{len(rec.reporters)}/{len(rec.selected)} clients")
                     self.stream.write("\r" + line.ljust(70))
                     self.stream.flush()
             elif r not in self.printed:
                 self.printed.add(r)
-                acc = rec.get("val_accuracy")
-                loss = rec.get("val_loss")
-                line = (f"round {r + 1}/{self.rounds} {rec['state']:<6} | val acc "
+                acc, loss = rec.val_accuracy, rec.val_loss
+                line = (f"round {r + 1}/{self.rounds} {rec.state:<6} | val acc "
                         f"{'n/a' if acc is None else f'{acc:.3f}'} | val loss {'n/a' if loss is None else f'{loss:.4f}'}"
-                        f" | queries {rec['queries']} | seqs {rec['sequences']} | up {_kb(rec['bytes_up'])}"
-                        f" down {_kb(rec['bytes_down'])} | {time.monotonic() - self.t0:.0f} s")
+                        f" | queries {rec.queries} | seqs {rec.sequences} | up {_kb(rec.bytes_up)}"
+                        f" down {_kb(rec.bytes_down)} | {time.monotonic() - self.t0:.0f} s")
                 self.stream.write(("\r" if self.tty else "") + line.ljust(70) + "\n")
                 self.stream.flush()
 
@@ -160,7 +107,6 @@ def run_demo(cfg: DemoConfig) -> dict:
     from fed_clients.tasks import parse_label_words, with_placement
     from fedbpt_wire.metrics import label_cross_entropy
     from fedbpt_wire.projection import projection_for
-    from fedbpt_wire.federation import RunConfig
     from fed_clients.service_client import ServiceClient
     from fed_clients.prompt_file import prompt_payload, write_prompt
     from fed_clients.tasks import TASKS, get_task
@@ -186,58 +132,47 @@ def run_demo(cfg: DemoConfig) -> dict:
         client_data = str(write_examples(out / "data" / "train.jsonl", splits["train"], task))
     task_ref = cfg.task if cfg.task in TASKS else str(Path(cfg.task).resolve())
     api_key, enroll_key, operator_key = (secrets.token_urlsafe(16) for _ in range(3))
-    svc_url = f"http://127.0.0.1:{free_port()}"
-    agg_url = f"http://127.0.0.1:{free_port()}"
-    procs = Processes(out / "logs")
+    svc_url, svc_port = free_url()
+    agg_url, agg_port = free_url()
+    run_config = {"strategy": cfg.strategy, "rounds": cfg.rounds,
+                  "intrinsic_dim": cfg.intrinsic_dim, "prompt_length": cfg.prompt_length, "sigma0": cfg.sigma0,
+                  "local_popsize": cfg.local_popsize, "local_iterations": cfg.local_iterations, "seed": cfg.seed,
+                  "projection_seed": cfg.seed, "min_clients": cfg.clients, "prompt_init": cfg.prompt_init,
+                  "prompt_placement": cfg.prompt_placement, "round_timeout_s": cfg.round_timeout_s}
+    procs = Children(out / "logs")
     try:
-        procs.start("service", ["serve", "--port", svc_url.rsplit(":", 1)[1], "--model", cfg.model,
-                                "--dtype", cfg.dtype], env={"FEDBPT_API_KEYS": api_key})
-        agg_args = ["aggregator", "--port", agg_url.rsplit(":", 1)[1], "--db", str(out / "aggregator.db"),
-                    "--strategy", cfg.strategy, "--rounds", str(cfg.rounds),
-                    "--intrinsic-dim", str(cfg.intrinsic_dim), "--prompt-length", str(cfg.prompt_length),
-                    "--sigma0", str(cfg.sigma0), "--local-popsize", str(cfg.local_popsize),
-                    "--local-iterations", str(cfg.local_iterations), "--seed", str(cfg.seed),
-                    "--projection-seed", str(cfg.seed), "--min-clients", str(cfg.clients),
-                    "--prompt-init", cfg.prompt_init, "--prompt-placement", cfg.prompt_placement,
-                    "--round-timeout", str(cfg.round_timeout_s)]
-        procs.start("aggregator", agg_args, env={"FEDBPT_ENROLL_KEY": enroll_key, "FEDBPT_OPERATOR_KEY": operator_key,
-                                                 **SINGLE_THREADED})
+        procs.start("service", service_argv(svc_port, cfg.model, cfg.dtype), env={"FEDBPT_API_KEYS": api_key})
+        procs.start("aggregator", aggregator_argv(agg_port, out / "aggregator.db", run_config),
+                    env={"FEDBPT_ENROLL_KEY": enroll_key, "FEDBPT_OPERATOR_KEY": operator_key, **SINGLE_THREADED})
         print(f"starting the service ({cfg.model}) and the aggregator; logs in {out / 'logs'}", flush=True)
-        wait_healthy(svc_url, procs)
-        wait_healthy(agg_url, procs)
+        procs.wait_healthy("service", svc_url)
+        procs.wait_healthy("aggregator", agg_url)
         for k in range(cfg.clients):
-            args = ["client", "--service", svc_url, "--aggregator", agg_url, "--data", client_data,
-                    "--task", task_ref, "--partition", f"{k}/{cfg.clients}", "--per-class", str(cfg.per_class),
-                    "--partition-seed", str(cfg.seed), "--batch-size", str(cfg.batch_size),
-                    "--prompt-wire", "seed", "--prompt-out", str(out / "logs" / f"prompt-client-{k}.json"),
-                    "--state-dir", str(out / "state")]
-            if cfg.label_words:
-                args += ["--label-words", cfg.label_words]
-            if cfg.alpha is not None:
-                args += ["--alpha", str(cfg.alpha)]
-            procs.start(f"client-{k}", args, env={"FEDBPT_API_KEY": api_key, "FEDBPT_ENROLL_KEY": enroll_key,
+            argv = client_argv(svc_url, agg_url, data=client_data, task=task_ref, partition=f"{k}/{cfg.clients}",
+                               per_class=cfg.per_class, partition_seed=cfg.seed, batch_size=cfg.batch_size,
+                               prompt_wire="seed", prompt_out=out / "logs" / f"prompt-client-{k}.json",
+                               state_dir=out / "state", label_words=cfg.label_words or None, alpha=cfg.alpha)
+            procs.start(f"client-{k}", argv, env={"FEDBPT_API_KEY": api_key, "FEDBPT_ENROLL_KEY": enroll_key,
                                                   **SINGLE_THREADED})
         print(f"{cfg.clients} clients, {cfg.rounds} rounds, strategy {cfg.strategy}", flush=True)
         progress = Progress(cfg.rounds)
+        observer = AggregatorClient(agg_url, token=operator_key)
         while True:
             procs.check()
-            status = httpx.get(f"{agg_url}/v1/status", timeout=10,
-                               headers={"Authorization": f"Bearer {operator_key}"}).json()
+            status = observer.status()
             progress.update(status)
-            if status["state"] == "done":
+            if status.state == "done":
                 break
             time.sleep(0.5)
-        observer = AggregatorClient(agg_url)
-        observer.http.set_token(operator_key)
         final = observer.global_state()
-        run_config = status["config"]
+        observer.close()
+        config = status.config
 
         test = splits["test"][: cfg.test_size]
         print(f"evaluating zero-shot, calibrated zero-shot and the tuned prompt on {len(test)} held-out test "
               "examples", flush=True)
         service = ServiceClient(svc_url, api_key, prompt_wire="seed")
         info = service.model_info()
-        config = RunConfig.model_validate(run_config)
         projection = projection_for(config, info)
         # The calibrated baseline: the manual prompt's label bias fitted on every labelled example the
         # clients hold (what they could do without tuning anything), applied to the test set.
@@ -255,7 +190,7 @@ def run_demo(cfg: DemoConfig) -> dict:
         # The same bias correction on top of the tuned prompt: what separation the prompt adds beyond a bias.
         tuned_bias = fit_calibration(tuned_scorer.logits(z_final[None], own)[0], np.array([ex.label for ex in own]))
     finally:
-        procs.stop()
+        procs.stop_all()
     labels = np.array([ex.label for ex in test])
     zero_ok = zero_logits.argmax(-1) == labels
     cal_ok = calibrated_predictions(zero_logits, bias) == labels
@@ -263,11 +198,10 @@ def run_demo(cfg: DemoConfig) -> dict:
     tuned_cal_ok = calibrated_predictions(tuned_logits, tuned_bias) == labels
     zero_loss = float(label_cross_entropy(zero_logits[None], labels)[0][0])
     tuned_loss = float(label_cross_entropy(tuned_logits[None], labels)[0][0])
-    history = status["history"]
     report = {
         "name": cfg.name,
         "config": asdict(cfg),
-        "run_config": run_config,
+        "run_config": config.model_dump(mode="json"),
         "model": info.model_dump(),
         "test_examples": len(test),
         "zero_shot_test_accuracy": float(zero_ok.mean()),
@@ -284,20 +218,20 @@ def run_demo(cfg: DemoConfig) -> dict:
         "label_words": list(task.label_words),
         "rounds": [
             {
-                "round": rec["round"],
-                "state": rec["state"],
-                "val_accuracy": rec["val_accuracy"],
-                "val_loss": rec["val_loss"],
-                "queries": rec["queries"],
-                "sequences": rec["sequences"],
-                "tokens": rec["tokens"],
-                "bytes_up": rec["bytes_up"],
-                "bytes_down": rec["bytes_down"],
-                "service_bytes": rec["service_bytes"],
-                "clients": len(rec["reporters"]),
-                "seconds": (rec["closed_at"] or rec["opened_at"]) - rec["opened_at"],
+                "round": rec.round,
+                "state": rec.state,
+                "val_accuracy": rec.val_accuracy,
+                "val_loss": rec.val_loss,
+                "queries": rec.queries,
+                "sequences": rec.sequences,
+                "tokens": rec.tokens,
+                "bytes_up": rec.bytes_up,
+                "bytes_down": rec.bytes_down,
+                "service_bytes": rec.service_bytes,
+                "clients": len(rec.reporters),
+                "seconds": (rec.closed_at or rec.opened_at) - rec.opened_at,
             }
-            for rec in history
+            for rec in status.history
         ],
         "wall_seconds": time.monotonic() - t_start,
     }

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from bench.baselines import (PromptUpdate, fedavg, fedprompt_run, icl_evaluate, pick_demos, prompt_label_logits,
+from fedbpt.bench.baselines import (PromptUpdate, fedavg, fedprompt_run, icl_evaluate, pick_demos, prompt_label_logits,
                              render_icl)
 from fed_clients.data import Example, load_splits
 from fedbpt_wire.projection import initial_prompt

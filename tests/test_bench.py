@@ -7,7 +7,9 @@ import json
 import numpy as np
 import pytest
 
-from bench.grid import Bench, Grid, first_reaching, summarize, wire_sizes, write_report
+from fedbpt.bench.grid import Grid
+from fedbpt.bench.report import first_reaching, summarize, wire_sizes, write_report
+from fedbpt.bench.runs import Bench
 from fedbpt.loopback import serve_app
 from inference_service.app import create_app
 from inference_service.auth import KeyStore

@@ -22,6 +22,7 @@ import httpx
 import numpy as np
 import pytest
 
+from fedbpt import launch
 from fed_clients.prompt_file import read_prompt
 from fedbpt.loopback import free_port
 
@@ -48,9 +49,7 @@ def child_env(extra: dict | None = None) -> dict:
 
 
 def start(args: list[str], log: Path, env: dict | None = None, cwd: Path | None = None) -> subprocess.Popen:
-    with open(log, "ab") as out:
-        return subprocess.Popen([sys.executable, "-m", "fedbpt.cli", *args], cwd=cwd or ROOT, stdout=out,
-                                stderr=subprocess.STDOUT, env=child_env(env))
+    return launch.spawn(args, log, child_env(env), cwd=cwd or ROOT)
 
 
 def wait_until(check, what: str, proc: subprocess.Popen | None = None, log: Path | None = None,
@@ -73,9 +72,7 @@ def healthy(url: str) -> bool:
 
 
 def kill(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(30)
+    launch.stop(proc, signal.SIGKILL)
 
 
 @pytest.fixture(scope="module")

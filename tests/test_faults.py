@@ -23,6 +23,8 @@ from fed_clients.data import load_splits
 from fed_clients.runner import client_shard, run_client
 from fed_clients.service_client import ServiceClient
 from fed_clients.tasks import get_task
+from fedbpt import launch
+from fedbpt.launch import spawn, wait_healthy
 from fedbpt.loopback import free_port, serve_app
 from fedbpt_wire.federation import RunConfig
 from inference_service.app import create_app as create_service
@@ -76,23 +78,14 @@ def process(argv: list[str], url: str, log: Path, timeout: float = 120.0):
 
 
 def start_process(argv: list[str], url: str, log: Path, timeout: float = 120.0) -> subprocess.Popen:
-    with open(log, "ab") as out:
-        proc = subprocess.Popen([sys.executable, "-m", *argv], cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
-                                env={**os.environ, "PYTHONPATH": str(ROOT), "FEDBPT_API_KEYS": SVC_KEY})
-
-    def up():
-        assert proc.poll() is None, f"{argv[0]} exited with {proc.returncode}: {log.read_text()[-2000:]}"
-        with contextlib.suppress(httpx.HTTPError):
-            return httpx.get(f"{url}/healthz", timeout=1).status_code == 200
-
-    wait_for(up, timeout=timeout, what=f"{argv[0]} to answer on {url}")
+    """`python -m argv...` of this repository, once `url`/healthz answers."""
+    proc = spawn(argv[1:], log, {"PYTHONPATH": str(ROOT), "FEDBPT_API_KEYS": SVC_KEY}, module=argv[0], cwd=ROOT)
+    wait_healthy(url, proc, log, timeout)
     return proc
 
 
 def stop(proc: subprocess.Popen, sig: int = signal.SIGKILL) -> None:
-    if proc.poll() is None:
-        proc.send_signal(sig)
-        proc.wait(30)
+    launch.stop(proc, sig)
 
 
 def status(url: str) -> dict:

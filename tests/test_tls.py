@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
-import os
 import ssl
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
@@ -16,6 +14,7 @@ import numpy as np
 import pytest
 
 from fed_clients.http import RetryingClient
+from fedbpt.launch import Children
 from fedbpt.loopback import free_port, serve_app
 from fedbpt_wire.tensors import encode_tensor
 from inference_service.app import create_app
@@ -90,55 +89,30 @@ def test_service_over_https_and_not_over_http(tiny_roberta_dir, cert):
         assert httpx.get(f"{url}/healthz", verify=trusting(cert_path)).status_code == 200
 
 
-def _wait_https(url: str, cert_path: str, proc: subprocess.Popen, deadline_s: float = 90) -> None:
-    deadline = time.monotonic() + deadline_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"server exited with {proc.returncode}: {proc.stdout.read()[-3000:]}")
-        try:
-            if httpx.get(f"{url}/healthz", verify=trusting(cert_path), timeout=2).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    raise AssertionError(f"{url} did not come up over HTTPS")
-
-
-def _fedbpt(*args: str, env: dict | None = None, module: str = "fedbpt.cli") -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", module, *args], cwd=REPO, env={**os.environ, **(env or {})},
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-
-
 def test_cli_flags_serve_both_servers_over_https(tiny_roberta_dir, cert, tmp_path):
     cert_path, key_path = cert
     tls = ["--ssl-certfile", cert_path, "--ssl-keyfile", key_path]
     svc_port, agg_port = free_port(), free_port()
-    procs = [
-        _fedbpt("serve", "--model", str(tiny_roberta_dir), "--dtype", "float32", "--device", "cpu",
-                "--port", str(svc_port), *tls, env={"FEDBPT_API_KEYS": KEY}),
-        _fedbpt("aggregator", "--db", str(tmp_path / "run.db"), "--port", str(agg_port), "--intrinsic-dim", "8", *tls),
-    ]
-    try:
-        svc, agg = f"https://127.0.0.1:{svc_port}", f"https://127.0.0.1:{agg_port}"
-        _wait_https(agg, cert_path, procs[1])
-        _wait_https(svc, cert_path, procs[0])
+    svc, agg = f"https://127.0.0.1:{svc_port}", f"https://127.0.0.1:{agg_port}"
+    with Children(tmp_path, cwd=REPO) as procs:
+        procs.start("service", ["serve", "--model", str(tiny_roberta_dir), "--dtype", "float32", "--device", "cpu",
+                                "--port", str(svc_port), *tls], env={"FEDBPT_API_KEYS": KEY})
+        procs.start("aggregator", ["aggregator", "--db", str(tmp_path / "run.db"), "--port", str(agg_port),
+                                   "--intrinsic-dim", "8", *tls])
+        procs.wait_healthy("aggregator", agg, timeout=90, verify=cert_path)
+        procs.wait_healthy("service", svc, timeout=90, verify=cert_path)
         r = httpx.post(f"{svc}/v1/score", json=score_body(), headers={"Authorization": f"Bearer {KEY}"},
                        verify=trusting(cert_path))
         assert r.status_code == 200, r.text
         for url in (svc, agg):
             with pytest.raises(httpx.TransportError):
                 httpx.get(url.replace("https://", "http://") + "/healthz", timeout=5)
-    finally:
-        for proc in procs:
-            proc.terminate()
-        for proc in procs:
-            proc.wait(timeout=30)
 
 
 def test_a_key_without_a_certificate_is_refused(tmp_path):
     # `python -m aggregator`, which exits with run()'s status; `fedbpt aggregator` drops it.
     for module, args in (("fedbpt.cli", ["serve", "--ssl-keyfile", "k.pem"]),
                          ("aggregator", ["--db", str(tmp_path / "x.db"), "--ssl-keyfile", "k.pem"])):
-        proc = _fedbpt(*args, module=module)
-        out, _ = proc.communicate(timeout=60)
-        assert proc.returncode != 0 and "--ssl-keyfile needs --ssl-certfile" in out, out
+        proc = subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, capture_output=True, text=True,
+                              timeout=60)
+        assert proc.returncode != 0 and "--ssl-keyfile needs --ssl-certfile" in proc.stderr + proc.stdout, proc

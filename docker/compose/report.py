@@ -23,7 +23,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 
-log = logging.getLogger("report")
+log = logging.getLogger(__name__)
 
 ROW_FIELDS = ("round", "state", "val_accuracy", "val_loss", "queries", "sequences", "tokens", "service_bytes",
               "bytes_up", "bytes_down", "clients", "seconds")
@@ -112,8 +112,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="report", description=__doc__.splitlines()[0])
     add_arguments(parser)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("httpx").setLevel(logging.WARNING)
+    from fedbpt_wire.logs import setup_logging
+
+    setup_logging()
 
     status = wait_for_done(args.aggregator, args.wait)
     rows = round_rows(status["history"])

@@ -1,4 +1,4 @@
-"""One FedPrompt run in its own process (`python -m bench.fedprompt_job SPEC OUT`), so that the bench can
+"""One FedPrompt run in its own process (`python -m fedbpt.bench.fedprompt_job SPEC OUT`), so that the bench can
 read the peak memory of a client that must hold the model. SPEC and OUT are JSON files."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import sys
 
 
 def main(spec_path: str, out_path: str) -> None:
-    from bench.baselines import fedprompt_run
+    from fedbpt.bench.baselines import fedprompt_run
     from fed_clients.data import load_splits
     from fed_clients.runner import client_shard
     from fed_clients.tasks import get_task

@@ -1,0 +1,1 @@
+"""`fedbpt bench`: the benchmark grid, its baselines and its report."""

@@ -1,0 +1,141 @@
+"""`fedbpt bench`: every method on the same model, data, partitions and seeds; accuracy against the queries
+and bytes it took, measured on the wire.
+
+This module holds what a grid is (its settings and methods) and the command; `runs` runs one method on one
+setting, `report` turns the finished runs into tables and plots. Every finished run is appended to
+`runs.jsonl` at once, so an interrupted grid resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+
+from fedbpt_wire.federation import STRATEGIES
+
+BLACK_BOX = STRATEGIES
+METHODS = ("zero-shot", "calibrated", "icl", *BLACK_BOX, "fedprompt")
+LABELS = {"zero-shot": "zero-shot (manual prompt)", "calibrated": "calibrated zero-shot",
+          "icl": "in-context (5 demos)", "fedbpt": "FedBPT",
+          "fedbpt-noperturb": "FedBPT w/o perturbation", "fedavg-z": "FedBBT (FedAvg of z)",
+          "centralized": "centralized BBT", "local-only": "local-only BBT", "fedprompt": "FedPrompt (white-box)"}
+@dataclass
+class Grid:
+    name: str
+    model: str = "smollm2-135m-instruct"
+    dtype: str = "auto"
+    tasks: tuple[str, ...] = ("rotten_tomatoes", "amazon_snippets")
+    data: str = "default"  # 'default' (each task's embedded set), 'hf', or a directory
+    # Few-shot: examples per class in the whole pool, as the paper's 40; None = every training example.
+    regimes: dict[str, int | None] = field(default_factory=lambda: {"few-shot": 40})
+    alphas: tuple[float | None, ...] = (0.5,)  # Dirichlet alpha; None = IID
+    seeds: tuple[int, ...] = (0, 1, 2)
+    methods: tuple[str, ...] = METHODS
+    clients: int = 10
+    rounds: int = 4
+    intrinsic_dim: int = 50
+    prompt_length: int = 5
+    popsize: int = 4
+    local_iterations: int = 2
+    batch_size: int = 8
+    sigma0: float = 1.0
+    test_size: int = 300
+    curve_size: int = 100  # test examples the per-round curves are scored on
+    icl_shots: int = 5
+    fedprompt_steps: int = 4
+    fedprompt_lr: float = 0.01
+    prompt_wire: str = "seed"
+    prompt_init: str = "zeros"
+    prompt_placement: str = "after-text"
+    label_words: str = ""  # comma-separated verbalizer replacing each task's, e.g. " terrible, great"
+    clip_multiple: float = 4.0  # the aggregator's bound on a client mean's distance (0: none)
+    robust_merge: str = "none"  # fedavg-z's merge: none (weighted mean), median, trimmed-mean
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> "Grid":
+        raw = json.loads(Path(path).read_text())
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(raw) - known - {"paper", "notes"})
+        if unknown:
+            raise ValueError(f"{path}: unknown grid keys {unknown}; known: {sorted(known)}")
+        for key in ("tasks", "alphas", "seeds", "methods"):
+            if key in raw:
+                raw[key] = tuple(raw[key])
+        bad = sorted(set(raw.get("methods", ())) - set(METHODS))
+        if bad:
+            raise ValueError(f"{path}: unknown methods {bad}; known: {list(METHODS)}")
+        return cls(**{k: v for k, v in raw.items() if k in known})
+
+
+GRIDS = {
+    # Under 10 minutes on 2 cores: the demo's setting, one seed, a 200-example test slice.
+    "quick": Grid("quick", tasks=("amazon_snippets",), label_words=" terrible, great", alphas=(None,), seeds=(0,),
+                  methods=("zero-shot", "calibrated", "fedbpt-noperturb", "fedavg-z"), clients=4, rounds=2,
+                  popsize=8, intrinsic_dim=50, local_iterations=2, batch_size=16, test_size=200, curve_size=50),
+    # About an hour on 2 AVX2 cores (SmolLM2-135M in fp32 runs ~250 tokens/s there): the demo's setting
+    # (Amazon snippets, " terrible"/" great", prompt after the text from zeros, IID), 3 seeds, the tuned methods
+    # against zero-shot and the calibrated zero-shot, on the whole 1,000-example test split.
+    "default": Grid("default", tasks=("amazon_snippets",), label_words=" terrible, great", alphas=(None,),
+                    clients=4, rounds=4, popsize=8, intrinsic_dim=50, local_iterations=2, batch_size=16,
+                    methods=("zero-shot", "calibrated", "fedbpt", "fedbpt-noperturb", "fedavg-z"), test_size=1000,
+                    curve_size=50),
+    # Both embedded tasks, both regimes, IID and three Dirichlet alphas: hours on a CPU, for a long run by hand.
+    "full": Grid("full", regimes={"few-shot": 40, "larger": 400}, alphas=(None, 1.0, 0.5, 0.1)),
+}
+
+
+@dataclass(frozen=True)
+class Setting:
+    task: str
+    regime: str
+    alpha: float | None
+    seed: int
+
+    @property
+    def partition(self) -> str:
+        return "iid" if self.alpha is None else f"dir{self.alpha:g}"
+
+    def key(self, method: str) -> str:
+        return f"{self.task}/{self.regime}/{self.partition}/seed{self.seed}/{method}"
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--grid", choices=sorted(GRIDS), default="default",
+                        help="quick: under 10 minutes on 2 cores; default: about an hour; full: every setting")
+    parser.add_argument("--quick", action="store_const", const="quick", dest="grid", help="same as --grid quick")
+    parser.add_argument("--config", default=None, help="a grid as JSON (e.g. configs/paper-roberta-large.json)")
+    parser.add_argument("--out", default=None, help="results directory (default bench/results/<date>-<grid>); "
+                                                    "an existing one resumes: finished runs are kept")
+    parser.add_argument("--task", default=None, metavar="NAME|FILE",
+                        help="run the grid on this task only: a built-in task or a task spec file (its name picks the "
+                             "embedded data, e.g. a spec named amazon_snippets with your own template and words)")
+    parser.add_argument("--service", default=None, help="use this running service instead of starting one")
+    parser.add_argument("--api-key", default=os.environ.get("FEDBPT_API_KEY"))
+
+
+def run(args) -> None:
+    grid = Grid.from_file(args.config) if args.config else GRIDS[args.grid]
+    if getattr(args, "task", None):
+        from fed_clients.tasks import get_task
+
+        get_task(args.task)  # a bad name or spec fails here, not in the first run's log
+        grid = replace(grid, tasks=(args.task,))
+    out = Path(args.out or f"bench/results/{time.strftime('%Y-%m-%d')}-{grid.name}")
+    out.mkdir(parents=True, exist_ok=True)
+    if grid.data == "default" or grid.model == Grid.model:
+        import fedbpt_assets as assets
+
+        assets.fetch_all()
+    from .report import write_report
+    from .runs import Bench
+
+    bench = Bench(grid, out, args.service, args.api_key)
+    total = len(bench.settings()) * len(grid.methods)
+    print(f"grid {grid.name}: {total} runs ({len(bench.done)} already in {out}); logs in {out / 'logs'}", flush=True)
+    t0 = time.monotonic()
+    rows = bench.run(progress=lambda line: print(line, flush=True))
+    print(write_report(grid, rows, out))
+    print(f"\n{len(rows)} runs in {time.monotonic() - t0:.0f} s; results in {out}")
