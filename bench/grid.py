@@ -25,9 +25,11 @@ from pathlib import Path
 import httpx
 import numpy as np
 
+from fedbpt_wire.federation import STRATEGIES
+
 log = logging.getLogger(__name__)
 
-BLACK_BOX = ("fedbpt", "fedbpt-noperturb", "fedavg-z", "centralized", "local-only")
+BLACK_BOX = STRATEGIES
 METHODS = ("zero-shot", "calibrated", "icl", *BLACK_BOX, "fedprompt")
 LABELS = {"zero-shot": "zero-shot (manual prompt)", "calibrated": "calibrated zero-shot",
           "icl": "in-context (5 demos)", "fedbpt": "FedBPT",

@@ -102,15 +102,15 @@ class Clock:
 
 
 class TaskLooks:
-    """Records each answer the coordinator computes for one caller's `GET /v1/round`, in order."""
+    """Records each answer the coordinator computes for one client's `GET /v1/round`, in order."""
 
-    def __init__(self, coordinator, headers: dict):
+    def __init__(self, coordinator, client_id: str):
         self.answers: queue.Queue = queue.Queue()
-        task, who = coordinator.task, headers["Authorization"]
+        task = coordinator.task
 
-        def looked(authorization):
-            answer = task(authorization)
-            if authorization == who:
+        def looked(caller):
+            answer = task(caller)
+            if caller.client_id == client_id:
                 self.answers.put(answer)
             return answer
 
@@ -129,7 +129,7 @@ def test_long_poll_returns_when_the_round_moves_on_and_holds_otherwise(tmp_path)
     with serve_app(app) as url, httpx.Client(base_url=url, timeout=60) as http:
         ha, hb = register(http, "a"), register(http, "b")
         play(http, "a", 0, ha)
-        looks = TaskLooks(app.state.coordinator, ha)
+        looks = TaskLooks(app.state.coordinator, "a")
 
         # Nothing changes: when the wait is over, the answer is the state as it was.
         held = http.get("/v1/round", params={"wait": 0.3}, headers=ha).json()
