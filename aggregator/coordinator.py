@@ -2,10 +2,10 @@
 
 Every change happens under one lock and is committed to the store before it is answered, and the
 in-memory state only follows a commit, so memory never runs ahead of what a restart would load. Only
-writes (registration, updates) and `tick` (the deadline task's) change the run; reads never do, and
-every change calls `on_change` (cheap, under the lock), which wakes whatever waits on the run. The strategy's class decides
-which clients a round samples, what each starts from and whether it perturbs; validation.py what an
-update may hold.
+writes (registration, updates) and `tick` (the deadline task's) change the run; reads never do. Every
+change calls `on_change` (cheap, under the lock), which wakes whatever waits on the run. The strategy's
+class decides which clients a round samples, what each starts from and whether it perturbs;
+validation.py what an update may hold.
 
 Decisions:
 - a round opens when `min_clients` have registered (round 0) or when the previous round closes;
