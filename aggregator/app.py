@@ -20,7 +20,7 @@ import logging
 import time
 from typing import Callable
 
-from fastapi import FastAPI, Header, Query, Request
+from fastapi import Depends, FastAPI, Query, Request
 from fastapi.responses import JSONResponse
 
 from fedbpt_wire.asgi import BodyLimit, install_error_handlers
@@ -39,16 +39,17 @@ from fedbpt_wire.federation import (
 )
 from fedbpt_wire.schemas import ErrorBody
 
-from .coordinator import MAX_CLIENTS, Coordinator, Rejected
+from .auth import caller, client, reader
+from .coordinator import MAX_CLIENTS, Caller, Coordinator, Rejected
+from .events import RunEvents, close_rounds_at_deadlines
 from .gate import AuthGate
 from .metering import TrafficMeter
 from .store import Store
+from .strategies import strategy_class
 
 log = logging.getLogger("aggregator")
 
-DEADLINE_CHECK_S = 0.2
 MAX_WAIT_S = 30.0  # longest a `GET /v1/round?wait=` may be held
-WAIT_CHECK_S = 0.1
 
 _ERROR_TEXT = {
     401: "missing or wrong client token or enroll key",
@@ -64,26 +65,8 @@ def _errors(*codes: int) -> dict:
     return {code: {"model": ErrorBody, "description": _ERROR_TEXT[code]} for code in (*codes, 422)}
 
 
-def _normalise(config: RunConfig) -> RunConfig:
-    # Clients follow `perturb`; the baseline's name must not be contradicted by a default left on.
-    if config.strategy == "fedbpt-noperturb" and config.perturb:
-        log.info("strategy fedbpt-noperturb: perturb set to false")
-        return config.model_copy(update={"perturb": False})
-    return config
-
-
 def _actionable(task: RoundTask) -> bool:
     return task.state == "done" or (task.state == "open" and task.selected and not task.submitted)
-
-
-async def _enforce_deadlines(coordinator: Coordinator) -> None:
-    """Closes rounds whose deadline passed even when no client calls in, so a silent client cannot stall a run."""
-    while True:
-        await asyncio.sleep(DEADLINE_CHECK_S)
-        try:
-            await asyncio.to_thread(coordinator.tick)
-        except Exception:
-            log.exception("deadline check failed; retrying")
 
 
 def create_app(
@@ -91,8 +74,9 @@ def create_app(
     max_clients: int = MAX_CLIENTS, clock: Callable[[], float] = time.time
 ) -> FastAPI:
     """The aggregator app; a database that already holds a run resumes it (its config wins)."""
-    coordinator = Coordinator(_normalise(config), Store(db_path), enroll_key=enroll_key, operator_key=operator_key,
-                              max_clients=max_clients, clock=clock)
+    events = RunEvents()
+    coordinator = Coordinator(strategy_class(config).configure(config), Store(db_path), enroll_key=enroll_key,
+                              operator_key=operator_key, max_clients=max_clients, clock=clock, on_change=events.wake)
     if enroll_key is None:
         log.warning("enrollment is OPEN: anyone who reaches this port can register a new client id "
                     "(set --enroll-key or FEDBPT_ENROLL_KEY)")
@@ -102,7 +86,8 @@ def create_app(
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
-        task = asyncio.create_task(_enforce_deadlines(coordinator))
+        events.bind(asyncio.get_running_loop())
+        task = asyncio.create_task(close_rounds_at_deadlines(coordinator, events))
         try:
             yield
         finally:
@@ -114,6 +99,7 @@ def create_app(
     # No slash redirects: they echo the request's Host header into a Location.
     app = FastAPI(title="FedBPT aggregator", version="1", lifespan=lifespan, redirect_slashes=False)
     app.state.coordinator = coordinator
+    app.state.events = events
     install_error_handlers(app)
 
     @app.exception_handler(Rejected)
@@ -122,47 +108,49 @@ def create_app(
         return JSONResponse(status_code=exc.status, content={"detail": exc.detail}, headers=headers)
 
     @app.post("/v1/partitions/claim", response_model=PartitionAssignment, responses=_errors(401, 409, 413))
-    def claim_partition(req: PartitionClaim, authorization: str | None = Header(default=None)):
-        return coordinator.claim_partition(req, authorization)
+    def claim_partition(req: PartitionClaim, who: Caller = Depends(caller)):
+        return coordinator.claim_partition(req, who)
 
     @app.post("/v1/clients", response_model=RegisterResponse, responses=_errors(401, 413))
-    def register(req: RegisterRequest, authorization: str | None = Header(default=None)):
-        return coordinator.register(req, authorization)
+    def register(req: RegisterRequest, who: Caller = Depends(caller)):
+        return coordinator.register(req, who)
 
     @app.get("/v1/round", response_model=RoundTask, responses=_errors(401))
     async def round_task(
         wait: float = Query(default=0.0, ge=0.0, le=MAX_WAIT_S, allow_inf_nan=False,
                             description="long poll: hold the answer up to this many seconds until there is work "
                                         "for this client or the run's state changes"),
-        authorization: str | None = Header(default=None),
+        who: Caller = Depends(client),
     ):
         # A waiting client costs a request per change instead of one per poll interval: on the aggregator
         # link, polls of a client that waits for the others used to outweigh its update many times over.
-        task = await asyncio.to_thread(coordinator.task, authorization)
+        loop = asyncio.get_running_loop()
+        end = loop.time() + wait
+        change = events.next_change()
+        task = await asyncio.to_thread(coordinator.task, who)
         seen = (task.round, task.state, task.selected, task.submitted)
-        end = time.monotonic() + wait
-        while not _actionable(task) and time.monotonic() < end:
-            await asyncio.sleep(WAIT_CHECK_S)
-            task = await asyncio.to_thread(coordinator.task, authorization)
+        while not _actionable(task) and await events.wait_change(change, max(0.0, end - loop.time())):
+            change = events.next_change()
+            task = await asyncio.to_thread(coordinator.task, who)
             if (task.round, task.state, task.selected, task.submitted) != seen:
                 break
         return task
 
     @app.post("/v1/round/update", response_model=UpdateResponse, responses=_errors(401, 409, 413))
-    def update(req: UpdateRequest, authorization: str | None = Header(default=None)):
-        return coordinator.submit(authorization, req)
+    def update(req: UpdateRequest, who: Caller = Depends(client)):
+        return coordinator.submit(who, req)
 
     @app.get("/v1/global", response_model=GlobalState, responses=_errors(401))
-    def global_state(authorization: str | None = Header(default=None)):
-        return coordinator.global_state(authorization)
+    def global_state(who: Caller = Depends(reader)):
+        return coordinator.global_state(who)
 
     @app.get("/v1/status", response_model=RunStatus)
-    def status(authorization: str | None = Header(default=None)):
-        return coordinator.status(authorization)
+    def status(who: Caller = Depends(caller)):
+        return coordinator.status(who)
 
     @app.get("/v1/report/clients", response_model=list[ClientRoundRecord], responses=_errors(401))
-    def client_report(authorization: str | None = Header(default=None)):
-        return coordinator.client_rounds(authorization)
+    def client_report(who: Caller = Depends(caller)):
+        return coordinator.client_rounds(who)
 
     @app.get("/healthz")
     def healthz():

@@ -21,6 +21,7 @@ from fedbpt_wire.asgi import add_connection_arguments, uvicorn_options
 
 from .coordinator import MAX_CLIENTS
 from .store import Store
+from .strategies import strategy_class
 
 log = logging.getLogger("aggregator")
 
@@ -104,9 +105,8 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         return stored
     given = {**EMBEDDED_DEFAULTS, **given}
     given.setdefault("run_id", Path(args.db).stem)
-    if given.get("strategy") == "fedbpt-noperturb":
-        given.setdefault("perturb", False)
-    return RunConfig(**given)
+    config = RunConfig(**given)
+    return strategy_class(config).configure(config)
 
 
 def config_file(path: str) -> dict:

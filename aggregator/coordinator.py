@@ -1,11 +1,14 @@
 """The run's round lifecycle: partition claims, registration, client sampling, updates, deadlines and merges.
 
 Every change happens under one lock and is committed to the store before it is answered, and the
-in-memory state only follows a commit, so memory never runs ahead of what a restart would load.
+in-memory state only follows a commit, so memory never runs ahead of what a restart would load. Only
+writes (registration, updates) and `tick` (the deadline task's) change the run; reads never do. Every
+change calls `on_change` (cheap, under the lock), which wakes whatever waits on the run. The strategy's
+class decides which clients a round samples, what each starts from and whether it perturbs;
+validation.py what an update may hold.
 
 Decisions:
-- a round opens when `min_clients` have registered (round 0) or when the previous round closes, and
-  samples ceil(participation x registered) clients, sorted, with a Generator seeded by (seed, round);
+- a round opens when `min_clients` have registered (round 0) or when the previous round closes;
 - it merges as soon as every selected client has reported, or at its deadline with at least
   `min_updates` reports; with fewer it is recorded `failed` and the next round opens from the same
   global state. Failed rounds count toward `config.rounds`, so a run with dead clients still ends
@@ -22,12 +25,12 @@ from __future__ import annotations
 import hashlib
 import hmac
 import logging
-import math
 import pickle
 import secrets
 import threading
 import time
-from typing import Callable
+from dataclasses import dataclass
+from typing import Callable, Literal
 
 import numpy as np
 
@@ -45,19 +48,14 @@ from fedbpt_wire.federation import (
     UpdateRequest,
     UpdateResponse,
 )
-from fedbpt_wire.tensors import TensorDecodeError, decode_tensor, encode_tensor
+from fedbpt_wire.tensors import decode_tensor, encode_tensor
 
 from .store import RoundRow, Store
-from .strategies import ClientUpdate, Strategy, bound_updates, make_strategy
+from .strategies import ClientUpdate, Strategy, bound_updates, make_strategy, strategy_class
+from .validation import Invalid, check_parts, check_samples, check_update
 
 log = logging.getLogger("aggregator")
 
-_SEED_MASK = 2**64 - 1  # SeedSequence takes non-negative ints; the mask maps a negative run seed onto one
-# Sanity bounds: past them a value is a client bug, and would overflow SQLite integers or the merge's squares.
-MAX_SAMPLES = 10**12
-MAX_PARTS = 10**6
-MAX_SIGMA_RATIO = 1e6  # a local step size over 1e6 x sigma0; CMA-ES grows sigma at most ~e per iteration
-MAX_METRIC = 1e12  # |loss| or accuracy; times val_samples (<= MAX_SAMPLES) the round's weighted sums stay finite
 MAX_CLIENTS = 10_000  # default cap on registered identities: every one is sampled, and a round waits for it
 
 
@@ -68,6 +66,15 @@ class Rejected(Exception):
         super().__init__(detail)
         self.status = status
         self.detail = detail
+
+
+@dataclass(frozen=True)
+class Caller:
+    """What an Authorization header proves: a role (None: nothing), and for a client its id and token digest."""
+
+    role: Literal["operator", "enroll", "client"] | None = None
+    client_id: str | None = None
+    token_digest: str | None = None
 
 
 def _sha256(text: str) -> str:
@@ -81,6 +88,13 @@ def bearer_token(authorization: str | None) -> str:
     if scheme.lower() != "bearer" or not token.strip():
         raise Rejected(401, "Authorization: expected 'Bearer <token>'")
     return token.strip()
+
+
+def _valid(check: Callable, *args) -> None:
+    try:
+        check(*args)
+    except Invalid as exc:
+        raise Rejected(422, str(exc)) from None
 
 
 def round_metrics(updates: list[UpdateRequest]) -> dict:
@@ -145,11 +159,13 @@ class Coordinator:
 
     def __init__(
         self, config: RunConfig, store: Store, *, enroll_key: str | None = None, operator_key: str | None = None,
-        max_clients: int = MAX_CLIENTS, clock: Callable[[], float] = time.time
+        max_clients: int = MAX_CLIENTS, clock: Callable[[], float] = time.time,
+        on_change: Callable[[], None] = lambda: None,
     ):
         self._lock = threading.RLock()
         self.store = store
         self.clock = clock
+        self.on_change = on_change
         self.enroll_key = enroll_key
         self.operator_key = operator_key
         self.max_clients = max_clients
@@ -161,6 +177,7 @@ class Coordinator:
             log.warning("resuming the run stored in the database; its config wins over the given one (differs in %s)",
                         ", ".join(changed))
         self.config = stored or config
+        self.rules = strategy_class(self.config)
         self._blob = store.load_strategy()
         self.strategy: Strategy | None = pickle.loads(self._blob) if self._blob else None
         self._started = len(store.rounds())
@@ -210,50 +227,52 @@ class Coordinator:
     def is_operator(self, authorization: str | None) -> bool:
         return self._matches(authorization, self.operator_key)
 
-    def is_enroll(self, authorization: str | None) -> bool:
-        return self._matches(authorization, self.enroll_key)
-
-    def sees_details(self, authorization: str | None) -> bool:
-        """Client ids, selections and metrics: for the operator, or for anyone where no operator key is set."""
-        return self.operator_key is None or self.is_operator(authorization)
-
-    def credential(self, authorization: str | None) -> str | None:
-        """'operator', 'enroll', 'client' or None: what the header proves, without reading any body."""
+    def caller(self, authorization: str | None) -> Caller:
+        """What the header proves, without reading any body."""
         if self.is_operator(authorization):
-            return "operator"
-        if self.is_enroll(authorization):
-            return "enroll"
-        if authorization and self._owner(authorization) is not None:
-            return "client"
-        return None
+            return Caller("operator")
+        if self._matches(authorization, self.enroll_key):
+            return Caller("enroll")
+        try:
+            digest = _sha256(bearer_token(authorization))
+        except Rejected:
+            return Caller()
+        client_id = self.store.client_by_token(digest)
+        return Caller("client", client_id, digest) if client_id is not None else Caller()
 
-    def _check_enroll_key(self, authorization: str | None) -> None:
-        if self.enroll_key is not None and not (self.is_enroll(authorization) or self.is_operator(authorization)):
+    def sees_details(self, caller: Caller) -> bool:
+        """Client ids, selections and metrics: for the operator, or for anyone where no operator key is set."""
+        return self.operator_key is None or caller.role == "operator"
+
+    def _check_enroll_key(self, caller: Caller) -> None:
+        if self.enroll_key is not None and caller.role not in ("enroll", "operator"):
             raise Rejected(401, "Authorization: wrong enroll key")
 
-    def _authenticate(self, authorization: str | None) -> str:
-        client_id = self.store.client_by_token(_sha256(bearer_token(authorization)))
-        if client_id is None:
+    def _holds_token(self, caller: Caller) -> bool:
+        """Under the lock: the client's token is still its current one (a re-registration retires the old)."""
+        return caller.role == "client" and self.store.client_by_token(caller.token_digest) == caller.client_id
+
+    def _client(self, caller: Caller) -> str:
+        if not self._holds_token(caller):
             raise Rejected(401, "Authorization: unknown client token (register at POST /v1/clients)")
-        return client_id
+        return caller.client_id
 
     # ------------------------------------------------------------------ endpoints
 
-    def register(self, req: RegisterRequest, authorization: str | None) -> RegisterResponse:
+    def register(self, req: RegisterRequest, caller: Caller) -> RegisterResponse:
         """A new id needs the enroll key (where one is set); an existing id only its own current token or the
         operator key, so holding the enroll key, which every client does, cannot take over another's id."""
-        if req.num_samples > MAX_SAMPLES:
-            raise Rejected(422, f"num_samples must be at most {MAX_SAMPLES}, got {req.num_samples}")
+        _valid(check_samples, req.num_samples)
         token = secrets.token_urlsafe(32)
         with self._lock:
             known = self.store.client_ids()
             if req.client_id in known:
-                own = authorization is not None and self._owner(authorization) == req.client_id
-                if not (own or self.is_operator(authorization)):
+                own = caller.client_id == req.client_id and self._holds_token(caller)
+                if not (own or caller.role == "operator"):
                     raise Rejected(409, f"client_id: {req.client_id!r} is already registered; re-register it with "
                                         "its own token (Authorization: Bearer <token>) or choose another id")
             else:
-                self._check_enroll_key(authorization)
+                self._check_enroll_key(caller)
                 if len(known) >= self.max_clients:
                     raise Rejected(409, f"client_id: registration is closed, the run has its {self.max_clients} "
                                         "clients (aggregator --max-clients)")
@@ -263,16 +282,9 @@ class Coordinator:
             self._tick(now)
         return RegisterResponse(client_id=req.client_id, token=token, config=self.config)
 
-    def _owner(self, authorization: str) -> str | None:
-        try:
-            return self.store.client_by_token(_sha256(bearer_token(authorization)))
-        except Rejected:
-            return None
-
-    def claim_partition(self, req: PartitionClaim, authorization: str | None) -> PartitionAssignment:
-        self._check_enroll_key(authorization)
-        if req.parts > MAX_PARTS:
-            raise Rejected(422, f"parts must be at most {MAX_PARTS}, got {req.parts}")
+    def claim_partition(self, req: PartitionClaim, caller: Caller) -> PartitionAssignment:
+        self._check_enroll_key(caller)
+        _valid(check_parts, req.parts)
         with self._lock:
             claims = self.store.partition_claims()
             stored = {parts for _, parts in claims.values()}
@@ -289,11 +301,10 @@ class Coordinator:
         log.info("partition %d/%d claimed by %s", index, req.parts, req.instance)
         return PartitionAssignment(index=index, parts=req.parts)
 
-    def task(self, authorization: str | None) -> RoundTask:
+    def task(self, caller: Caller) -> RoundTask:
         with self._lock:
-            client_id = self._authenticate(authorization)
+            client_id = self._client(caller)
             now = self.clock()
-            self._tick(now)
             base = {"run_id": self.config.run_id, "round": self.current_round()}
             o = self._open
             if o is None:
@@ -306,12 +317,13 @@ class Coordinator:
                 **base, state="open", selected=True,
                 submitted=self.store.update_digest(o.round, client_id) is not None,
                 mean=encode_tensor(t.mean), sigma=t.sigma, local_sigma=t.local_sigma, deadline_s=deadline_s,
+                perturb=self.strategy.clients_perturb(self.config),
             )
 
-    def submit(self, authorization: str | None, req: UpdateRequest) -> UpdateResponse:
+    def submit(self, caller: Caller, req: UpdateRequest) -> UpdateResponse:
         with self._lock:
-            client_id = self._authenticate(authorization)
-            self._check_update(req)
+            client_id = self._client(caller)
+            _valid(check_update, req, self.config)
             if req.round >= self.config.rounds:
                 raise Rejected(409, f"round: {req.round} is past the run's last round ({self.config.rounds - 1})")
             body = req.model_dump_json()
@@ -330,38 +342,37 @@ class Coordinator:
             if client_id not in o.selected:
                 raise Rejected(409, f"round: client {client_id} is not selected for round {o.round}")
             self.store.insert_update(o.round, client_id, digest, body, now)
+            self.on_change()
             self._tick(now)
             return UpdateResponse(accepted=True, round=req.round)
 
-    def global_state(self, authorization: str | None) -> GlobalState:
+    def global_state(self, caller: Caller) -> GlobalState:
         with self._lock:
             # The operator reads every client's mean; the enroll key, which every client holds, only the
             # global distribution (the final prompt is what a run is for); a client its own mean besides.
-            if self.is_operator(authorization):
-                caller = None
-            elif self.is_enroll(authorization):
-                caller = ""
+            if caller.role == "operator":
+                reader = None
+            elif caller.role == "enroll":
+                reader = ""
             else:
-                caller = self._authenticate(authorization)
-            self._tick(self.clock())
+                reader = self._client(caller)
             base = {"run_id": self.config.run_id, "round": self.current_round(), "state": self.state()}
             if self.strategy is None:
                 start = np.zeros(self.config.intrinsic_dim)
-                local = {} if self.config.strategy == "local-only" else None
+                local = {} if self.rules.own_prompts else None
                 return GlobalState(**base, mean=encode_tensor(start), sigma=self.config.sigma0, client_means=local)
             own = self.strategy.client_means()
-            if own is not None and caller is not None:
+            if own is not None and reader is not None:
                 # local-only: a client's prompt is learnt from its data alone; other clients see only their own.
-                own = {cid: m for cid, m in own.items() if cid == caller}
+                own = {cid: m for cid, m in own.items() if cid == reader}
             return GlobalState(
                 **base, mean=encode_tensor(self.strategy.mean), sigma=self.strategy.sigma,
                 client_means=None if own is None else {cid: encode_tensor(m) for cid, m in own.items()},
             )
 
-    def status(self, authorization: str | None = None) -> RunStatus:
+    def status(self, caller: Caller) -> RunStatus:
         with self._lock:
-            details = self.sees_details(authorization)
-            self._tick(self.clock())
+            details = self.sees_details(caller)
             history = run_history(self.store)
             if not details:
                 hidden = {"selected": [], "reporters": [], "val_accuracy": None, "val_loss": None, "clipped": None}
@@ -371,9 +382,9 @@ class Coordinator:
                 clients=self.store.client_ids() if details else [], history=history, redacted=not details,
             )
 
-    def client_rounds(self, authorization: str | None) -> list[ClientRoundRecord]:
+    def client_rounds(self, caller: Caller) -> list[ClientRoundRecord]:
         """Every accepted update's costs and metrics: per-client detail, so the operator's (as status details)."""
-        if not self.sees_details(authorization):
+        if not self.sees_details(caller):
             raise Rejected(401, "Authorization: per-client records take the operator key")
         with self._lock:
             return client_rounds(self.store)
@@ -383,33 +394,12 @@ class Coordinator:
         with self._lock:
             self._tick(self.clock())
 
-    # ------------------------------------------------------------------ lifecycle
+    def next_deadline(self) -> float | None:
+        """When the open round closes at the latest, by `clock`; None while no round is open."""
+        o = self._open
+        return o.deadline_at if o is not None else None
 
-    def _check_update(self, req: UpdateRequest) -> None:
-        d = self.config.intrinsic_dim
-        try:
-            mean = decode_tensor(req.mean, field="mean", max_elements=d)
-        except TensorDecodeError as exc:
-            raise Rejected(422, str(exc)) from None
-        if list(mean.shape) != [d]:
-            raise Rejected(422, f"mean.shape must be [{d}] (intrinsic_dim), got {req.mean.shape}")
-        if not (math.isfinite(req.fitness) and abs(req.fitness) <= MAX_METRIC):
-            raise Rejected(422, f"fitness must be finite and within +-{MAX_METRIC:g}, got {req.fitness}")
-        cap = MAX_SIGMA_RATIO * self.config.sigma0
-        for i, s in enumerate(req.sigmas):
-            if not (math.isfinite(s) and 0 < s <= cap):
-                raise Rejected(422, f"sigmas[{i}] must be positive and at most {cap:g}, got {s}")
-        if req.final_sigma is not None and not (math.isfinite(req.final_sigma) and 0 < req.final_sigma <= cap):
-            raise Rejected(422, f"final_sigma must be positive and at most {cap:g}, got {req.final_sigma}")
-        if req.num_samples > MAX_SAMPLES:
-            raise Rejected(422, f"num_samples must be at most {MAX_SAMPLES}, got {req.num_samples}")
-        # Checked here, not at the merge: a value the round's metrics cannot fold would fail every close of
-        # the round, and so every request after it.
-        if req.metrics.val_samples > MAX_SAMPLES:
-            raise Rejected(422, f"metrics.val_samples must be at most {MAX_SAMPLES}, got {req.metrics.val_samples}")
-        for name, value in req.metrics:
-            if isinstance(value, float) and not (math.isfinite(value) and abs(value) <= MAX_METRIC):
-                raise Rejected(422, f"metrics.{name} must be finite and within +-{MAX_METRIC:g}, got {value}")
+    # ------------------------------------------------------------------ lifecycle
 
     def _tick(self, now: float) -> None:
         o = self._open
@@ -424,11 +414,7 @@ class Coordinator:
             self._close(o, now, merge=reported >= self.config.min_updates)
 
     def _sample(self, round_: int) -> list[str]:
-        ids = self.store.client_ids()
-        # Rounded first, so 0.3 x 10 = 3.0000000000000004 samples 3 clients, not 4.
-        n = max(1, math.ceil(round(self.config.participation * len(ids), 9)))
-        rng = np.random.default_rng([self.config.seed & _SEED_MASK, round_])
-        return sorted(ids[i] for i in rng.choice(len(ids), size=n, replace=False))
+        return self.rules.select(self.config, self.store.client_ids(), round_)
 
     def _round_row(self, round_: int, selected: list[str], now: float, strategy: Strategy) -> RoundRow:
         return RoundRow(
@@ -457,7 +443,7 @@ class Coordinator:
             try:
                 ups = [ClientUpdate(cid, decode_tensor(u.mean), u.fitness, u.sigmas, u.num_samples, u.final_sigma)
                        for cid, u in updates]
-                if self.config.strategy != "local-only":  # there, a client's mean moves its own prompt only
+                if not self.rules.own_prompts:  # there, a client's mean moves its own prompt only
                     ups, clipped = bound_updates(ups, candidate.mean, candidate.sigma, candidate.local_sigma,
                                                  self.config.clip_multiple, self.config.max_weight_ratio)
                     if clipped:
@@ -494,3 +480,4 @@ class Coordinator:
         self._open = row
         self._started = started
         self._accounting = self._accounting_round()
+        self.on_change()

@@ -3,7 +3,8 @@
 FastAPI reads and parses a request body before it resolves the route's dependencies, so a check inside the
 endpoint comes after the work (and after the traffic meter has counted the bytes). This ASGI middleware
 answers 401 from the Authorization header alone; only requests it lets through reach the meter and the app,
-which still makes the exact per-route decision (whose token, which id).
+with the caller it resolved in the request's state for the routes' dependencies (auth.py), which still make
+the exact per-route decision (whose token, which id).
 """
 
 from __future__ import annotations
@@ -32,8 +33,9 @@ class AuthGate:
         if allowed is None:
             return await self.app(scope, receive, send)
         authorization = next((v.decode("latin-1") for k, v in scope["headers"] if k == b"authorization"), None)
-        who = await asyncio.to_thread(self.coordinator.credential, authorization)
-        if who in allowed or ("open" in allowed and self.coordinator.enroll_key is None):
+        who = await asyncio.to_thread(self.coordinator.caller, authorization)
+        if who.role in allowed or ("open" in allowed and self.coordinator.enroll_key is None):
+            scope.setdefault("state", {})["caller"] = who
             return await self.app(scope, receive, send)
         names = {"client": "a client token", "enroll": "the enroll key", "operator": "the operator key"}
         wanted = " or ".join(names[a] for a in sorted(allowed) if a in names)

@@ -1,25 +1,30 @@
-"""The merge of a round, one class per strategy (FedBPT and its baselines), Flower style.
+"""The rules of a run, one class per strategy (FedBPT and its baselines), Flower style.
 
 Pure math over numpy arrays and a `cma` object: no HTTP and no storage, so every rule can be
-checked by hand. A strategy holds the global search distribution between rounds; `task` says what a
-selected client starts from, `merge` folds a round's updates into the distribution. Strategies are
-pickled whole into the aggregator's database after every merge, so a restart resumes from the exact
-state (cma objects pickle losslessly).
+checked by hand. A strategy says how the run config is read, which clients a round samples, what a
+selected client starts from and whether it perturbs its fitness, and holds the global search
+distribution between rounds, which `merge` folds a round's updates into. Strategies are pickled whole
+into the aggregator's database after every merge, so a restart resumes from the exact state (cma
+objects pickle losslessly). The names are `fedbpt_wire.federation.STRATEGIES`; `STRATEGY_CLASSES` maps
+each to its class.
 """
 
 from __future__ import annotations
 
-import copy
 import math
-import warnings
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Sequence
+from typing import ClassVar, Sequence
 
 import cma
 import numpy as np
 from cma.recombination_weights import RecombinationWeights
 
 from fedbpt_wire.federation import RunConfig
+
+from .cma_generation import tell_generation
+
+_SEED_MASK = 2**64 - 1  # SeedSequence takes non-negative ints; the mask maps a negative run seed onto one
 
 
 @dataclass(frozen=True)
@@ -136,10 +141,27 @@ def next_local_sigma(previous: float, before: float, after: float, floor: float)
     return min(previous, max(floor, previous * after / before))
 
 
-class Strategy:
-    """Holds the global search distribution; subclasses say how a round's updates move it."""
+class Strategy(ABC):
+    """A run's rules; a subclass implements `merge` and overrides the rules where it departs from FedBPT's."""
 
+    # Each client tunes a prompt of its own (no global one): its update is not bounded around a global mean,
+    # and the clients' own means are what `GET /v1/global` shows.
+    own_prompts: ClassVar[bool] = False
     local_sigma: float | None = None  # one step size for every selected client, where there is one
+
+    @classmethod
+    def configure(cls, config: RunConfig) -> RunConfig:
+        """The run config as this strategy runs it, handed to every client."""
+        return config
+
+    @classmethod
+    def select(cls, config: RunConfig, client_ids: Sequence[str], round_: int) -> list[str]:
+        """The clients round `round_` samples: ceil(participation x registered), sorted, drawn by a Generator
+        seeded by (seed, round). A class rule: round 0's sample sizes the strategy built for it."""
+        # Rounded first, so 0.3 x 10 = 3.0000000000000004 samples 3 clients, not 4.
+        n = max(1, math.ceil(round(config.participation * len(client_ids), 9)))
+        rng = np.random.default_rng([config.seed & _SEED_MASK, round_])
+        return sorted(client_ids[i] for i in rng.choice(len(client_ids), size=n, replace=False))
 
     def __init__(self, config: RunConfig, popsize: int):
         self.mean = np.zeros(config.intrinsic_dim)
@@ -148,17 +170,21 @@ class Strategy:
     def task(self, client_id: str) -> Task:
         return Task(self.mean, self.sigma, self.local_sigma)
 
+    def clients_perturb(self, config: RunConfig) -> bool:
+        """Whether a selected client's local fitness divides by its loss on a perturbed copy of its batch."""
+        return config.perturb
+
+    @abstractmethod
     def merge(self, updates: Sequence[ClientUpdate]) -> MergeResult:
-        raise NotImplementedError
+        """Fold a round's updates into the distribution; raising leaves the round failed and the state as it was."""
 
     def client_means(self) -> dict[str, np.ndarray] | None:
         return None
 
 
 class FedBPTStrategy(Strategy):
-    """FedBPT: the clients' means are one generation of a global CMA-ES (`fedbpt`,
-    `fedbpt-noperturb`, `centralized`: perturbation is a client-side flag, so all three merge alike).
-    """
+    """FedBPT (`fedbpt`, and `centralized`: one client holding all data): the clients' means are one
+    generation of a global CMA-ES."""
 
     def __init__(self, config: RunConfig, popsize: int):
         super().__init__(config, popsize)
@@ -186,7 +212,7 @@ class FedBPTStrategy(Strategy):
         else:
             merged = pooled_sigma(sigmas, self.local_popsize)
         self.es.sigma = merged
-        _tell_population(self.es, [np.asarray(u.mean, dtype=float) for u in ups], [float(u.fitness) for u in ups])
+        tell_generation(self.es, [np.asarray(u.mean, dtype=float) for u in ups], [float(u.fitness) for u in ups])
         after = float(self.es.sigma)
         self.local_sigma = next_local_sigma(self.local_sigma, merged, after, self.local_sigma_floor)
         self.mean = np.array(self.es.mean, dtype=float)
@@ -194,37 +220,13 @@ class FedBPTStrategy(Strategy):
         return MergeResult(sigma_merged=merged, sigma_after=after)
 
 
-def _tell_population(es: cma.CMAEvolutionStrategy, means: list[np.ndarray], fitnesses: list[float]) -> None:
-    """Tell `es` the clients' means as one generation, whatever its size.
+class FedBPTNoPerturbStrategy(FedBPTStrategy):
+    """`fedbpt-noperturb`: FedBPT's merge over clients whose fitness is the plain loss."""
 
-    cma expects popsize solutions per tell and, with CMA_mu = popsize, refuses fewer. When fewer
-    clients reported than were sampled (a deadline merge), or more were sampled than at round 0, the
-    generation is told with strategy parameters recomputed for its actual size (cma's own
-    `CMAParameters.set(popsize=...)`, every reporter a parent as FedBPT's CMA_mu = m intends): that
-    is exactly the update a global ES of that popsize would make, with nothing invented for the
-    missing clients (padding with the old mean would drag the mean back and shrink sigma). The
-    original parameters are put back afterwards, so a full round is cma's standard update. cma also
-    needs three solutions per generation (mirrors counted); a lone reporter is told as three
-    identical candidates, whose recombination is its mean (the weights sum to one).
-    """
-    if len(means) == 1:
-        means, fitnesses = means * 3, fitnesses * 3
-    lam = len(means)
-    saved_sp, saved_mu = es.sp, es.opts["CMA_mu"]
-    if lam != saved_sp.popsize:
-        es.sp = copy.deepcopy(saved_sp)
-        es.opts["CMA_mu"] = lam
-        es.sp.set(es.opts, popsize=lam, ccovfac=es.opts["CMA_on"], verbose=False)
-    try:
-        with warnings.catch_warnings():
-            # The asked candidates only satisfy cma's ask/tell protocol and are never evaluated, so the
-            # mirrors cma injects into them are orphaned by design.
-            warnings.simplefilter("ignore", cma.evolution_strategy.InjectionWarning)
-            es.ask()
-            es.tell(means, fitnesses)
-    finally:
-        es.sp = saved_sp
-        es.opts["CMA_mu"] = saved_mu
+    @classmethod
+    def configure(cls, config: RunConfig) -> RunConfig:
+        # Clients see `perturb`; the baseline's name must not be contradicted by a default left on.
+        return config.model_copy(update={"perturb": False}) if config.perturb else config
 
 
 class FedAvgZStrategy(Strategy):
@@ -235,6 +237,9 @@ class FedAvgZStrategy(Strategy):
         super().__init__(config, popsize)
         self.local_sigma = self.sigma
         self.robust = config.robust_merge
+
+    def clients_perturb(self, config: RunConfig) -> bool:
+        return False  # FedBBT: each client runs plain BBT
 
     def merge(self, updates: Sequence[ClientUpdate]) -> MergeResult:
         # Strategies pickled before robust merging existed have no attribute: they merged by weights.
@@ -261,6 +266,8 @@ class LocalOnlyStrategy(Strategy):
     clients' own prompts.
     """
 
+    own_prompts = True
+
     def __init__(self, config: RunConfig, popsize: int):
         super().__init__(config, popsize)
         self._means: dict[str, np.ndarray] = {}
@@ -282,15 +289,19 @@ class LocalOnlyStrategy(Strategy):
         return dict(sorted(self._means.items()))
 
 
-STRATEGIES: dict[str, type[Strategy]] = {
+STRATEGY_CLASSES: dict[str, type[Strategy]] = {
     "fedbpt": FedBPTStrategy,
-    "fedbpt-noperturb": FedBPTStrategy,
-    "centralized": FedBPTStrategy,
+    "fedbpt-noperturb": FedBPTNoPerturbStrategy,
     "fedavg-z": FedAvgZStrategy,
+    "centralized": FedBPTStrategy,
     "local-only": LocalOnlyStrategy,
 }
 
 
+def strategy_class(config: RunConfig) -> type[Strategy]:
+    return STRATEGY_CLASSES[config.strategy]
+
+
 def make_strategy(config: RunConfig, popsize: int) -> Strategy:
     """The run's strategy; `popsize` is the number of clients sampled for round 0 (FedBPT's m)."""
-    return STRATEGIES[config.strategy](config, popsize)
+    return strategy_class(config)(config, popsize)

@@ -134,7 +134,8 @@ class FedBPTClient:
             metrics = {"global_val_loss": float(ev.loss[0]), "global_val_accuracy": float(ev.accuracy[0]),
                        "val_samples": len(self.val)}
         perturbed = None
-        if cfg.perturb and cfg.strategy != "fedavg-z":
+        # The strategy's rule comes with the task; an aggregator from before that field leaves it to the config.
+        if cfg.perturb if task.perturb is None else task.perturb:
             perturbed = perturb_examples(self.train, cfg.perturb_rate, self.words,
                                          [cfg.seed, self.tag, task.round, 6])
         batches = self._batches(task.round)

@@ -12,6 +12,8 @@ from pydantic import BaseModel, Field
 
 from .schemas import Strict, Tensor
 
+# The strategy names: the aggregator maps each to its rules (aggregator.strategies.STRATEGY_CLASSES), its CLI
+# offers them, the bench grid runs them; clients never read a name, only what a RoundTask tells them.
 STRATEGIES = ("fedbpt", "fedbpt-noperturb", "fedavg-z", "centralized", "local-only")
 PLACEMENTS = ("ahead", "after-text")
 SIGMA_RULES = ("pooled", "paper-eq6")
@@ -24,7 +26,7 @@ class RunConfig(BaseModel):
     """Hyper-parameters of a run, fixed at the aggregator's start and handed to every client."""
 
     run_id: str
-    strategy: Literal["fedbpt", "fedbpt-noperturb", "fedavg-z", "centralized", "local-only"] = "fedbpt"
+    strategy: Literal[STRATEGIES] = "fedbpt"
     rounds: int = Field(default=10, ge=1)
     intrinsic_dim: int = Field(default=500, ge=1, description="d, the dimension of z")
     prompt_length: int = Field(default=50, ge=1, description="L soft tokens")
@@ -101,6 +103,9 @@ class RoundTask(BaseModel):
     sigma: float | None = None  # global step size
     local_sigma: float | None = None  # step size the local CMA-ES starts from
     deadline_s: float | None = None  # seconds left in the round
+    perturb: bool | None = Field(
+        default=None, description="whether the local fitness divides by the loss on a perturbed copy of the batch, "
+                                  "as the run's strategy decides (selected clients; absent from older aggregators)")
 
 
 class ClientCosts(Strict):

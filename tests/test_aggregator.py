@@ -102,15 +102,15 @@ class Clock:
 
 
 class TaskLooks:
-    """Records each answer the coordinator computes for one caller's `GET /v1/round`, in order."""
+    """Records each answer the coordinator computes for one client's `GET /v1/round`, in order."""
 
-    def __init__(self, coordinator, headers: dict):
+    def __init__(self, coordinator, client_id: str):
         self.answers: queue.Queue = queue.Queue()
-        task, who = coordinator.task, headers["Authorization"]
+        task = coordinator.task
 
-        def looked(authorization):
-            answer = task(authorization)
-            if authorization == who:
+        def looked(caller):
+            answer = task(caller)
+            if caller.client_id == client_id:
                 self.answers.put(answer)
             return answer
 
@@ -129,7 +129,7 @@ def test_long_poll_returns_when_the_round_moves_on_and_holds_otherwise(tmp_path)
     with serve_app(app) as url, httpx.Client(base_url=url, timeout=60) as http:
         ha, hb = register(http, "a"), register(http, "b")
         play(http, "a", 0, ha)
-        looks = TaskLooks(app.state.coordinator, ha)
+        looks = TaskLooks(app.state.coordinator, "a")
 
         # Nothing changes: when the wait is over, the answer is the state as it was.
         held = http.get("/v1/round", params={"wait": 0.3}, headers=ha).json()
@@ -288,21 +288,28 @@ def stored_states(db: Path) -> list[str]:
         return [state for (state,) in conn.execute("SELECT state FROM rounds ORDER BY round")]
 
 
+def advance(app, clock: Clock, seconds: float) -> None:
+    """Move the logical clock and tell the app: its deadline task sleeps by the real clock, which stood still."""
+    clock.now += seconds
+    app.state.events.wake()
+
+
 def test_silent_client_round_closes_at_its_deadline(tmp_path):
     cfg = config(min_clients=2, min_updates=1, round_timeout_s=10.0, rounds=3)
     db, clock = tmp_path / "run.db", Clock()
-    with live(cfg, db, clock=clock) as http:
+    app = create_app(cfg, str(db), clock=clock)
+    with serve_app(app) as url, httpx.Client(base_url=url, timeout=60) as http:
         ha = register(http, "a")
         register(http, "b")  # never reports
         play(http, "a", 0, ha)
-        # No request may do the closing here (each checks the deadline): the background check must, once the
-        # clock reaches the deadline and not before. Watch the database.
+        # No request does the closing here: the deadline task must, once the clock reaches the deadline and
+        # not before. Watch the database.
         assert stored_states(db) == ["open"]
-        clock.now += 9.5
+        advance(app, clock, 9.5)
         assert http.get("/v1/status").json()["history"][0]["state"] == "open"
-        clock.now += 0.5
+        advance(app, clock, 0.5)
         wait_for(lambda: stored_states(db)[0] != "open", what="round 0 to close")
-        clock.now += 10.0
+        advance(app, clock, 10.0)
         wait_for(lambda: stored_states(db)[1:2] == ["failed"], what="round 1 to fail")
         status = http.get("/v1/status").json()
         r0, r1, r2 = status["history"]
@@ -314,8 +321,38 @@ def test_silent_client_round_closes_at_its_deadline(tmp_path):
         assert r2["local_sigma"] == r1["local_sigma"]
         late = http.post("/v1/round/update", json=body(1, np.zeros(D)), headers=ha)
         assert late.status_code == 409
-        clock.now += 10.0
+        advance(app, clock, 10.0)
         wait_for(lambda: http.get("/v1/status").json()["state"] == "done", what="the run to end")
+
+
+def test_reads_never_close_a_round_and_the_deadline_task_does(tmp_path):
+    # A long timeout: the deadline task's real-time sleep cannot end while the reads below run, so only a read
+    # could close the round before the wake.
+    cfg = config(min_clients=2, round_timeout_s=3600.0)
+    db, clock = tmp_path / "run.db", Clock()
+    app = create_app(cfg, str(db), clock=clock, enroll_key="enroll", operator_key="op")
+    with serve_app(app) as url, httpx.Client(base_url=url, timeout=60) as http:
+        ha = register(http, "a", key="enroll")
+        register(http, "b", key="enroll")
+        play(http, "a", 0, ha)
+        clock.now += 3600.5  # past the deadline, and nothing told
+        op = {"Authorization": "Bearer op"}
+        assert http.get("/v1/status", headers=op).json()["history"][0]["state"] == "open"
+        task = http.get("/v1/round", headers=ha).json()
+        assert (task["round"], task["state"], task["deadline_s"]) == (0, "open", 0.0)
+        assert http.get("/v1/global", headers=op).json()["round"] == 0
+        assert http.get("/v1/round", params={"wait": 0.2}, headers=ha).json()["round"] == 0
+        assert stored_states(db) == ["open"]
+        app.state.events.wake()
+        wait_for(lambda: stored_states(db)[0] == "merged", what="the deadline task to close round 0")
+        assert http.get("/v1/status", headers=op).json()["history"][0]["closed_at"] == 1000.0 + 3600.5
+
+
+def test_a_task_carries_the_strategys_perturbation_rule(tmp_path):
+    for strategy, perturb in (("fedbpt", True), ("fedavg-z", False), ("fedbpt-noperturb", False)):
+        with live(config(strategy=strategy), tmp_path / f"{strategy}.db") as http:
+            task = http.get("/v1/round", headers=register(http, "a")).json()
+            assert task["perturb"] is perturb, strategy
 
 
 def test_a_merge_that_raises_fails_its_round_and_the_run_goes_on(tmp_path, monkeypatch):

@@ -19,7 +19,7 @@ from schemathesis import GenerationMode
 from schemathesis.specs.openapi.checks import response_schema_conformance
 
 from aggregator.app import create_app
-from aggregator.coordinator import MAX_METRIC, MAX_SAMPLES
+from aggregator.validation import MAX_METRIC, MAX_SAMPLES
 from fedbpt.loopback import serve_app
 from fedbpt_wire.federation import RunConfig
 from fedbpt_wire.schemas import Tensor

@@ -5,13 +5,17 @@ from __future__ import annotations
 import math
 import pickle
 
+import cma
 import numpy as np
 import pytest
 from cma.recombination_weights import RecombinationWeights
 from cma.sigma_adaptation import CMAAdaptSigmaCSA
 
+from aggregator.cma_generation import tell_generation
 from aggregator.strategies import (
+    STRATEGY_CLASSES,
     ClientUpdate,
+    Strategy,
     FedAvgZStrategy,
     FedBPTStrategy,
     LocalOnlyStrategy,
@@ -20,7 +24,7 @@ from aggregator.strategies import (
     paper_eq6_sigma,
     pooled_sigma,
 )
-from fedbpt_wire.federation import RunConfig
+from fedbpt_wire.federation import STRATEGIES, RunConfig
 
 
 def cfg(**kw) -> RunConfig:
@@ -192,3 +196,50 @@ def test_global_es_adapts_sigma_from_the_mean_shift_at_any_dimension():
     # cma would pick two-point adaptation at d >= 300, whose signal is a candidate pair no client evaluates
     s = FedBPTStrategy(cfg(intrinsic_dim=500), popsize=3)
     assert isinstance(s.es.adapt_sigma, CMAAdaptSigmaCSA)
+
+
+def test_every_wire_name_has_a_strategy_class_and_no_other():
+    assert tuple(STRATEGY_CLASSES) == STRATEGIES
+    assert all(issubclass(c, Strategy) for c in STRATEGY_CLASSES.values())
+    with pytest.raises(TypeError):
+        Strategy(cfg(), popsize=1)  # abstract: a strategy without a merge is no strategy
+
+
+def test_strategies_own_their_perturbation_and_config_rules():
+    assert make_strategy(cfg(), 2).clients_perturb(cfg())
+    assert not make_strategy(cfg(), 2).clients_perturb(cfg(perturb=False))
+    assert not make_strategy(cfg(strategy="fedavg-z"), 2).clients_perturb(cfg(strategy="fedavg-z"))
+    noperturb = cfg(strategy="fedbpt-noperturb")
+    assert STRATEGY_CLASSES["fedbpt-noperturb"].configure(noperturb).perturb is False
+    assert STRATEGY_CLASSES["fedbpt"].configure(cfg()) == cfg()
+
+
+def _es(popsize: int, d: int = 6):
+    opts = {"popsize": popsize, "CMA_mu": popsize, "seed": 7, "verbose": -9, "AdaptSigma": CMAAdaptSigmaCSA}
+    return cma.CMAEvolutionStrategy(np.zeros(d), 1.0, inopts=opts)
+
+
+@pytest.mark.parametrize("told", [2, 3, 6])
+def test_tell_generation_is_pycmas_own_tell_of_an_es_that_size(told):
+    """Against a twin built with popsize = CMA_mu = the generation's size, told by pycma itself: the same mean
+    and covariance. The ES keeps its own options and parameters afterwards."""
+    rng = np.random.default_rng(1)
+    solutions, fitnesses = [rng.normal(size=6) for _ in range(told)], list(rng.normal(size=told))
+    es, twin = _es(popsize=4), _es(popsize=told)
+    opts, sp = dict(es.opts), es.sp
+    tell_generation(es, solutions, fitnesses)
+    twin.ask()
+    twin.tell(solutions, fitnesses)
+    np.testing.assert_allclose(es.mean, twin.mean, rtol=0, atol=1e-14)
+    np.testing.assert_allclose(es.C, twin.C, rtol=0, atol=1e-14)
+    assert es.sp is sp and dict(es.opts) == opts
+    # every solution a parent, weighted by rank: the mean by hand
+    w = RecombinationWeights(2 * told).positive_weights
+    by_hand = sum(wi * solutions[i] for wi, i in zip(w, np.argsort(fitnesses, kind="stable")))
+    np.testing.assert_allclose(es.mean, by_hand, rtol=0, atol=1e-12)
+
+
+def test_tell_generation_of_one_solution_puts_the_mean_on_it():
+    es = _es(popsize=4)
+    tell_generation(es, [np.full(6, 0.3)], [0.5])
+    np.testing.assert_allclose(es.mean, np.full(6, 0.3), atol=1e-12)
