@@ -47,7 +47,7 @@ from .metering import TrafficMeter
 from .store import Store
 from .strategies import strategy_class
 
-log = logging.getLogger("aggregator")
+log = logging.getLogger(__name__)
 
 MAX_WAIT_S = 30.0  # longest a `GET /v1/round?wait=` may be held
 

@@ -18,12 +18,13 @@ from fedbpt_wire.federation import PLACEMENTS, ROBUST_MERGES, SIGMA_RULES, STRAT
 from fedbpt_wire.projection import PROMPT_INITS
 
 from fedbpt_wire.asgi import add_connection_arguments, uvicorn_options
+from fedbpt_wire.logs import setup_logging
 
 from .coordinator import MAX_CLIENTS
 from .store import Store
 from .strategies import strategy_class
 
-log = logging.getLogger("aggregator")
+log = logging.getLogger(__name__)
 
 # Where no flag or --config file says otherwise: the search space and start that the embedded model needs, as
 # `fedbpt demo` runs it (docs/design.md, section 6), not RunConfig's paper-sized d = 500 and L = 50, which are
@@ -127,7 +128,7 @@ def config_file(path: str) -> dict:
 def run(args: argparse.Namespace) -> int:
     from .server import serve  # fastapi, uvicorn and cma only once there is something to serve
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging()
     if args.ssl_keyfile and not args.ssl_certfile:
         print("--ssl-keyfile needs --ssl-certfile", file=sys.stderr)
         return 2

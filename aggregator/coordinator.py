@@ -54,7 +54,7 @@ from .store import RoundRow, Store
 from .strategies import ClientUpdate, Strategy, bound_updates, make_strategy, strategy_class
 from .validation import Invalid, check_parts, check_samples, check_update
 
-log = logging.getLogger("aggregator")
+log = logging.getLogger(__name__)
 
 MAX_CLIENTS = 10_000  # default cap on registered identities: every one is sampled, and a round waits for it
 

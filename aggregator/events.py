@@ -10,7 +10,7 @@ import asyncio
 import contextlib
 import logging
 
-log = logging.getLogger("aggregator")
+log = logging.getLogger(__name__)
 
 RETRY_S = 1.0  # after a deadline check failed (the database, say), before trying again
 

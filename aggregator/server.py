@@ -14,7 +14,7 @@ from fedbpt_wire.federation import RunConfig
 from .app import create_app
 from .coordinator import MAX_CLIENTS
 
-log = logging.getLogger("aggregator")
+log = logging.getLogger(__name__)
 
 
 def serve(config: RunConfig, db_path: str, host: str = "127.0.0.1", port: int = 8100,
