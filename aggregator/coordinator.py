@@ -48,6 +48,7 @@ from fedbpt_wire.federation import (
     UpdateRequest,
     UpdateResponse,
 )
+from fedbpt_wire.schemas import Tensor
 from fedbpt_wire.tensors import decode_tensor, encode_tensor
 
 from .store import RoundRow, Store
@@ -250,10 +251,11 @@ class Coordinator:
 
     def _holds_token(self, caller: Caller) -> bool:
         """Under the lock: the client's token is still its current one (a re-registration retires the old)."""
-        return caller.role == "client" and self.store.client_by_token(caller.token_digest) == caller.client_id
+        return (caller.role == "client" and caller.token_digest is not None
+                and self.store.client_by_token(caller.token_digest) == caller.client_id)
 
     def _client(self, caller: Caller) -> str:
-        if not self._holds_token(caller):
+        if caller.client_id is None or not self._holds_token(caller):
             raise Rejected(401, "Authorization: unknown client token (register at POST /v1/clients)")
         return caller.client_id
 
@@ -312,12 +314,14 @@ class Coordinator:
             deadline_s = max(0.0, o.deadline_at - now)
             if client_id not in o.selected:
                 return RoundTask(**base, state="open", selected=False, deadline_s=deadline_s)
-            t = self.strategy.task(client_id)
+            strategy = self.strategy
+            assert strategy is not None, "round 0 opens only once the strategy exists"
+            t = strategy.task(client_id)
             return RoundTask(
                 **base, state="open", selected=True,
                 submitted=self.store.update_digest(o.round, client_id) is not None,
                 mean=encode_tensor(t.mean), sigma=t.sigma, local_sigma=t.local_sigma, deadline_s=deadline_s,
-                perturb=self.strategy.clients_perturb(self.config),
+                perturb=strategy.clients_perturb(self.config),
             )
 
     def submit(self, caller: Caller, req: UpdateRequest) -> UpdateResponse:
@@ -359,7 +363,7 @@ class Coordinator:
             base = {"run_id": self.config.run_id, "round": self.current_round(), "state": self.state()}
             if self.strategy is None:
                 start = np.zeros(self.config.intrinsic_dim)
-                local = {} if self.rules.own_prompts else None
+                local: dict[str, Tensor] | None = {} if self.rules.own_prompts else None
                 return GlobalState(**base, mean=encode_tensor(start), sigma=self.config.sigma0, client_means=local)
             own = self.strategy.client_means()
             if own is not None and reader is not None:
@@ -375,7 +379,7 @@ class Coordinator:
             details = self.sees_details(caller)
             history = run_history(self.store)
             if not details:
-                hidden = {"selected": [], "reporters": [], "val_accuracy": None, "val_loss": None, "clipped": None}
+                hidden: dict[str, object] = {"selected": [], "reporters": [], "val_accuracy": None, "val_loss": None, "clipped": None}
                 history = [r.model_copy(update=hidden) for r in history]
             return RunStatus(
                 config=self.config, state=self.state(), round=self.current_round(),
@@ -437,9 +441,10 @@ class Coordinator:
     def _close(self, o: RoundRow, now: float, merge: bool) -> None:
         updates = self.store.updates(o.round)
         strategy, blob, result = self.strategy, self._blob, None
+        assert strategy is not None and blob is not None, "a round is open only once the strategy exists"
         clipped = 0
         if merge:
-            candidate = pickle.loads(self._blob)
+            candidate = pickle.loads(blob)
             try:
                 ups = [ClientUpdate(cid, decode_tensor(u.mean), u.fitness, u.sigmas, u.num_samples, u.final_sigma)
                        for cid, u in updates]
@@ -469,7 +474,7 @@ class Coordinator:
                 self.store.insert_round(row)
         self._blob, self.strategy = blob, strategy
         self._set_open(row, started=nxt + 1 if row is not None else nxt)
-        if merged:
+        if result is not None:
             log.info("round %d merged %d/%d updates: sigma %.4g -> %.4g", o.round, len(updates), len(o.selected),
                      o.sigma_before, result.sigma_after)
         elif not merge:

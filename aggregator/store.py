@@ -86,10 +86,11 @@ _ROUND_COLUMNS = (
 
 
 def _round_row(row) -> RoundRow:
-    r = RoundRow(*row)
-    r.selected = json.loads(r.selected)
-    r.metrics = json.loads(r.metrics) if r.metrics else None
-    return r
+    """A `rounds` row, its JSON columns (selected, metrics) decoded."""
+    values = list(row)
+    values[2] = json.loads(values[2])
+    values[10] = json.loads(values[10]) if values[10] else None
+    return RoundRow(*values)
 
 
 class Store:

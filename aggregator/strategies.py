@@ -18,6 +18,7 @@ from typing import ClassVar, Sequence
 
 import cma
 import numpy as np
+from numpy.typing import ArrayLike
 from cma.recombination_weights import RecombinationWeights
 
 from fedbpt_wire.federation import RunConfig
@@ -47,7 +48,7 @@ class Task:
 
     mean: np.ndarray
     sigma: float  # the global step size
-    local_sigma: float  # the step size its local CMA-ES starts with
+    local_sigma: float | None  # the step size its local CMA-ES starts with (None: the global one)
 
 
 @dataclass(frozen=True)
@@ -119,17 +120,17 @@ def bound_updates(updates: Sequence[ClientUpdate], center: np.ndarray, sigma: fl
     return out, changed
 
 
-def robust_average(rows: np.ndarray, how: str) -> np.ndarray:
+def robust_average(rows: ArrayLike, how: str) -> np.ndarray:
     """Coordinate-wise median, or mean after dropping the lowest and highest max(1, m // 5) per coordinate
     (m >= 3; fewer rows leave nothing to trim and take the mean)."""
-    rows = np.asarray(rows, dtype=float)
+    table = np.asarray(rows, dtype=float)
     if how == "median":
-        return np.median(rows, axis=0)
-    m = rows.shape[0]
+        return np.median(table, axis=0)
+    m = table.shape[0]
     if m < 3:
-        return rows.mean(axis=0)
+        return table.mean(axis=0)
     trim = max(1, m // 5)
-    return np.sort(rows, axis=0)[trim : m - trim].mean(axis=0)
+    return np.sort(table, axis=0)[trim : m - trim].mean(axis=0)
 
 
 def next_local_sigma(previous: float, before: float, after: float, floor: float) -> float:
@@ -185,6 +186,8 @@ class Strategy(ABC):
 class FedBPTStrategy(Strategy):
     """FedBPT (`fedbpt`, and `centralized`: one client holding all data): the clients' means are one
     generation of a global CMA-ES."""
+
+    local_sigma: float
 
     def __init__(self, config: RunConfig, popsize: int):
         super().__init__(config, popsize)

@@ -125,6 +125,8 @@ class FedBPTClient:
     def run_round(self, task: RoundTask) -> UpdateRequest:
         cfg = self.config
         usage_before = self.service.usage()
+        if task.mean is None:
+            raise ValueError(f"round {task.round}: the aggregator sent a task without a mean")
         mean = decode_tensor(task.mean, "mean").astype(np.float64)
         if mean.shape != (cfg.intrinsic_dim,):
             raise ValueError(f"global mean has shape {mean.shape}, expected ({cfg.intrinsic_dim},)")

@@ -49,9 +49,9 @@ class RetryingClient:
                  backoff: float = 0.5, max_backoff: float = 10.0, verify: bool | str = True,
                  retry_for: float | None = None, name: str = "server"):
         headers = {"Authorization": f"Bearer {token}"} if token else {}
-        if isinstance(verify, str):  # httpx takes a CA file only through an SSL context
-            verify = ssl.create_default_context(cafile=verify)
-        self.http = httpx.Client(base_url=base_url.rstrip("/"), headers=headers, timeout=timeout, verify=verify)
+        # httpx takes a CA file only through an SSL context.
+        context = ssl.create_default_context(cafile=verify) if isinstance(verify, str) else verify
+        self.http = httpx.Client(base_url=base_url.rstrip("/"), headers=headers, timeout=timeout, verify=context)
         self.retries = retries
         self.backoff = backoff
         self.max_backoff = max_backoff

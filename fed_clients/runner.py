@@ -88,23 +88,23 @@ def run_client(service: ServiceClient, aggregator: AggregatorClient, client_id: 
     idle_since = time.monotonic()
     wait = poll_s
     while True:
-        task = aggregator.round(wait=long_poll_s)
-        if task.state == "done":
+        round_task = aggregator.round(wait=long_poll_s)
+        if round_task.state == "done":
             return worked
-        if task.state == "open" and task.selected and not task.submitted:
-            update = client.run_round(task)
+        if round_task.state == "open" and round_task.selected and not round_task.submitted:
+            update = client.run_round(round_task)
             try:
                 aggregator.submit(update)
                 worked += 1
             except RequestFailed as exc:
                 if exc.status != 409:
                     raise
-                log.warning("%s round %d: update refused (%s); the round closed without it", client_id, task.round,
+                log.warning("%s round %d: update refused (%s); the round closed without it", client_id, round_task.round,
                             exc.detail)
             outcome.rounds_worked = worked
             if update.metrics.global_val_accuracy is not None:
                 outcome.last_val_accuracy = update.metrics.global_val_accuracy
-            _progress(client_id, task.round, reg.config.rounds, time.monotonic() - started, outcome.last_val_accuracy)
+            _progress(client_id, round_task.round, reg.config.rounds, time.monotonic() - started, outcome.last_val_accuracy)
             idle_since = time.monotonic()
             wait = poll_s
             continue

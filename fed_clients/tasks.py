@@ -130,7 +130,7 @@ def task_from_spec(spec, where: str = "task spec") -> Task:
     if not isinstance(name, str) or not name.strip():
         raise TaskSpecError(f"{where}: 'name' must be a non-empty string")
     fields = _check_template(spec.get("template"), "template", where)
-    masked = spec.get("masked_template", spec["template"])
+    masked = spec["masked_template"] if "masked_template" in spec else spec["template"]
     if set(_check_template(masked, "masked_template", where)) != set(fields):
         raise TaskSpecError(f"{where}: 'masked_template' must name the same columns as 'template' ({', '.join(fields)})")
     words = spec.get("label_words")

@@ -162,7 +162,7 @@ def report(args: argparse.Namespace) -> int:
     _write_csv(out / "rounds.csv", rows, ROUND_COLUMNS)
     client_columns = list(ClientRoundRecord.model_fields)
     _write_csv(out / "clients.csv", [c.model_dump() for c in clients], client_columns)
-    per_client = {}
+    per_client: dict[str, dict] = {}
     for c in clients:
         agg = per_client.setdefault(c.client_id, {"client_id": c.client_id, "rounds": 0, "queries": 0, "sequences": 0,
                                                   "tokens": 0, "service_bytes_up": 0, "service_bytes_down": 0,

@@ -445,6 +445,7 @@ def resolve_model(ref: str | None) -> str:
     model = embedded_model(ref)
     if model is not None:
         return str(ensure_model(name=model.name))
+    assert ref is not None, "no reference names the default embedded model"
     path = Path(ref).expanduser()
     if path.is_dir():
         return str(path)

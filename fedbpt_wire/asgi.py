@@ -10,6 +10,7 @@ import argparse
 import asyncio
 import json
 import time
+from collections.abc import Sequence
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -66,7 +67,7 @@ async def _too_large(send, limit: int) -> None:
     await send_error(send, 413, f"request body over the limit of {limit} bytes")
 
 
-async def send_error(send, status: int, detail: str, headers: list[tuple[bytes, bytes]] = ()) -> None:
+async def send_error(send, status: int, detail: str, headers: Sequence[tuple[bytes, bytes]] = ()) -> None:
     """A `{"detail": ...}` JSON answer sent straight from ASGI middleware, before any route runs."""
     body = json.dumps({"detail": detail}).encode()
     await send(

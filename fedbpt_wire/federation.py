@@ -6,15 +6,16 @@ its upload the client's local distribution and fitness: kilobytes, never a model
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal, get_args
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, StringConstraints
 
 from .schemas import Strict, Tensor
 
 # The strategy names: the aggregator maps each to its rules (aggregator.strategies.STRATEGY_CLASSES), its CLI
 # offers them, the bench grid runs them; clients never read a name, only what a RoundTask tells them.
-STRATEGIES = ("fedbpt", "fedbpt-noperturb", "fedavg-z", "centralized", "local-only")
+StrategyName = Literal["fedbpt", "fedbpt-noperturb", "fedavg-z", "centralized", "local-only"]
+STRATEGIES: tuple[str, ...] = get_args(StrategyName)
 PLACEMENTS = ("ahead", "after-text")
 SIGMA_RULES = ("pooled", "paper-eq6")
 ROBUST_MERGES = ("none", "median", "trimmed-mean")
@@ -26,7 +27,7 @@ class RunConfig(BaseModel):
     """Hyper-parameters of a run, fixed at the aggregator's start and handed to every client."""
 
     run_id: str
-    strategy: Literal[STRATEGIES] = "fedbpt"
+    strategy: StrategyName = "fedbpt"
     rounds: int = Field(default=10, ge=1)
     intrinsic_dim: int = Field(default=500, ge=1, description="d, the dimension of z")
     prompt_length: int = Field(default=50, ge=1, description="L soft tokens")
@@ -65,11 +66,11 @@ class RunConfig(BaseModel):
                                     "trimmed mean of the clients' means and step sizes, unweighted")
 
 
-_CLIENT_NAME = {"min_length": 1, "max_length": 64, "pattern": r"^[A-Za-z0-9_.-]+$"}
+ClientName = Annotated[str, StringConstraints(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")]
 
 
 class RegisterRequest(Strict):
-    client_id: str = Field(**_CLIENT_NAME)
+    client_id: ClientName
     num_samples: int = Field(ge=0)
 
 
@@ -82,7 +83,7 @@ class RegisterResponse(BaseModel):
 class PartitionClaim(Strict):
     """A client asking for its part K of N of a shared pool, where it was given no index (compose replicas)."""
 
-    instance: str = Field(**_CLIENT_NAME, description="stable across the client's restarts, e.g. its host name")
+    instance: ClientName = Field(description="stable across the client's restarts, e.g. its host name")
     parts: int = Field(ge=1, description="N")
 
 

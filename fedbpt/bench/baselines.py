@@ -13,7 +13,7 @@ the prompt, the way the black-box methods' wire bytes are.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -111,7 +111,7 @@ class PromptUpdate(BaseModel):
     num_samples: int
 
 
-def fedavg(prompts: list[np.ndarray], weights: list[float]) -> np.ndarray:
+def fedavg(prompts: list[np.ndarray], weights: Sequence[float]) -> np.ndarray:
     """The weighted mean of the clients' prompts (weights: their numbers of training examples)."""
     w = np.asarray(weights, dtype=np.float64)
     if len(prompts) != len(w) or not len(w) or (w < 0).any() or w.sum() <= 0:

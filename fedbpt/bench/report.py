@@ -238,13 +238,13 @@ def write_report(grid: Grid, rows: list[dict], out: Path) -> str:
         writer.writeheader()
         writer.writerows(rows)
     with open(out / "rounds.csv", "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["key", "round", "curve_accuracy_at_start", "queries", "sequences", "bytes_up", "bytes_down",
+        table = csv.writer(f)
+        table.writerow(["key", "round", "curve_accuracy_at_start", "queries", "sequences", "bytes_up", "bytes_down",
                          "service_bytes_up", "service_bytes_down", "val_accuracy"])
         for r in rows:
             for i, x in enumerate(r["rounds"]):
                 acc = r["curve"][i] if i < len(r["curve"]) else None
-                writer.writerow([r["key"], x["round"], acc, x["queries"], x["sequences"], x["bytes_up"],
+                table.writerow([r["key"], x["round"], acc, x["queries"], x["sequences"], x["bytes_up"],
                                  x["bytes_down"], x["service_bytes_up"], x["service_bytes_down"], x["val_accuracy"]])
     for setting in sorted({(r["task"], r["regime"], r["partition"]) for r in rows}):
         chosen = [r for r in rows if (r["task"], r["regime"], r["partition"]) == setting]

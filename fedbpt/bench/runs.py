@@ -232,6 +232,7 @@ class Bench:
                       "prompt_placement": g.prompt_placement, "round_timeout_s": 3600,
                       "clip_multiple": g.clip_multiple, "robust_merge": g.robust_merge}
         per_class = g.regimes[setting.regime]
+        assert self.service_url is not None, "runs happen inside Bench.service()"
         run = Children(self.logs, env=SINGLE_THREADED)
         with run:
             run.start_healthy(f"{name}-aggregator", aggregator_argv(port, db, run_config), agg_url,
@@ -242,7 +243,7 @@ class Bench:
                                            batch_size=g.batch_size, prompt_wire=g.prompt_wire,
                                            label_words=g.label_words or None, per_class=per_class or None,
                                            alpha=setting.alpha if clients > 1 else None),
-                               env={"FEDBPT_API_KEY": self.api_key, "FEDBPT_ENROLL_KEY": self.enroll_key})
+                               env={"FEDBPT_API_KEY": self.api_key or "", "FEDBPT_ENROLL_KEY": self.enroll_key})
                      for k in range(clients)]
             memory = PeakMemory(procs)
             observer = AggregatorClient(agg_url, timeout=60, token=self.operator_key)
