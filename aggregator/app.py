@@ -18,7 +18,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from typing import Callable
+from collections.abc import Callable
 
 from fastapi import Depends, FastAPI, Query, Request
 from fastapi.responses import JSONResponse

@@ -14,11 +14,10 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from fedbpt_wire.federation import PLACEMENTS, ROBUST_MERGES, SIGMA_RULES, STRATEGIES, RunConfig
-from fedbpt_wire.projection import PROMPT_INITS
-
 from fedbpt_wire.asgi import add_connection_arguments, uvicorn_options
+from fedbpt_wire.federation import PLACEMENTS, ROBUST_MERGES, SIGMA_RULES, STRATEGIES, RunConfig
 from fedbpt_wire.logs import setup_logging
+from fedbpt_wire.projection import PROMPT_INITS
 
 from .coordinator import MAX_CLIENTS
 from .store import Store

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import copy
 import warnings
-from typing import Sequence
+from collections.abc import Sequence
 
 import cma
 import numpy as np

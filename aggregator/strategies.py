@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import ClassVar, Sequence
+from typing import ClassVar
 
 import cma
 import numpy as np
-from numpy.typing import ArrayLike
 from cma.recombination_weights import RecombinationWeights
+from numpy.typing import ArrayLike
 
 from fedbpt_wire.federation import RunConfig
 

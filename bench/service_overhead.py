@@ -9,6 +9,7 @@ Prints sequences/s and tokens/s of each path and the ratios HTTP / in-process an
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import time
 
@@ -18,13 +19,17 @@ import torch
 
 from fed_clients.data import load_splits
 from fed_clients.tasks import get_task
+from fedbpt.loopback import serve_app
 from fedbpt_assets import ensure_model
 from fedbpt_wire.tensors import encode_tensor
 from inference_service.app import create_app
 from inference_service.auth import KeyStore
 from inference_service.engine import ScoreBatch
 from inference_service.torch_engine import TorchEngine
-from fedbpt.loopback import serve_app
+
+
+def _post_ok(http: httpx.Client, url: str, body: dict) -> None:
+    http.post(url, json=body).raise_for_status()
 
 
 def best_of(repeats: int, fn) -> float:
@@ -81,11 +86,11 @@ def main() -> None:
         batch = ScoreBatch(prompts, texts, list(task.label_words))
         warm = engine.score(batch)
         seqs, tokens = warm.sequences, warm.tokens
-        t_engine = best_of(args.repeats, lambda: engine.score(batch))
+        t_engine = best_of(args.repeats, functools.partial(engine.score, batch))
         t_raw = best_of(args.repeats, raw_forward(engine, batch))
         body = {"prompts": encode_tensor(prompts).model_dump(), "texts": texts, "label_words": list(task.label_words)}
         with serve_app(create_app(engine, KeyStore({}))) as url, httpx.Client(timeout=600) as http:
-            post = lambda: http.post(f"{url}/v1/score", json=body).raise_for_status()  # noqa: E731
+            post = functools.partial(_post_ok, http, f"{url}/v1/score", body)
             post()
             t_http = best_of(args.repeats, post)
         for path, t, ratio in (("raw", t_raw, ""), ("in-process", t_engine, f"in-process/raw {t_raw / t_engine:.3f}"),

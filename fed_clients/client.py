@@ -18,9 +18,9 @@ from fedbpt_wire.projection import Projection, projection_for
 from fedbpt_wire.tensors import decode_tensor, encode_tensor
 
 from .data import Example
+from .http import RequestFailed
 from .local_search import cma_seed, local_search
 from .perturb import corpus_words, perturb_examples
-from .http import RequestFailed
 from .service_client import ServiceClient, request_chunks
 from .tasks import Task, with_placement
 

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import csv
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 from .tasks import HF_COLUMNS, Task
 
@@ -82,8 +82,7 @@ def _parquet_rows(path: Path) -> Iterator[tuple[int, dict]]:
     except Exception as exc:  # pyarrow's errors have no common base worth naming here
         raise DataError(f"{path}: not a readable Parquet file ({exc})") from None
     # Parquet has no lines: the row number (1-based) stands in for one.
-    for i, row in enumerate(table.to_pylist(), start=1):
-        yield i, row
+    yield from enumerate(table.to_pylist(), start=1)
 
 
 def read_rows(path: str | Path) -> Iterator[tuple[int, dict]]:

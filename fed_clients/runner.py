@@ -11,9 +11,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
 import httpx
+import numpy as np
 
 from fedbpt_wire.federation import RunConfig
 from fedbpt_wire.tensors import decode_tensor

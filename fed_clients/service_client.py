@@ -37,7 +37,7 @@ class Usage:
     bytes_up: int = 0
     bytes_down: int = 0
 
-    def __sub__(self, other: "Usage") -> "Usage":
+    def __sub__(self, other: Usage) -> Usage:
         return Usage(*(a - b for a, b in zip(astuple(self), astuple(other))))
 
 

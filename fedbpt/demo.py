@@ -99,20 +99,18 @@ class Progress:
 
 
 def run_demo(cfg: DemoConfig) -> dict:
+    import fedbpt_assets as assets
     from fed_clients.aggregator_client import AggregatorClient
     from fed_clients.client import PromptScorer
     from fed_clients.data import load_splits
     from fed_clients.evaluation import calibrated_predictions, fit_calibration, mcnemar_exact
     from fed_clients.partition import few_shot
-    from fed_clients.tasks import parse_label_words, with_placement
+    from fed_clients.prompt_file import prompt_payload, write_prompt
+    from fed_clients.service_client import ServiceClient
+    from fed_clients.tasks import TASKS, get_task, parse_label_words, with_placement
     from fedbpt_wire.metrics import label_cross_entropy
     from fedbpt_wire.projection import projection_for
-    from fed_clients.service_client import ServiceClient
-    from fed_clients.prompt_file import prompt_payload, write_prompt
-    from fed_clients.tasks import TASKS, get_task
     from fedbpt_wire.tensors import decode_tensor
-
-    import fedbpt_assets as assets
 
     t_start = time.monotonic()
     # The task and its verbalizer first: a bad one fails here, before any process starts.

@@ -128,7 +128,7 @@ class Children:
                 proc.kill()
                 proc.wait()
 
-    def __enter__(self) -> "Children":
+    def __enter__(self) -> Children:
         return self
 
     def __exit__(self, *exc) -> None:

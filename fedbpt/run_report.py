@@ -33,10 +33,10 @@ def add_report_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _fetch(args: argparse.Namespace, path: str):
+    import httpx
+
     from fed_clients.errors import unreachable
     from fed_clients.http import RequestFailed, RetryingClient
-
-    import httpx
 
     http = RetryingClient(args.aggregator, args.operator_key, timeout=args.timeout, verify=args.ca_cert or True,
                           retries=2)

@@ -42,7 +42,7 @@ class BodyLimit:
             try:
                 left = None if deadline is None else max(0.0, deadline - time.monotonic())
                 message = await asyncio.wait_for(receive(), left)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 return await send_error(send, 408, f"request body not received within {self.read_timeout:g} s")
             if message["type"] == "http.disconnect":
                 return

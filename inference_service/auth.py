@@ -80,7 +80,7 @@ class KeyStore:
 
     @classmethod
     def from_sources(cls, keys_file: str | None = None, default_quota: int | None = None,
-                     recheck_s: float = 1.0) -> "KeyStore":
+                     recheck_s: float = 1.0) -> KeyStore:
         """Keys from `FEDBPT_API_KEYS` (comma-separated) and a file of `key [quota]` lines."""
         env = {k.strip(): default_quota for k in os.environ.get("FEDBPT_API_KEYS", "").split(",") if k.strip()}
         store = cls(env, keys_file, default_quota, recheck_s)

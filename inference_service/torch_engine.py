@@ -15,7 +15,8 @@ from fedbpt_wire.schemas import ModelInfo
 
 from .embeddings import embedding_std
 from .engine import InputError, ScoreBatch, ScoreResult
-from .layout import Layout, anchor_text, Sequence, TextIds, label_token_ids, make_layout, positions as sequence_positions, sequence, tokenize_text
+from .layout import Layout, Sequence, TextIds, anchor_text, label_token_ids, make_layout, sequence, tokenize_text
+from .layout import positions as sequence_positions
 from .limits import Limits
 
 log = logging.getLogger(__name__)

@@ -23,7 +23,8 @@ from fedbpt_wire.schemas import ModelInfo
 
 from .embeddings import embedding_std
 from .engine import ScoreBatch, ScoreResult
-from .layout import Layout, anchor_text, TextIds, label_token_ids, make_layout, positions as sequence_positions, sequence, tokenize_text
+from .layout import Layout, TextIds, anchor_text, label_token_ids, make_layout, sequence, tokenize_text
+from .layout import positions as sequence_positions
 from .limits import Limits
 
 log = logging.getLogger(__name__)

@@ -11,11 +11,11 @@ import math
 import numpy as np
 import pytest
 
+from aggregator.app import create_app
 from aggregator.strategies import SIGMA_CLIP, ClientUpdate, bound_updates, robust_average
 from fed_clients.aggregator_client import AggregatorClient
 from fed_clients.credentials import TokenFile
 from fedbpt.loopback import serve_app
-from aggregator.app import create_app
 
 from .test_aggregator import D, body, config, live, mean_of, register
 

@@ -10,14 +10,21 @@ import numpy as np
 import pytest
 import torch
 
-from fedbpt.bench.baselines import (PromptUpdate, fedavg, fedprompt_run, icl_evaluate, pick_demos, prompt_label_logits,
-                             render_icl)
 from fed_clients.data import Example, load_splits
-from fedbpt_wire.projection import initial_prompt
 from fed_clients.runner import client_shard
 from fed_clients.service_client import ServiceClient
 from fed_clients.tasks import get_task
+from fedbpt.bench.baselines import (
+    PromptUpdate,
+    fedavg,
+    fedprompt_run,
+    icl_evaluate,
+    pick_demos,
+    prompt_label_logits,
+    render_icl,
+)
 from fedbpt.loopback import serve_app
+from fedbpt_wire.projection import initial_prompt
 from fedbpt_wire.tensors import encode_tensor
 from inference_service.app import create_app
 from inference_service.auth import KeyStore

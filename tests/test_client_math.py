@@ -13,8 +13,8 @@ from fed_clients.data import Example
 from fed_clients.local_search import cma_seed, local_search
 from fed_clients.partition import dirichlet_partition, few_shot, iid_partition, partition, train_val_split
 from fed_clients.perturb import corpus_words, perturb_examples
-from fedbpt_wire.projection import Projection, initial_prompt, initial_token_ids, projection_matrix, projection_std
 from fed_clients.tasks import TASKS, get_task
+from fedbpt_wire.projection import Projection, initial_prompt, initial_token_ids, projection_matrix, projection_std
 
 
 def test_projection_is_seeded_and_scaled():

@@ -22,8 +22,8 @@ import httpx
 import numpy as np
 import pytest
 
-from fedbpt import launch
 from fed_clients.prompt_file import read_prompt
+from fedbpt import launch
 from fedbpt.loopback import free_port
 
 from .test_engine_contract import build_tiny_llama

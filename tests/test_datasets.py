@@ -13,8 +13,8 @@ import pytest
 from fed_clients.data import load_splits
 from fed_clients.tasks import get_task
 from fedbpt_assets import (
-    EMBEDDED_DATA,
     AMAZON_SNIPPETS_MEMBER,
+    EMBEDDED_DATA,
     SPLITS,
     VADER_RESOURCES_MEMBER,
     VADER_SDIST,

@@ -9,8 +9,8 @@ import pytest
 
 from fed_clients.tasks import parse_label_words
 from fedbpt.demo import DemoConfig, run_demo
-from fedbpt_wire.tensors import decode_tensor
 from fedbpt_wire.schemas import Tensor
+from fedbpt_wire.tensors import decode_tensor
 
 
 def test_parse_label_words_keeps_each_words_space():

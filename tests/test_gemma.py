@@ -38,7 +38,7 @@ def build_tiny_gemma3(out: Path) -> Path:
     Two layers, one sliding-window (window 6, shorter than prompt + text) and one full-attention, each
     with its own rope base, so both per-layer-type paths and the window's masking are exercised.
     """
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers, decoders
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import Gemma3ForCausalLM, Gemma3TextConfig, PreTrainedTokenizerFast
 
     out.mkdir(parents=True, exist_ok=True)

@@ -13,8 +13,8 @@ import pytest
 
 from aggregator.app import create_app
 from fed_clients.aggregator_client import AggregatorClient
-from fed_clients.http import RequestFailed
 from fed_clients.data import load_splits
+from fed_clients.http import RequestFailed
 from fed_clients.runner import _client_data, add_arguments, client_shard, parse_partition
 from fed_clients.tasks import get_task
 from fedbpt.loopback import serve_app

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from fedbpt_wire.tensors import decode_tensor, encode_tensor
 from fedbpt_wire.schemas import ScoreResponse
+from fedbpt_wire.tensors import decode_tensor, encode_tensor
 from inference_service.app import create_app
 from inference_service.auth import KeyStore, key_id
 from inference_service.limits import Limits

@@ -15,10 +15,10 @@ from aggregator.cma_generation import tell_generation
 from aggregator.strategies import (
     STRATEGY_CLASSES,
     ClientUpdate,
-    Strategy,
     FedAvgZStrategy,
     FedBPTStrategy,
     LocalOnlyStrategy,
+    Strategy,
     make_strategy,
     next_local_sigma,
     paper_eq6_sigma,

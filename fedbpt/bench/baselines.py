@@ -21,11 +21,11 @@ import torch
 from pydantic import BaseModel
 
 from fed_clients.data import Example
-from fedbpt_wire.projection import initial_prompt
 from fed_clients.runner import ClientData
 from fed_clients.service_client import ServiceClient
 from fed_clients.tasks import Task
 from fedbpt_wire.metrics import label_cross_entropy
+from fedbpt_wire.projection import initial_prompt
 from fedbpt_wire.schemas import SLOT, Tensor
 from fedbpt_wire.tensors import encode_tensor
 from inference_service.layout import TextIds, sequence

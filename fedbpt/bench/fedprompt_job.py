@@ -8,10 +8,10 @@ import sys
 
 
 def main(spec_path: str, out_path: str) -> None:
-    from fedbpt.bench.baselines import fedprompt_run
     from fed_clients.data import load_splits
     from fed_clients.runner import client_shard
     from fed_clients.tasks import get_task
+    from fedbpt.bench.baselines import fedprompt_run
     from fedbpt_assets import resolve_model
 
     spec = json.loads(open(spec_path).read())

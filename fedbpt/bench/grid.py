@@ -55,7 +55,7 @@ class Grid:
     robust_merge: str = "none"  # fedavg-z's merge: none (weighted mean), median, trimmed-mean
 
     @classmethod
-    def from_file(cls, path: str | Path) -> "Grid":
+    def from_file(cls, path: str | Path) -> Grid:
         raw = json.loads(Path(path).read_text())
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(raw) - known - {"paper", "notes"})

@@ -175,8 +175,9 @@ class Bench:
 
     def _calibrated(self, setting: Setting, task, train, test) -> dict:
         """The manual prompt with its label bias fitted on the clients' pooled few-shot examples (no tuning)."""
-        from .baselines import icl_evaluate
         from fed_clients.evaluation import calibrated_predictions, fit_calibration
+
+        from .baselines import icl_evaluate
 
         zero = self._zero_shot(task, test)
         pool = self._pool(setting, train)
