@@ -321,7 +321,7 @@ def test_thirty_percent_silent_clients_every_round_closes_at_its_deadline(tmp_pa
             httpx.Client(base_url=url, timeout=60) as http:
         heads = {cid: register(http, cid) for cid in ids}
         for rnd in range(cfg.rounds):
-            task = wait_for(lambda: (t := http.get("/v1/round", headers=heads["c0"]).json())["round"] == rnd and t,
+            task = wait_for(lambda rnd=rnd: (t := http.get("/v1/round", headers=heads["c0"]).json())["round"] == rnd and t,
                             what=f"round {rnd} to open")
             assert task["selected"]
             mean = np.zeros(8)
