@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 export FEDBPT_CACHE_DIR ?= $(CURDIR)/.cache/fedbpt
 ASSETS := $(FEDBPT_CACHE_DIR)/.fetched
 
-.PHONY: setup assets demo test test-shuffled test-slow test-fuzz compose-test bench clean
+.PHONY: setup assets demo lint test test-shuffled test-slow test-fuzz compose-test bench clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -28,8 +28,14 @@ assets: $(ASSETS)
 demo: $(ASSETS)
 	$(PY) -m fedbpt.cli demo
 
+# Lint (ruff), format (ruff format) and types (mypy, config in pyproject.toml); part of `make test`.
+lint: $(STAMP)
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+	$(PY) -m mypy
+
 # File order, as CI runs it; `make test-shuffled` runs the same suite in a random order (its seed is printed).
-test: $(ASSETS)
+test: lint $(ASSETS)
 	$(PY) -m pytest -q -p no:randomly
 
 test-shuffled: $(ASSETS)
