@@ -1,4 +1,4 @@
-"""Pydantic models of the service contract (DESIGN.md section 3) and the aggregator's API.
+"""Pydantic models of the service contract (docs/design.md, section 3) and the aggregator's API.
 
 Field names are a public API: add fields, never rename them.
 """
