@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hmac
 import logging
 import time
@@ -18,7 +19,7 @@ from fedbpt_wire.schemas import ErrorBody, ModelInfo, ScoreRequest, ScoreRespons
 from fedbpt_wire.tensors import TensorDecodeError, decode_tensor, encode_tensor
 
 from .auth import KeyRevoked, KeyStore, QuotaExceeded
-from .engine import Engine, InputError, ScoreBatch, ScoreResult
+from .engine import Engine, InputError, ModelFacts, ScoreBatch, ScoreResult
 from .limits import Busy, FairScheduler, Limits, TokenRate, plan_slices
 from .metrics import CONTENT_TYPE, ServiceMetrics
 from .projected import ProjectionCache
@@ -182,6 +183,20 @@ def projection_cache(engine: Engine) -> ProjectionCache:
                            token_embeddings=engine.token_embeddings, vocab_size=engine.info.vocab_size)
 
 
+def public_model_info(facts: ModelFacts, limits: Limits) -> ModelInfo:
+    """GET /v1/model: the engine's facts about its model and the limits this service enforces."""
+    return ModelInfo(
+        **dataclasses.asdict(facts),
+        max_prompt_length=limits.max_prompt_length,
+        max_texts=limits.max_texts,
+        max_population=limits.max_population,
+        max_text_tokens=limits.max_text_tokens,
+        max_projection_values=limits.max_projection_values,
+        max_request_tokens=limits.max_request_tokens,
+        max_request_seconds=limits.max_request_seconds,
+    )
+
+
 def create_app(engine: Engine, keys: KeyStore | None = None, limits: Limits | None = None, *,
                operator_key: str | None = None, metrics_public: bool | None = None) -> FastAPI:
     """The service app. `/metrics` needs `operator_key` as Bearer token unless `metrics_public`; by default it
@@ -193,9 +208,7 @@ def create_app(engine: Engine, keys: KeyStore | None = None, limits: Limits | No
     rate = TokenRate(limits.max_key_tokens_per_minute)
     projections = projection_cache(engine)
     public_metrics = operator_key is None if metrics_public is None else metrics_public
-    published_info = engine.info.model_copy(update={
-        "max_projection_values": limits.max_projection_values, "max_request_tokens": limits.max_request_tokens,
-        "max_request_seconds": limits.max_request_seconds})
+    published_info = public_model_info(engine.info, limits)
     app = FastAPI(
         title="FedBPT inference service",
         version="1",

@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Literal, Protocol
 
 import numpy as np
-
-from fedbpt_wire.schemas import ModelInfo
 
 
 class InputError(ValueError):
@@ -16,6 +14,21 @@ class InputError(ValueError):
     def __init__(self, field: str, message: str):
         super().__init__(f"{field}: {message}")
         self.field = field
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    """What only the loaded model can tell; the app adds the service's limits to publish it as ModelInfo."""
+
+    name: str
+    kind: Literal["causal", "masked"]
+    hidden_size: int
+    vocab_size: int
+    embedding_std: float  # of the input embeddings' output, the scale soft prompts must match
+    dtype: str
+    engine: str
+    prompt_anchor: str | None  # the token placed ahead of a soft prompt, if any
+    mask_token: str | None  # a masked LM's
 
 
 @dataclass(frozen=True)
@@ -34,7 +47,7 @@ class ScoreResult:
 
 
 class Engine(Protocol):
-    info: ModelInfo
+    info: ModelFacts
 
     def label_token_ids(self, label_words: list[str]) -> list[int]:
         """One vocabulary id per word; InputError naming `label_words` if a word is not a single token."""

@@ -109,19 +109,6 @@ def make_layout(tokenizer, kind: str, anchor: str = "none") -> Layout:
                   anchor_ids(tokenizer, kind, prefix, anchor))
 
 
-def label_token_ids(tokenizer, label_words: list[str]) -> list[int]:
-    ids = []
-    for i, word in enumerate(label_words):
-        toks = tokenizer(word, add_special_tokens=False)["input_ids"]
-        if len(toks) != 1:
-            pieces = tokenizer.convert_ids_to_tokens(toks)
-            raise InputError(f"label_words[{i}]", f"{word!r} is {len(toks)} tokens {pieces}, must be exactly one")
-        ids.append(toks[0])
-    if len(set(ids)) != len(ids):
-        raise InputError("label_words", "two label words map to the same token")
-    return ids
-
-
 def tokenize_text(tokenizer, layout: Layout, text: str, index: int, max_tokens: int) -> TextIds:
     field = f"texts[{index}]"
     if text.count(SLOT) != 1:

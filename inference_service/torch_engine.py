@@ -6,51 +6,16 @@ import inspect
 import logging
 import threading
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 
-from fedbpt_wire.schemas import ModelInfo
-
-from .embeddings import embedding_std
 from .engine import InputError, ScoreBatch, ScoreResult
-from .layout import Layout, Sequence, TextIds, anchor_text, label_token_ids, make_layout, sequence, tokenize_text
-from .layout import positions as sequence_positions
+from .engine_base import EngineBase, model_kind, resolve_dtype
+from .layout import Sequence, TextIds, sequence
 from .limits import Limits
 
 log = logging.getLogger(__name__)
-
-_MASKED_TYPES = {"bert", "roberta", "xlm-roberta", "camembert", "electra", "deberta", "deberta-v2", "distilbert"}
-
-
-def cpu_has_bf16() -> bool:
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "amx_bf16" in flags or "avx512_bf16" in flags
-
-
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    if name == "float32":
-        return torch.float32
-    if name == "bfloat16":
-        return torch.bfloat16
-    if name != "auto":
-        raise ValueError(f"dtype must be auto, float32 or bfloat16, got {name!r}")
-    if device.type == "cuda" or (device.type == "cpu" and cpu_has_bf16()):
-        return torch.bfloat16
-    return torch.float32
-
-
-def model_kind(config) -> str:
-    archs = getattr(config, "architectures", None) or []
-    if any(a.endswith("ForMaskedLM") for a in archs):
-        return "masked"
-    if any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs):
-        return "causal"
-    return "masked" if config.model_type in _MASKED_TYPES else "causal"
 
 
 def _learned_positions(body) -> int | None:
@@ -70,7 +35,7 @@ def _masked_head(model):
     raise RuntimeError(f"{type(model).__name__}: no masked-LM head (lm_head or cls) found")
 
 
-class TorchEngine:
+class TorchEngine(EngineBase):
     name = "torch"
 
     def __init__(
@@ -84,7 +49,7 @@ class TorchEngine:
         prompt_anchor: str = "none",
         kv_reuse: bool = True,
     ):
-        from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM
 
         self.limits = limits or Limits()
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -94,9 +59,8 @@ class TorchEngine:
         cls = AutoModelForMaskedLM if self.kind == "masked" else AutoModelForCausalLM
         t0 = time.perf_counter()
         self.model = cls.from_pretrained(model_path, dtype=self.dtype).to(self.device).eval()
-        self.tokenizer = AutoTokenizer.from_pretrained(model_path)
+        self._load_tokenizer(model_path, self.kind, prompt_anchor)
         log.info("loaded %s (%s LM, %s, %s) in %.1fs", model_path, self.kind, self.dtype, self.device, time.perf_counter() - t0)
-        self.layout: Layout = make_layout(self.tokenizer, self.kind, prompt_anchor)
         # Causal LMs reuse the keys and values of a shared prefix (see reuse_plan); off, every sequence runs whole.
         self.kv_reuse = kv_reuse
         self.embed = self.model.get_input_embeddings()
@@ -105,39 +69,11 @@ class TorchEngine:
         self._cache_arg = "cache" if "cache" in inspect.signature(self.body.forward).parameters else "past_key_values"
         self.head = self.model.get_output_embeddings() if self.kind == "causal" else _masked_head(self.model)
         self.max_positions = _learned_positions(self.body)
-        weight = self.embed.weight.detach().float()
-        self.info = ModelInfo(
-            name=display_name or Path(str(model_path).rstrip("/")).name,
-            kind=self.kind,
-            hidden_size=weight.shape[1],
-            vocab_size=weight.shape[0],
-            max_prompt_length=self.limits.max_prompt_length,
-            max_texts=self.limits.max_texts,
-            max_population=self.limits.max_population,
-            max_text_tokens=self.limits.max_text_tokens,
-            embedding_std=embedding_std(self.embed),
-            dtype=str(self.dtype).removeprefix("torch."),
-            engine=self.name,
-            prompt_anchor=anchor_text(self.tokenizer, self.layout),
-            mask_token=self.tokenizer.mask_token if self.kind == "masked" else None,
-        )
+        self.info = self._facts(model_path, display_name)
         # A GPU amortises launches over far larger batches than a CPU's caches favour.
         self.max_batch_tokens = self.limits.max_batch_tokens or (65536 if self.device.type == "cuda" else 8192)
         # One forward at a time: concurrent forwards only fight over the same cores or GPU memory.
         self._lock = threading.Lock()
-
-    def label_token_ids(self, label_words: list[str]) -> list[int]:
-        return label_token_ids(self.tokenizer, label_words)
-
-    def token_embeddings(self, ids: np.ndarray) -> np.ndarray:
-        with torch.inference_mode():
-            return self.embed(torch.as_tensor(ids, dtype=torch.long, device=self.embed.weight.device)).float().cpu().numpy()
-
-    def tokenize(self, texts: list[str]) -> list[TextIds]:
-        return [tokenize_text(self.tokenizer, self.layout, t, i, self.limits.max_text_tokens) for i, t in enumerate(texts)]
-
-    def positions(self, texts: list[str], prompt_length: int) -> list[int]:
-        return sequence_positions(self.layout, self.tokenize(texts), prompt_length)
 
     def score(self, batch: ScoreBatch) -> ScoreResult:
         texts = self.tokenize(batch.texts)
@@ -314,9 +250,6 @@ class TorchEngine:
             bias = self.head.bias[label_ids] if self.head.bias is not None else None
             return torch.nn.functional.linear(picked, self.head.weight[label_ids], bias)
         return self.head(picked)[:, label_ids]
-
-    def _embed_ids(self, ids: list[int]) -> torch.Tensor:
-        return self.embed(torch.tensor(ids, dtype=torch.long, device=self.device)).to(self.dtype)
 
     def _micro_batches(self, lengths: list[int]):
         """[lo, hi) ranges over length-sorted sequences whose padded size stays within the token budget."""

@@ -6,7 +6,7 @@ with `logprobs_mode="processed_logits"` and greedy sampling those values are the
 with more label words than vLLM gathers that way falls back to masking with `allowed_token_ids` and asking
 for the top C, which the mask makes exactly the label words. docs/vllm.md gives the reasoning.
 
-vllm and torch are imported inside the class, so importing this module never needs either.
+vllm is imported inside the class, so importing this module never needs it.
 """
 
 from __future__ import annotations
@@ -18,13 +18,11 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 
-from fedbpt_wire.schemas import ModelInfo
-
-from .embeddings import embedding_std
 from .engine import ScoreBatch, ScoreResult
-from .layout import Layout, TextIds, anchor_text, label_token_ids, make_layout, sequence, tokenize_text
-from .layout import positions as sequence_positions
+from .engine_base import EngineBase, model_kind, resolve_dtype
+from .layout import sequence
 from .limits import Limits
 
 log = logging.getLogger(__name__)
@@ -39,7 +37,7 @@ _MAX_LOGPROB_TOKEN_IDS = 128
 _MAX_CALL_BYTES = 2 * 2**30
 
 
-class VllmEngine:
+class VllmEngine(EngineBase):
     name = "vllm"
 
     def __init__(
@@ -65,12 +63,9 @@ class VllmEngine:
             raise ImportError(
                 f"the vllm engine needs vllm=={VLLM_VERSION} on a CUDA host (pip install 'fedbpt[service,vllm]')"
             ) from e
-        import torch
         import transformers
         from packaging.version import Version
-        from transformers import AutoConfig, AutoTokenizer
-
-        from .torch_engine import model_kind, resolve_dtype
+        from transformers import AutoConfig
 
         self.limits = limits or Limits()
         config = AutoConfig.from_pretrained(model_path)
@@ -88,8 +83,7 @@ class VllmEngine:
             raise RuntimeError(f"{model_path} is a masked LM; the vllm engine serves causal LMs only (--engine torch)")
         # Resolved as the torch engine resolves it on a GPU, so both engines run the same precision.
         self.dtype = resolve_dtype(dtype, torch.device("cuda"))
-        self.tokenizer = AutoTokenizer.from_pretrained(model_path)
-        self.layout: Layout = make_layout(self.tokenizer, "causal", prompt_anchor)
+        self._load_tokenizer(model_path, "causal", prompt_anchor)
         t0 = time.perf_counter()
         self.embed = _input_embeddings(model_path, config, self.dtype)
         weight = self.embed.weight.detach()
@@ -124,42 +118,11 @@ class VllmEngine:
             enforce_eager=enforce_eager,
         )
         log.info("loaded %s into vllm (%s) in %.1fs", model_path, self.dtype, time.perf_counter() - t0)
-        self.info = ModelInfo(
-            name=display_name or Path(str(model_path).rstrip("/")).name,
-            kind="causal",
-            hidden_size=weight.shape[1],
-            vocab_size=weight.shape[0],
-            max_prompt_length=self.limits.max_prompt_length,
-            max_texts=self.limits.max_texts,
-            max_population=self.limits.max_population,
-            max_text_tokens=self.limits.max_text_tokens,
-            embedding_std=embedding_std(self.embed),
-            dtype=str(self.dtype).removeprefix("torch."),
-            engine=self.name,
-            prompt_anchor=anchor_text(self.tokenizer, self.layout),
-            mask_token=None,
-        )
+        self.info = self._facts(model_path, display_name)
         # LLM.generate is not re-entrant: concurrent requests would interleave inside one engine loop.
         self._lock = threading.Lock()
 
-    def label_token_ids(self, label_words: list[str]) -> list[int]:
-        return label_token_ids(self.tokenizer, label_words)
-
-    def token_embeddings(self, ids: np.ndarray) -> np.ndarray:
-        import torch
-
-        with torch.inference_mode():
-            return self.embed(torch.as_tensor(ids, dtype=torch.long, device=self.embed.weight.device)).float().cpu().numpy()
-
-    def tokenize(self, texts: list[str]) -> list[TextIds]:
-        limit = self.limits.max_text_tokens
-        return [tokenize_text(self.tokenizer, self.layout, t, i, limit) for i, t in enumerate(texts)]
-
-    def positions(self, texts: list[str], prompt_length: int) -> list[int]:
-        return sequence_positions(self.layout, self.tokenize(texts), prompt_length)
-
     def score(self, batch: ScoreBatch) -> ScoreResult:
-        import torch
         from vllm import SamplingParams
 
         texts = self.tokenize(batch.texts)
@@ -188,11 +151,6 @@ class VllmEngine:
                     out[i % n_pop, chunk[i // n_pop]] = _label_values(result, label_ids)
             ms = (time.perf_counter() - t0) * 1e3
         return ScoreResult(logits=out, sequences=n_pop * len(texts), tokens=n_pop * sum(lengths), engine_ms=ms)
-
-    def _embed_ids(self, ids: list[int]):
-        import torch
-
-        return self.embed(torch.tensor(ids, dtype=torch.long)).to(self.dtype)
 
     @staticmethod
     def _chunks(lengths: list[int], bytes_per_token: int) -> list[list[int]]:
@@ -237,7 +195,6 @@ def _input_embeddings(model_path: str, config, dtype):
     beside vLLM's copy. An embedding subclass (Gemma 3 scales its output) or a .bin checkpoint needs the
     real module: the model is then loaded once on CPU and all but its embedding dropped.
     """
-    import torch
     from transformers import AutoModelForCausalLM
 
     with torch.device("meta"):

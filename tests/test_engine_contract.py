@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+from inference_service.app import public_model_info
 from inference_service.engine import InputError, ScoreBatch
 from inference_service.limits import Limits
 
@@ -188,7 +189,7 @@ def test_input_errors_name_the_field(engines, name, make, kind):
 @pytest.mark.parametrize("name,make", ENGINES)
 def test_model_info_describes_the_model(engines, model_dirs, name, make):
     engine = engines(name, make, "causal")
-    info = engine.info
+    info = public_model_info(engine.info, LIMITS)
     assert info.kind == "causal" and info.hidden_size == 64 and info.mask_token is None
     assert info.engine == name.split("-")[0] and info.max_prompt_length == LIMITS.max_prompt_length
     assert info.embedding_std == pytest.approx(float(engine.embed.weight.detach().float().std()), rel=1e-5)
