@@ -1,4 +1,4 @@
-"""The FastAPI app of the inference service (contract: DESIGN.md section 3)."""
+"""The FastAPI app of the inference service (contract: docs/design.md, section 3)."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import dataclasses
 import hmac
 import logging
 import time
+from typing import Any
 
 import numpy as np
 from anyio import to_thread
@@ -26,7 +27,7 @@ from .projected import ProjectionCache
 
 log = logging.getLogger(__name__)
 
-_ERRORS = {code: {"model": ErrorBody} for code in (401, 413, 422, 429, 503)}
+_ERRORS: dict[int | str, dict[str, Any]] = {code: {"model": ErrorBody} for code in (401, 413, 422, 429, 503)}
 
 # No vocabulary we know has a token over ~80 characters, so a text longer than this many characters
 # per allowed token is over the token limit for sure: rejected before the tokenizer spends time and
@@ -58,6 +59,7 @@ def _check_prompt_length(field: str, n_prompt: int, limits: Limits) -> None:
 
 
 def _dense_prompts(req: ScoreRequest, engine: Engine, limits: Limits) -> np.ndarray:
+    assert req.prompts is not None, "called for the dense form only"
     shape = req.prompts.shape
     if len(shape) != 3:
         raise InputError("prompts.shape", f"must be [P, L, D], got {shape}")
@@ -73,6 +75,7 @@ def _dense_prompts(req: ScoreRequest, engine: Engine, limits: Limits) -> np.ndar
 
 
 def _projected_prompts(req: ScoreRequest, engine: Engine, limits: Limits, projections: ProjectionCache) -> np.ndarray:
+    assert req.projected is not None, "called for the seed + z form only"
     z_tensor, spec = req.projected.z, req.projected.projection
     shape = z_tensor.shape
     if len(shape) != 2:
@@ -132,8 +135,10 @@ def _declared_shape(req: ScoreRequest) -> tuple[int, int] | None:
     try:
         if req.prompts is not None:
             n_pop, n_prompt, _ = req.prompts.shape
-        else:
+        elif req.projected is not None:
             n_pop, n_prompt = req.projected.z.shape[0], req.projected.projection.prompt_length
+        else:
+            return None
         return int(n_pop), int(n_prompt)
     except (AttributeError, TypeError, ValueError, IndexError):
         return None
@@ -249,7 +254,7 @@ def create_app(engine: Engine, keys: KeyStore | None = None, limits: Limits | No
         return published_info
 
     @app.post("/v1/score", response_model=ScoreResponse, responses=_ERRORS)
-    async def score(req: ScoreRequest, request: Request, key: str | None = Depends(api_key)) -> ScoreResponse:
+    async def score(req: ScoreRequest, request: Request, key: str | None = Depends(api_key)) -> ScoreResponse | Response:
         t0 = time.perf_counter()
         deadline = time.monotonic() + limits.max_request_seconds
         who = key or ""  # an open service's callers share one queue

@@ -9,10 +9,17 @@ so a prompt drawn at the weight's std would be 25x too small there.
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 
 # Ids per forward when an embedding must be measured by running it (bounds the temporary to ~64 MiB at D = 4096).
 _CHUNK = 4096
+
+
+def embedding_weight(embed: torch.nn.Module) -> torch.Tensor:
+    """The [vocab, hidden] table of an input embedding module (typed as a Module attribute by torch)."""
+    return cast(torch.Tensor, embed.weight)
 
 
 def embedding_std(embed: torch.nn.Module) -> float:
@@ -22,7 +29,7 @@ def embedding_std(embed: torch.nn.Module) -> float:
     attribute, as Gemma's and BART's) outputs weight * embed_scale, the scale cast to the weight's dtype as
     their forwards do. Any other embedding subclass is run over every id, since its forward may do anything.
     """
-    weight = embed.weight.detach()
+    weight = embedding_weight(embed).detach()
     if type(embed) is torch.nn.Embedding:
         return float(weight.float().std())
     scale = getattr(embed, "embed_scale", None)
@@ -36,7 +43,7 @@ def embedding_std(embed: torch.nn.Module) -> float:
 @torch.inference_mode()
 def measured_embedding_std(embed: torch.nn.Module, chunk: int = _CHUNK) -> float:
     """The std of `embed` applied to every id, in chunks, accumulated in float64 (unbiased, as `Tensor.std`)."""
-    weight = embed.weight
+    weight = embedding_weight(embed)
     vocab = weight.shape[0]
     total = torch.zeros((), dtype=torch.float64)
     squares = torch.zeros((), dtype=torch.float64)

@@ -4,11 +4,12 @@ input embeddings, and the facts it reports (`ModelFacts`). vllm is never importe
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any, Literal
 
 import numpy as np
 import torch
 
-from .embeddings import embedding_std
+from .embeddings import embedding_std, embedding_weight
 from .engine import InputError, ModelFacts
 from .layout import Layout, TextIds, anchor_text, make_layout, tokenize_text
 from .layout import positions as sequence_positions
@@ -55,7 +56,7 @@ class EngineBase:
     limits: Limits
     dtype: torch.dtype
     embed: torch.nn.Module
-    tokenizer: object
+    tokenizer: Any  # a transformers tokenizer (fast or slow; no common typed base)
     layout: Layout
 
     def _load_tokenizer(self, model_path: str, kind: str, prompt_anchor: str) -> None:
@@ -65,8 +66,8 @@ class EngineBase:
         self.layout = make_layout(self.tokenizer, kind, prompt_anchor)
 
     def _facts(self, model_path: str, display_name: str | None) -> ModelFacts:
-        vocab_size, hidden_size = self.embed.weight.shape
-        kind = self.layout.kind
+        vocab_size, hidden_size = embedding_weight(self.embed).shape
+        kind: Literal["causal", "masked"] = "masked" if self.layout.kind == "masked" else "causal"
         return ModelFacts(
             name=display_name or Path(str(model_path).rstrip("/")).name,
             kind=kind,
@@ -100,7 +101,8 @@ class EngineBase:
 
     def token_embeddings(self, ids: np.ndarray) -> np.ndarray:
         with torch.inference_mode():
-            return self.embed(torch.as_tensor(ids, dtype=torch.long, device=self.embed.weight.device)).float().cpu().numpy()
+            return (self.embed(torch.as_tensor(ids, dtype=torch.long, device=embedding_weight(self.embed).device))
+                    .float().cpu().numpy())
 
     def _embed_ids(self, ids: list[int]) -> torch.Tensor:
-        return self.embed(torch.tensor(ids, dtype=torch.long, device=self.embed.weight.device)).to(self.dtype)
+        return self.embed(torch.tensor(ids, dtype=torch.long, device=embedding_weight(self.embed).device)).to(self.dtype)

@@ -1,6 +1,6 @@
 """How a (soft prompt, text) pair becomes one token sequence; shared by every engine.
 
-Layout (DESIGN.md section 3): the tokenizer's leading special tokens, the anchor token (only with a
+Layout (docs/design.md, section 3): the tokenizer's leading special tokens, the anchor token (only with a
 soft prompt, see `make_layout`), the text before the prompt marker if the text holds one, the L
 prompt vectors, the text up to the slot tokenized on its own, then for a masked LM the mask token,
 the text after the slot and the trailing special tokens. A causal LM reads the next-token logits at

@@ -6,6 +6,7 @@ import inspect
 import logging
 import threading
 import time
+from typing import Any
 
 import numpy as np
 import torch
@@ -58,7 +59,8 @@ class TorchEngine(EngineBase):
         self.kind = model_kind(config)
         cls = AutoModelForMaskedLM if self.kind == "masked" else AutoModelForCausalLM
         t0 = time.perf_counter()
-        self.model = cls.from_pretrained(model_path, dtype=self.dtype).to(self.device).eval()
+        model: Any = cls.from_pretrained(model_path, dtype=self.dtype)  # transformers types .to() too narrowly
+        self.model = model.to(self.device).eval()
         self._load_tokenizer(model_path, self.kind, prompt_anchor)
         log.info("loaded %s (%s LM, %s, %s) in %.1fs", model_path, self.kind, self.dtype, self.device, time.perf_counter() - t0)
         # Causal LMs reuse the keys and values of a shared prefix (see reuse_plan); off, every sequence runs whole.

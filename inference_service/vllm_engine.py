@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .embeddings import embedding_weight
 from .engine import ScoreBatch, ScoreResult
 from .engine_base import EngineBase, model_kind, resolve_dtype
 from .layout import sequence
@@ -86,7 +87,7 @@ class VllmEngine(EngineBase):
         self._load_tokenizer(model_path, "causal", prompt_anchor)
         t0 = time.perf_counter()
         self.embed = _input_embeddings(model_path, config, self.dtype)
-        weight = self.embed.weight.detach()
+        weight = embedding_weight(self.embed).detach()
         width = getattr(config, "hidden_size", weight.shape[1])
         if weight.shape[1] != width:
             # vLLM's prompt_embeds buffer is hidden_size wide; a projected embedding (OPT-350m) cannot enter it.
@@ -137,7 +138,7 @@ class VllmEngine(EngineBase):
             seqs_ids = [sequence(self.layout, t, n_prompt) for t in texts]
             lengths = [len(s.lead) + n_prompt + len(s.tail) for s in seqs_ids]
             for chunk in self._chunks(lengths, n_pop * dim * prompts.element_size()):
-                seqs = []
+                seqs: list[dict[str, torch.Tensor]] = []
                 for n in chunk:
                     # All P sequences of a text in one block; each row is a contiguous view vLLM sends as is.
                     lead, tail = seqs_ids[n].lead, seqs_ids[n].tail
