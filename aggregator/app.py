@@ -70,19 +70,35 @@ def _actionable(task: RoundTask) -> bool:
 
 
 def create_app(
-    config: RunConfig, db_path: str, *, enroll_key: str | None = None, operator_key: str | None = None,
-    max_clients: int = MAX_CLIENTS, clock: Callable[[], float] = time.time
+    config: RunConfig,
+    db_path: str,
+    *,
+    enroll_key: str | None = None,
+    operator_key: str | None = None,
+    max_clients: int = MAX_CLIENTS,
+    clock: Callable[[], float] = time.time,
 ) -> FastAPI:
     """The aggregator app; a database that already holds a run resumes it (its config wins)."""
     events = RunEvents()
-    coordinator = Coordinator(strategy_class(config).configure(config), Store(db_path), enroll_key=enroll_key,
-                              operator_key=operator_key, max_clients=max_clients, clock=clock, on_change=events.wake)
+    coordinator = Coordinator(
+        strategy_class(config).configure(config),
+        Store(db_path),
+        enroll_key=enroll_key,
+        operator_key=operator_key,
+        max_clients=max_clients,
+        clock=clock,
+        on_change=events.wake,
+    )
     if enroll_key is None:
-        log.warning("enrollment is OPEN: anyone who reaches this port can register a new client id "
-                    "(set --enroll-key or FEDBPT_ENROLL_KEY)")
+        log.warning(
+            "enrollment is OPEN: anyone who reaches this port can register a new client id "
+            "(set --enroll-key or FEDBPT_ENROLL_KEY)"
+        )
     if operator_key is None:
-        log.warning("no operator key: /v1/status shows client ids and metrics to anyone "
-                    "(set --operator-key or FEDBPT_OPERATOR_KEY)")
+        log.warning(
+            "no operator key: /v1/status shows client ids and metrics to anyone "
+            "(set --operator-key or FEDBPT_OPERATOR_KEY)"
+        )
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -117,9 +133,14 @@ def create_app(
 
     @app.get("/v1/round", response_model=RoundTask, responses=_errors(401))
     async def round_task(
-        wait: float = Query(default=0.0, ge=0.0, le=MAX_WAIT_S, allow_inf_nan=False,
-                            description="long poll: hold the answer up to this many seconds until there is work "
-                                        "for this client or the run's state changes"),
+        wait: float = Query(
+            default=0.0,
+            ge=0.0,
+            le=MAX_WAIT_S,
+            allow_inf_nan=False,
+            description="long poll: hold the answer up to this many seconds until there is work "
+            "for this client or the run's state changes",
+        ),
         who: Caller = Depends(client),
     ):
         # A waiting client costs a request per change instead of one per poll interval: on the aggregator

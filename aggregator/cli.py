@@ -28,8 +28,13 @@ log = logging.getLogger(__name__)
 # Where no flag or --config file says otherwise: the search space and start that the embedded model needs, as
 # `fedbpt demo` runs it (docs/design.md, section 6), not RunConfig's paper-sized d = 500 and L = 50, which are
 # one file away (--config configs/paper-roberta-large.json).
-EMBEDDED_DEFAULTS = {"intrinsic_dim": 50, "prompt_length": 5, "prompt_init": "zeros",
-                     "prompt_placement": "after-text", "local_popsize": 8}
+EMBEDDED_DEFAULTS = {
+    "intrinsic_dim": 50,
+    "prompt_length": 5,
+    "prompt_init": "zeros",
+    "prompt_placement": "after-text",
+    "local_popsize": 8,
+}
 # A bench config names the local population `popsize`.
 _CONFIG_FILE_ALIASES = {"popsize": "local_popsize"}
 
@@ -47,7 +52,10 @@ _CONFIG_FLAGS: dict[str, tuple[str, dict]] = {
     "--sigma0": ("sigma0", {"type": float}),
     "--local-popsize": ("local_popsize", {"type": int}),
     "--local-iterations": ("local_iterations", {"type": int}),
-    "--no-perturb": ("perturb", {"action": "store_const", "const": False, "help": "fitness = loss (no perturbed copy)"}),
+    "--no-perturb": (
+        "perturb",
+        {"action": "store_const", "const": False, "help": "fitness = loss (no perturbed copy)"},
+    ),
     "--perturb-rate": ("perturb_rate", {"type": float}),
     "--sigma-rule": ("sigma_rule", {"choices": SIGMA_RULES}),
     "--local-sigma-floor": ("local_sigma_floor", {"type": float}),
@@ -65,23 +73,42 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8100)
     parser.add_argument("--db", default="aggregator.db", help="SQLite file; one that holds a run resumes it")
-    parser.add_argument("--enroll-key", default=None,
-                        help="clients register with it as Bearer token (default: $FEDBPT_ENROLL_KEY; unset = open)")
-    parser.add_argument("--operator-key", default=None,
-                        help="the operator's key, never given to clients: full /v1/status, every client's mean "
-                             "(default: $FEDBPT_OPERATOR_KEY; unset = /v1/status is public)")
-    parser.add_argument("--max-clients", type=int, default=MAX_CLIENTS,
-                        help=f"registered client ids at most; further registrations are refused (default {MAX_CLIENTS})")
-    parser.add_argument("--exit-when-done", type=float, default=None, metavar="SECONDS",
-                        help="stop SECONDS after the run's last round closed (time for the clients to fetch the final "
-                             "prompt), with exit status 1 when no round merged (default: serve on)")
+    parser.add_argument(
+        "--enroll-key",
+        default=None,
+        help="clients register with it as Bearer token (default: $FEDBPT_ENROLL_KEY; unset = open)",
+    )
+    parser.add_argument(
+        "--operator-key",
+        default=None,
+        help="the operator's key, never given to clients: full /v1/status, every client's mean "
+        "(default: $FEDBPT_OPERATOR_KEY; unset = /v1/status is public)",
+    )
+    parser.add_argument(
+        "--max-clients",
+        type=int,
+        default=MAX_CLIENTS,
+        help=f"registered client ids at most; further registrations are refused (default {MAX_CLIENTS})",
+    )
+    parser.add_argument(
+        "--exit-when-done",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="stop SECONDS after the run's last round closed (time for the clients to fetch the final "
+        "prompt), with exit status 1 when no round merged (default: serve on)",
+    )
     parser.add_argument("--ssl-certfile", default=None, help="serve HTTPS with this PEM certificate (chain)")
     parser.add_argument("--ssl-keyfile", default=None, help="the certificate's private key, if not in --ssl-certfile")
     add_connection_arguments(parser)
     group = parser.add_argument_group("run config (ignored, with a warning, when --db already holds a run)")
-    group.add_argument("--config", default=None, metavar="FILE",
-                       help="a JSON file of run-config fields (e.g. configs/paper-roberta-large.json; keys that are "
-                            "not run-config fields are ignored); flags given beside it win")
+    group.add_argument(
+        "--config",
+        default=None,
+        metavar="FILE",
+        help="a JSON file of run-config fields (e.g. configs/paper-roberta-large.json; keys that are "
+        "not run-config fields are ignored); flags given beside it win",
+    )
     for flag, (field, kwargs) in _CONFIG_FLAGS.items():
         info = RunConfig.model_fields[field]
         kwargs = dict(kwargs)
@@ -100,8 +127,12 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
     if stored is not None:
         differs = sorted(k for k, v in given.items() if getattr(stored, k) != v)
         if differs:
-            log.warning("%s holds run %r: its config wins, ignoring %s", args.db, stored.run_id,
-                        ", ".join(f"{k}={given[k]!r} (stored {getattr(stored, k)!r})" for k in differs))
+            log.warning(
+                "%s holds run %r: its config wins, ignoring %s",
+                args.db,
+                stored.run_id,
+                ", ".join(f"{k}={given[k]!r} (stored {getattr(stored, k)!r})" for k in differs),
+            )
         return stored
     given = {**EMBEDDED_DEFAULTS, **given}
     given.setdefault("run_id", Path(args.db).stem)
@@ -139,8 +170,17 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(exc, file=sys.stderr)
         return 2
-    return serve(config, args.db, host=args.host, port=args.port,
-                 enroll_key=args.enroll_key or os.environ.get("FEDBPT_ENROLL_KEY") or None,
-                 operator_key=args.operator_key or os.environ.get("FEDBPT_OPERATOR_KEY") or None,
-                 max_clients=args.max_clients, ssl_certfile=args.ssl_certfile, ssl_keyfile=args.ssl_keyfile,
-                 options=uvicorn_options(args), allowed_hosts=args.allowed_hosts, exit_when_done=args.exit_when_done)
+    return serve(
+        config,
+        args.db,
+        host=args.host,
+        port=args.port,
+        enroll_key=args.enroll_key or os.environ.get("FEDBPT_ENROLL_KEY") or None,
+        operator_key=args.operator_key or os.environ.get("FEDBPT_OPERATOR_KEY") or None,
+        max_clients=args.max_clients,
+        ssl_certfile=args.ssl_certfile,
+        ssl_keyfile=args.ssl_keyfile,
+        options=uvicorn_options(args),
+        allowed_hosts=args.allowed_hosts,
+        exit_when_done=args.exit_when_done,
+    )

@@ -31,8 +31,7 @@ def generation_parameters(es: cma.CMAEvolutionStrategy, size: int) -> cma.option
     return params
 
 
-def tell_generation(es: cma.CMAEvolutionStrategy, solutions: Sequence[np.ndarray],
-                    fitnesses: Sequence[float]) -> None:
+def tell_generation(es: cma.CMAEvolutionStrategy, solutions: Sequence[np.ndarray], fitnesses: Sequence[float]) -> None:
     """`es.ask()` then `es.tell(solutions, fitnesses)` with the strategy parameters of a generation of
     `len(solutions)`, which are put back afterwards: the update an ES of that popsize (CMA_mu = popsize) makes,
     with nothing invented for missing solutions (padding with the old mean would drag the mean back and shrink

@@ -133,10 +133,19 @@ def run_history(store: Store) -> list[RoundRecord]:
         up, down = traffic.get(r.round, (0, 0))
         history.append(
             RoundRecord(
-                round=r.round, state=r.state, selected=r.selected, reporters=reporters.get(r.round, []),
-                sigma_before=r.sigma_before, sigma_after=r.sigma_after, local_sigma=r.local_sigma,
-                sigma_merged=r.sigma_merged, opened_at=r.opened_at, closed_at=r.closed_at,
-                bytes_up=up, bytes_down=down, **metrics,
+                round=r.round,
+                state=r.state,
+                selected=r.selected,
+                reporters=reporters.get(r.round, []),
+                sigma_before=r.sigma_before,
+                sigma_after=r.sigma_after,
+                local_sigma=r.local_sigma,
+                sigma_merged=r.sigma_merged,
+                opened_at=r.opened_at,
+                closed_at=r.closed_at,
+                bytes_up=up,
+                bytes_down=down,
+                **metrics,
             )
         )
     return history
@@ -147,12 +156,25 @@ def client_rounds(store: Store) -> list[ClientRoundRecord]:
     for r in store.rounds():
         for cid, body_bytes, u in store.update_records(r.round):
             m, c = u.metrics, u.costs
-            out.append(ClientRoundRecord(
-                round=r.round, client_id=cid, num_samples=u.num_samples, fitness=u.fitness,
-                local_loss=m.local_loss, local_accuracy=m.local_accuracy, global_val_loss=m.global_val_loss,
-                global_val_accuracy=m.global_val_accuracy, val_samples=m.val_samples, queries=c.queries,
-                sequences=c.sequences, tokens=c.tokens, service_bytes_up=c.service_bytes_up,
-                service_bytes_down=c.service_bytes_down, update_bytes=body_bytes))
+            out.append(
+                ClientRoundRecord(
+                    round=r.round,
+                    client_id=cid,
+                    num_samples=u.num_samples,
+                    fitness=u.fitness,
+                    local_loss=m.local_loss,
+                    local_accuracy=m.local_accuracy,
+                    global_val_loss=m.global_val_loss,
+                    global_val_accuracy=m.global_val_accuracy,
+                    val_samples=m.val_samples,
+                    queries=c.queries,
+                    sequences=c.sequences,
+                    tokens=c.tokens,
+                    service_bytes_up=c.service_bytes_up,
+                    service_bytes_down=c.service_bytes_down,
+                    update_bytes=body_bytes,
+                )
+            )
     return out
 
 
@@ -160,8 +182,14 @@ class Coordinator:
     """The one object every endpoint goes through; the store is its memory across restarts."""
 
     def __init__(
-        self, config: RunConfig, store: Store, *, enroll_key: str | None = None, operator_key: str | None = None,
-        max_clients: int = MAX_CLIENTS, clock: Callable[[], float] = time.time,
+        self,
+        config: RunConfig,
+        store: Store,
+        *,
+        enroll_key: str | None = None,
+        operator_key: str | None = None,
+        max_clients: int = MAX_CLIENTS,
+        clock: Callable[[], float] = time.time,
         on_change: Callable[[], None] = lambda: None,
     ):
         self._lock = threading.RLock()
@@ -176,8 +204,10 @@ class Coordinator:
             store.save_config(config)
         elif stored != config:
             changed = sorted(k for k in RunConfig.model_fields if getattr(stored, k) != getattr(config, k))
-            log.warning("resuming the run stored in the database; its config wins over the given one (differs in %s)",
-                        ", ".join(changed))
+            log.warning(
+                "resuming the run stored in the database; its config wins over the given one (differs in %s)",
+                ", ".join(changed),
+            )
         self.config = stored or config
         self.rules = strategy_class(self.config)
         self._blob = store.load_strategy()
@@ -187,7 +217,9 @@ class Coordinator:
         if self._open is not None:
             self._open.deadline_at = clock() + self.config.round_timeout_s
             store.set_deadline(self._open.round, self._open.deadline_at)
-            log.info("resumed round %d with %d accepted updates", self._open.round, store.update_count(self._open.round))
+            log.info(
+                "resumed round %d with %d accepted updates", self._open.round, store.update_count(self._open.round)
+            )
         self._accounting = self._accounting_round()
 
     # ------------------------------------------------------------------ state
@@ -252,8 +284,11 @@ class Coordinator:
 
     def _holds_token(self, caller: Caller) -> bool:
         """Under the lock: the client's token is still its current one (a re-registration retires the old)."""
-        return (caller.role == "client" and caller.token_digest is not None
-                and self.store.client_by_token(caller.token_digest) == caller.client_id)
+        return (
+            caller.role == "client"
+            and caller.token_digest is not None
+            and self.store.client_by_token(caller.token_digest) == caller.client_id
+        )
 
     def _client(self, caller: Caller) -> str:
         if caller.client_id is None or not self._holds_token(caller):
@@ -272,13 +307,19 @@ class Coordinator:
             if req.client_id in known:
                 own = caller.client_id == req.client_id and self._holds_token(caller)
                 if not (own or caller.role == "operator"):
-                    raise Rejected(409, f"client_id: {req.client_id!r} is already registered; re-register it with "
-                                        "its own token (Authorization: Bearer <token>) or choose another id")
+                    raise Rejected(
+                        409,
+                        f"client_id: {req.client_id!r} is already registered; re-register it with "
+                        "its own token (Authorization: Bearer <token>) or choose another id",
+                    )
             else:
                 self._check_enroll_key(caller)
                 if len(known) >= self.max_clients:
-                    raise Rejected(409, f"client_id: registration is closed, the run has its {self.max_clients} "
-                                        "clients (aggregator --max-clients)")
+                    raise Rejected(
+                        409,
+                        f"client_id: registration is closed, the run has its {self.max_clients} "
+                        "clients (aggregator --max-clients)",
+                    )
             now = self.clock()
             # Re-registering replaces the token: a restarted client rejoins, its old token stops working.
             self.store.upsert_client(req.client_id, _sha256(token), req.num_samples, now)
@@ -319,9 +360,14 @@ class Coordinator:
             assert strategy is not None, "round 0 opens only once the strategy exists"
             t = strategy.task(client_id)
             return RoundTask(
-                **base, state="open", selected=True,
+                **base,
+                state="open",
+                selected=True,
                 submitted=self.store.update_digest(o.round, client_id) is not None,
-                mean=encode_tensor(t.mean), sigma=t.sigma, local_sigma=t.local_sigma, deadline_s=deadline_s,
+                mean=encode_tensor(t.mean),
+                sigma=t.sigma,
+                local_sigma=t.local_sigma,
+                deadline_s=deadline_s,
                 perturb=strategy.clients_perturb(self.config),
             )
 
@@ -337,7 +383,9 @@ class Coordinator:
             if prior is not None:
                 if prior == digest:
                     return UpdateResponse(accepted=True, duplicate=True, round=req.round)
-                raise Rejected(409, f"round: client {client_id} already submitted a different update for round {req.round}")
+                raise Rejected(
+                    409, f"round: client {client_id} already submitted a different update for round {req.round}"
+                )
             now = self.clock()
             self._tick(now)  # a deadline that has passed closes the round before a late update lands
             o = self._open
@@ -371,7 +419,9 @@ class Coordinator:
                 # local-only: a client's prompt is learnt from its data alone; other clients see only their own.
                 own = {cid: m for cid, m in own.items() if cid == reader}
             return GlobalState(
-                **base, mean=encode_tensor(self.strategy.mean), sigma=self.strategy.sigma,
+                **base,
+                mean=encode_tensor(self.strategy.mean),
+                sigma=self.strategy.sigma,
                 client_means=None if own is None else {cid: encode_tensor(m) for cid, m in own.items()},
             )
 
@@ -380,11 +430,21 @@ class Coordinator:
             details = self.sees_details(caller)
             history = run_history(self.store)
             if not details:
-                hidden: dict[str, object] = {"selected": [], "reporters": [], "val_accuracy": None, "val_loss": None, "clipped": None}
+                hidden: dict[str, object] = {
+                    "selected": [],
+                    "reporters": [],
+                    "val_accuracy": None,
+                    "val_loss": None,
+                    "clipped": None,
+                }
                 history = [r.model_copy(update=hidden) for r in history]
             return RunStatus(
-                config=self.config, state=self.state(), round=self.current_round(),
-                clients=self.store.client_ids() if details else [], history=history, redacted=not details,
+                config=self.config,
+                state=self.state(),
+                round=self.current_round(),
+                clients=self.store.client_ids() if details else [],
+                history=history,
+                redacted=not details,
             )
 
     def client_rounds(self, caller: Caller) -> list[ClientRoundRecord]:
@@ -423,8 +483,13 @@ class Coordinator:
 
     def _round_row(self, round_: int, selected: list[str], now: float, strategy: Strategy) -> RoundRow:
         return RoundRow(
-            round=round_, state="open", selected=selected, opened_at=now,
-            deadline_at=now + self.config.round_timeout_s, sigma_before=strategy.sigma, local_sigma=strategy.local_sigma,
+            round=round_,
+            state="open",
+            selected=selected,
+            opened_at=now,
+            deadline_at=now + self.config.round_timeout_s,
+            sigma_before=strategy.sigma,
+            local_sigma=strategy.local_sigma,
         )
 
     def _open_first(self, now: float) -> None:
@@ -447,11 +512,19 @@ class Coordinator:
         if merge:
             candidate = pickle.loads(blob)
             try:
-                ups = [ClientUpdate(cid, decode_tensor(u.mean), u.fitness, u.sigmas, u.num_samples, u.final_sigma)
-                       for cid, u in updates]
+                ups = [
+                    ClientUpdate(cid, decode_tensor(u.mean), u.fitness, u.sigmas, u.num_samples, u.final_sigma)
+                    for cid, u in updates
+                ]
                 if not self.rules.own_prompts:  # there, a client's mean moves its own prompt only
-                    ups, clipped = bound_updates(ups, candidate.mean, candidate.sigma, candidate.local_sigma,
-                                                 self.config.clip_multiple, self.config.max_weight_ratio)
+                    ups, clipped = bound_updates(
+                        ups,
+                        candidate.mean,
+                        candidate.sigma,
+                        candidate.local_sigma,
+                        self.config.clip_multiple,
+                        self.config.max_weight_ratio,
+                    )
                     if clipped:
                         log.warning("round %d: %d of %d updates bounded before the merge", o.round, clipped, len(ups))
                 result = candidate.merge(ups)
@@ -465,9 +538,12 @@ class Coordinator:
         row = self._round_row(nxt, self._sample(nxt), now, strategy) if nxt < self.config.rounds else None
         with self.store.transaction():
             self.store.close_round(
-                o.round, "merged" if merged else "failed", now,
+                o.round,
+                "merged" if merged else "failed",
+                now,
                 round_metrics([u for _, u in updates]) | {"clipped": clipped},
-                result.sigma_merged if result else None, result.sigma_after if result else None,
+                result.sigma_merged if result else None,
+                result.sigma_after if result else None,
             )
             if merged:
                 self.store.save_strategy(blob)
@@ -476,11 +552,22 @@ class Coordinator:
         self._blob, self.strategy = blob, strategy
         self._set_open(row, started=nxt + 1 if row is not None else nxt)
         if result is not None:
-            log.info("round %d merged %d/%d updates: sigma %.4g -> %.4g", o.round, len(updates), len(o.selected),
-                     o.sigma_before, result.sigma_after)
+            log.info(
+                "round %d merged %d/%d updates: sigma %.4g -> %.4g",
+                o.round,
+                len(updates),
+                len(o.selected),
+                o.sigma_before,
+                result.sigma_after,
+            )
         elif not merge:
-            log.warning("round %d failed at its deadline: %d/%d updates, %d needed", o.round, len(updates),
-                        len(o.selected), self.config.min_updates)
+            log.warning(
+                "round %d failed at its deadline: %d/%d updates, %d needed",
+                o.round,
+                len(updates),
+                len(o.selected),
+                self.config.min_updates,
+            )
 
     def _set_open(self, row: RoundRow | None, started: int) -> None:
         self._open = row

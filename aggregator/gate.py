@@ -39,6 +39,8 @@ class AuthGate:
             return await self.app(scope, receive, send)
         names = {"client": "a client token", "enroll": "the enroll key", "operator": "the operator key"}
         wanted = " or ".join(names[a] for a in sorted(allowed) if a in names)
-        detail = (f"Authorization: {'missing' if not authorization else 'not accepted here'}; "
-                  f"{scope['path']} takes {wanted} as 'Authorization: Bearer <token>'")
+        detail = (
+            f"Authorization: {'missing' if not authorization else 'not accepted here'}; "
+            f"{scope['path']} takes {wanted} as 'Authorization: Bearer <token>'"
+        )
         await send_error(send, 401, detail, [(b"www-authenticate", b"Bearer")])

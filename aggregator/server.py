@@ -17,10 +17,20 @@ from .coordinator import MAX_CLIENTS
 log = logging.getLogger(__name__)
 
 
-def serve(config: RunConfig, db_path: str, host: str = "127.0.0.1", port: int = 8100,
-          enroll_key: str | None = None, operator_key: str | None = None, max_clients: int = MAX_CLIENTS,
-          ssl_certfile: str | None = None, ssl_keyfile: str | None = None, options: dict | None = None,
-          allowed_hosts: str = "*", exit_when_done: float | None = None) -> int:
+def serve(
+    config: RunConfig,
+    db_path: str,
+    host: str = "127.0.0.1",
+    port: int = 8100,
+    enroll_key: str | None = None,
+    operator_key: str | None = None,
+    max_clients: int = MAX_CLIENTS,
+    ssl_certfile: str | None = None,
+    ssl_keyfile: str | None = None,
+    options: dict | None = None,
+    allowed_hosts: str = "*",
+    exit_when_done: float | None = None,
+) -> int:
     """HTTPS when `ssl_certfile` is given (with the key in it or in `ssl_keyfile`), else plain HTTP.
 
     With `exit_when_done`, the server stops that many seconds after the run's last round closed (time for the
@@ -28,10 +38,20 @@ def serve(config: RunConfig, db_path: str, host: str = "127.0.0.1", port: int = 
     app = create_app(config, db_path, enroll_key=enroll_key, operator_key=operator_key, max_clients=max_clients)
     coordinator = app.state.coordinator
     harden(app, allowed_hosts)
-    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="info", ssl_certfile=ssl_certfile,
-                                           ssl_keyfile=ssl_keyfile, **(options or {})))
+    server = uvicorn.Server(
+        uvicorn.Config(
+            app,
+            host=host,
+            port=port,
+            log_level="info",
+            ssl_certfile=ssl_certfile,
+            ssl_keyfile=ssl_keyfile,
+            **(options or {}),
+        )
+    )
     outcome = {"status": 0}
     if exit_when_done is not None:
+
         def stop_when_done() -> None:
             while coordinator.state() != "done":
                 time.sleep(0.5)
@@ -45,4 +65,3 @@ def serve(config: RunConfig, db_path: str, host: str = "127.0.0.1", port: int = 
         threading.Thread(target=stop_when_done, daemon=True).start()
     server.run()
     return outcome["status"]
-

@@ -192,15 +192,28 @@ class Store:
         self._write(
             f"INSERT INTO rounds ({_ROUND_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
-                r.round, r.state, json.dumps(r.selected), r.opened_at, r.deadline_at, r.sigma_before,
-                r.local_sigma, r.sigma_merged, r.sigma_after, r.closed_at,
+                r.round,
+                r.state,
+                json.dumps(r.selected),
+                r.opened_at,
+                r.deadline_at,
+                r.sigma_before,
+                r.local_sigma,
+                r.sigma_merged,
+                r.sigma_after,
+                r.closed_at,
                 json.dumps(r.metrics) if r.metrics is not None else None,
             ),
         )
 
     def close_round(
-        self, round_: int, state: str, closed_at: float, metrics: dict,
-        sigma_merged: float | None, sigma_after: float | None,
+        self,
+        round_: int,
+        state: str,
+        closed_at: float,
+        metrics: dict,
+        sigma_merged: float | None,
+        sigma_after: float | None,
     ) -> None:
         self._write(
             "UPDATE rounds SET state = ?, closed_at = ?, metrics = ?, sigma_merged = ?, sigma_after = ? "

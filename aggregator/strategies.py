@@ -94,8 +94,14 @@ def clip_displacement(mean: np.ndarray, center: np.ndarray, radius: float) -> tu
     return center + offset * (radius / norm), True
 
 
-def bound_updates(updates: Sequence[ClientUpdate], center: np.ndarray, sigma: float, local_sigma: float | None,
-                  clip_multiple: float, max_weight_ratio: float) -> tuple[list[ClientUpdate], int]:
+def bound_updates(
+    updates: Sequence[ClientUpdate],
+    center: np.ndarray,
+    sigma: float,
+    local_sigma: float | None,
+    clip_multiple: float,
+    max_weight_ratio: float,
+) -> tuple[list[ClientUpdate], int]:
     """The round's updates with every client's pull on the merge bounded; and how many were changed.
 
     - mean: at most clip_multiple x sigma x sqrt(d) from the global mean the round started from. Every
@@ -202,7 +208,10 @@ class FedBPTStrategy(Strategy):
         # which reads sigma's change off the ranks of ask()'s first two candidates, a mirrored pair the
         # clients never evaluate; CSA reads it off the mean shift, which the clients' means do carry.
         opts = {
-            "popsize": popsize, "CMA_mu": popsize, "seed": seed, "verbose": -9,
+            "popsize": popsize,
+            "CMA_mu": popsize,
+            "seed": seed,
+            "verbose": -9,
             "AdaptSigma": cma.sigma_adaptation.CMAAdaptSigmaCSA,
         }
         self.es = cma.CMAEvolutionStrategy(self.mean.copy(), self.sigma, inopts=opts)

@@ -35,8 +35,14 @@ from inference_service.limits import Limits
 
 # A Llama of SmolLM2's family at ~1B parameters (0.97B outside the embedding), SmolLM2's vocabulary.
 RANDOM_MODELS = {
-    "1b": {"hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 16, "num_attention_heads": 32,
-           "num_key_value_heads": 8, "head_dim": 64},
+    "1b": {
+        "hidden_size": 2048,
+        "intermediate_size": 8192,
+        "num_hidden_layers": 16,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 8,
+        "head_dim": 64,
+    },
 }
 
 
@@ -126,16 +132,24 @@ def main(argv=None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--engines", "--engine", default="torch", help="comma-separated: torch, vllm")
     parser.add_argument("--model", default=None, help="model directory (default: the embedded SmolLM2-135M)")
-    parser.add_argument("--random-model", choices=sorted(RANDOM_MODELS), default=None,
-                        help="a random-weight model of this size with --model's tokenizer, written under --work")
+    parser.add_argument(
+        "--random-model",
+        choices=sorted(RANDOM_MODELS),
+        default=None,
+        help="a random-weight model of this size with --model's tokenizer, written under --work",
+    )
     parser.add_argument("--work", default="/tmp/fedbpt-bench-models")
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--device", default=None, help="torch engine's device (default: cuda if present)")
     parser.add_argument("--populations", type=ints, default=[5, 20])
     parser.add_argument("--texts", type=ints, default=[8, 32])
     parser.add_argument("--prompt-lengths", "--prompt-length", type=ints, default=[50])
-    parser.add_argument("--batch-tokens", type=ints, default=[8192],
-                        help="torch: padded tokens per forward; vllm: tokens per scheduler step (largest used)")
+    parser.add_argument(
+        "--batch-tokens",
+        type=ints,
+        default=[8192],
+        help="torch: padded tokens per forward; vllm: tokens per scheduler step (largest used)",
+    )
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--peak-tflops", type=float, default=None, help="the device's dense peak for this dtype")
     parser.add_argument("--latency", action="store_true", help="also time one HTTP request per engine")
@@ -156,12 +170,21 @@ def main(argv=None) -> list[dict]:
     task = get_task("rotten_tomatoes")
     examples = load_splits("default", task)["validation"]
     words = list(task.label_words)
-    limits = Limits(max_batch_tokens=max(args.batch_tokens), max_population=max(args.populations),
-                    max_texts=max(args.texts), max_prompt_length=max(args.prompt_lengths))
-    print(f"model {model} ({params / 1e6:.0f}M non-embedding params), {args.dtype}, engines {', '.join(engines)}",
-          flush=True)
-    print(f"{'engine':>6} {'L':>3} {'P':>4} {'N':>5} {'seqs':>6} {'seq/s':>9} {'tok/s':>10} {'ms/call':>9} "
-          f"{'max|dlogit|':>11}" + (f" {'MFU':>7}" if args.peak_tflops else ""), flush=True)
+    limits = Limits(
+        max_batch_tokens=max(args.batch_tokens),
+        max_population=max(args.populations),
+        max_texts=max(args.texts),
+        max_prompt_length=max(args.prompt_lengths),
+    )
+    print(
+        f"model {model} ({params / 1e6:.0f}M non-embedding params), {args.dtype}, engines {', '.join(engines)}",
+        flush=True,
+    )
+    print(
+        f"{'engine':>6} {'L':>3} {'P':>4} {'N':>5} {'seqs':>6} {'seq/s':>9} {'tok/s':>10} {'ms/call':>9} "
+        f"{'max|dlogit|':>11}" + (f" {'MFU':>7}" if args.peak_tflops else ""),
+        flush=True,
+    )
     rows, first_logits = [], {}
     for name in engines:
         t0 = time.perf_counter()
@@ -170,8 +193,9 @@ def main(argv=None) -> list[dict]:
         rng = np.random.default_rng(0)
         for n_prompt in args.prompt_lengths:
             for n_pop in args.populations:
-                prompts = (rng.standard_normal((n_pop, n_prompt, engine.info.hidden_size))
-                           * engine.info.embedding_std).astype(np.float32)
+                prompts = (
+                    rng.standard_normal((n_pop, n_prompt, engine.info.hidden_size)) * engine.info.embedding_std
+                ).astype(np.float32)
                 for n_texts in args.texts:
                     texts = [task.render(ex.fields, engine.info.kind) for ex in examples[:n_texts]]
                     batch = ScoreBatch(prompts, texts, words)
@@ -187,12 +211,25 @@ def main(argv=None) -> list[dict]:
                         engine.score(batch)
                         times.append(time.perf_counter() - t)
                     t = statistics.median(times)
-                    row = {"engine": name, "model": Path(model).name, "params": params, "dtype": args.dtype,
-                           "L": n_prompt, "P": n_pop, "N": n_texts, "sequences": result.sequences,
-                           "tokens": result.tokens, "seq_per_s": result.sequences / t,
-                           "tok_per_s": result.tokens / t, "ms_per_call": t * 1e3, "max_abs_dlogit": diff}
-                    line = (f"{name:>6} {n_prompt:>3} {n_pop:>4} {n_texts:>5} {result.sequences:>6} "
-                            f"{row['seq_per_s']:>9.1f} {row['tok_per_s']:>10.0f} {t * 1e3:>9.1f} {diff:>11.3g}")
+                    row = {
+                        "engine": name,
+                        "model": Path(model).name,
+                        "params": params,
+                        "dtype": args.dtype,
+                        "L": n_prompt,
+                        "P": n_pop,
+                        "N": n_texts,
+                        "sequences": result.sequences,
+                        "tokens": result.tokens,
+                        "seq_per_s": result.sequences / t,
+                        "tok_per_s": result.tokens / t,
+                        "ms_per_call": t * 1e3,
+                        "max_abs_dlogit": diff,
+                    }
+                    line = (
+                        f"{name:>6} {n_prompt:>3} {n_pop:>4} {n_texts:>5} {result.sequences:>6} "
+                        f"{row['seq_per_s']:>9.1f} {row['tok_per_s']:>10.0f} {t * 1e3:>9.1f} {diff:>11.3g}"
+                    )
                     if args.peak_tflops:
                         row["mfu"] = 2 * params * result.tokens / t / (args.peak_tflops * 1e12)
                         line += f" {row['mfu']:>7.2%}"
@@ -202,15 +239,31 @@ def main(argv=None) -> list[dict]:
             from fedbpt_wire.tensors import encode_tensor
 
             n_prompt, n_pop, n_texts = min(args.prompt_lengths), min(args.populations), min(args.texts)
-            prompts = (np.random.default_rng(1).standard_normal((n_pop, n_prompt, engine.info.hidden_size))
-                       * engine.info.embedding_std).astype(np.float32)
-            body = {"prompts": encode_tensor(prompts).model_dump(), "label_words": words,
-                    "texts": [task.render(ex.fields, engine.info.kind) for ex in examples[:n_texts]]}
+            prompts = (
+                np.random.default_rng(1).standard_normal((n_pop, n_prompt, engine.info.hidden_size))
+                * engine.info.embedding_std
+            ).astype(np.float32)
+            body = {
+                "prompts": encode_tensor(prompts).model_dump(),
+                "label_words": words,
+                "texts": [task.render(ex.fields, engine.info.kind) for ex in examples[:n_texts]],
+            }
             seconds, engine_ms = latency(engine, body, args.repeats)
-            row = {"engine": name, "model": Path(model).name, "latency": True, "L": n_prompt, "P": n_pop,
-                   "N": n_texts, "request_ms": seconds * 1e3, "engine_ms": engine_ms}
-            print(f"{name}: one HTTP request L={n_prompt} P={n_pop} N={n_texts}: {seconds * 1e3:.1f} ms end to end, "
-                  f"{engine_ms:.1f} ms in the engine", flush=True)
+            row = {
+                "engine": name,
+                "model": Path(model).name,
+                "latency": True,
+                "L": n_prompt,
+                "P": n_pop,
+                "N": n_texts,
+                "request_ms": seconds * 1e3,
+                "engine_ms": engine_ms,
+            }
+            print(
+                f"{name}: one HTTP request L={n_prompt} P={n_pop} N={n_texts}: {seconds * 1e3:.1f} ms end to end, "
+                f"{engine_ms:.1f} ms in the engine",
+                flush=True,
+            )
             rows.append(row)
         release(engine)
     if args.out:

@@ -48,8 +48,9 @@ def main(argv=None) -> list[dict]:
     rows = []
     rng = np.random.default_rng(0)
     for length in args.prompt_length:
-        prompts = (rng.standard_normal((args.population, length, engine.info.hidden_size))
-                   * engine.info.embedding_std).astype(np.float32)
+        prompts = (
+            rng.standard_normal((args.population, length, engine.info.hidden_size)) * engine.info.embedding_std
+        ).astype(np.float32)
         for placement, texts in placements.items():
             batch = ScoreBatch(prompts, texts, [" negative", " positive"])
             times: dict[bool, list[float]] = {False: [], True: []}
@@ -62,11 +63,18 @@ def main(argv=None) -> list[dict]:
                     times[reuse].append(time.perf_counter() - t0)
             whole, reused = min(times[False]), min(times[True])
             row = {
-                "model": engine.info.name, "dtype": engine.info.dtype, "device": str(engine.device),
-                "placement": placement, "prompt_length": length, "population": args.population,
-                "texts": len(texts), "whole_s": round(whole, 3), "reuse_s": round(reused, 3),
+                "model": engine.info.name,
+                "dtype": engine.info.dtype,
+                "device": str(engine.device),
+                "placement": placement,
+                "prompt_length": length,
+                "population": args.population,
+                "texts": len(texts),
+                "whole_s": round(whole, 3),
+                "reuse_s": round(reused, 3),
                 "speedup": round(whole / reused, 2),
-                "tokens_whole": results[False].tokens, "tokens_reuse": results[True].tokens,
+                "tokens_whole": results[False].tokens,
+                "tokens_reuse": results[True].tokens,
                 "max_abs_logit_diff": float(np.abs(results[True].logits - results[False].logits).max()),
             }
             rows.append(row)

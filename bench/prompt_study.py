@@ -89,9 +89,17 @@ def main(argv=None) -> dict:
     rows = []
     for variant in [v for v in args.variants.split(";") if v.strip()] or [""]:
         overrides = dict(kv.split("=", 1) for kv in variant.split(",") if kv.strip())
-        run = argparse.Namespace(**{**vars(args), **{k.replace("-", "_"): type(getattr(args, k.replace("-", "_")))(v)
-                                                      if getattr(args, k.replace("-", "_")) is not None else v
-                                                      for k, v in overrides.items()}})
+        run = argparse.Namespace(
+            **{
+                **vars(args),
+                **{
+                    k.replace("-", "_"): type(getattr(args, k.replace("-", "_")))(v)
+                    if getattr(args, k.replace("-", "_")) is not None
+                    else v
+                    for k, v in overrides.items()
+                },
+            }
+        )
         rows.append(tune(run, engine, task, train, test, y_train, y_test, zs_correct, cal_correct, logits, t_start))
     return rows
 
@@ -103,14 +111,30 @@ def tune(args, engine, task, train, test, y_train, y_test, zs_correct, cal_corre
     dim = engine.info.hidden_size
     engine.layout = make_layout(engine.tokenizer, kind, args.anchor)
     tuned_task = with_placement(task, args.placement)
-    projection = Projection(args.seed, args.intrinsic_dim, args.prompt_length, dim, engine.info.embedding_std,
-                            args.sigma0, args.init, engine.token_embeddings, engine.info.vocab_size)
-    init_loss, init_acc = label_cross_entropy(logits(projection(np.zeros(args.intrinsic_dim)), test[:200], tuned_task),
-                                              y_test[:200])
+    projection = Projection(
+        args.seed,
+        args.intrinsic_dim,
+        args.prompt_length,
+        dim,
+        engine.info.embedding_std,
+        args.sigma0,
+        args.init,
+        engine.token_embeddings,
+        engine.info.vocab_size,
+    )
+    init_loss, init_acc = label_cross_entropy(
+        logits(projection(np.zeros(args.intrinsic_dim)), test[:200], tuned_task), y_test[:200]
+    )
     if args.screen:
-        row = {"placement": args.placement, "init": args.init, "anchor": args.anchor, "L": args.prompt_length,
-               "zero_shot_200": float(zs_correct[:200].mean()), "init_accuracy_200": float(init_acc[0]),
-               "init_loss_200": float(init_loss[0])}
+        row = {
+            "placement": args.placement,
+            "init": args.init,
+            "anchor": args.anchor,
+            "L": args.prompt_length,
+            "zero_shot_200": float(zs_correct[:200].mean()),
+            "init_accuracy_200": float(init_acc[0]),
+            "init_loss_200": float(init_loss[0]),
+        }
         print(json.dumps(row), flush=True)
         return row
 
@@ -125,8 +149,9 @@ def tune(args, engine, task, train, test, y_train, y_test, zs_correct, cal_corre
         trace.append(float(loss.min()))
         return loss
 
-    result = local_search(fitness, np.zeros(args.intrinsic_dim), args.sigma0, args.popsize, args.iterations,
-                          cma_seed(args.seed, 13))
+    result = local_search(
+        fitness, np.zeros(args.intrinsic_dim), args.sigma0, args.popsize, args.iterations, cma_seed(args.seed, 13)
+    )
     search_s = time.perf_counter() - t0
     tuned_test = logits(projection(result.mean[None]), test, tuned_task)[0]
     tuned_correct = tuned_test.argmax(-1) == y_test

@@ -81,7 +81,7 @@ def main() -> None:
     print(f"{'dtype':<9} {'path':<11} {'seq/s':>8} {'tok/s':>9} {'ratio':>26}")
     for dtype in args.dtypes.split(","):
         engine = TorchEngine(str(model_dir), dtype=dtype)
-        prompts = (np.random.default_rng(0).standard_normal((args.population, args.prompt_length, 576)) * 0.1)
+        prompts = np.random.default_rng(0).standard_normal((args.population, args.prompt_length, 576)) * 0.1
         prompts = prompts.astype(np.float32)
         batch = ScoreBatch(prompts, texts, list(task.label_words))
         warm = engine.score(batch)
@@ -93,8 +93,11 @@ def main() -> None:
             post = functools.partial(_post_ok, http, f"{url}/v1/score", body)
             post()
             t_http = best_of(args.repeats, post)
-        for path, t, ratio in (("raw", t_raw, ""), ("in-process", t_engine, f"in-process/raw {t_raw / t_engine:.3f}"),
-                               ("http", t_http, f"http/in-process {t_engine / t_http:.3f}")):
+        for path, t, ratio in (
+            ("raw", t_raw, ""),
+            ("in-process", t_engine, f"in-process/raw {t_raw / t_engine:.3f}"),
+            ("http", t_http, f"http/in-process {t_engine / t_http:.3f}"),
+        ):
             print(f"{dtype:<9} {path:<11} {seqs / t:8.1f} {tokens / t:9.1f} {ratio:>26}")
 
 

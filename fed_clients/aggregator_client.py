@@ -34,8 +34,9 @@ class AggregatorClient:
             self.http.set_token(previous)
         return PartitionAssignment.model_validate(response)
 
-    def register(self, client_id: str, num_samples: int, enroll_key: str | None = None,
-                 token: str | None = None) -> RegisterResponse:
+    def register(
+        self, client_id: str, num_samples: int, enroll_key: str | None = None, token: str | None = None
+    ) -> RegisterResponse:
         """Registers `client_id`, or re-binds it with its own earlier `token` (a restarted client).
 
         A token the aggregator no longer knows (a new run, a new database) falls back to the enroll key;

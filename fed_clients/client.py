@@ -36,8 +36,7 @@ class Evaluation:
 class PromptScorer:
     """Scores z vectors (through the shared projection) on labelled examples via the service."""
 
-    def __init__(self, service: ServiceClient, task: Task, projection: Projection | None, kind: str,
-                 max_texts: int):
+    def __init__(self, service: ServiceClient, task: Task, projection: Projection | None, kind: str, max_texts: int):
         self.service = service
         self.task = task
         self.projection = projection
@@ -56,12 +55,15 @@ class PromptScorer:
         words = list(self.task.label_words)
         if z is not None and self.projection is not None:
             z, projection = np.atleast_2d(z), self.projection
+
             def send(chunk):
                 return self.service.score_population(z, projection, chunk, words).logits
         else:
             prompts = self.prompts(z)
+
             def send(chunk):
                 return self.service.score(prompts, chunk, words).logits
+
         population = 1 if z is None else np.atleast_2d(z).shape[0]
         length = 0 if z is None or self.projection is None else self.projection.prompt_length
         chunks = request_chunks(texts, population, length, self.service.model_info(), self.max_texts)
@@ -85,8 +87,16 @@ def _split_on_refusal(send, chunk: list[str]) -> np.ndarray:
 
 
 class FedBPTClient:
-    def __init__(self, client_id: str, service: ServiceClient, task: Task, train: list[Example],
-                 val: list[Example], config: RunConfig, batch_size: int = 16):
+    def __init__(
+        self,
+        client_id: str,
+        service: ServiceClient,
+        task: Task,
+        train: list[Example],
+        val: list[Example],
+        config: RunConfig,
+        batch_size: int = 16,
+    ):
         if not train:
             raise ValueError(f"client {client_id} has no training examples")
         self.client_id = client_id
@@ -133,13 +143,15 @@ class FedBPTClient:
         metrics = {}
         if self.val:
             ev = self.scorer.evaluate(mean[None], self.val)
-            metrics = {"global_val_loss": float(ev.loss[0]), "global_val_accuracy": float(ev.accuracy[0]),
-                       "val_samples": len(self.val)}
+            metrics = {
+                "global_val_loss": float(ev.loss[0]),
+                "global_val_accuracy": float(ev.accuracy[0]),
+                "val_samples": len(self.val),
+            }
         perturbed = None
         # The strategy's rule comes with the task; an aggregator from before that field leaves it to the config.
         if cfg.perturb if task.perturb is None else task.perturb:
-            perturbed = perturb_examples(self.train, cfg.perturb_rate, self.words,
-                                         [cfg.seed, self.tag, task.round, 6])
+            perturbed = perturb_examples(self.train, cfg.perturb_rate, self.words, [cfg.seed, self.tag, task.round, 6])
         batches = self._batches(task.round)
         result = local_search(
             lambda z, it: self._fitness_parts(z, batches[it], perturbed)[2],
@@ -153,8 +165,16 @@ class FedBPTClient:
         # whole local shard, not on whichever mini-batch came last.
         loss, acc, fitness = self._fitness_parts(result.mean[None], np.arange(len(self.train)), perturbed)
         spent = self.service.usage() - usage_before
-        log.info("%s round %d: local loss %.4f acc %.3f fitness %.4f sigma %.3f -> %.3f", self.client_id, task.round,
-                 loss[0], acc[0], fitness[0], task.local_sigma or 0, result.final_sigma)
+        log.info(
+            "%s round %d: local loss %.4f acc %.3f fitness %.4f sigma %.3f -> %.3f",
+            self.client_id,
+            task.round,
+            loss[0],
+            acc[0],
+            fitness[0],
+            task.local_sigma or 0,
+            result.final_sigma,
+        )
         return UpdateRequest(
             round=task.round,
             mean=encode_tensor(result.mean),
@@ -163,6 +183,11 @@ class FedBPTClient:
             final_sigma=result.final_sigma,
             num_samples=len(self.train),
             metrics=ClientMetrics(local_loss=float(loss[0]), local_accuracy=float(acc[0]), **metrics),
-            costs=ClientCosts(queries=spent.queries, sequences=spent.sequences, tokens=spent.tokens,
-                              service_bytes_up=spent.bytes_up, service_bytes_down=spent.bytes_down),
+            costs=ClientCosts(
+                queries=spent.queries,
+                sequences=spent.sequences,
+                tokens=spent.tokens,
+                service_bytes_up=spent.bytes_up,
+                service_bytes_down=spent.bytes_down,
+            ),
         )

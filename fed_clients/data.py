@@ -43,8 +43,10 @@ def _csv_rows(path: Path, delimiter: str) -> Iterator[tuple[int, dict]]:
                 for row in reader:
                     if row:  # a blank line is no record
                         if len(row) != len(header):
-                            raise DataError(f"{path}:{line}: {len(row)} fields where the header has {len(header)} "
-                                            f"({', '.join(header)}); quote a field that holds {delimiter!r}")
+                            raise DataError(
+                                f"{path}:{line}: {len(row)} fields where the header has {len(header)} "
+                                f"({', '.join(header)}); quote a field that holds {delimiter!r}"
+                            )
                         yield line, dict(zip(header, row))
                     line = reader.line_num + 1
             except csv.Error as exc:
@@ -75,8 +77,9 @@ def _parquet_rows(path: Path) -> Iterator[tuple[int, dict]]:
     try:
         import pyarrow.parquet as pq
     except ImportError:
-        raise DataError(f"{path}: reading Parquet needs pyarrow (pip install 'fedbpt[parquet]'), "
-                        "or save the file as CSV or JSONL") from None
+        raise DataError(
+            f"{path}: reading Parquet needs pyarrow (pip install 'fedbpt[parquet]'), or save the file as CSV or JSONL"
+        ) from None
     try:
         table = pq.read_table(path)
     except Exception as exc:  # pyarrow's errors have no common base worth naming here
@@ -112,8 +115,10 @@ def read_inputs(path: str | Path, task: Task) -> Iterator[tuple[int, dict]]:
     for line, row in read_rows(path):
         missing = [c for c in task.fields if c not in row]
         if missing:
-            raise DataError(f"{path}:{line}: no column {', '.join(map(repr, missing))} (the template's "
-                            f"{', '.join('{' + c + '}' for c in missing)}); columns: {', '.join(map(str, row))}")
+            raise DataError(
+                f"{path}:{line}: no column {', '.join(map(repr, missing))} (the template's "
+                f"{', '.join('{' + c + '}' for c in missing)}); columns: {', '.join(map(str, row))}"
+            )
         for c in task.fields:
             row[c] = _text(row[c], path, line, c)
         yield line, row
@@ -125,7 +130,9 @@ def read_examples(path: str | Path, task: Task) -> list[Example]:
     out = []
     for line, row in read_inputs(path, task):
         if task.label_column not in row:
-            raise DataError(f"{path}:{line}: no label column {task.label_column!r}; columns: {', '.join(map(str, row))}")
+            raise DataError(
+                f"{path}:{line}: no label column {task.label_column!r}; columns: {', '.join(map(str, row))}"
+            )
         try:
             label = task.label_index(row[task.label_column])
         except ValueError as exc:
@@ -142,8 +149,10 @@ def load_splits(source: str, task: Task) -> dict[str, list[Example]]:
         from fedbpt_assets import EMBEDDED_DATA, ensure_data
 
         if task.name not in EMBEDDED_DATA:
-            raise ValueError(f"task {task.name} has no embedded data (embedded: {', '.join(sorted(EMBEDDED_DATA))}); "
-                             "pass a directory of files, or `hf`")
+            raise ValueError(
+                f"task {task.name} has no embedded data (embedded: {', '.join(sorted(EMBEDDED_DATA))}); "
+                "pass a directory of files, or `hf`"
+            )
         source = str(ensure_data(name=task.name))
     if source == "hf":
         return _load_hf(task)
@@ -151,8 +160,10 @@ def load_splits(source: str, task: Task) -> dict[str, list[Example]]:
     if root.is_file():
         return {"train": read_examples(root, task), "validation": [], "test": []}
     if not root.is_dir():
-        raise DataError(f"{source}: no such file or directory (--data takes a data file, a directory of "
-                        "train/validation/test files, 'default' or 'hf')")
+        raise DataError(
+            f"{source}: no such file or directory (--data takes a data file, a directory of "
+            "train/validation/test files, 'default' or 'hf')"
+        )
     splits = {}
     for split in SPLITS:
         found = [root / f"{split}{ext}" for ext in DATA_SUFFIXES if (root / f"{split}{ext}").exists()]

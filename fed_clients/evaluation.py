@@ -69,5 +69,10 @@ def classification_metrics(labels: np.ndarray, predictions: np.ndarray, num_clas
     tp = np.diag(confusion).astype(float)
     denom = confusion.sum(0) + confusion.sum(1)
     f1 = np.divide(2 * tp, denom, out=np.zeros(num_classes), where=denom > 0)
-    return {"examples": int(len(labels)), "accuracy": float((labels == predictions).mean()) if len(labels) else 0.0,
-            "macro_f1": float(f1.mean()), "f1": f1.tolist(), "confusion": confusion.tolist()}
+    return {
+        "examples": int(len(labels)),
+        "accuracy": float((labels == predictions).mean()) if len(labels) else 0.0,
+        "macro_f1": float(f1.mean()),
+        "f1": f1.tolist(),
+        "confusion": confusion.tolist(),
+    }

@@ -45,9 +45,18 @@ class RetryingClient:
     a CA bundle file. Bytes are the request and response bodies as sent and received (content, not headers).
     """
 
-    def __init__(self, base_url: str, token: str | None = None, timeout: float = 300.0, retries: int = 5,
-                 backoff: float = 0.5, max_backoff: float = 10.0, verify: bool | str = True,
-                 retry_for: float | None = None, name: str = "server"):
+    def __init__(
+        self,
+        base_url: str,
+        token: str | None = None,
+        timeout: float = 300.0,
+        retries: int = 5,
+        backoff: float = 0.5,
+        max_backoff: float = 10.0,
+        verify: bool | str = True,
+        retry_for: float | None = None,
+        name: str = "server",
+    ):
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         # httpx takes a CA file only through an SSL context.
         context = ssl.create_default_context(cafile=verify) if isinstance(verify, str) else verify
@@ -109,8 +118,14 @@ class RetryingClient:
             if self.retry_for is None:
                 log.warning("%s %s: %s; retry %d/%d", method, path, problem, attempt + 1, self.retries)
             elif attempt == 0:
-                log.warning("%s %s: %s; the %s may be restarting: retrying for up to %.0f s (--retry-for)", method,
-                            path, problem, self.name, self.retry_for)
+                log.warning(
+                    "%s %s: %s; the %s may be restarting: retrying for up to %.0f s (--retry-for)",
+                    method,
+                    path,
+                    problem,
+                    self.name,
+                    self.retry_for,
+                )
             time.sleep(min(self.backoff * 2**attempt, self.max_backoff))
             attempt += 1
 

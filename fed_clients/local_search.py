@@ -41,8 +41,14 @@ def local_search(
     es = cma.CMAEvolutionStrategy(
         np.asarray(mean, dtype=np.float64),
         float(sigma),
-        {"popsize": popsize, "seed": np.nan, "randn": lambda *shape: rng.standard_normal(shape), "verbose": -9,
-         "maxiter": iterations, "CMA_diagonal": False},
+        {
+            "popsize": popsize,
+            "seed": np.nan,
+            "randn": lambda *shape: rng.standard_normal(shape),
+            "verbose": -9,
+            "maxiter": iterations,
+            "CMA_diagonal": False,
+        },
     )
     sigmas = []
     evaluations = 0
@@ -52,5 +58,6 @@ def local_search(
         values = np.asarray(fitness(candidates, it), dtype=np.float64)
         es.tell(list(candidates), values.tolist())
         evaluations += len(candidates)
-    return LocalResult(mean=np.asarray(es.mean, dtype=np.float64), sigmas=sigmas, evaluations=evaluations,
-                       final_sigma=float(es.sigma))
+    return LocalResult(
+        mean=np.asarray(es.mean, dtype=np.float64), sigmas=sigmas, evaluations=evaluations, final_sigma=float(es.sigma)
+    )

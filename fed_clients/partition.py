@@ -20,8 +20,9 @@ def iid_partition(n: int, n_clients: int, seed: int) -> list[np.ndarray]:
     return [np.sort(part) for part in np.array_split(order, n_clients)]
 
 
-def dirichlet_partition(labels: np.ndarray, n_clients: int, alpha: float, seed: int,
-                        min_size: int = 2, max_tries: int = 100) -> list[np.ndarray]:
+def dirichlet_partition(
+    labels: np.ndarray, n_clients: int, alpha: float, seed: int, min_size: int = 2, max_tries: int = 100
+) -> list[np.ndarray]:
     """Per class, proportions ~ Dirichlet(alpha) over clients; redrawn until every client holds `min_size`.
 
     Small alpha gives each client a few dominant classes (label skew); alpha -> inf tends to IID.

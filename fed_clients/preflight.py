@@ -27,8 +27,10 @@ def check_service(service: ServiceClient, task: Task) -> ModelInfo:
         raise unreachable("service", url, exc) from None
     except RequestFailed as exc:
         if exc.status == 422 and "label_words" in exc.detail:
-            raise FatalError(f"task {task.name}: the served model {info.name} cannot use these label words "
-                             f"({exc.detail}); each must be one token of its vocabulary, usually with its leading "
-                             "space: change label_words in the task spec (or --label-words)") from None
+            raise FatalError(
+                f"task {task.name}: the served model {info.name} cannot use these label words "
+                f"({exc.detail}); each must be one token of its vocabulary, usually with its leading "
+                "space: change label_words in the task spec (or --label-words)"
+            ) from None
         raise service_refused(url, exc) from None
     return info

@@ -43,25 +43,36 @@ class TunedPrompt:
     def check_model(self, info: ModelInfo) -> None:
         """A prompt lives in one model's embedding space: elsewhere it means nothing."""
         if info.name != self.model["name"] or info.hidden_size != self.model["hidden_size"]:
-            raise PromptFileError(f"this prompt was tuned on {self.model['name']} (hidden size "
-                                  f"{self.model['hidden_size']}), the service serves {info.name} (hidden size "
-                                  f"{info.hidden_size}): use a service of the model it was tuned on")
+            raise PromptFileError(
+                f"this prompt was tuned on {self.model['name']} (hidden size "
+                f"{self.model['hidden_size']}), the service serves {info.name} (hidden size "
+                f"{info.hidden_size}): use a service of the model it was tuned on"
+            )
 
 
-def prompt_payload(info: ModelInfo, config: RunConfig, task: Task, z: np.ndarray, metrics: dict,
-                   created_by: str) -> dict:
+def prompt_payload(
+    info: ModelInfo, config: RunConfig, task: Task, z: np.ndarray, metrics: dict, created_by: str
+) -> dict:
     return {
         "format": PROMPT_FORMAT,
         "created_by": created_by,
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "model": {"name": info.name, "hidden_size": info.hidden_size, "kind": info.kind},
-        "projection": {"seed": config.projection_seed, "intrinsic_dim": config.intrinsic_dim,
-                       "prompt_length": config.prompt_length, "sigma0": config.sigma0, "init": config.prompt_init,
-                       "placement": config.prompt_placement},
+        "projection": {
+            "seed": config.projection_seed,
+            "intrinsic_dim": config.intrinsic_dim,
+            "prompt_length": config.prompt_length,
+            "sigma0": config.sigma0,
+            "init": config.prompt_init,
+            "placement": config.prompt_placement,
+        },
         "z": encode_tensor(np.asarray(z, dtype=np.float32)).model_dump(),
         # `task` as the first files had it (the template placed for the model); `task_spec` the whole spec.
-        "task": {"name": task.name, "template": with_placement(task, config.prompt_placement).template(info.kind),
-                 "label_words": list(task.label_words)},
+        "task": {
+            "name": task.name,
+            "template": with_placement(task, config.prompt_placement).template(info.kind),
+            "label_words": list(task.label_words),
+        },
         "task_spec": task.to_spec(),
         "run_config": config.model_dump(),
         "metrics": metrics,
@@ -97,8 +108,14 @@ def read_prompt(path: str | Path) -> TunedPrompt:
         else:
             # The demo's first files carried the placed template and the words only: classes are their indices.
             words = payload["task"]["label_words"]
-            task = task_from_spec({"name": payload["task"]["name"], "template": payload["task"]["template"],
-                                   "label_words": {str(i): w for i, w in enumerate(words)}}, f"{path}: task")
+            task = task_from_spec(
+                {
+                    "name": payload["task"]["name"],
+                    "template": payload["task"]["template"],
+                    "label_words": {str(i): w for i, w in enumerate(words)},
+                },
+                f"{path}: task",
+            )
     except KeyError as exc:
         raise PromptFileError(f"{path}: missing field {exc}") from None
     except (ValidationError, TensorDecodeError, TypeError) as exc:

@@ -42,8 +42,15 @@ class ClientData:
     val: list[Example]
 
 
-def client_shard(examples: list[Example], index: int, n_clients: int, alpha: float | None, seed: int,
-                 per_class: int | None = None, val_fraction: float = 0.25) -> ClientData:
+def client_shard(
+    examples: list[Example],
+    index: int,
+    n_clients: int,
+    alpha: float | None,
+    seed: int,
+    per_class: int | None = None,
+    val_fraction: float = 0.25,
+) -> ClientData:
     """Client `index`'s part of a shared pool: few-shot sample, IID or Dirichlet split, local train/val.
 
     Every client computes the same partition from the same seed, so no one hands out data.
@@ -65,10 +72,22 @@ class RunOutcome:
     last_val_accuracy: float | None = None  # the global prompt's, on this client's validation split
 
 
-def run_client(service: ServiceClient, aggregator: AggregatorClient, client_id: str, data: ClientData,
-               task: Task, *, enroll_key: str | None = None, batch_size: int = 16, poll_s: float = 0.25,
-               max_poll_s: float = 2.0, long_poll_s: float = 10.0, max_idle_s: float = 3600.0,
-               state_dir: Path | None = None, outcome: RunOutcome | None = None) -> int:
+def run_client(
+    service: ServiceClient,
+    aggregator: AggregatorClient,
+    client_id: str,
+    data: ClientData,
+    task: Task,
+    *,
+    enroll_key: str | None = None,
+    batch_size: int = 16,
+    poll_s: float = 0.25,
+    max_poll_s: float = 2.0,
+    long_poll_s: float = 10.0,
+    max_idle_s: float = 3600.0,
+    state_dir: Path | None = None,
+    outcome: RunOutcome | None = None,
+) -> int:
     """Returns the number of rounds this client worked; exits when the run is done.
 
     The aggregator token is kept under `state_dir` (default: `default_state_dir()`), so that this client,
@@ -80,8 +99,14 @@ def run_client(service: ServiceClient, aggregator: AggregatorClient, client_id: 
     saved.write(reg.token)
     outcome.config = reg.config
     client = FedBPTClient(client_id, service, task, data.train, data.val, reg.config, batch_size)
-    log.info("%s registered: %d train / %d val examples, strategy %s, %d rounds", client_id, len(data.train),
-             len(data.val), reg.config.strategy, reg.config.rounds)
+    log.info(
+        "%s registered: %d train / %d val examples, strategy %s, %d rounds",
+        client_id,
+        len(data.train),
+        len(data.val),
+        reg.config.strategy,
+        reg.config.rounds,
+    )
     worked = 0
     started = time.monotonic()
     idle_since = time.monotonic()
@@ -98,12 +123,18 @@ def run_client(service: ServiceClient, aggregator: AggregatorClient, client_id: 
             except RequestFailed as exc:
                 if exc.status != 409:
                     raise
-                log.warning("%s round %d: update refused (%s); the round closed without it", client_id, round_task.round,
-                            exc.detail)
+                log.warning(
+                    "%s round %d: update refused (%s); the round closed without it",
+                    client_id,
+                    round_task.round,
+                    exc.detail,
+                )
             outcome.rounds_worked = worked
             if update.metrics.global_val_accuracy is not None:
                 outcome.last_val_accuracy = update.metrics.global_val_accuracy
-            _progress(client_id, round_task.round, reg.config.rounds, time.monotonic() - started, outcome.last_val_accuracy)
+            _progress(
+                client_id, round_task.round, reg.config.rounds, time.monotonic() - started, outcome.last_val_accuracy
+            )
             idle_since = time.monotonic()
             wait = poll_s
             continue
@@ -118,8 +149,15 @@ def _progress(client_id: str, round_: int, rounds: int, elapsed: float, val_accu
     done = round_ + 1
     acc = "n/a" if val_accuracy is None else f"{val_accuracy:.3f}"
     eta = elapsed / done * (rounds - done)
-    log.info("%s round %d/%d | %.0f s elapsed, ~%.0f s to go | global prompt's val accuracy %s (this client's split)",
-             client_id, done, rounds, elapsed, eta, acc)
+    log.info(
+        "%s round %d/%d | %.0f s elapsed, ~%.0f s to go | global prompt's val accuracy %s (this client's split)",
+        client_id,
+        done,
+        rounds,
+        elapsed,
+        eta,
+        acc,
+    )
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -128,39 +166,74 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--aggregator", required=True, help="aggregator URL")
     parser.add_argument("--enroll-key", default=os.environ.get("FEDBPT_ENROLL_KEY"))
     parser.add_argument("--client-id", default=None, help="default: client-<partition index> or the host name")
-    parser.add_argument("--data", default="default",
-                        help="'default' (embedded), a CSV/TSV/JSONL file of this client's own examples, "
-                             "a directory with train/validation files, or 'hf'")
-    parser.add_argument("--task", default="rotten_tomatoes", metavar="NAME|FILE",
-                        help="a built-in task or a task spec file (JSON: template and label words; docs/formats.md)")
-    parser.add_argument("--label-words", default=None,
-                        help="comma-separated verbalizer replacing the task's, in class order, each word with its "
-                             "leading space, e.g. ' bad, good' (every client of a run must give the same)")
-    parser.add_argument("--partition", default=None, metavar="K/N",
-                        help="take part K (0-based) of N of a shared pool instead of the whole file; "
-                             "auto/N: the aggregator hands out K, the same one again to the same --client-id "
-                             "or host name")
+    parser.add_argument(
+        "--data",
+        default="default",
+        help="'default' (embedded), a CSV/TSV/JSONL file of this client's own examples, "
+        "a directory with train/validation files, or 'hf'",
+    )
+    parser.add_argument(
+        "--task",
+        default="rotten_tomatoes",
+        metavar="NAME|FILE",
+        help="a built-in task or a task spec file (JSON: template and label words; docs/formats.md)",
+    )
+    parser.add_argument(
+        "--label-words",
+        default=None,
+        help="comma-separated verbalizer replacing the task's, in class order, each word with its "
+        "leading space, e.g. ' bad, good' (every client of a run must give the same)",
+    )
+    parser.add_argument(
+        "--partition",
+        default=None,
+        metavar="K/N",
+        help="take part K (0-based) of N of a shared pool instead of the whole file; "
+        "auto/N: the aggregator hands out K, the same one again to the same --client-id "
+        "or host name",
+    )
     parser.add_argument("--alpha", type=float, default=None, help="Dirichlet alpha for --partition (default IID)")
     parser.add_argument("--per-class", type=int, default=None, help="few-shot: examples per class in the whole pool")
     parser.add_argument("--partition-seed", type=int, default=0)
     parser.add_argument("--val-fraction", type=float, default=0.25)
     parser.add_argument("--batch-size", type=int, default=16, help="texts per CMA-ES iteration")
     parser.add_argument("--timeout", type=float, default=300.0, help="HTTP timeout per request, seconds")
-    parser.add_argument("--state-dir", type=Path, default=None,
-                        help="where this client keeps its aggregator token, so that it re-binds its own id when "
-                             "restarted (default: $FEDBPT_STATE_DIR or ~/.local/state/fedbpt/clients)")
-    parser.add_argument("--ca-cert", default=None, metavar="FILE",
-                        help="CA certificate (PEM) to trust for HTTPS to the service and the aggregator")
-    parser.add_argument("--retry-for", type=float, default=600.0, metavar="SECONDS",
-                        help="how long to keep retrying, with backoff, a service or aggregator that stops answering "
-                             "mid-run (a restart); at the start a server that does not answer is an error at once "
-                             "(default %(default)s)")
-    parser.add_argument("--prompt-out", default=None, metavar="FILE",
-                        help="where to write the tuned prompt at the end of the run "
-                             "(default: prompt-<run id>-<client id>.json in the current directory)")
-    parser.add_argument("--prompt-wire", choices=PROMPT_WIRE_FORMS, default="float32",
-                        help="how prompts travel to the service: dense [P, L, D] float32 or float16, or 'seed': "
-                             "z [P, d] and the projection seed, expanded by the service (d floats per prompt)")
+    parser.add_argument(
+        "--state-dir",
+        type=Path,
+        default=None,
+        help="where this client keeps its aggregator token, so that it re-binds its own id when "
+        "restarted (default: $FEDBPT_STATE_DIR or ~/.local/state/fedbpt/clients)",
+    )
+    parser.add_argument(
+        "--ca-cert",
+        default=None,
+        metavar="FILE",
+        help="CA certificate (PEM) to trust for HTTPS to the service and the aggregator",
+    )
+    parser.add_argument(
+        "--retry-for",
+        type=float,
+        default=600.0,
+        metavar="SECONDS",
+        help="how long to keep retrying, with backoff, a service or aggregator that stops answering "
+        "mid-run (a restart); at the start a server that does not answer is an error at once "
+        "(default %(default)s)",
+    )
+    parser.add_argument(
+        "--prompt-out",
+        default=None,
+        metavar="FILE",
+        help="where to write the tuned prompt at the end of the run "
+        "(default: prompt-<run id>-<client id>.json in the current directory)",
+    )
+    parser.add_argument(
+        "--prompt-wire",
+        choices=PROMPT_WIRE_FORMS,
+        default="float32",
+        help="how prompts travel to the service: dense [P, L, D] float32 or float16, or 'seed': "
+        "z [P, d] and the projection seed, expanded by the service (d floats per prompt)",
+    )
 
 
 def task_from(args: argparse.Namespace) -> Task:
@@ -185,8 +258,9 @@ def parse_partition(spec: str) -> tuple[int | None, int]:
     return k, n
 
 
-def _client_data(args: argparse.Namespace, aggregator: AggregatorClient,
-                 splits: dict[str, list[Example]] | None = None) -> tuple[str, ClientData]:
+def _client_data(
+    args: argparse.Namespace, aggregator: AggregatorClient, splits: dict[str, list[Example]] | None = None
+) -> tuple[str, ClientData]:
     """This client's id and examples: its part of the shared pool, or the whole of its own data (`splits`, where
     the caller loaded them already)."""
     k, n = parse_partition(args.partition) if args.partition else (None, None)
@@ -212,20 +286,31 @@ def check_data(client_id: str, data: ClientData, source: str, batch_size: int) -
     """Refuses a client with nothing to train on; warns where its updates will be noise."""
     n = len(data.train) + len(data.val)
     if not data.train or not data.val:
-        raise DataError(f"{source}: client {client_id} has {n} example(s); at least 2 are needed, one to train on and one "
-                        "to validate (better: one batch or more)")
+        raise DataError(
+            f"{source}: client {client_id} has {n} example(s); at least 2 are needed, one to train on and one "
+            "to validate (better: one batch or more)"
+        )
     if len(data.train) < batch_size:
-        log.warning("%s: only %d training examples, fewer than one batch (--batch-size %d): its updates will be "
-                    "noisy and it weighs little in the merge", client_id, len(data.train), batch_size)
+        log.warning(
+            "%s: only %d training examples, fewer than one batch (--batch-size %d): its updates will be "
+            "noisy and it weighs little in the merge",
+            client_id,
+            len(data.train),
+            batch_size,
+        )
 
 
 def _refused(url: str, exc: RequestFailed) -> FatalError:
     if exc.path.startswith(("/v1/clients", "/v1/partitions")) and exc.status == 401:
-        return FatalError(f"the aggregator at {url} refused the enroll key ({exc.detail}); check --enroll-key or "
-                          "FEDBPT_ENROLL_KEY with the aggregator's operator")
+        return FatalError(
+            f"the aggregator at {url} refused the enroll key ({exc.detail}); check --enroll-key or "
+            "FEDBPT_ENROLL_KEY with the aggregator's operator"
+        )
     if exc.path.startswith("/v1/clients") and exc.status == 409:
-        return FatalError(f"the aggregator at {url} refused the registration ({exc.detail}); use another "
-                          "--client-id, or the --state-dir that holds this id's token")
+        return FatalError(
+            f"the aggregator at {url} refused the registration ({exc.detail}); use another "
+            "--client-id, or the --state-dir that holds this id's token"
+        )
     return FatalError(f"the aggregator at {url} refused {exc.path} (HTTP {exc.status}: {exc.detail})")
 
 
@@ -236,16 +321,25 @@ def _ping_aggregator(aggregator: AggregatorClient, url: str) -> None:
         raise unreachable("aggregator", url, exc) from None
 
 
-def finish(service: ServiceClient, aggregator: AggregatorClient, client_id: str, data: ClientData, task: Task,
-           outcome: RunOutcome, prompt_out: str | None) -> Path:
+def finish(
+    service: ServiceClient,
+    aggregator: AggregatorClient,
+    client_id: str,
+    data: ClientData,
+    task: Task,
+    outcome: RunOutcome,
+    prompt_out: str | None,
+) -> Path:
     """After the run: the final global prompt scored on this client's validation split and kept as a file.
     A run in which no round merged has no prompt to keep, and is an error."""
     status = aggregator.status()
     merged = [r for r in status.history if r.state == "merged"]
     if not merged:
-        raise FatalError(f"run {status.config.run_id} ended with none of its {len(status.history)} rounds merged "
-                         "(each closed with too few updates before its deadline): no prompt was tuned; see the "
-                         "aggregator's and the clients' logs")
+        raise FatalError(
+            f"run {status.config.run_id} ended with none of its {len(status.history)} rounds merged "
+            "(each closed with too few updates before its deadline): no prompt was tuned; see the "
+            "aggregator's and the clients' logs"
+        )
     final = aggregator.global_state()
     z = decode_tensor(final.mean)
     config = outcome.config or status.config
@@ -253,10 +347,16 @@ def finish(service: ServiceClient, aggregator: AggregatorClient, client_id: str,
     scorer = FedBPTClient(client_id, service, task, data.train, data.val, config).scorer
     ev = scorer.evaluate(z[None], data.val)
     zero = scorer.evaluate(None, data.val)
-    metrics = {"val_accuracy": float(ev.accuracy[0]), "val_loss": float(ev.loss[0]),
-               "zero_shot_val_accuracy": float(zero.accuracy[0]), "val_examples": len(data.val),
-               "train_examples": len(data.train), "rounds_merged": len(merged), "rounds": len(status.history),
-               "rounds_worked": outcome.rounds_worked}
+    metrics = {
+        "val_accuracy": float(ev.accuracy[0]),
+        "val_loss": float(ev.loss[0]),
+        "zero_shot_val_accuracy": float(zero.accuracy[0]),
+        "val_examples": len(data.val),
+        "train_examples": len(data.train),
+        "rounds_merged": len(merged),
+        "rounds": len(status.history),
+        "rounds_worked": outcome.rounds_worked,
+    }
     # A run id is the operator's free text: it must not turn into directories here.
     path = Path(prompt_out or re.sub(r"[^A-Za-z0-9_.-]", "_", f"prompt-{config.run_id}-{client_id}") + ".json")
     write_prompt(path, prompt_payload(info, config, task, z, metrics, f"fedbpt client {client_id}"))
@@ -272,8 +372,13 @@ def run(args: argparse.Namespace) -> None:
     seen = {ex.label for ex in splits["train"] + splits["validation"]}
     if len(seen) < task.num_classes:
         missing = [task.names[c] for c in range(task.num_classes) if c not in seen]
-        log.warning("%s: no example of %s among the task %s's %d classes: right task? (fine where another client "
-                    "holds them)", args.data, ", ".join(missing), task.name, task.num_classes)
+        log.warning(
+            "%s: no example of %s among the task %s's %d classes: right task? (fine where another client holds them)",
+            args.data,
+            ", ".join(missing),
+            task.name,
+            task.num_classes,
+        )
     verify = args.ca_cert or True
     options = dict(timeout=args.timeout, verify=verify, retries=START_RETRIES)
     service = ServiceClient(args.service, args.api_key, prompt_wire=args.prompt_wire, name="service", **options)
@@ -287,26 +392,46 @@ def run(args: argparse.Namespace) -> None:
             client_id, data = _client_data(args, aggregator, splits)
             check_data(client_id, data, args.data, args.batch_size)
             info = check_service(service, task)
-            log.info("service %s: %s (%s, hidden size %d); key and label words %s accepted", args.service, info.name,
-                     info.kind, info.hidden_size, list(task.label_words))
+            log.info(
+                "service %s: %s (%s, hidden size %d); key and label words %s accepted",
+                args.service,
+                info.name,
+                info.kind,
+                info.hidden_size,
+                list(task.label_words),
+            )
             _ping_aggregator(aggregator, args.aggregator)
             service.http.retry_for = aggregator.http.retry_for = args.retry_for
-            rounds = run_client(service, aggregator, client_id, data, task, enroll_key=args.enroll_key,
-                                batch_size=args.batch_size, state_dir=args.state_dir, outcome=outcome)
+            rounds = run_client(
+                service,
+                aggregator,
+                client_id,
+                data,
+                task,
+                enroll_key=args.enroll_key,
+                batch_size=args.batch_size,
+                state_dir=args.state_dir,
+                outcome=outcome,
+            )
             path = finish(service, aggregator, client_id, data, task, outcome, args.prompt_out)
         except RequestFailed as exc:
             if exc.path.startswith(("/v1/score", "/v1/model")):
                 raise service_refused(args.service, exc) from None
             raise _refused(args.aggregator, exc) from None
         except (httpx.TransportError, httpx.TimeoutException) as exc:
-            raise FatalError(f"lost the service or the aggregator for more than --retry-for {args.retry_for:.0f} s "
-                             f"({exc}); restart this client with the same --client-id to rejoin the run") from None
+            raise FatalError(
+                f"lost the service or the aggregator for more than --retry-for {args.retry_for:.0f} s "
+                f"({exc}); restart this client with the same --client-id to rejoin the run"
+            ) from None
     finally:
         service.close()
         aggregator.close()
     acc = "n/a" if outcome.last_val_accuracy is None else f"{outcome.last_val_accuracy:.3f}"
     spent = service.usage()
-    print(f"{client_id} done in {time.monotonic() - started:.0f} s: worked {rounds} rounds; {spent.queries} "
-          f"service queries, {spent.tokens} tokens, {(spent.bytes_up + spent.bytes_down) / 1024:.1f} KiB to "
-          f"and from the service, {(aggregator.http.wire.bytes_up + aggregator.http.wire.bytes_down) / 1024:.1f} KiB "
-          f"to and from the aggregator; last global val accuracy {acc}; tuned prompt: {path}", flush=True)
+    print(
+        f"{client_id} done in {time.monotonic() - started:.0f} s: worked {rounds} rounds; {spent.queries} "
+        f"service queries, {spent.tokens} tokens, {(spent.bytes_up + spent.bytes_down) / 1024:.1f} KiB to "
+        f"and from the service, {(aggregator.http.wire.bytes_up + aggregator.http.wire.bytes_down) / 1024:.1f} KiB "
+        f"to and from the aggregator; last global val accuracy {acc}; tuned prompt: {path}",
+        flush=True,
+    )

@@ -46,8 +46,9 @@ PROMPT_WIRE_FORMS = ("float32", "float16", "seed")
 SEQUENCE_MARGIN = 8
 
 
-def request_chunks(texts: list[str], population: int, prompt_length: int, info: ModelInfo,
-                   max_texts: int | None = None) -> list[list[str]]:
+def request_chunks(
+    texts: list[str], population: int, prompt_length: int, info: ModelInfo, max_texts: int | None = None
+) -> list[list[str]]:
     """The texts in consecutive requests within the service's limits: `max_texts` each, and a work budget
     (`max_request_tokens`: P x the sequences' lengths) estimated from above with one token per UTF-8 byte,
     as byte-level tokenizers never make more; the client has no tokenizer to count exactly."""
@@ -87,15 +88,31 @@ class ServiceClient:
             self._info = ModelInfo.model_validate(self.http.request("GET", "/v1/model"))
         return self._info
 
-    def score(self, prompts: np.ndarray, texts: list[str], label_words: list[str],
-              labels: list[int] | np.ndarray | None = None) -> Scores:
+    def score(
+        self,
+        prompts: np.ndarray,
+        texts: list[str],
+        label_words: list[str],
+        labels: list[int] | np.ndarray | None = None,
+    ) -> Scores:
         """Dense prompts [P, L, D]."""
-        return self._score(ScoreRequest(prompts=encode_tensor(prompts, self.wire_dtype), texts=list(texts),
-                                        label_words=list(label_words),
-                                        labels=None if labels is None else [int(y) for y in labels]))
+        return self._score(
+            ScoreRequest(
+                prompts=encode_tensor(prompts, self.wire_dtype),
+                texts=list(texts),
+                label_words=list(label_words),
+                labels=None if labels is None else [int(y) for y in labels],
+            )
+        )
 
-    def score_projected(self, z: np.ndarray, projection: ProjectionSpec, texts: list[str], label_words: list[str],
-                        labels: list[int] | np.ndarray | None = None) -> Scores:
+    def score_projected(
+        self,
+        z: np.ndarray,
+        projection: ProjectionSpec,
+        texts: list[str],
+        label_words: list[str],
+        labels: list[int] | np.ndarray | None = None,
+    ) -> Scores:
         """z [P, d] with the projection's spec: d floats per prompt on the wire instead of L x D.
 
         z goes as float32, the precision the projection itself works in, so the service's prompts
@@ -103,11 +120,18 @@ class ServiceClient:
         if self.model_info().max_projection_values is None:
             raise RuntimeError("this service does not take prompts as seed + z; use the float32 or float16 prompt wire")
         projected = ProjectedPrompts(z=encode_tensor(np.atleast_2d(z), "float32"), projection=projection)
-        return self._score(ScoreRequest(projected=projected, texts=list(texts), label_words=list(label_words),
-                                        labels=None if labels is None else [int(y) for y in labels]))
+        return self._score(
+            ScoreRequest(
+                projected=projected,
+                texts=list(texts),
+                label_words=list(label_words),
+                labels=None if labels is None else [int(y) for y in labels],
+            )
+        )
 
-    def score_population(self, z: np.ndarray, projection: Projection, texts: list[str],
-                         label_words: list[str]) -> Scores:
+    def score_population(
+        self, z: np.ndarray, projection: Projection, texts: list[str], label_words: list[str]
+    ) -> Scores:
         """z [P, d] through `projection`, in this client's prompt wire form. Init 'tokens' starts from the
         model's embeddings, which only the service holds: such prompts always travel as seed + z."""
         if self.prompt_wire == "seed" or projection.offset is None:
@@ -119,7 +143,9 @@ class ServiceClient:
         return Usage(c.queries, c.sequences, c.tokens, w.bytes_up, w.bytes_down)
 
     def _score(self, request: ScoreRequest) -> Scores:
-        response = ScoreResponse.model_validate(self.http.request("POST", "/v1/score", request.model_dump(exclude_none=True)))
+        response = ScoreResponse.model_validate(
+            self.http.request("POST", "/v1/score", request.model_dump(exclude_none=True))
+        )
         self.costs.queries += 1
         self.costs.sequences += response.usage.sequences
         self.costs.tokens += response.usage.tokens

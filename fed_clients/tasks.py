@@ -88,8 +88,13 @@ class Task:
         raise ValueError(f"label {value!r} is not one of the task's labels ({accepted}0..{self.num_classes - 1})")
 
     def to_spec(self) -> dict:
-        spec = {"format": TASK_FORMAT, "name": self.name, "template": self.causal_template,
-                "label_words": dict(zip(self.names, self.label_words)), "label_column": self.label_column}
+        spec = {
+            "format": TASK_FORMAT,
+            "name": self.name,
+            "template": self.causal_template,
+            "label_words": dict(zip(self.names, self.label_words)),
+            "label_column": self.label_column,
+        }
         if self.masked_template != self.causal_template:
             spec["masked_template"] = self.masked_template
         if self.description:
@@ -105,9 +110,12 @@ def _check_template(template, key: str, where: str) -> tuple[str, ...]:
     if not isinstance(template, str) or not template:
         raise TaskSpecError(f"{where}: '{key}' must be a non-empty string")
     if template.count(SLOT) != 1:
-        raise TaskSpecError(f"{where}: '{key}' must hold {SLOT} exactly once (where the label word goes), "
-                            f"found {template.count(SLOT)}")
-    if template.count(PROMPT_SLOT) > 1 or (PROMPT_SLOT in template and template.index(PROMPT_SLOT) > template.index(SLOT)):
+        raise TaskSpecError(
+            f"{where}: '{key}' must hold {SLOT} exactly once (where the label word goes), found {template.count(SLOT)}"
+        )
+    if template.count(PROMPT_SLOT) > 1 or (
+        PROMPT_SLOT in template and template.index(PROMPT_SLOT) > template.index(SLOT)
+    ):
         raise TaskSpecError(f"{where}: '{key}' may hold {PROMPT_SLOT} once, before {SLOT}")
     fields = tuple(dict.fromkeys(_placeholders(template)))
     if not fields:
@@ -124,19 +132,24 @@ def task_from_spec(spec, where: str = "task spec") -> Task:
         raise TaskSpecError(f"{where}: format {fmt!r} is not {TASK_FORMAT!r} (written by another fedbpt version?)")
     unknown = sorted(set(spec) - _SPEC_KEYS)
     if unknown:
-        raise TaskSpecError(f"{where}: unknown key(s) {', '.join(map(repr, unknown))}; "
-                            f"known: {', '.join(sorted(_SPEC_KEYS))}")
+        raise TaskSpecError(
+            f"{where}: unknown key(s) {', '.join(map(repr, unknown))}; known: {', '.join(sorted(_SPEC_KEYS))}"
+        )
     name = spec.get("name")
     if not isinstance(name, str) or not name.strip():
         raise TaskSpecError(f"{where}: 'name' must be a non-empty string")
     fields = _check_template(spec.get("template"), "template", where)
     masked = spec["masked_template"] if "masked_template" in spec else spec["template"]
     if set(_check_template(masked, "masked_template", where)) != set(fields):
-        raise TaskSpecError(f"{where}: 'masked_template' must name the same columns as 'template' ({', '.join(fields)})")
+        raise TaskSpecError(
+            f"{where}: 'masked_template' must name the same columns as 'template' ({', '.join(fields)})"
+        )
     words = spec.get("label_words")
     if not isinstance(words, dict) or len(words) < 2:
-        raise TaskSpecError(f"{where}: 'label_words' must be an object of two or more label name -> label word, "
-                            'e.g. {"negative": " bad", "positive": " great"}')
+        raise TaskSpecError(
+            f"{where}: 'label_words' must be an object of two or more label name -> label word, "
+            'e.g. {"negative": " bad", "positive": " great"}'
+        )
     for label, word in words.items():
         if not label.strip() or not isinstance(word, str) or not word.strip():
             raise TaskSpecError(f"{where}: label_words[{label!r}] must be a non-empty word for a non-empty label name")
@@ -148,8 +161,16 @@ def task_from_spec(spec, where: str = "task spec") -> Task:
     description = spec.get("description", "")
     if not isinstance(description, str):
         raise TaskSpecError(f"{where}: 'description' must be a string")
-    return Task(name.strip(), fields, tuple(words.values()), spec["template"], masked,
-                label_names=tuple(k.strip() for k in words), label_column=column, description=description)
+    return Task(
+        name.strip(),
+        fields,
+        tuple(words.values()),
+        spec["template"],
+        masked,
+        label_names=tuple(k.strip() for k in words),
+        label_column=column,
+        description=description,
+    )
 
 
 def load_task_file(path: str | Path) -> Task:
@@ -170,32 +191,87 @@ _SENTIMENT_CAUSAL = "Review: {text}\nSentiment:" + SLOT
 _SENTIMENT_MASKED = "{text} . It was " + SLOT + " ."
 
 
-def _builtin(name: str, template: str, masked: str, words: dict[str, str], description: str,
-             hf: tuple[str, ...] | None = None, hf_test_split: str = "validation") -> Task:
-    task = task_from_spec({"name": name, "template": template, "masked_template": masked, "label_words": words,
-                           "description": description}, f"built-in task {name}")
+def _builtin(
+    name: str,
+    template: str,
+    masked: str,
+    words: dict[str, str],
+    description: str,
+    hf: tuple[str, ...] | None = None,
+    hf_test_split: str = "validation",
+) -> Task:
+    task = task_from_spec(
+        {
+            "name": name,
+            "template": template,
+            "masked_template": masked,
+            "label_words": words,
+            "description": description,
+        },
+        f"built-in task {name}",
+    )
     return replace(task, hf_dataset=hf, hf_test_split=hf_test_split)
 
 
 TASKS: dict[str, Task] = {
     t.name: t
     for t in [
-        _builtin("rotten_tomatoes", _SENTIMENT_CAUSAL, _SENTIMENT_MASKED,
-                 dict(zip(_SENTIMENT, (" negative", " positive"))), "movie-review polarity (embedded data)"),
-        _builtin("amazon_snippets", _SENTIMENT_CAUSAL, _SENTIMENT_MASKED,
-                 dict(zip(_SENTIMENT, (" negative", " positive"))), "product-review polarity (embedded data)"),
-        _builtin("sst2", _SENTIMENT_CAUSAL, _SENTIMENT_MASKED, dict(zip(_SENTIMENT, (" bad", " great"))),
-                 "GLUE SST-2 sentence polarity", ("glue", "sst2")),
-        _builtin("yelp_polarity", _SENTIMENT_CAUSAL, _SENTIMENT_MASKED, dict(zip(_SENTIMENT, (" bad", " great"))),
-                 "Yelp review polarity", ("yelp_polarity",), "test"),
-        _builtin("ag_news", "Article: {text}\nTopic:" + SLOT, SLOT + " News: {text}",
-                 {"World": " World", "Sports": " Sports", "Business": " Business", "Sci/Tech": " Tech"},
-                 "AG News topic, four classes", ("ag_news",), "test"),
-        _builtin("mrpc", "Sentence 1: {text}\nSentence 2: {text2}\nSame meaning?" + SLOT,
-                 "{text} ? " + SLOT + " , {text2}", {"not_equivalent": " No", "equivalent": " Yes"},
-                 "GLUE MRPC paraphrase", ("glue", "mrpc")),
-        _builtin("rte", "Premise: {text}\nHypothesis: {text2}\nEntailed?" + SLOT, "{text} ? " + SLOT + " , {text2}",
-                 {"entailment": " Yes", "not_entailment": " No"}, "GLUE RTE entailment", ("glue", "rte")),
+        _builtin(
+            "rotten_tomatoes",
+            _SENTIMENT_CAUSAL,
+            _SENTIMENT_MASKED,
+            dict(zip(_SENTIMENT, (" negative", " positive"))),
+            "movie-review polarity (embedded data)",
+        ),
+        _builtin(
+            "amazon_snippets",
+            _SENTIMENT_CAUSAL,
+            _SENTIMENT_MASKED,
+            dict(zip(_SENTIMENT, (" negative", " positive"))),
+            "product-review polarity (embedded data)",
+        ),
+        _builtin(
+            "sst2",
+            _SENTIMENT_CAUSAL,
+            _SENTIMENT_MASKED,
+            dict(zip(_SENTIMENT, (" bad", " great"))),
+            "GLUE SST-2 sentence polarity",
+            ("glue", "sst2"),
+        ),
+        _builtin(
+            "yelp_polarity",
+            _SENTIMENT_CAUSAL,
+            _SENTIMENT_MASKED,
+            dict(zip(_SENTIMENT, (" bad", " great"))),
+            "Yelp review polarity",
+            ("yelp_polarity",),
+            "test",
+        ),
+        _builtin(
+            "ag_news",
+            "Article: {text}\nTopic:" + SLOT,
+            SLOT + " News: {text}",
+            {"World": " World", "Sports": " Sports", "Business": " Business", "Sci/Tech": " Tech"},
+            "AG News topic, four classes",
+            ("ag_news",),
+            "test",
+        ),
+        _builtin(
+            "mrpc",
+            "Sentence 1: {text}\nSentence 2: {text2}\nSame meaning?" + SLOT,
+            "{text} ? " + SLOT + " , {text2}",
+            {"not_equivalent": " No", "equivalent": " Yes"},
+            "GLUE MRPC paraphrase",
+            ("glue", "mrpc"),
+        ),
+        _builtin(
+            "rte",
+            "Premise: {text}\nHypothesis: {text2}\nEntailed?" + SLOT,
+            "{text} ? " + SLOT + " , {text2}",
+            {"entailment": " Yes", "not_entailment": " No"},
+            "GLUE RTE entailment",
+            ("glue", "rte"),
+        ),
     ]
 }
 
@@ -217,8 +293,10 @@ def get_task(ref: str) -> Task:
         return TASKS[ref]
     if ref.endswith(".json") or Path(ref).is_file():
         return load_task_file(ref)
-    raise TaskSpecError(f"unknown task {ref!r}: give a built-in task ({', '.join(sorted(TASKS))}) "
-                        "or a task spec file (.json; `fedbpt task show NAME` prints one to start from)")
+    raise TaskSpecError(
+        f"unknown task {ref!r}: give a built-in task ({', '.join(sorted(TASKS))}) "
+        "or a task spec file (.json; `fedbpt task show NAME` prints one to start from)"
+    )
 
 
 def with_placement(task: Task, placement: str) -> Task:

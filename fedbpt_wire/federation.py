@@ -35,12 +35,12 @@ class RunConfig(BaseModel):
     prompt_init: Literal["tokens", "random", "zeros"] = Field(
         default="random",
         description="P0, the prompt at z = 0: 'tokens' the embeddings of vocabulary ids drawn from the projection "
-                    "seed (BBT; needs the seed + z wire form), 'random' normal vectors with the embeddings' std",
+        "seed (BBT; needs the seed + z wire form), 'random' normal vectors with the embeddings' std",
     )
     prompt_placement: Literal["ahead", "after-text"] = Field(
         default="ahead",
         description="where a causal LM's task template puts the soft prompt: 'ahead' of the text (BBT) or "
-                    "'after-text', before the cue line; every client must place it alike",
+        "'after-text', before the cue line; every client must place it alike",
     )
     seed: int = 0
     sigma0: float = Field(default=1.0, gt=0)
@@ -55,15 +55,21 @@ class RunConfig(BaseModel):
     min_updates: int = Field(default=1, ge=1, description="updates needed to merge a round at its deadline")
     round_timeout_s: float = Field(default=600.0, gt=0)
     clip_multiple: float = Field(
-        default=4.0, ge=0,
+        default=4.0,
+        ge=0,
         description="a client's mean may lie at most clip_multiple x sigma x sqrt(d) from the global mean; "
-                    "farther ones are pulled back onto that sphere before the merge (0: no clipping)")
+        "farther ones are pulled back onto that sphere before the merge (0: no clipping)",
+    )
     max_weight_ratio: float = Field(
-        default=4.0, ge=1, description="fedavg-z: no client weighs more than this many times the round's median "
-                                       "num_samples")
+        default=4.0,
+        ge=1,
+        description="fedavg-z: no client weighs more than this many times the round's median num_samples",
+    )
     robust_merge: Literal["none", "median", "trimmed-mean"] = Field(
-        default="none", description="fedavg-z: the n-weighted mean ('none'), or the coordinate-wise median or "
-                                    "trimmed mean of the clients' means and step sizes, unweighted")
+        default="none",
+        description="fedavg-z: the n-weighted mean ('none'), or the coordinate-wise median or "
+        "trimmed mean of the clients' means and step sizes, unweighted",
+    )
 
 
 ClientName = Annotated[str, StringConstraints(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")]
@@ -105,8 +111,10 @@ class RoundTask(BaseModel):
     local_sigma: float | None = None  # step size the local CMA-ES starts from
     deadline_s: float | None = None  # seconds left in the round
     perturb: bool | None = Field(
-        default=None, description="whether the local fitness divides by the loss on a perturbed copy of the batch, "
-                                  "as the run's strategy decides (selected clients; absent from older aggregators)")
+        default=None,
+        description="whether the local fitness divides by the loss on a perturbed copy of the batch, "
+        "as the run's strategy decides (selected clients; absent from older aggregators)",
+    )
 
 
 class ClientCosts(Strict):
@@ -129,8 +137,11 @@ class UpdateRequest(Strict):
     round: int = Field(ge=0)
     mean: Tensor  # [d]
     fitness: float
-    sigmas: list[float] = Field(min_length=1, max_length=10_000,
-                                description="the local step size each local iteration sampled its candidates with")
+    sigmas: list[float] = Field(
+        min_length=1,
+        max_length=10_000,
+        description="the local step size each local iteration sampled its candidates with",
+    )
     num_samples: int = Field(ge=0)
     final_sigma: float | None = Field(default=None, description="the local step size after the last iteration")
     metrics: ClientMetrics
@@ -184,8 +195,9 @@ class ClientRoundRecord(BaseModel):
     tokens: int
     service_bytes_up: int
     service_bytes_down: int
-    update_bytes: int = Field(description="the update's body as stored: this client's upload to the aggregator in "
-                                          "the round, less its polls")
+    update_bytes: int = Field(
+        description="the update's body as stored: this client's upload to the aggregator in the round, less its polls"
+    )
 
 
 class RunStatus(BaseModel):
@@ -194,8 +206,10 @@ class RunStatus(BaseModel):
     round: int
     clients: list[str]
     history: list[RoundRecord]
-    redacted: bool = Field(default=False, description="client ids, selections and validation metrics left out: "
-                                                      "the caller did not show the operator key")
+    redacted: bool = Field(
+        default=False,
+        description="client ids, selections and validation metrics left out: the caller did not show the operator key",
+    )
 
 
 class GlobalState(BaseModel):

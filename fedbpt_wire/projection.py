@@ -41,7 +41,7 @@ def initial_prompt(seed: int, prompt_length: int, hidden_size: int, embedding_st
     random vectors cost about 1. BBT likewise starts from a non-zero prompt.
     """
     rng = np.random.Generator(np.random.PCG64([seed, 1]))
-    return (rng.standard_normal((prompt_length, hidden_size), dtype=np.float32) * np.float32(embedding_std))
+    return rng.standard_normal((prompt_length, hidden_size), dtype=np.float32) * np.float32(embedding_std)
 
 
 def initial_token_ids(seed: int, prompt_length: int, vocab_size: int) -> np.ndarray:
@@ -65,9 +65,18 @@ class Projection:
     form, and cannot expand z into prompts itself.
     """
 
-    def __init__(self, seed: int, intrinsic_dim: int, prompt_length: int, hidden_size: int,
-                 embedding_std: float, sigma0: float, init: str = "random", token_embeddings=None,
-                 vocab_size: int | None = None):
+    def __init__(
+        self,
+        seed: int,
+        intrinsic_dim: int,
+        prompt_length: int,
+        hidden_size: int,
+        embedding_std: float,
+        sigma0: float,
+        init: str = "random",
+        token_embeddings=None,
+        vocab_size: int | None = None,
+    ):
         if init not in PROMPT_INITS:
             raise ValueError(f"prompt init must be one of {', '.join(PROMPT_INITS)}, got {init!r}")
         # What a service needs, besides the model it already has, to rebuild this projection from a seed.
@@ -92,18 +101,42 @@ class Projection:
 
     def __call__(self, z: np.ndarray) -> np.ndarray:
         if self.offset is None:
-            raise ValueError("prompt init 'tokens' starts from the model's own embeddings, which only the service "
-                             "holds: send z in the seed + z wire form and let the service expand it")
+            raise ValueError(
+                "prompt init 'tokens' starts from the model's own embeddings, which only the service "
+                "holds: send z in the seed + z wire form and let the service expand it"
+            )
         return project(z, self.matrix, self.prompt_length, self.hidden_size) + self.offset
 
 
-def projection_from_spec(spec: ProjectionSpec, intrinsic_dim: int, hidden_size: int, embedding_std: float,
-                         token_embeddings=None, vocab_size: int | None = None) -> Projection:
-    return Projection(spec.seed, intrinsic_dim, spec.prompt_length, hidden_size, embedding_std, spec.sigma0, spec.init,
-                      token_embeddings, vocab_size)
+def projection_from_spec(
+    spec: ProjectionSpec,
+    intrinsic_dim: int,
+    hidden_size: int,
+    embedding_std: float,
+    token_embeddings=None,
+    vocab_size: int | None = None,
+) -> Projection:
+    return Projection(
+        spec.seed,
+        intrinsic_dim,
+        spec.prompt_length,
+        hidden_size,
+        embedding_std,
+        spec.sigma0,
+        spec.init,
+        token_embeddings,
+        vocab_size,
+    )
 
 
 def projection_for(config, info) -> Projection:
     """The run's projection (a RunConfig) for the served model (a ModelInfo): the same on every client."""
-    return Projection(config.projection_seed, config.intrinsic_dim, config.prompt_length, info.hidden_size,
-                      info.embedding_std, config.sigma0, config.prompt_init)
+    return Projection(
+        config.projection_seed,
+        config.intrinsic_dim,
+        config.prompt_length,
+        info.hidden_size,
+        info.embedding_std,
+        config.sigma0,
+        config.prompt_init,
+    )

@@ -42,17 +42,24 @@ class ModelInfo(BaseModel):
     engine: str
     mask_token: str | None = None
     prompt_anchor: str | None = Field(
-        default=None, description="the token placed ahead of a soft prompt (L > 0) at position 0, where the "
-                                  "tokenizer adds no BOS of its own; absent: none")
+        default=None,
+        description="the token placed ahead of a soft prompt (L > 0) at position 0, where the "
+        "tokenizer adds no BOS of its own; absent: none",
+    )
     max_projection_values: int | None = Field(
-        default=None, description="d x L x D limit of a `projected` (seed + z) request; absent where the "
-                                  "service does not take that form")
+        default=None,
+        description="d x L x D limit of a `projected` (seed + z) request; absent where the "
+        "service does not take that form",
+    )
     max_request_tokens: int | None = Field(
-        default=None, description="work budget of one request: P x the sum over its texts of the sequence length "
-                                  "(specials, soft prompt and text tokens); a request over it is refused with 413 "
-                                  "before any work")
+        default=None,
+        description="work budget of one request: P x the sum over its texts of the sequence length "
+        "(specials, soft prompt and text tokens); a request over it is refused with 413 "
+        "before any work",
+    )
     max_request_seconds: float | None = Field(
-        default=None, description="a request still running after this long is stopped and answered 503")
+        default=None, description="a request still running after this long is stopped and answered 503"
+    )
 
 
 class ProjectionSpec(Strict):
@@ -62,8 +69,10 @@ class ProjectionSpec(Strict):
     prompt_length: int = Field(ge=1, description="L soft tokens")
     sigma0: float = Field(gt=0, allow_inf_nan=False, description="the CMA-ES step size A is scaled for")
     init: Literal["tokens", "random", "zeros"] = Field(
-        default="random", description="P0: 'tokens' (embeddings of L vocabulary ids drawn from the seed, as BBT; "
-                                      "only the service can expand it), 'random' or 'zeros'")
+        default="random",
+        description="P0: 'tokens' (embeddings of L vocabulary ids drawn from the seed, as BBT; "
+        "only the service can expand it), 'random' or 'zeros'",
+    )
 
 
 class ProjectedPrompts(Strict):
@@ -75,11 +84,15 @@ class ProjectedPrompts(Strict):
 
 class ScoreRequest(Strict):
     prompts: Tensor | None = Field(
-        default=None, description="soft prompts [P, L, D]; L may be 0 for the bare template. "
-                                  "Exactly one of `prompts` and `projected` is given")
+        default=None,
+        description="soft prompts [P, L, D]; L may be 0 for the bare template. "
+        "Exactly one of `prompts` and `projected` is given",
+    )
     projected: ProjectedPrompts | None = Field(
-        default=None, description="the population as seed + z, expanded by the service with the shared "
-                                  "projection: d floats per prompt on the wire instead of L x D")
+        default=None,
+        description="the population as seed + z, expanded by the service with the shared "
+        "projection: d floats per prompt on the wire instead of L x D",
+    )
     texts: list[str] = Field(min_length=1, description=f"N texts, each holding exactly one {SLOT!r}")
     label_words: list[str] = Field(min_length=2, description="C label words, each a single token")
     labels: list[int] | None = Field(default=None, description="N labels in 0..C-1; with them loss and accuracy")

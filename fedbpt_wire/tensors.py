@@ -43,10 +43,10 @@ def decode_tensor(tensor: Tensor, field: str = "tensor", max_elements: int | Non
         raise TensorDecodeError(f"{field}.data is not valid base64: {exc}") from None
     if len(raw) != count * dt.itemsize:
         raise TensorDecodeError(
-            f"{field}.data holds {len(raw)} bytes but shape {tensor.shape} of {tensor.dtype} needs {count * dt.itemsize}"
+            f"{field}.data holds {len(raw)} bytes but shape {tensor.shape} of {tensor.dtype} "
+            f"needs {count * dt.itemsize}"
         )
     arr = np.frombuffer(raw, dtype=dt).reshape(tensor.shape).astype(np.float32)
     if not np.isfinite(arr).all():
         raise TensorDecodeError(f"{field}.data holds NaN or infinite values")
     return arr
-

@@ -87,9 +87,12 @@ def _projected_prompts(req: ScoreRequest, engine: Engine, limits: Limits, projec
         raise InputError("projected.z.shape", "d must be at least 1")
     size = dim * spec.prompt_length * engine.info.hidden_size
     if size > limits.max_projection_values:
-        raise InputError("projected.z.shape", f"a projection of d = {dim} to L = {spec.prompt_length} x D = "
-                                              f"{engine.info.hidden_size} has {size} values, over the limit of "
-                                              f"{limits.max_projection_values}")
+        raise InputError(
+            "projected.z.shape",
+            f"a projection of d = {dim} to L = {spec.prompt_length} x D = "
+            f"{engine.info.hidden_size} has {size} values, over the limit of "
+            f"{limits.max_projection_values}",
+        )
     try:
         z = decode_tensor(z_tensor, "projected.z")
     except TensorDecodeError as exc:
@@ -97,8 +100,9 @@ def _projected_prompts(req: ScoreRequest, engine: Engine, limits: Limits, projec
     return projections.expand(spec, z)
 
 
-def validate_request(req: ScoreRequest, engine: Engine, limits: Limits,
-                     projections: ProjectionCache | None = None) -> tuple[ScoreBatch, np.ndarray | None]:
+def validate_request(
+    req: ScoreRequest, engine: Engine, limits: Limits, projections: ProjectionCache | None = None
+) -> tuple[ScoreBatch, np.ndarray | None]:
     """Shape, size, dtype and label checks as InputError (422) or HTTPException (413).
 
     Text layout errors (slot, length) come from the engine itself, which tokenizes once.
@@ -108,14 +112,17 @@ def validate_request(req: ScoreRequest, engine: Engine, limits: Limits,
     if len(req.texts) > limits.max_texts:
         raise HTTPException(413, f"texts: {len(req.texts)} texts over the limit of {limits.max_texts}")
     if len(req.label_words) > limits.max_label_words:
-        raise HTTPException(413, f"label_words: {len(req.label_words)} words over the limit of {limits.max_label_words}")
+        raise HTTPException(
+            413, f"label_words: {len(req.label_words)} words over the limit of {limits.max_label_words}"
+        )
     if req.prompts is not None:
         prompts = _dense_prompts(req, engine, limits)
     else:
         projections = projections or projection_cache(engine)
         prompts = _projected_prompts(req, engine, limits, projections)
-    _check_strings("texts", req.texts, limits.max_text_tokens * _MAX_CHARS_PER_TOKEN,
-                   f"text of {limits.max_text_tokens} tokens")
+    _check_strings(
+        "texts", req.texts, limits.max_text_tokens * _MAX_CHARS_PER_TOKEN, f"text of {limits.max_text_tokens} tokens"
+    )
     _check_strings("label_words", req.label_words, _MAX_CHARS_PER_TOKEN, "single token")
     engine.label_token_ids(req.label_words)
     labels = None
@@ -145,9 +152,12 @@ def _declared_shape(req: ScoreRequest) -> tuple[int, int] | None:
 
 
 def _over_budget(what: str, tokens: int, limits: Limits) -> HTTPException:
-    return HTTPException(413, f"prompts: {what} {tokens} positions, over the request budget of "
-                              f"{limits.max_request_tokens} (GET /v1/model: max_request_tokens); send fewer candidates "
-                              "or texts per request")
+    return HTTPException(
+        413,
+        f"prompts: {what} {tokens} positions, over the request budget of "
+        f"{limits.max_request_tokens} (GET /v1/model: max_request_tokens); send fewer candidates "
+        "or texts per request",
+    )
 
 
 class _ClientGone(Exception):
@@ -171,8 +181,12 @@ class _AuthGate:
         key = key.strip() if scheme.lower() == "bearer" else ""
         if not self.keys.known(key or None):
             self.metrics.requests.labels("/v1/score", "401").inc()
-            return await send_error(send, 401, "missing or unknown API key (Authorization: Bearer <key>)",
-                                    [(b"www-authenticate", b"Bearer")])
+            return await send_error(
+                send,
+                401,
+                "missing or unknown API key (Authorization: Bearer <key>)",
+                [(b"www-authenticate", b"Bearer")],
+            )
         try:
             used, quota = self.keys.usage(key)
         except KeyError:  # revoked since `known`: the endpoint answers it
@@ -184,8 +198,12 @@ class _AuthGate:
 
 
 def projection_cache(engine: Engine) -> ProjectionCache:
-    return ProjectionCache(engine.info.hidden_size, engine.info.embedding_std,
-                           token_embeddings=engine.token_embeddings, vocab_size=engine.info.vocab_size)
+    return ProjectionCache(
+        engine.info.hidden_size,
+        engine.info.embedding_std,
+        token_embeddings=engine.token_embeddings,
+        vocab_size=engine.info.vocab_size,
+    )
 
 
 def public_model_info(facts: ModelFacts, limits: Limits) -> ModelInfo:
@@ -202,8 +220,14 @@ def public_model_info(facts: ModelFacts, limits: Limits) -> ModelInfo:
     )
 
 
-def create_app(engine: Engine, keys: KeyStore | None = None, limits: Limits | None = None, *,
-               operator_key: str | None = None, metrics_public: bool | None = None) -> FastAPI:
+def create_app(
+    engine: Engine,
+    keys: KeyStore | None = None,
+    limits: Limits | None = None,
+    *,
+    operator_key: str | None = None,
+    metrics_public: bool | None = None,
+) -> FastAPI:
     """The service app. `/metrics` needs `operator_key` as Bearer token unless `metrics_public`; by default it
     is public only where no operator key is set."""
     keys = keys or KeyStore({})
@@ -225,7 +249,9 @@ def create_app(engine: Engine, keys: KeyStore | None = None, limits: Limits | No
 
     @app.exception_handler(InputError)
     async def input_error(request: Request, exc: InputError):
-        return JSONResponse(status_code=422, content={"detail": str(exc), "errors": [{"field": exc.field, "message": str(exc)}]})
+        return JSONResponse(
+            status_code=422, content={"detail": str(exc), "errors": [{"field": exc.field, "message": str(exc)}]}
+        )
 
     def unauthorized(message: str) -> HTTPException:
         return HTTPException(401, message, {"WWW-Authenticate": "Bearer"})
@@ -254,7 +280,9 @@ def create_app(engine: Engine, keys: KeyStore | None = None, limits: Limits | No
         return published_info
 
     @app.post("/v1/score", response_model=ScoreResponse, responses=_ERRORS)
-    async def score(req: ScoreRequest, request: Request, key: str | None = Depends(api_key)) -> ScoreResponse | Response:
+    async def score(
+        req: ScoreRequest, request: Request, key: str | None = Depends(api_key)
+    ) -> ScoreResponse | Response:
         t0 = time.perf_counter()
         deadline = time.monotonic() + limits.max_request_seconds
         who = key or ""  # an open service's callers share one queue
@@ -270,8 +298,12 @@ def create_app(engine: Engine, keys: KeyStore | None = None, limits: Limits | No
                     raise unauthorized(str(exc)) from None
                 declared = _declared_shape(req)
                 # Only shapes within every per-dimension limit: past one, validation names that dimension.
-                if (declared is not None and 1 <= declared[0] <= limits.max_population
-                        and 0 <= declared[1] <= limits.max_prompt_length and len(req.texts) <= limits.max_texts):
+                if (
+                    declared is not None
+                    and 1 <= declared[0] <= limits.max_population
+                    and 0 <= declared[1] <= limits.max_prompt_length
+                    and len(req.texts) <= limits.max_texts
+                ):
                     floor = declared[0] * len(req.texts) * (declared[1] + 1)
                     if floor > limits.max_request_tokens:
                         raise _over_budget("P x N x (L + 1) is at least", floor, limits)
@@ -284,13 +316,20 @@ def create_app(engine: Engine, keys: KeyStore | None = None, limits: Limits | No
                     raise _over_budget("it takes", cost, limits)
                 wait = rate.charge(who, cost)
                 if wait is not None:
-                    raise HTTPException(429, f"this key's {limits.max_key_tokens_per_minute} positions per minute "
-                                             f"are used up; retry in {wait:.0f} s", {"Retry-After": str(int(wait) + 1)})
+                    raise HTTPException(
+                        429,
+                        f"this key's {limits.max_key_tokens_per_minute} positions per minute "
+                        f"are used up; retry in {wait:.0f} s",
+                        {"Retry-After": str(int(wait) + 1)},
+                    )
                 try:
                     result = await _run_in_slices(request, batch, lengths, who, deadline)
                     if not np.isfinite(result.logits).all():
-                        raise InputError("prompts", "the model's logits are not finite for these prompts; "
-                                                    "are their values far outside the embedding scale?")
+                        raise InputError(
+                            "prompts",
+                            "the model's logits are not finite for these prompts; "
+                            "are their values far outside the embedding scale?",
+                        )
                 except (InputError, HTTPException, _ClientGone):
                     raise
                 except Exception:
@@ -298,8 +337,9 @@ def create_app(engine: Engine, keys: KeyStore | None = None, limits: Limits | No
                     log.exception("engine failed")
                     raise HTTPException(500, "the engine failed on this batch; see the service log") from None
         except Busy as exc:
-            raise HTTPException(429, f"too many concurrent requests for this key ({exc}); retry later",
-                                {"Retry-After": "1"}) from None
+            raise HTTPException(
+                429, f"too many concurrent requests for this key ({exc}); retry later", {"Retry-After": "1"}
+            ) from None
         except _ClientGone:
             log.info("client went away; its request stopped before finishing")
             return Response(status_code=499)
@@ -319,8 +359,9 @@ def create_app(engine: Engine, keys: KeyStore | None = None, limits: Limits | No
             usage=Usage(sequences=result.sequences, tokens=result.tokens, engine_ms=result.engine_ms),
         )
 
-    async def _run_in_slices(request: Request, batch: ScoreBatch, lengths: list[int], who: str,
-                             deadline: float) -> ScoreResult:
+    async def _run_in_slices(
+        request: Request, batch: ScoreBatch, lengths: list[int], who: str, deadline: float
+    ) -> ScoreResult:
         """The request in blocks of at most `slice_tokens` positions, one engine turn each: other keys' requests
         interleave with a long one, and a client gone or a deadline passed stops it at the next block."""
         n_pop = batch.prompts.shape[0]
@@ -332,9 +373,12 @@ def create_app(engine: Engine, keys: KeyStore | None = None, limits: Limits | No
             if done and await request.is_disconnected():
                 raise _ClientGone()
             if done and time.monotonic() > deadline:
-                raise HTTPException(503, f"the request ran past its {limits.max_request_seconds:g} s deadline after "
-                                         f"{done} of {len(slices)} slices (GET /v1/model: max_request_seconds); "
-                                         "send smaller requests")
+                raise HTTPException(
+                    503,
+                    f"the request ran past its {limits.max_request_seconds:g} s deadline after "
+                    f"{done} of {len(slices)} slices (GET /v1/model: max_request_seconds); "
+                    "send smaller requests",
+                )
             part = ScoreBatch(batch.prompts[cands], batch.texts[texts], batch.label_words)
             async with scheduler.turn(who):
                 result = await to_thread.run_sync(engine.score, part)
@@ -347,9 +391,12 @@ def create_app(engine: Engine, keys: KeyStore | None = None, limits: Limits | No
     @app.get("/metrics")
     async def prometheus(creds: HTTPAuthorizationCredentials | None = Depends(bearer)) -> Response:
         if not public_metrics and not (
-                operator_key and creds and hmac.compare_digest(creds.credentials.encode(), operator_key.encode())):
-            raise unauthorized("/metrics takes the operator key (Authorization: Bearer <key>); "
-                               "the server's --metrics-public makes it public")
+            operator_key and creds and hmac.compare_digest(creds.credentials.encode(), operator_key.encode())
+        ):
+            raise unauthorized(
+                "/metrics takes the operator key (Authorization: Bearer <key>); "
+                "the server's --metrics-public makes it public"
+            )
         return Response(metrics.render(), media_type=CONTENT_TYPE)
 
     app.add_middleware(BodyLimit, max_bytes=limits.max_body_bytes)

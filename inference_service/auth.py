@@ -61,8 +61,13 @@ class KeyStore:
     A file that cannot be read or parsed leaves the keys in force as they were, with an error logged.
     """
 
-    def __init__(self, keys: dict[str, int | None], keys_file: str | os.PathLike | None = None,
-                 default_quota: int | None = None, recheck_s: float = 1.0):
+    def __init__(
+        self,
+        keys: dict[str, int | None],
+        keys_file: str | os.PathLike | None = None,
+        default_quota: int | None = None,
+        recheck_s: float = 1.0,
+    ):
         self._static = dict(keys)  # FEDBPT_API_KEYS: fixed for the life of the process
         self._keys_file = Path(keys_file) if keys_file is not None else None
         self._default_quota = default_quota
@@ -79,8 +84,9 @@ class KeyStore:
             self.reload()
 
     @classmethod
-    def from_sources(cls, keys_file: str | None = None, default_quota: int | None = None,
-                     recheck_s: float = 1.0) -> KeyStore:
+    def from_sources(
+        cls, keys_file: str | None = None, default_quota: int | None = None, recheck_s: float = 1.0
+    ) -> KeyStore:
         """Keys from `FEDBPT_API_KEYS` (comma-separated) and a file of `key [quota]` lines."""
         env = {k.strip(): default_quota for k in os.environ.get("FEDBPT_API_KEYS", "").split(",") if k.strip()}
         store = cls(env, keys_file, default_quota, recheck_s)
@@ -101,7 +107,9 @@ class KeyStore:
             self._quotas = quotas
             self._stamp = stamp
         if revoked:
-            log.info("keys file reloaded: %d keys, revoked %s", len(quotas), ", ".join(sorted(map(self.key_id, revoked))))
+            log.info(
+                "keys file reloaded: %d keys, revoked %s", len(quotas), ", ".join(sorted(map(self.key_id, revoked)))
+            )
 
     def request_reload(self) -> None:
         """Reload before the next key check; safe from a signal handler (it takes no lock)."""

@@ -101,8 +101,14 @@ class EngineBase:
 
     def token_embeddings(self, ids: np.ndarray) -> np.ndarray:
         with torch.inference_mode():
-            return (self.embed(torch.as_tensor(ids, dtype=torch.long, device=embedding_weight(self.embed).device))
-                    .float().cpu().numpy())
+            return (
+                self.embed(torch.as_tensor(ids, dtype=torch.long, device=embedding_weight(self.embed).device))
+                .float()
+                .cpu()
+                .numpy()
+            )
 
     def _embed_ids(self, ids: list[int]) -> torch.Tensor:
-        return self.embed(torch.tensor(ids, dtype=torch.long, device=embedding_weight(self.embed).device)).to(self.dtype)
+        return self.embed(torch.tensor(ids, dtype=torch.long, device=embedding_weight(self.embed).device)).to(
+            self.dtype
+        )

@@ -85,8 +85,9 @@ def anchor_ids(tokenizer, kind: str, prefix: list[int], anchor: str) -> tuple[in
         return () if token_id is None else (int(token_id),)
     token_id = tokenizer.convert_tokens_to_ids(anchor)
     if token_id is None or tokenizer.convert_ids_to_tokens(token_id) != anchor:
-        raise ValueError(f"prompt anchor {anchor!r} is not a token of this tokenizer; give a token's text, "
-                         "'auto' or 'none'")
+        raise ValueError(
+            f"prompt anchor {anchor!r} is not a token of this tokenizer; give a token's text, 'auto' or 'none'"
+        )
     return (int(token_id),)
 
 
@@ -105,8 +106,9 @@ def make_layout(tokenizer, kind: str, anchor: str = "none") -> Layout:
         added = tokenizer.added_tokens_decoder.get(mask_id)
         strip = bool(getattr(added, "lstrip", False))
     # A causal LM reads the next token: trailing specials (an EOS) would sit between text and label.
-    return Layout(kind, prefix, suffix if kind == "masked" else [], mask_id, strip,
-                  anchor_ids(tokenizer, kind, prefix, anchor))
+    return Layout(
+        kind, prefix, suffix if kind == "masked" else [], mask_id, strip, anchor_ids(tokenizer, kind, prefix, anchor)
+    )
 
 
 def tokenize_text(tokenizer, layout: Layout, text: str, index: int, max_tokens: int) -> TextIds:
@@ -127,8 +129,9 @@ def tokenize_text(tokenizer, layout: Layout, text: str, index: int, max_tokens: 
             raise InputError(field, f"for a causal LM the slot {SLOT!r} must end the text")
         ids = tokenizer(before, add_special_tokens=False)["input_ids"] if before else []
         if not ids:
-            raise InputError(field, "a causal LM needs text between the prompt and the slot to read the next "
-                                    "token from")
+            raise InputError(
+                field, "a causal LM needs text between the prompt and the slot to read the next token from"
+            )
         slot = len(ids) - 1
     else:
         if layout.strip_before_mask:

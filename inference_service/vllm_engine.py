@@ -78,7 +78,9 @@ class VllmEngine(EngineBase):
                 "%s was saved by transformers %s but %s is installed: fields it does not know are silently "
                 "defaulted; re-create the directory with this transformers (re-saving a loaded copy keeps the "
                 "wrong defaults)",
-                model_path, written, transformers.__version__,
+                model_path,
+                written,
+                transformers.__version__,
             )
         if model_kind(config) != "causal":
             raise RuntimeError(f"{model_path} is a masked LM; the vllm engine serves causal LMs only (--engine torch)")
@@ -92,8 +94,13 @@ class VllmEngine(EngineBase):
         if weight.shape[1] != width:
             # vLLM's prompt_embeds buffer is hidden_size wide; a projected embedding (OPT-350m) cannot enter it.
             raise RuntimeError(f"{model_path}: input embeddings are {weight.shape[1]} wide but hidden_size is {width}")
-        max_len = (len(self.layout.prefix_ids) + len(self.layout.anchor_ids) + self.limits.max_prompt_length
-                   + self.limits.max_text_tokens + 1)
+        max_len = (
+            len(self.layout.prefix_ids)
+            + len(self.layout.anchor_ids)
+            + self.limits.max_prompt_length
+            + self.limits.max_text_tokens
+            + 1
+        )
         step_tokens = max(max_num_batched_tokens or self.limits.max_batch_tokens or 65536, max_len)
         self.llm = LLM(
             model=str(model_path),
@@ -177,8 +184,9 @@ def _sampling_params(cls, label_ids: list[int]):
     """
     if len(label_ids) <= _MAX_LOGPROB_TOKEN_IDS:
         return cls(max_tokens=1, temperature=0.0, logprob_token_ids=list(label_ids), detokenize=False)
-    return cls(max_tokens=1, temperature=0.0, logprobs=len(label_ids), allowed_token_ids=list(label_ids),
-               detokenize=False)
+    return cls(
+        max_tokens=1, temperature=0.0, logprobs=len(label_ids), allowed_token_ids=list(label_ids), detokenize=False
+    )
 
 
 def _label_values(result, label_ids: list[int]) -> list[float]:

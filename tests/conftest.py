@@ -35,15 +35,25 @@ def build_tiny_roberta(out: Path) -> Path:
 
     out.mkdir(parents=True, exist_ok=True)
     bpe = ByteLevelBPETokenizer()
-    bpe.train_from_iterator(TINY_CORPUS * 20, vocab_size=400, min_frequency=2,
-                            special_tokens=["<s>", "<pad>", "</s>", "<unk>", "<mask>"])
+    bpe.train_from_iterator(
+        TINY_CORPUS * 20, vocab_size=400, min_frequency=2, special_tokens=["<s>", "<pad>", "</s>", "<unk>", "<mask>"]
+    )
     bpe.save_model(str(out))
     tokenizer = RobertaTokenizerFast.from_pretrained(out)
     tokenizer.save_pretrained(out)
     torch.manual_seed(0)
-    config = RobertaConfig(vocab_size=len(tokenizer), hidden_size=48, num_hidden_layers=2, num_attention_heads=4,
-                           intermediate_size=96, max_position_embeddings=160, pad_token_id=1, bos_token_id=0,
-                           eos_token_id=2, type_vocab_size=1)
+    config = RobertaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=96,
+        max_position_embeddings=160,
+        pad_token_id=1,
+        bos_token_id=0,
+        eos_token_id=2,
+        type_vocab_size=1,
+    )
     RobertaForMaskedLM(config).save_pretrained(out)
     return out
 
@@ -56,9 +66,19 @@ def build_tiny_llama(out: Path) -> Path:
     build_tiny_roberta(out)  # for its tokenizer files; the model below replaces its weights and config
     tokenizer = AutoTokenizer.from_pretrained(out)
     torch.manual_seed(1)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                         tie_word_embeddings=True, bos_token_id=0, eos_token_id=2, pad_token_id=1)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=True,
+        bos_token_id=0,
+        eos_token_id=2,
+        pad_token_id=1,
+    )
     LlamaForCausalLM(config).save_pretrained(out)
     return out
 

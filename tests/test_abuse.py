@@ -30,8 +30,12 @@ def _round_of_three(http, poisoned: dict, **honest_kw) -> tuple[np.ndarray, np.n
     rng = np.random.default_rng(0)
     for cid in ("a", "b"):
         step = rng.standard_normal(D) * 0.3
-        assert http.post("/v1/round/update", json=body(0, before + step, fitness=0.5, **honest_kw),
-                         headers=heads[cid]).status_code == 200
+        assert (
+            http.post(
+                "/v1/round/update", json=body(0, before + step, fitness=0.5, **honest_kw), headers=heads[cid]
+            ).status_code
+            == 200
+        )
     assert http.post("/v1/round/update", json=poisoned, headers=heads["c"]).status_code == 200
     after = mean_of(http.get("/v1/global", headers=heads["a"]).json()["mean"])
     (r0, *_) = http.get("/v1/status", headers=OPERATOR).json()["history"]
@@ -53,8 +57,11 @@ def test_one_poisoned_update_of_three_moves_the_global_mean_at_most_the_clip(tmp
 
     # The same round with clipping off moves it past that radius (pycma repairs far "injected" solutions to a
     # Mahalanobis length of its own, which bounds FedBPT's shift somewhat; fedavg-z follows the attacker).
-    with live(config(strategy=strategy, min_clients=3, rounds=2, clip_multiple=0, max_weight_ratio=1e12),
-              tmp_path / "open.db", operator_key="the-operator") as http:
+    with live(
+        config(strategy=strategy, min_clients=3, rounds=2, clip_multiple=0, max_weight_ratio=1e12),
+        tmp_path / "open.db",
+        operator_key="the-operator",
+    ) as http:
         before, after, r0 = _round_of_three(http, poisoned)
     assert np.linalg.norm(after - before) > (1 if strategy == "fedbpt" else 100) * bound
 
@@ -75,9 +82,11 @@ def test_robust_fedavg_z_ignores_one_outlier_coordinate(tmp_path):
 
 def test_bound_updates_by_hand():
     center = np.zeros(4)
-    ups = [ClientUpdate("a", np.array([3.0, 4.0, 0, 0]), 0.1, [0.5, 30.0], 10, 25.0),
-           ClientUpdate("b", np.array([0.1, 0, 0, 0]), 0.2, [0.5], 10),
-           ClientUpdate("c", np.array([0.0, 0, 0, 0]), 0.3, [0.5], 1000)]
+    ups = [
+        ClientUpdate("a", np.array([3.0, 4.0, 0, 0]), 0.1, [0.5, 30.0], 10, 25.0),
+        ClientUpdate("b", np.array([0.1, 0, 0, 0]), 0.2, [0.5], 10),
+        ClientUpdate("c", np.array([0.0, 0, 0, 0]), 0.3, [0.5], 1000),
+    ]
     # radius 1 x 0.5 x sqrt(4) = 1; sigma cap 10 x max(0.5, 1.0) = 10; median n = 10, n cap 2 x 10 = 20
     out, changed = bound_updates(ups, center, sigma=0.5, local_sigma=1.0, clip_multiple=1.0, max_weight_ratio=2.0)
     np.testing.assert_allclose(out[0].mean, [0.6, 0.8, 0, 0])

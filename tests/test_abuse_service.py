@@ -26,8 +26,14 @@ from .test_service import body
 
 WORDS = [" bad", " great"]
 # 16 texts x (L 16 + ~8) positions per candidate: over the 64-position slices, so every text is a slice.
-LIMITS = Limits(max_prompt_length=16, max_population=8, max_texts=16, max_text_tokens=48, max_batch_tokens=64,
-                max_request_tokens=4000)
+LIMITS = Limits(
+    max_prompt_length=16,
+    max_population=8,
+    max_texts=16,
+    max_text_tokens=48,
+    max_batch_tokens=64,
+    max_request_tokens=4000,
+)
 
 
 class Counted:
@@ -74,12 +80,20 @@ def post(url, payload, key, timeout=120.0):
 
 def test_plan_slices_by_hand():
     # A candidate's texts fit: whole candidates, as many as the budget holds.
-    assert plan_slices(5, [3, 4], 14) == [(slice(0, 2), slice(0, 2)), (slice(2, 4), slice(0, 2)),
-                                          (slice(4, 5), slice(0, 2))]
+    assert plan_slices(5, [3, 4], 14) == [
+        (slice(0, 2), slice(0, 2)),
+        (slice(2, 4), slice(0, 2)),
+        (slice(4, 5), slice(0, 2)),
+    ]
     # They do not: one candidate at a time, its texts in runs under the budget; an overlong text alone.
     assert plan_slices(2, [3, 4, 9, 2], 8) == [
-        (slice(0, 1), slice(0, 2)), (slice(0, 1), slice(2, 3)), (slice(0, 1), slice(3, 4)),
-        (slice(1, 2), slice(0, 2)), (slice(1, 2), slice(2, 3)), (slice(1, 2), slice(3, 4))]
+        (slice(0, 1), slice(0, 2)),
+        (slice(0, 1), slice(2, 3)),
+        (slice(0, 1), slice(3, 4)),
+        (slice(1, 2), slice(0, 2)),
+        (slice(1, 2), slice(2, 3)),
+        (slice(1, 2), slice(3, 4)),
+    ]
 
 
 def test_token_rate_window():
@@ -128,8 +142,10 @@ def test_a_request_at_the_limits_under_the_budget_is_scored_in_slices_as_a_whole
 
 def test_a_long_request_does_not_starve_another_key(engine):
     counted = Counted(engine, delay=0.02)  # 128 slices: a long request, a small one's turn comes between two
-    with serve_app(create_app(counted, KeyStore({"heavy": None, "light": None}), LIMITS)) as url, \
-            ThreadPoolExecutor(1) as pool:
+    with (
+        serve_app(create_app(counted, KeyStore({"heavy": None, "light": None}), LIMITS)) as url,
+        ThreadPoolExecutor(1) as pool,
+    ):
         heavy = pool.submit(post, url, big(n_pop=8, n_texts=16, n_prompt=8), "heavy")
         assert counted.started.wait(60)
         r = post(url, small(), "light")
@@ -200,9 +216,24 @@ def test_sigterm_ends_a_long_request_and_the_server(tiny_roberta_dir, tmp_path):
 
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    argv = ["fedbpt.cli", "serve", "--model", str(tiny_roberta_dir), "--port", str(port), "--dtype", "float32",
-            "--max-batch-tokens", "32", "--max-request-tokens", str(10**7), "--max-texts", "256",
-            "--shutdown-timeout", "1"]
+    argv = [
+        "fedbpt.cli",
+        "serve",
+        "--model",
+        str(tiny_roberta_dir),
+        "--port",
+        str(port),
+        "--dtype",
+        "float32",
+        "--max-batch-tokens",
+        "32",
+        "--max-request-tokens",
+        str(10**7),
+        "--max-texts",
+        "256",
+        "--shutdown-timeout",
+        "1",
+    ]
     proc = start_process(argv, url, tmp_path / "service.log")
     try:
         with ThreadPoolExecutor(1) as pool:

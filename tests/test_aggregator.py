@@ -69,8 +69,13 @@ def body(round_: int, mean, fitness=0.5, sigmas=(0.9, 0.8), n=10, acc=0.6, val_n
         "fitness": fitness,
         "sigmas": list(sigmas),
         "num_samples": n,
-        "metrics": {"local_loss": 0.7, "local_accuracy": 0.5, "global_val_loss": 0.8,
-                    "global_val_accuracy": acc, "val_samples": val_n},
+        "metrics": {
+            "local_loss": 0.7,
+            "local_accuracy": 0.5,
+            "global_val_loss": 0.8,
+            "global_val_accuracy": acc,
+            "val_samples": val_n,
+        },
         "costs": {"queries": 8, "sequences": 80, "tokens": 900, "service_bytes_up": 100, "service_bytes_down": 20},
     }
 
@@ -137,8 +142,9 @@ def test_long_poll_returns_when_the_round_moves_on_and_holds_otherwise(tmp_path)
 
         looks.drain()
         answers = {}
-        waiter = threading.Thread(target=lambda: answers.update(
-            task=http.get("/v1/round", params={"wait": 30}, headers=ha).json()))
+        waiter = threading.Thread(
+            target=lambda: answers.update(task=http.get("/v1/round", params={"wait": 30}, headers=ha).json())
+        )
         waiter.start()
         # The server has looked at a's task (round 0, nothing to do) before b reports: an answer given at that
         # look would say round 0. Round 1 can only come from a poll held until the round moved on.
@@ -169,10 +175,16 @@ def test_round_lifecycle_and_idempotent_resubmission(tmp_path):
         assert task["sigma"] == task["local_sigma"] == 1.0 and 0 < task["deadline_s"] <= 30
 
         first = body(0, np.full(D, 0.1), fitness=0.2, acc=0.5, val_n=10)
-        assert http.post("/v1/round/update", json=first, headers=ha).json() == \
-            {"accepted": True, "duplicate": False, "round": 0}
-        assert http.post("/v1/round/update", json=first, headers=ha).json() == \
-            {"accepted": True, "duplicate": True, "round": 0}
+        assert http.post("/v1/round/update", json=first, headers=ha).json() == {
+            "accepted": True,
+            "duplicate": False,
+            "round": 0,
+        }
+        assert http.post("/v1/round/update", json=first, headers=ha).json() == {
+            "accepted": True,
+            "duplicate": True,
+            "round": 0,
+        }
         changed = http.post("/v1/round/update", json={**first, "fitness": 0.3}, headers=ha)
         assert changed.status_code == 409 and "round" in changed.json()["detail"]
         assert http.get("/v1/round", headers=ha).json()["submitted"] is True
@@ -207,8 +219,9 @@ def test_auth_and_conflicts(tmp_path):
     # participation 0.5 of 2 clients: one is sampled per round
     with live(config(min_clients=2, participation=0.5), tmp_path / "run.db", enroll_key="sesame") as http:
         assert http.post("/v1/clients", json={"client_id": "a", "num_samples": 1}).status_code == 401
-        wrong = http.post("/v1/clients", json={"client_id": "a", "num_samples": 1},
-                          headers={"Authorization": "Bearer nope"})
+        wrong = http.post(
+            "/v1/clients", json={"client_id": "a", "num_samples": 1}, headers={"Authorization": "Bearer nope"}
+        )
         assert wrong.status_code == 401 and "enroll key" in wrong.json()["detail"]
         heads = {cid: register(http, cid, key="sesame") for cid in ("a", "b")}
         for h in ({}, {"Authorization": "Bearer forged"}, {"Authorization": "Basic eA=="}):
@@ -233,8 +246,11 @@ def test_auth_and_conflicts(tmp_path):
 
         # An impostor cannot take the id: not with the enroll key every client holds, nor with another's token.
         for impostor in ("sesame", heads[other]["Authorization"].split()[1]):
-            r = http.post("/v1/clients", json={"client_id": chosen, "num_samples": 10**9},
-                          headers={"Authorization": f"Bearer {impostor}"})
+            r = http.post(
+                "/v1/clients",
+                json={"client_id": chosen, "num_samples": 10**9},
+                headers={"Authorization": f"Bearer {impostor}"},
+            )
             assert r.status_code == 409 and "already registered" in r.json()["detail"], r.text
         assert http.get("/v1/round", headers=heads[chosen]).json()["selected"]
         # re-registering with its own token (a restarted client) issues a new token and retires the old one
@@ -270,8 +286,11 @@ def test_bad_input_is_a_4xx_naming_the_field(tmp_path):
             assert r.status_code == 422 and field in r.json()["detail"], (field, r.text)
         r = http.post("/v1/round/update", content=b"{not json", headers={**h, "content-type": "application/json"})
         assert r.status_code == 422
-        r = http.post("/v1/round/update", content=json.dumps({**good, "fitness": float("nan")}),
-                      headers={**h, "content-type": "application/json"})
+        r = http.post(
+            "/v1/round/update",
+            content=json.dumps({**good, "fitness": float("nan")}),
+            headers={**h, "content-type": "application/json"},
+        )
         assert r.status_code == 422 and "fitness" in r.json()["detail"], r.text
         r = http.post("/v1/round/update", content=b"x" * (2 * 1024 * 1024), headers=h)
         assert r.status_code == 413
@@ -408,7 +427,9 @@ def test_restart_mid_round_matches_an_uninterrupted_run(tmp_path):
     assert restarted["global"]["mean"] == straight["global"]["mean"]
     assert restarted["global"]["sigma"] == straight["global"]["sigma"]
     keys = ("state", "reporters", "sigma_before", "sigma_merged", "sigma_after", "local_sigma", "val_accuracy")
-    assert [{k: r[k] for k in keys} for r in restarted["history"]] == [{k: r[k] for k in keys} for r in straight["history"]]
+    assert [{k: r[k] for k in keys} for r in restarted["history"]] == [
+        {k: r[k] for k in keys} for r in straight["history"]
+    ]
 
 
 def test_sigkill_loses_no_accepted_update(tmp_path):
@@ -417,10 +438,27 @@ def test_sigkill_loses_no_accepted_update(tmp_path):
     def start() -> tuple[subprocess.Popen, str]:
         port = free_port()
         proc = subprocess.Popen(
-            [sys.executable, "-m", "aggregator", "--db", str(db), "--port", str(port), "--intrinsic-dim", str(D),
-             "--min-clients", "2", "--rounds", "2", "--seed", "1"],
-            cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            [
+                sys.executable,
+                "-m",
+                "aggregator",
+                "--db",
+                str(db),
+                "--port",
+                str(port),
+                "--intrinsic-dim",
+                str(D),
+                "--min-clients",
+                "2",
+                "--rounds",
+                "2",
+                "--seed",
+                "1",
+            ],
+            cwd=ROOT,
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
         )
         url = f"http://127.0.0.1:{port}"
 
@@ -463,8 +501,9 @@ def test_bytes_up_and_down_are_the_client_bodies(tmp_path):
             received += len(r.content)
             return r
 
-        r = count(http.post("/v1/clients", json={"client_id": "a", "num_samples": 3},
-                            headers={"Authorization": "Bearer op"}))
+        r = count(
+            http.post("/v1/clients", json={"client_id": "a", "num_samples": 3}, headers={"Authorization": "Bearer op"})
+        )
         h = {"Authorization": f"Bearer {r.json()['token']}"}
         for _ in range(3):  # the operator watching the run: not the federation's traffic
             assert http.get("/v1/global", headers={"Authorization": "Bearer boss"}).status_code == 200
@@ -507,11 +546,32 @@ def test_cli_flags_build_the_config_and_a_stored_run_wins(tmp_path, caplog):
     parser = argparse.ArgumentParser()
     add_arguments(parser)
     db = tmp_path / "sst2.db"
-    args = parser.parse_args(["--db", str(db), "--strategy", "fedbpt-noperturb", "--rounds", "3",
-                              "--round-timeout", "5", "--sigma-rule", "paper-eq6", "--participation", "0.5"])
+    args = parser.parse_args(
+        [
+            "--db",
+            str(db),
+            "--strategy",
+            "fedbpt-noperturb",
+            "--rounds",
+            "3",
+            "--round-timeout",
+            "5",
+            "--sigma-rule",
+            "paper-eq6",
+            "--participation",
+            "0.5",
+        ]
+    )
     cfg = config_from_args(args)
-    assert (cfg.run_id, cfg.strategy, cfg.perturb, cfg.rounds, cfg.round_timeout_s, cfg.sigma_rule, cfg.participation) \
-        == ("sst2", "fedbpt-noperturb", False, 3, 5.0, "paper-eq6", 0.5)
+    assert (
+        cfg.run_id,
+        cfg.strategy,
+        cfg.perturb,
+        cfg.rounds,
+        cfg.round_timeout_s,
+        cfg.sigma_rule,
+        cfg.participation,
+    ) == ("sst2", "fedbpt-noperturb", False, 3, 5.0, "paper-eq6", 0.5)
     assert (args.host, args.port) == ("127.0.0.1", 8100)
     store = Store(str(db))
     store.save_config(cfg)

@@ -92,8 +92,19 @@ def test_fedavg_weights_by_sample_count():
 def test_fedprompt_run_trains_and_counts_prompt_bytes(engine, default_model_dir, splits):
     shards = [client_shard(splits["train"], k, 2, None, seed=0, per_class=4) for k in range(2)]
     L, seen = 4, []
-    out = fedprompt_run(default_model_dir, TASK, shards, splits["test"][:8], rounds=2, local_steps=2, lr=0.01,
-                        prompt_length=L, batch_size=4, seed=0, progress=seen.append)
+    out = fedprompt_run(
+        default_model_dir,
+        TASK,
+        shards,
+        splits["test"][:8],
+        rounds=2,
+        local_steps=2,
+        lr=0.01,
+        prompt_length=L,
+        batch_size=4,
+        seed=0,
+        progress=seen.append,
+    )
     assert [r["round"] for r in out["rounds"]] == [0, 1] and seen == out["rounds"]
     assert out["prompt"].shape == (L, 576) and out["trainable_params"] == L * 576
     first, last = out["rounds"]
@@ -111,7 +122,8 @@ def test_fedprompt_run_trains_and_counts_prompt_bytes(engine, default_model_dir,
     for r in out["rounds"]:
         assert r["bytes_down"] == 2 * tensor_json and r["bytes_up"] == up
     assert len(PromptUpdate(prompt=encode_tensor(out["prompt"]), num_samples=3).model_dump_json()) == (
-        tensor_json + len('{"prompt":,"num_samples":3}'))
+        tensor_json + len('{"prompt":,"num_samples":3}')
+    )
     assert out["bytes_up"] == 2 * up and out["client_model_bytes"] > 100e6 * 4  # 135M fp32 parameters
 
 
@@ -121,9 +133,13 @@ def test_render_icl_puts_labelled_demos_before_the_input():
     assert render_icl(TASK, demos, query, "causal") == (
         "Review: Grating and tedious.\nSentiment: negative\n\n"
         "Review: A joy.\nSentiment: positive\n\n"
-        "Review: Fine { mask } film.\nSentiment:{mask}")
+        "Review: Fine { mask } film.\nSentiment:{mask}"
+    )
     # A masked template has the space before the slot already: the label word's own space is dropped.
-    assert render_icl(TASK, demos[1:], query, "masked") == "A joy. . It was positive . Fine { mask } film. . It was {mask} ."
+    assert (
+        render_icl(TASK, demos[1:], query, "masked")
+        == "A joy. . It was positive . Fine { mask } film. . It was {mask} ."
+    )
     assert render_icl(TASK, [], query, "causal") == TASK.render(query.fields, "causal")
 
 
@@ -153,8 +169,9 @@ def test_icl_evaluate_through_the_real_service(engine, splits):
     for r, demo_set in ((icl, demos), (zero, [])):
         # The logits are the engine's for the rendered texts with no soft prompt, and the accuracy their share right.
         texts = [render_icl(TASK, demo_set, ex, engine.kind) for ex in test]
-        direct = engine.score(ScoreBatch(np.zeros((1, 0, engine.info.hidden_size), np.float32), texts,
-                                         list(TASK.label_words))).logits[0]
+        direct = engine.score(
+            ScoreBatch(np.zeros((1, 0, engine.info.hidden_size), np.float32), texts, list(TASK.label_words))
+        ).logits[0]
         np.testing.assert_allclose(r["logits"], direct, rtol=1e-4, atol=1e-4 * np.abs(direct).max())
         assert r["accuracy"] == np.mean(r["logits"].argmax(-1) == labels) and np.isfinite(r["loss"])
         assert r["sequences"] == 16 and r["bytes_up"] > 0 and r["bytes_down"] > 0 and r["examples"] == 16

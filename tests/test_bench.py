@@ -26,18 +26,34 @@ def test_first_reaching_95_percent():
 
 
 def row(method, seed, acc, curve, rounds, clients=2, rss=50.0):
-    return {"key": f"t/r/p/seed{seed}/{method}", "task": "t", "regime": "r", "partition": "p", "seed": seed,
-            "method": method, "test_accuracy": acc, "curve": curve, "clients": clients, "client_rss_mb": rss,
-            "client_holds": "x", "wall_seconds": 10.0,
-            "rounds": [{"queries": q, "sequences": 10 * q, "bytes_up": up, "bytes_down": down} for q, up, down in rounds],
-            "queries": sum(q for q, _, _ in rounds), "sequences": sum(10 * q for q, _, _ in rounds),
-            "bytes_up": sum(u for _, u, _ in rounds), "bytes_down": sum(d for _, _, d in rounds),
-            "service_bytes_up": 0, "service_bytes_down": 0}
+    return {
+        "key": f"t/r/p/seed{seed}/{method}",
+        "task": "t",
+        "regime": "r",
+        "partition": "p",
+        "seed": seed,
+        "method": method,
+        "test_accuracy": acc,
+        "curve": curve,
+        "clients": clients,
+        "client_rss_mb": rss,
+        "client_holds": "x",
+        "wall_seconds": 10.0,
+        "rounds": [{"queries": q, "sequences": 10 * q, "bytes_up": up, "bytes_down": down} for q, up, down in rounds],
+        "queries": sum(q for q, _, _ in rounds),
+        "sequences": sum(10 * q for q, _, _ in rounds),
+        "bytes_up": sum(u for _, u, _ in rounds),
+        "bytes_down": sum(d for _, _, d in rounds),
+        "service_bytes_up": 0,
+        "service_bytes_down": 0,
+    }
 
 
 def test_summary_by_hand():
-    rows = [row("fedbpt", 0, 0.80, [0.5, 0.7, 0.8], [(4, 100, 300), (4, 100, 300)]),
-            row("fedbpt", 1, 0.70, [0.6, 0.7, 0.7], [(6, 200, 500), (6, 200, 500)])]
+    rows = [
+        row("fedbpt", 0, 0.80, [0.5, 0.7, 0.8], [(4, 100, 300), (4, 100, 300)]),
+        row("fedbpt", 1, 0.70, [0.6, 0.7, 0.7], [(6, 200, 500), (6, 200, 500)]),
+    ]
     (s,) = summarize(rows)
     assert s["accuracy"] == f"{75.0:.1f} ± {100 * np.std([0.8, 0.7], ddof=1):.1f}"
     assert s["queries"] == 10  # (8 + 12) / 2
@@ -92,10 +108,23 @@ def model_parameter_mib(model_dir) -> float:
 # resumption and its clients' memory are checked here only.
 @pytest.mark.slow
 def test_a_small_grid_end_to_end_and_resumed(service_url, default_model_dir, default_data_dir, tmp_path):
-    grid = Grid("tiny", tasks=("rotten_tomatoes",), regimes={"few-shot": 6}, seeds=(0,),
-                methods=("zero-shot", "calibrated", "icl", "fedbpt", "local-only", "fedprompt"), clients=2, rounds=2,
-                intrinsic_dim=8, prompt_length=2, popsize=4, local_iterations=1, batch_size=4, test_size=24,
-                curve_size=12, dtype="float32")
+    grid = Grid(
+        "tiny",
+        tasks=("rotten_tomatoes",),
+        regimes={"few-shot": 6},
+        seeds=(0,),
+        methods=("zero-shot", "calibrated", "icl", "fedbpt", "local-only", "fedprompt"),
+        clients=2,
+        rounds=2,
+        intrinsic_dim=8,
+        prompt_length=2,
+        popsize=4,
+        local_iterations=1,
+        batch_size=4,
+        test_size=24,
+        curve_size=12,
+        dtype="float32",
+    )
     bench = Bench(grid, tmp_path, service_url, KEY)
     rows = bench.run(progress=lambda line: None)
     by = {r["method"]: r for r in rows}

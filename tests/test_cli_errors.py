@@ -16,29 +16,55 @@ GOOD_CSV = "text,verdict\nthe movie was great,pos\nthe movie was bad,neg\nit was
 
 # name -> (files to write, extra client flags, expected fragment of the error line)
 DATA_CASES = {
-    "jsonl with a bad line": ({"d.jsonl": '{"text": "a great film", "verdict": "pos"}\n{"text": "oops", verdict}\n'},
-                              [], "d.jsonl:2: not valid JSON"),
-    "jsonl line not an object": ({"d.jsonl": '{"text": "a", "verdict": "pos"}\n\n["text"]\n'}, [],
-                                 "d.jsonl:3: expected a JSON object per line, got list"),
-    "csv with an unterminated quote": ({"d.csv": 'text,verdict\n"a great film,pos\nbad,neg\n'}, [],
-                                       "d.csv:2: a quoted field opened here is never closed"),
-    "csv with a stray field": ({"d.csv": "text,verdict\na,pos\nb,c,neg\n"}, [],
-                               "d.csv:3: 3 fields where the header has 2"),
-    "label not in the spec": ({"d.csv": "text,verdict\na,pos\nb,neutral\n"}, [],
-                              "d.csv:3: label 'neutral' is not one of the task's labels (neg, pos, mid or 0..2)"),
+    "jsonl with a bad line": (
+        {"d.jsonl": '{"text": "a great film", "verdict": "pos"}\n{"text": "oops", verdict}\n'},
+        [],
+        "d.jsonl:2: not valid JSON",
+    ),
+    "jsonl line not an object": (
+        {"d.jsonl": '{"text": "a", "verdict": "pos"}\n\n["text"]\n'},
+        [],
+        "d.jsonl:3: expected a JSON object per line, got list",
+    ),
+    "csv with an unterminated quote": (
+        {"d.csv": 'text,verdict\n"a great film,pos\nbad,neg\n'},
+        [],
+        "d.csv:2: a quoted field opened here is never closed",
+    ),
+    "csv with a stray field": (
+        {"d.csv": "text,verdict\na,pos\nb,c,neg\n"},
+        [],
+        "d.csv:3: 3 fields where the header has 2",
+    ),
+    "label not in the spec": (
+        {"d.csv": "text,verdict\na,pos\nb,neutral\n"},
+        [],
+        "d.csv:3: label 'neutral' is not one of the task's labels (neg, pos, mid or 0..2)",
+    ),
     "label column missing": ({"d.csv": "text,label\na,pos\n"}, [], "d.csv:2: no label column 'verdict'"),
     "text column missing": ({"d.jsonl": '{"body": "a", "verdict": "pos"}\n'}, [], "d.jsonl:1: no column 'text'"),
     "one example": ({"d.csv": "text,verdict\na great film,pos\n"}, [], "has 1 example(s); at least 2 are needed"),
     "header only": ({"d.csv": "text,verdict\n"}, [], "d.csv: no examples"),
     "no such data file": ({}, [], "d.csv: no such file or directory"),
     "unknown task": ({"d.csv": GOOD_CSV}, ["--task", "tweets"], "unknown task 'tweets'"),
-    "spec without a slot": ({"d.csv": GOOD_CSV, "bad-task.json": json.dumps({**TASK, "template": "{text}"})},
-                            ["--task", "bad-task.json"], "must hold {mask} exactly once"),
-    "spec with repeated words": ({"d.csv": GOOD_CSV, "bad-task.json": json.dumps(
-        {**TASK, "label_words": {"neg": " bad", "pos": " bad", "mid": " fine"}})}, ["--task", "bad-task.json"],
-        "label words must be distinct"),
-    "spec not JSON": ({"d.csv": GOOD_CSV, "bad-task.json": '{"name": "x",\n "template": }'},
-                      ["--task", "bad-task.json"], "bad-task.json:2: not valid JSON"),
+    "spec without a slot": (
+        {"d.csv": GOOD_CSV, "bad-task.json": json.dumps({**TASK, "template": "{text}"})},
+        ["--task", "bad-task.json"],
+        "must hold {mask} exactly once",
+    ),
+    "spec with repeated words": (
+        {
+            "d.csv": GOOD_CSV,
+            "bad-task.json": json.dumps({**TASK, "label_words": {"neg": " bad", "pos": " bad", "mid": " fine"}}),
+        },
+        ["--task", "bad-task.json"],
+        "label words must be distinct",
+    ),
+    "spec not JSON": (
+        {"d.csv": GOOD_CSV, "bad-task.json": '{"name": "x",\n "template": }'},
+        ["--task", "bad-task.json"],
+        "bad-task.json:2: not valid JSON",
+    ),
 }
 
 
@@ -51,8 +77,22 @@ def one_error_line(result, command: str) -> str:
 
 
 def client_args(service_url: str, agg_url: str, *extra: str) -> list[str]:
-    flags = ["--service", service_url, "--aggregator", agg_url, "--data", "d.csv", "--task", "task.json",
-             "--client-id", "c1", "--state-dir", "state", "--batch-size", "2"]
+    flags = [
+        "--service",
+        service_url,
+        "--aggregator",
+        agg_url,
+        "--data",
+        "d.csv",
+        "--task",
+        "task.json",
+        "--client-id",
+        "c1",
+        "--state-dir",
+        "state",
+        "--batch-size",
+        "2",
+    ]
     # A later flag wins in argparse: cases override --data and --task.
     return ["client", *flags, *extra]
 
@@ -79,8 +119,10 @@ def test_nonexistent_model_path(tmp_path):
 def test_not_a_prompt_file(tmp_path):
     (tmp_path / "p.json").write_text(json.dumps({"format": "something-else"}))
     (tmp_path / "in.csv").write_text("text\nhello\n")
-    line = one_error_line(cli("predict", "--prompt", "p.json", "--service", "http://127.0.0.1:9", "--input", "in.csv",
-                              cwd=tmp_path), "predict")
+    line = one_error_line(
+        cli("predict", "--prompt", "p.json", "--service", "http://127.0.0.1:9", "--input", "in.csv", cwd=tmp_path),
+        "predict",
+    )
     assert "p.json: not a fedbpt-prompt/1 prompt file" in line, line
 
 
@@ -100,8 +142,11 @@ def servers(tmp_path_factory):
     model = build_tiny_llama(root / "llama")
     with service(model, root / "service.log") as svc_url:
         agg_url = f"http://127.0.0.1:{free_port()}"
-        agg = start(["aggregator", "--port", agg_url.rsplit(":", 1)[1], "--db", str(root / "agg.db"),
-                     "--min-clients", "5"], root / "aggregator.log", {"FEDBPT_ENROLL_KEY": ENROLL})
+        agg = start(
+            ["aggregator", "--port", agg_url.rsplit(":", 1)[1], "--db", str(root / "agg.db"), "--min-clients", "5"],
+            root / "aggregator.log",
+            {"FEDBPT_ENROLL_KEY": ENROLL},
+        )
         try:
             wait_until(lambda: healthy(agg_url), "the aggregator", agg, root / "aggregator.log")
             yield svc_url, agg_url, model
@@ -110,13 +155,18 @@ def servers(tmp_path_factory):
 
 
 SERVER_CASES = {
-    "wrong service key": ({"FEDBPT_API_KEY": "nope", "FEDBPT_ENROLL_KEY": ENROLL}, [],
-                          "refused the API key (HTTP 401"),
+    "wrong service key": ({"FEDBPT_API_KEY": "nope", "FEDBPT_ENROLL_KEY": ENROLL}, [], "refused the API key (HTTP 401"),
     "wrong enroll key": ({"FEDBPT_API_KEY": SVC_KEY, "FEDBPT_ENROLL_KEY": "nope"}, [], "refused the enroll key"),
-    "label word of several tokens": ({"FEDBPT_API_KEY": SVC_KEY, "FEDBPT_ENROLL_KEY": ENROLL},
-                                     ["--label-words", " bad, great, wonderful"], "cannot use these label words"),
-    "aggregator down at start": ({"FEDBPT_API_KEY": SVC_KEY, "FEDBPT_ENROLL_KEY": ENROLL}, ["DEAD_AGGREGATOR"],
-                                 "cannot reach the aggregator"),
+    "label word of several tokens": (
+        {"FEDBPT_API_KEY": SVC_KEY, "FEDBPT_ENROLL_KEY": ENROLL},
+        ["--label-words", " bad, great, wonderful"],
+        "cannot use these label words",
+    ),
+    "aggregator down at start": (
+        {"FEDBPT_API_KEY": SVC_KEY, "FEDBPT_ENROLL_KEY": ENROLL},
+        ["DEAD_AGGREGATOR"],
+        "cannot reach the aggregator",
+    ),
 }
 
 
@@ -138,9 +188,24 @@ def test_a_run_whose_rounds_all_failed_ends_non_zero(servers, tmp_path):
     (tmp_path / "d.csv").write_text(GOOD_CSV)
     agg_url = f"http://127.0.0.1:{free_port()}"
     # Round 0's deadline passes long before any client can report: it fails, and it is the only round.
-    agg = start(["aggregator", "--port", agg_url.rsplit(":", 1)[1], "--db", str(tmp_path / "agg.db"), "--rounds", "1",
-                 "--round-timeout", "0.001", "--intrinsic-dim", "4", "--prompt-length", "1"],
-                tmp_path / "aggregator.log")
+    agg = start(
+        [
+            "aggregator",
+            "--port",
+            agg_url.rsplit(":", 1)[1],
+            "--db",
+            str(tmp_path / "agg.db"),
+            "--rounds",
+            "1",
+            "--round-timeout",
+            "0.001",
+            "--intrinsic-dim",
+            "4",
+            "--prompt-length",
+            "1",
+        ],
+        tmp_path / "aggregator.log",
+    )
     try:
         wait_until(lambda: healthy(agg_url), "the aggregator", agg, tmp_path / "aggregator.log")
         result = cli(*client_args(svc_url, agg_url), env={"FEDBPT_API_KEY": SVC_KEY}, cwd=tmp_path)
@@ -166,11 +231,27 @@ def test_ca_cert_lets_a_command_trust_a_private_certificate(tmp_path):
     cert, key = make_self_signed(tmp_path)
     trust = ssl.create_default_context(cafile=cert)
     url = f"https://127.0.0.1:{free_port()}"
-    agg = start(["aggregator", "--port", url.rsplit(":", 1)[1], "--db", str(tmp_path / "agg.db"), "--ssl-certfile",
-                 cert, "--ssl-keyfile", key], tmp_path / "aggregator.log")
+    agg = start(
+        [
+            "aggregator",
+            "--port",
+            url.rsplit(":", 1)[1],
+            "--db",
+            str(tmp_path / "agg.db"),
+            "--ssl-certfile",
+            cert,
+            "--ssl-keyfile",
+            key,
+        ],
+        tmp_path / "aggregator.log",
+    )
     try:
-        wait_until(lambda: httpx.get(f"{url}/healthz", verify=trust, timeout=2).status_code == 200,
-                   "the HTTPS aggregator", agg, tmp_path / "aggregator.log")
+        wait_until(
+            lambda: httpx.get(f"{url}/healthz", verify=trust, timeout=2).status_code == 200,
+            "the HTTPS aggregator",
+            agg,
+            tmp_path / "aggregator.log",
+        )
         line = one_error_line(cli("status", "--aggregator", url), "status")
         assert "certificate this machine does not trust" in line and "--ca-cert" in line, line
         trusted = cli("status", "--aggregator", url, "--ca-cert", cert)

@@ -43,8 +43,9 @@ def service_url(tiny_roberta_dir):
 
 @pytest.fixture
 def aggregator_url(tmp_path):
-    cfg = RunConfig(run_id="keys", intrinsic_dim=4, prompt_length=1, rounds=1, local_popsize=2, local_iterations=1,
-                    min_clients=1)
+    cfg = RunConfig(
+        run_id="keys", intrinsic_dim=4, prompt_length=1, rounds=1, local_popsize=2, local_iterations=1, min_clients=1
+    )
     with serve_app(create_aggregator(cfg, str(tmp_path / "agg.db"), enroll_key=ENROLL)) as url:
         yield url
 
@@ -102,13 +103,33 @@ def test_the_cli_says_which_key_in_one_line(service_url, aggregator_url, tmp_pat
     with open(data, "w", newline="") as f:
         csv.writer(f).writerows([("text", "label"), *((ex.fields["text"], ex.label) for ex in EXAMPLES)])
     keys = {"api-key": SVC_KEY, "enroll-key": ENROLL, which: "not-the-key"}
-    argv = [sys.executable, "-m", "fedbpt.cli", "client", "--service", service_url, "--aggregator", aggregator_url,
-            "--api-key", keys["api-key"], "--enroll-key", keys["enroll-key"], "--task", "sst2", "--data", str(data),
-            "--client-id", "c1", "--timeout", "60"]
+    argv = [
+        sys.executable,
+        "-m",
+        "fedbpt.cli",
+        "client",
+        "--service",
+        service_url,
+        "--aggregator",
+        aggregator_url,
+        "--api-key",
+        keys["api-key"],
+        "--enroll-key",
+        keys["enroll-key"],
+        "--task",
+        "sst2",
+        "--data",
+        str(data),
+        "--client-id",
+        "c1",
+        "--timeout",
+        "60",
+    ]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     result = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr[-3000:]
     # The last line says it, naming the key that was refused.
     last = result.stderr.strip().splitlines()[-1]
-    assert last.startswith("fedbpt client") and ("API key" if which == "api-key" else "enroll key") in last, \
+    assert last.startswith("fedbpt client") and ("API key" if which == "api-key" else "enroll key") in last, (
         result.stderr[-3000:]
+    )

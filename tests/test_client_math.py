@@ -68,8 +68,10 @@ def test_projection_is_p0_plus_a_z_computed_from_scratch():
 
 
 def test_client_package_never_imports_torch():
-    code = ("import sys, fed_clients.runner, fed_clients.client, fed_clients.aggregator_client; "
-            "import fedbpt.demo; print('torch' in sys.modules, 'transformers' in sys.modules)")
+    code = (
+        "import sys, fed_clients.runner, fed_clients.client, fed_clients.aggregator_client; "
+        "import fedbpt.demo; print('torch' in sys.modules, 'transformers' in sys.modules)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert out == "False False"
 

@@ -36,8 +36,13 @@ COMPOSE_FILE = ROOT / "docker-compose.yml"
 ENV_EXAMPLE = ROOT / ".env.example"
 PROFILES = ("cpu", "gpu")
 # service -> the `fedbpt` subcommand it runs (`report` runs docker/compose/report.py instead)
-ROLES = {"assets": "assets", "inference-cpu": "serve", "inference-gpu": "serve", "aggregator": "aggregator",
-         "client": "client"}
+ROLES = {
+    "assets": "assets",
+    "inference-cpu": "serve",
+    "inference-gpu": "serve",
+    "aggregator": "aggregator",
+    "client": "client",
+}
 STACKS = {
     "cpu": {"assets", "inference-cpu", "aggregator", "client", "report"},
     "gpu": {"assets", "inference-gpu", "aggregator", "client", "report"},
@@ -149,14 +154,19 @@ def compose_config(cli: list[str], *profiles: str) -> subprocess.CompletedProces
     args = [*cli, "-f", str(COMPOSE_FILE), "--project-directory", str(ROOT), "--env-file", str(ENV_EXAMPLE)]
     for p in profiles:
         args += ["--profile", p]
-    return subprocess.run([*args, "config", "--format", "json"], capture_output=True, text=True, timeout=60,
-                          env=_compose_env(), cwd=ROOT)
+    return subprocess.run(
+        [*args, "config", "--format", "json"], capture_output=True, text=True, timeout=60, env=_compose_env(), cwd=ROOT
+    )
 
 
 def _volume(v) -> dict:
     if isinstance(v, dict):
-        return {"type": v.get("type", "volume"), "source": v.get("source"), "target": v["target"],
-                "read_only": bool(v.get("read_only", False))}
+        return {
+            "type": v.get("type", "volume"),
+            "source": v.get("source"),
+            "target": v["target"],
+            "read_only": bool(v.get("read_only", False)),
+        }
     parts = v.split(":")
     source, target = (parts[0], parts[1]) if len(parts) > 1 else (None, parts[0])
     kind = "bind" if source and (source.startswith((".", "/", "~"))) else "volume"
@@ -177,9 +187,13 @@ def _normalise(service: dict) -> dict:
     deps = s.get("depends_on") or {}
     if isinstance(deps, list):
         deps = {name: {} for name in deps}
-    s["depends_on"] = {name: {"condition": (cfg or {}).get("condition", "service_started"),
-                              "required": (cfg or {}).get("required", True) not in (False, "false")}
-                       for name, cfg in deps.items()}
+    s["depends_on"] = {
+        name: {
+            "condition": (cfg or {}).get("condition", "service_started"),
+            "required": (cfg or {}).get("required", True) not in (False, "false"),
+        }
+        for name, cfg in deps.items()
+    }
     hc = s.get("healthcheck")
     if hc and isinstance(hc.get("test"), str):
         hc = {**hc, "test": ["CMD-SHELL", hc["test"]]}
@@ -221,8 +235,7 @@ def compose() -> dict:
         raw = _interpolate_tree(raw, env)
         via = "PyYAML"
     services = {name: _normalise(svc) for name, svc in (raw.get("services") or {}).items()}
-    return {"services": services, "volumes": raw.get("volumes") or {}, "secrets": raw.get("secrets") or {},
-            "via": via}
+    return {"services": services, "volumes": raw.get("volumes") or {}, "secrets": raw.get("secrets") or {}, "via": via}
 
 
 @pytest.fixture(scope="module")
@@ -302,13 +315,17 @@ class Dockerfile:
     def bases(self) -> list[str]:
         """Each stage's base image, with the ARG defaults the FROM lines use filled in."""
         defaults = self.args()
-        return [re.sub(r"\$\{(\w+)\}", lambda m: defaults[m.group(1)] or "", value.split()[0])
-                for value in self.all("FROM")]
+        return [
+            re.sub(r"\$\{(\w+)\}", lambda m: defaults[m.group(1)] or "", value.split()[0]) for value in self.all("FROM")
+        ]
 
     def all(self, instruction: str, lines: list[str] | None = None) -> list[str]:
         prefix = instruction.upper() + " "
-        return [ln[len(prefix):].strip() for ln in (self.lines if lines is None else lines)
-                if ln.upper().startswith(prefix)]
+        return [
+            ln[len(prefix) :].strip()
+            for ln in (self.lines if lines is None else lines)
+            if ln.upper().startswith(prefix)
+        ]
 
     def last(self, instruction: str) -> str | None:
         """The instruction's last value in the final stage: the image that runs."""
@@ -338,8 +355,9 @@ class Dockerfile:
 def dockerfiles(compose) -> dict[str, Dockerfile]:
     """Every service's Dockerfile: its own build's, or that of the service that builds its image."""
     services = compose["services"]
-    by_image = {svc["image"]: Dockerfile(svc["dockerfile_path"]) for svc in services.values()
-                if "dockerfile_path" in svc}
+    by_image = {
+        svc["image"]: Dockerfile(svc["dockerfile_path"]) for svc in services.values() if "dockerfile_path" in svc
+    }
     return {name: by_image[svc["image"]] for name, svc in services.items()}
 
 
@@ -468,16 +486,32 @@ def test_run_settings_are_the_demos(compose, parser):
     env_example = read_env_file(ENV_EXAMPLE)
     services = compose["services"]
     agg = parse(parser, services["aggregator"]["command"])
-    for field in ("strategy", "intrinsic_dim", "prompt_length", "sigma0", "local_popsize", "local_iterations",
-                  "seed", "prompt_init", "prompt_placement", "round_timeout_s"):
+    for field in (
+        "strategy",
+        "intrinsic_dim",
+        "prompt_length",
+        "sigma0",
+        "local_popsize",
+        "local_iterations",
+        "seed",
+        "prompt_init",
+        "prompt_placement",
+        "round_timeout_s",
+    ):
         assert getattr(agg, field) == demo[field], field
     assert agg.projection_seed == demo["seed"]
     assert (agg.rounds, agg.min_clients) == (int(env_example["ROUNDS"]), int(env_example["CLIENTS"]))
     assert int(env_example["ROUNDS"]) == demo["rounds"] and int(env_example["CLIENTS"]) == demo["clients"]
     client = parse(parser, fedbpt_argv("client", services["client"]))
-    assert (client.task, client.label_words, client.per_class, client.alpha, client.partition_seed,
-            client.batch_size, client.prompt_wire) == (demo["task"], demo["label_words"], demo["per_class"],
-                                                      demo["alpha"], demo["seed"], demo["batch_size"], "seed")
+    assert (
+        client.task,
+        client.label_words,
+        client.per_class,
+        client.alpha,
+        client.partition_seed,
+        client.batch_size,
+        client.prompt_wire,
+    ) == (demo["task"], demo["label_words"], demo["per_class"], demo["alpha"], demo["seed"], demo["batch_size"], "seed")
     assert parse(parser, services["inference-cpu"]["command"]).model == demo["model"] == env_example["MODEL"]
 
 
@@ -516,13 +550,19 @@ def test_keys_and_settings_come_from_the_env_file(compose):
     for var in KEY_VARS:
         # never a literal key in the compose file: only ${VAR:?...}, so a missing .env fails loudly
         assert re.search(rf"{var}: \${{{var}:\?", raw), f"{var} must be `${{{var}:?...}}`"
-    assert env_example["FEDBPT_API_KEY"] in env_example["FEDBPT_API_KEYS"].split(","), \
+    assert env_example["FEDBPT_API_KEY"] in env_example["FEDBPT_API_KEYS"].split(","), (
         "the clients' key must be one of the service's keys"
+    )
 
     services = compose["services"]
-    wanted = {"inference-cpu": {"FEDBPT_API_KEYS"}, "inference-gpu": {"FEDBPT_API_KEYS"},
-              "aggregator": {"FEDBPT_ENROLL_KEY"}, "client": {"FEDBPT_API_KEY", "FEDBPT_ENROLL_KEY"},
-              "report": {"FEDBPT_API_KEY", "FEDBPT_ENROLL_KEY"}, "assets": set()}
+    wanted = {
+        "inference-cpu": {"FEDBPT_API_KEYS"},
+        "inference-gpu": {"FEDBPT_API_KEYS"},
+        "aggregator": {"FEDBPT_ENROLL_KEY"},
+        "client": {"FEDBPT_API_KEY", "FEDBPT_ENROLL_KEY"},
+        "report": {"FEDBPT_API_KEY", "FEDBPT_ENROLL_KEY"},
+        "assets": set(),
+    }
     for name, keys in wanted.items():
         given = {k for k in services[name]["environment"] if k in KEY_VARS}
         assert given == keys, f"{name} gets {sorted(given)}, needs exactly {sorted(keys)}"
@@ -532,10 +572,16 @@ def test_keys_and_settings_come_from_the_env_file(compose):
     prefix, tag = env_example["IMAGE_PREFIX"], env_example["IMAGE_TAG"]
     for name, svc in services.items():
         assert re.fullmatch(rf"{re.escape(prefix)}/[a-z-]+:{re.escape(tag)}", svc["image"]), (name, svc["image"])
-    published = {name: str(p["published"] if isinstance(p, dict) else str(p).split(":")[1])
-                 for name in SERVERS for p in services[name]["ports"]}
-    assert published == {"inference-cpu": env_example["SERVICE_PORT"], "inference-gpu": env_example["SERVICE_PORT"],
-                         "aggregator": env_example["AGGREGATOR_PORT"]}
+    published = {
+        name: str(p["published"] if isinstance(p, dict) else str(p).split(":")[1])
+        for name in SERVERS
+        for p in services[name]["ports"]
+    }
+    assert published == {
+        "inference-cpu": env_example["SERVICE_PORT"],
+        "inference-gpu": env_example["SERVICE_PORT"],
+        "aggregator": env_example["AGGREGATOR_PORT"],
+    }
 
 
 def test_build_args_and_the_ca_secret_reach_every_build(compose, dockerfiles):
@@ -620,8 +666,9 @@ def test_dockerfiles_bases_installs_stages_and_users(dockerfiles):
         installs = [r for r in df.runs() if '".[' in r]
         assert len(installs) == 1 and f'pip-install ".[{extra}]"' in installs[0], f"{df.path.name}: {extra} only"
     assert dockerfiles["client"].healthcheck() is None
-    assert {c.split()[0] for c in dockerfiles["client"].all("COPY", dockerfiles["client"].stages[-1])} >= \
-        {"docker/compose/"}, "the client image carries the compose helpers"
+    assert {c.split()[0] for c in dockerfiles["client"].all("COPY", dockerfiles["client"].stages[-1])} >= {
+        "docker/compose/"
+    }, "the client image carries the compose helpers"
 
     cpu = dockerfiles["inference-cpu"]
     args = cpu.args()
@@ -644,14 +691,16 @@ def test_dockerfiles_bases_installs_stages_and_users(dockerfiles):
 
 
 def test_dockerignore_keeps_secrets_out_and_the_package_in():
-    patterns = [ln.strip().rstrip("/") for ln in (ROOT / ".dockerignore").read_text().splitlines()
-                if ln.strip() and not ln.startswith("#")]
+    patterns = [
+        ln.strip().rstrip("/")
+        for ln in (ROOT / ".dockerignore").read_text().splitlines()
+        if ln.strip() and not ln.startswith("#")
+    ]
     for secret_or_bulk in (".env", ".venv", ".cache", ".git", "runs", "docker/client-data"):
         assert secret_or_bulk in patterns, secret_or_bulk
     tomllib = pytest.importorskip("tomllib")
     pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
-    needed = {"pyproject.toml", pyproject["project"]["readme"], "docker/pip-install", "docker/wheels",
-              "docker/compose"}
+    needed = {"pyproject.toml", pyproject["project"]["readme"], "docker/pip-install", "docker/wheels", "docker/compose"}
     needed |= {p.rstrip("*") for p in pyproject["tool"]["setuptools"]["packages"]["find"]["include"]}
     for path in needed:
         assert (ROOT / path).exists(), path
@@ -698,17 +747,31 @@ print("ok")
 
 SERVICE_ONLY = ["torch", "transformers", "safetensors", "tokenizers", "gguf", "accelerate", "prometheus_client"]
 # what report.py imports when it scores the test split
-REPORT_MODULES = ["fed_clients.aggregator_client", "fed_clients.client", "fed_clients.data", "fed_clients.runner",
-                  "fed_clients.service_client", "fed_clients.tasks", "fedbpt_wire.federation",
-                  "fedbpt_wire.projection", "fedbpt_wire.tensors"]
+REPORT_MODULES = [
+    "fed_clients.aggregator_client",
+    "fed_clients.client",
+    "fed_clients.data",
+    "fed_clients.runner",
+    "fed_clients.service_client",
+    "fed_clients.tasks",
+    "fedbpt_wire.federation",
+    "fedbpt_wire.projection",
+    "fedbpt_wire.tensors",
+]
 
 
-@pytest.mark.parametrize("role, blocked, modules", [
-    ("client", [*SERVICE_ONLY, "fastapi", "uvicorn", "starlette", "vllm"],
-     ["fed_clients.runner", "fed_clients.client", "fed_clients.local_search"]),
-    ("report", [*SERVICE_ONLY, "fastapi", "uvicorn", "starlette", "vllm"], REPORT_MODULES),
-    ("aggregator", [*SERVICE_ONLY, "matplotlib", "vllm"], ["aggregator.server", "aggregator.app"]),
-])
+@pytest.mark.parametrize(
+    "role, blocked, modules",
+    [
+        (
+            "client",
+            [*SERVICE_ONLY, "fastapi", "uvicorn", "starlette", "vllm"],
+            ["fed_clients.runner", "fed_clients.client", "fed_clients.local_search"],
+        ),
+        ("report", [*SERVICE_ONLY, "fastapi", "uvicorn", "starlette", "vllm"], REPORT_MODULES),
+        ("aggregator", [*SERVICE_ONLY, "matplotlib", "vllm"], ["aggregator.server", "aggregator.app"]),
+    ],
+)
 def test_each_image_extra_is_enough_for_its_role(compose, default_data_dir, role, blocked, modules):
     """The client image has `.[client]` only (and runs `report` too), the aggregator image `.[aggregator]`:
     their commands must not reach for torch, transformers or the other role's packages."""
@@ -720,16 +783,30 @@ def test_each_image_extra_is_enough_for_its_role(compose, default_data_dir, role
     if role == "client":  # auto/N would ask an aggregator this check does not run; a fixed part loads the same way
         command[command.index("--partition") + 1] = "0/2"
     env = {**os.environ, "FEDBPT_CACHE_DIR": str(default_data_dir.parents[1])}
-    out = subprocess.run([sys.executable, "-c", _ROLE_CHECK, ",".join(blocked), json.dumps(command), ",".join(modules),
-                          str(ROOT / "docker" / "compose" / "report.py")],
-                         capture_output=True, text=True, timeout=120, cwd=ROOT, env=env)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            _ROLE_CHECK,
+            ",".join(blocked),
+            json.dumps(command),
+            ",".join(modules),
+            str(ROOT / "docker" / "compose" / "report.py"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+        env=env,
+    )
     assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stdout + out.stderr
 
 
 def run_healthcheck(test: list[str], port: int) -> int:
     """The image's HEALTHCHECK command, pointed at `port` on this machine, with this Python."""
-    argv = [sys.executable if i == 0 else re.sub(r"127\.0\.0\.1:\d+", f"127.0.0.1:{port}", a)
-            for i, a in enumerate(test)]
+    argv = [
+        sys.executable if i == 0 else re.sub(r"127\.0\.0\.1:\d+", f"127.0.0.1:{port}", a) for i, a in enumerate(test)
+    ]
     return subprocess.run(argv, capture_output=True, timeout=30).returncode
 
 

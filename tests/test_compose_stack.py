@@ -30,9 +30,22 @@ ROOT = Path(__file__).resolve().parents[1]
 PROJECT = "fedbpt-compose-test"
 CLIENTS, ROUNDS, TEST_SIZE, RUN_ID = 2, 2, 50, "compose-test"
 # The run's settings: they override .env and the environment.
-RUN_VARS = ("FEDBPT_API_KEYS", "FEDBPT_API_KEY", "FEDBPT_ENROLL_KEY", "CLIENTS", "ROUNDS", "RUN_ID", "MODEL",
-            "CLIENT_DATA", "CLIENT_DATA_DIR", "REPORT_TEST_SIZE", "SERVICE_PORT", "AGGREGATOR_PORT",
-            "IMAGE_PREFIX", "IMAGE_TAG")
+RUN_VARS = (
+    "FEDBPT_API_KEYS",
+    "FEDBPT_API_KEY",
+    "FEDBPT_ENROLL_KEY",
+    "CLIENTS",
+    "ROUNDS",
+    "RUN_ID",
+    "MODEL",
+    "CLIENT_DATA",
+    "CLIENT_DATA_DIR",
+    "REPORT_TEST_SIZE",
+    "SERVICE_PORT",
+    "AGGREGATOR_PORT",
+    "IMAGE_PREFIX",
+    "IMAGE_TAG",
+)
 # Bounds on each phase, far above what they take on 2 busy CPU cores; not timings under test.
 BUILD_S, UP_S, RUN_S, EXIT_S = 3600, 1200, 3600, 600
 COSTS = ("queries", "sequences", "tokens", "service_bytes", "bytes_up", "bytes_down")
@@ -42,13 +55,15 @@ def _engine_problem() -> str | None:
     if shutil.which("docker") is None:
         return "no docker CLI on PATH"
     try:
-        info = subprocess.run(["docker", "info", "--format", "{{.ServerVersion}}"], capture_output=True, text=True,
-                              timeout=30)
+        info = subprocess.run(
+            ["docker", "info", "--format", "{{.ServerVersion}}"], capture_output=True, text=True, timeout=30
+        )
         if info.returncode != 0:
             lines = (info.stderr or info.stdout).strip().splitlines()
             return f"no Docker engine answers (docker info: {lines[-1] if lines else info.returncode})"
-        version = subprocess.run(["docker", "compose", "version", "--short"], capture_output=True, text=True,
-                                 timeout=30)
+        version = subprocess.run(
+            ["docker", "compose", "version", "--short"], capture_output=True, text=True, timeout=30
+        )
     except subprocess.TimeoutExpired:
         return "the Docker engine does not answer within 30 s"
     if version.returncode != 0 or not re.match(r"v?2\.", version.stdout.strip()):
@@ -61,8 +76,20 @@ class Stack:
 
     def __init__(self, env_file: Path, log: Path):
         env_files = [ROOT / ".env"] if (ROOT / ".env").is_file() else []
-        self.base = ["docker", "compose", "-p", PROJECT, "-f", str(ROOT / "docker-compose.yml"),
-                     "--project-directory", str(ROOT), "--progress", "plain", "--profile", "cpu"]
+        self.base = [
+            "docker",
+            "compose",
+            "-p",
+            PROJECT,
+            "-f",
+            str(ROOT / "docker-compose.yml"),
+            "--project-directory",
+            str(ROOT),
+            "--progress",
+            "plain",
+            "--profile",
+            "cpu",
+        ]
         for path in (*env_files, env_file):
             self.base += ["--env-file", str(path)]
         self.env = {k: v for k, v in os.environ.items() if k not in RUN_VARS and not k.startswith("COMPOSE_")}
@@ -72,8 +99,15 @@ class Stack:
         with open(self.log, "a") as out:
             out.write(f"\n$ docker compose {' '.join(args)}\n")
             out.flush()
-            proc = subprocess.run([*self.base, *args], stdout=subprocess.PIPE, stderr=out, text=True,
-                                  timeout=timeout, env=self.env, cwd=ROOT)
+            proc = subprocess.run(
+                [*self.base, *args],
+                stdout=subprocess.PIPE,
+                stderr=out,
+                text=True,
+                timeout=timeout,
+                env=self.env,
+                cwd=ROOT,
+            )
             out.write(proc.stdout)
         if check and proc.returncode != 0:
             raise AssertionError(f"docker compose {' '.join(args)} exited {proc.returncode}\n{self.tail()}")
@@ -92,8 +126,7 @@ class Stack:
         return [c for c in self.containers() if c["Service"] == service]
 
     def inspect(self, container: str) -> dict:
-        out = subprocess.run(["docker", "inspect", container], capture_output=True, text=True, timeout=60,
-                             check=True)
+        out = subprocess.run(["docker", "inspect", container], capture_output=True, text=True, timeout=60, check=True)
         return json.loads(out.stdout)[0]
 
     def logs(self, service: str) -> str:
@@ -134,10 +167,15 @@ def one_shots_exited(stack: Stack, services: tuple[str, ...], count: dict[str, i
 
 def wait_for_the_run(stack: Stack, port: int) -> dict:
     """Until the aggregator's run is done and every client and the report exited 0 (without a restart)."""
-    status = wait_until("the run is done", lambda: (s := aggregator_status(port)) and s["state"] == "done" and s,
-                        RUN_S, stack)
-    exited = wait_until("clients and report exit", lambda: one_shots_exited(
-        stack, ("client", "report"), {"client": CLIENTS, "report": 1}), EXIT_S, stack)
+    status = wait_until(
+        "the run is done", lambda: (s := aggregator_status(port)) and s["state"] == "done" and s, RUN_S, stack
+    )
+    exited = wait_until(
+        "clients and report exit",
+        lambda: one_shots_exited(stack, ("client", "report"), {"client": CLIENTS, "report": 1}),
+        EXIT_S,
+        stack,
+    )
     for c in exited:
         assert stack.inspect(c["ID"])["RestartCount"] == 0, f"{c['Name']} failed and was restarted"
     return status
@@ -169,8 +207,9 @@ def check_run(status: dict, report: dict) -> None:
 
     assert report["run_id"] == RUN_ID and report["rounds_done"] == ROUNDS
     assert sorted(report["clients"]) == sorted(status["clients"])
-    assert [(row["round"], row["val_accuracy"], row["queries"], row["tokens"]) for row in report["rounds"]] == \
-        [(r["round"], r["val_accuracy"], r["queries"], r["tokens"]) for r in history]
+    assert [(row["round"], row["val_accuracy"], row["queries"], row["tokens"]) for row in report["rounds"]] == [
+        (r["round"], r["val_accuracy"], r["queries"], r["tokens"]) for r in history
+    ]
     assert report["totals"] == {k: sum(r[k] for r in history) for k in COSTS}
     assert report["test_examples"] == TEST_SIZE
     assert 0.0 <= report["zero_shot_test_accuracy"] <= 1.0 and 0.0 <= report["tuned_test_accuracy"] <= 1.0
@@ -179,8 +218,13 @@ def check_run(status: dict, report: dict) -> None:
 
 def volumes() -> set[str]:
     """This project's volumes."""
-    out = subprocess.run(["docker", "volume", "ls", "-q", "--filter", f"label=com.docker.compose.project={PROJECT}"],
-                         capture_output=True, text=True, timeout=60, check=True)
+    out = subprocess.run(
+        ["docker", "volume", "ls", "-q", "--filter", f"label=com.docker.compose.project={PROJECT}"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
     return set(out.stdout.split())
 
 
@@ -190,9 +234,18 @@ def stack(tmp_path):
     if problem:
         pytest.skip(f"{problem}: the container stack test needs a Docker engine with Compose v2")
     key, enroll = secrets.token_urlsafe(24), secrets.token_urlsafe(24)
-    settings = {"FEDBPT_API_KEYS": key, "FEDBPT_API_KEY": key, "FEDBPT_ENROLL_KEY": enroll, "CLIENTS": CLIENTS,
-                "ROUNDS": ROUNDS, "RUN_ID": RUN_ID, "REPORT_TEST_SIZE": TEST_SIZE, "SERVICE_PORT": free_port(),
-                "AGGREGATOR_PORT": free_port(), "IMAGE_TAG": "compose-test"}
+    settings = {
+        "FEDBPT_API_KEYS": key,
+        "FEDBPT_API_KEY": key,
+        "FEDBPT_ENROLL_KEY": enroll,
+        "CLIENTS": CLIENTS,
+        "ROUNDS": ROUNDS,
+        "RUN_ID": RUN_ID,
+        "REPORT_TEST_SIZE": TEST_SIZE,
+        "SERVICE_PORT": free_port(),
+        "AGGREGATOR_PORT": free_port(),
+        "IMAGE_TAG": "compose-test",
+    }
     env_file = tmp_path / "stack.env"
     env_file.write_text("".join(f"{k}={v}\n" for k, v in settings.items()))
     s = Stack(env_file, tmp_path / "compose.log")
@@ -221,8 +274,10 @@ def test_the_cpu_stack_builds_runs_reports_and_resumes(stack, tmp_path):
     timed("build", lambda: stack.run("build", timeout=BUILD_S))
 
     # `up -d` returns once the clients started, i.e. once assets completed and both servers are healthy.
-    timed("first up to healthy", lambda: (stack.run("up", "-d", timeout=UP_S),
-                                          wait_until("healthy", lambda: healthy(stack), UP_S, stack)))
+    timed(
+        "first up to healthy",
+        lambda: (stack.run("up", "-d", timeout=UP_S), wait_until("healthy", lambda: healthy(stack), UP_S, stack)),
+    )
     assert [c["ExitCode"] for c in stack.of("assets")] == [0]
     # the host ports from the env file, on loopback
     for port in stack.ports.values():
@@ -237,16 +292,21 @@ def test_the_cpu_stack_builds_runs_reports_and_resumes(stack, tmp_path):
     claims = dict(re.findall(r"(\S+) claimed partition (\d+)/", stack.logs("client")))
     assert set(claims) == {f"{PROJECT}-client-{n}" for n in range(1, CLIENTS + 1)}, claims
     assert sorted(claims.values()) == [str(k) for k in range(CLIENTS)], claims
-    print(f"compose-test: {report['rounds_done']} rounds, validation accuracy "
-          f"{[r['val_accuracy'] for r in report['rounds']]}, {report['totals']['queries']} queries, "
-          f"{report['totals']['tokens']} tokens; test accuracy zero-shot {report['zero_shot_test_accuracy']:.3f}, "
-          f"tuned {report['tuned_test_accuracy']:.3f}", flush=True)
+    print(
+        f"compose-test: {report['rounds_done']} rounds, validation accuracy "
+        f"{[r['val_accuracy'] for r in report['rounds']]}, {report['totals']['queries']} queries, "
+        f"{report['totals']['tokens']} tokens; test accuracy zero-shot {report['zero_shot_test_accuracy']:.3f}, "
+        f"tuned {report['tuned_test_accuracy']:.3f}",
+        flush=True,
+    )
 
     # A second `up` on new containers: the named volumes carry the assets and the finished run.
     stack.run("down", timeout=300)
     assert not stack.containers()
-    timed("second up to healthy", lambda: (stack.run("up", "-d", timeout=UP_S),
-                                           wait_until("healthy", lambda: healthy(stack), UP_S, stack)))
+    timed(
+        "second up to healthy",
+        lambda: (stack.run("up", "-d", timeout=UP_S), wait_until("healthy", lambda: healthy(stack), UP_S, stack)),
+    )
     again = timed("second run and report", lambda: wait_for_the_run(stack, stack.ports["aggregator"]))
     assets_log = stack.logs("assets")
     assert "downloading" not in assets_log and "dequantising" not in assets_log, assets_log[-3000:]
@@ -254,16 +314,20 @@ def test_the_cpu_stack_builds_runs_reports_and_resumes(stack, tmp_path):
     # Nothing lost: the same rounds, merges and costs. Only the aggregator link's bytes of the last round may
     # grow: the new replicas' claims, re-registrations and polls after the run ended are metered there.
     link = ("bytes_up", "bytes_down")
-    assert [{k: v for k, v in r.items() if k not in link} for r in again["history"]] == \
-        [{k: v for k, v in r.items() if k not in link} for r in status["history"]]
+    assert [{k: v for k, v in r.items() if k not in link} for r in again["history"]] == [
+        {k: v for k, v in r.items() if k not in link} for r in status["history"]
+    ]
     assert all(a[k] >= b[k] for a, b in zip(again["history"], status["history"]) for k in link)
     assert sorted(again["clients"]) == sorted(status["clients"])
     assert dict(re.findall(r"(\S+) claimed partition (\d+)/", stack.logs("client"))) == claims, "parts moved"
     second = read_report(stack, tmp_path / "report-2")
 
     def without_link_bytes(r: dict) -> dict:
-        return {**r, "rounds": [{k: v for k, v in x.items() if k not in link} for x in r["rounds"]],
-                "totals": {k: v for k, v in r["totals"].items() if k not in link}}
+        return {
+            **r,
+            "rounds": [{k: v for k, v in x.items() if k not in link} for x in r["rounds"]],
+            "totals": {k: v for k, v in r["totals"].items() if k not in link},
+        }
 
     assert without_link_bytes(second) == without_link_bytes(report), "the report of the resumed run differs"
     print("compose-test: " + ", ".join(f"{k} {v:.0f} s" for k, v in timings.items()), flush=True)

@@ -31,17 +31,44 @@ from .test_engine_contract import build_tiny_llama
 ROOT = Path(__file__).resolve().parents[1]
 SVC_KEY, ENROLL, OPERATOR = "svc-key", "enroll-key", "operator-key"
 WORDS = {"neg": "bad", "pos": "great", "mid": "fine"}  # each a single token of the tiny tokenizer, with its space
-TASK = {"format": "fedbpt-task/1", "name": "tiny3", "template": "Review: {text}\nVerdict:{mask}",
-        "label_words": {name: " " + word for name, word in WORDS.items()}, "label_column": "verdict",
-        "description": "three-way verdicts"}
-RUN_FLAGS = ["--rounds", "2", "--min-clients", "3", "--intrinsic-dim", "8", "--prompt-length", "2",
-             "--local-popsize", "4", "--local-iterations", "2", "--round-timeout", "300", "--run-id", "owner"]
+TASK = {
+    "format": "fedbpt-task/1",
+    "name": "tiny3",
+    "template": "Review: {text}\nVerdict:{mask}",
+    "label_words": {name: " " + word for name, word in WORDS.items()},
+    "label_column": "verdict",
+    "description": "three-way verdicts",
+}
+RUN_FLAGS = [
+    "--rounds",
+    "2",
+    "--min-clients",
+    "3",
+    "--intrinsic-dim",
+    "8",
+    "--prompt-length",
+    "2",
+    "--local-popsize",
+    "4",
+    "--local-iterations",
+    "2",
+    "--round-timeout",
+    "300",
+    "--run-id",
+    "owner",
+]
 BOUND_S = 300  # no step of a healthy run comes near it: a bound on a hang, not a timing assert
 
 
 def cli(*args: str, env: dict | None = None, timeout: float = BOUND_S, cwd: Path | None = None):
-    return subprocess.run([sys.executable, "-m", "fedbpt.cli", *args], cwd=cwd or ROOT, capture_output=True,
-                          text=True, timeout=timeout, env=child_env(env))
+    return subprocess.run(
+        [sys.executable, "-m", "fedbpt.cli", *args],
+        cwd=cwd or ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=child_env(env),
+    )
 
 
 def child_env(extra: dict | None = None) -> dict:
@@ -52,8 +79,9 @@ def start(args: list[str], log: Path, env: dict | None = None, cwd: Path | None 
     return launch.spawn(args, log, child_env(env), cwd=cwd or ROOT)
 
 
-def wait_until(check, what: str, proc: subprocess.Popen | None = None, log: Path | None = None,
-               tries: int = 1200) -> None:
+def wait_until(
+    check, what: str, proc: subprocess.Popen | None = None, log: Path | None = None, tries: int = 1200
+) -> None:
     """Polls `check` (bounded by a number of tries, not a clock); fails early when `proc` died."""
     import time
 
@@ -83,8 +111,11 @@ def tiny_llama(tmp_path_factory) -> Path:
 @contextlib.contextmanager
 def service(model: Path, log: Path):
     url = f"http://127.0.0.1:{free_port()}"
-    proc = start(["serve", "--model", str(model), "--port", url.rsplit(":", 1)[1], "--dtype", "float32",
-                  "--threads", "1"], log, env={"FEDBPT_API_KEYS": SVC_KEY})
+    proc = start(
+        ["serve", "--model", str(model), "--port", url.rsplit(":", 1)[1], "--dtype", "float32", "--threads", "1"],
+        log,
+        env={"FEDBPT_API_KEYS": SVC_KEY},
+    )
     try:
         wait_until(lambda: healthy(url), "the service", proc, log)
         yield url
@@ -111,9 +142,13 @@ def write_data(root: Path) -> dict[str, Path]:
         path.write_text("".join(json.dumps(r) + "\n" for r in part))
         return path
 
-    return {"a": write_csv(root / "a.csv", rows[:18]), "b": write_csv(root / "b.tsv", rows[18:36], "\t"),
-            "c": write_jsonl(root / "c.jsonl", rows[36:54]), "test": write_csv(root / "test.csv", rows[54:]),
-            "new": write_jsonl(root / "new.jsonl", [{"text": r["text"]} for r in rows[54:]])}
+    return {
+        "a": write_csv(root / "a.csv", rows[:18]),
+        "b": write_csv(root / "b.tsv", rows[18:36], "\t"),
+        "c": write_jsonl(root / "c.jsonl", rows[36:54]),
+        "test": write_csv(root / "test.csv", rows[54:]),
+        "new": write_jsonl(root / "new.jsonl", [{"text": r["text"]} for r in rows[54:]]),
+    }
 
 
 def test_hand_run_on_own_data(tiny_llama, tmp_path):
@@ -134,15 +169,40 @@ def test_hand_run_on_own_data(tiny_llama, tmp_path):
             wait_until(lambda: healthy(agg_url), "the aggregator", aggregator, tmp_path / "aggregator.log")
 
             def client(name: str) -> subprocess.Popen:
-                return start(["client", "--service", svc_url, "--aggregator", agg_url, "--data", str(files[name]),
-                              "--task", str(task_file), "--client-id", f"owner-{name}", "--batch-size", "8",
-                              "--state-dir", str(tmp_path / "state"), "--retry-for", str(BOUND_S),
-                              "--prompt-out", str(tmp_path / f"prompt-{name}.json")],
-                             tmp_path / f"client-{name}.log", client_env, cwd=tmp_path)
+                return start(
+                    [
+                        "client",
+                        "--service",
+                        svc_url,
+                        "--aggregator",
+                        agg_url,
+                        "--data",
+                        str(files[name]),
+                        "--task",
+                        str(task_file),
+                        "--client-id",
+                        f"owner-{name}",
+                        "--batch-size",
+                        "8",
+                        "--state-dir",
+                        str(tmp_path / "state"),
+                        "--retry-for",
+                        str(BOUND_S),
+                        "--prompt-out",
+                        str(tmp_path / f"prompt-{name}.json"),
+                    ],
+                    tmp_path / f"client-{name}.log",
+                    client_env,
+                    cwd=tmp_path,
+                )
 
             clients["a"], clients["b"] = client("a"), client("b")
-            wait_until(lambda: len(httpx.get(f"{agg_url}/v1/status", headers=operator, timeout=5).json()["clients"])
-                       == 2, "two registered clients", aggregator, tmp_path / "aggregator.log")
+            wait_until(
+                lambda: len(httpx.get(f"{agg_url}/v1/status", headers=operator, timeout=5).json()["clients"]) == 2,
+                "two registered clients",
+                aggregator,
+                tmp_path / "aggregator.log",
+            )
             # Both now wait for round 0 (it needs three clients): the aggregator goes away under them.
             kill(aggregator)
             aggregator = start(agg_args, tmp_path / "aggregator.log", agg_env)
@@ -178,8 +238,9 @@ def test_hand_run_on_own_data(tiny_llama, tmp_path):
                 assert sorted({r["client_id"] for r in per_client}) == ["owner-a", "owner-b", "owner-c"]
                 assert len(per_client) == 6 and all(int(r["service_bytes_up"]) > 0 for r in per_client)
                 assert (out / "accuracy.png").stat().st_size > 5_000
-            assert (tmp_path / "report-aggregator" / "clients.csv").read_text() == \
-                (tmp_path / "report-db" / "clients.csv").read_text()
+            assert (tmp_path / "report-aggregator" / "clients.csv").read_text() == (
+                tmp_path / "report-db" / "clients.csv"
+            ).read_text()
         finally:
             for proc in (*clients.values(), aggregator):
                 kill(proc)
@@ -188,19 +249,41 @@ def test_hand_run_on_own_data(tiny_llama, tmp_path):
         prompt_file = str(tmp_path / "prompt-a.json")
         key = {"FEDBPT_API_KEY": SVC_KEY}
         predictions = tmp_path / "predictions.csv"
-        done = cli("predict", "--prompt", prompt_file, "--service", svc_url, "--input", str(files["new"]),
-                   "--output", str(predictions), env=key)
+        done = cli(
+            "predict",
+            "--prompt",
+            prompt_file,
+            "--service",
+            svc_url,
+            "--input",
+            str(files["new"]),
+            "--output",
+            str(predictions),
+            env=key,
+        )
         assert done.returncode == 0, done.stderr
         rows = list(csv.DictReader(open(predictions)))
-        assert len(rows) == 12 and [r["text"] for r in rows] == [json.loads(x)["text"] for x in
-                                                                  files["new"].read_text().splitlines()]
+        assert len(rows) == 12 and [r["text"] for r in rows] == [
+            json.loads(x)["text"] for x in files["new"].read_text().splitlines()
+        ]
         for r in rows:
             probs = {name: float(r[f"p_{name}"]) for name in WORDS}
             assert abs(sum(probs.values()) - 1) < 1e-5 and r["prediction"] == max(probs, key=probs.get)
 
         evaluation = tmp_path / "evaluation.json"
-        done = cli("evaluate", "--prompt", prompt_file, "--service", svc_url, "--data", str(files["test"]),
-                   "--baseline", "--output", str(evaluation), env=key)
+        done = cli(
+            "evaluate",
+            "--prompt",
+            prompt_file,
+            "--service",
+            svc_url,
+            "--data",
+            str(files["test"]),
+            "--baseline",
+            "--output",
+            str(evaluation),
+            env=key,
+        )
         assert done.returncode == 0, done.stderr
         assert "tuned prompt" in done.stdout and "manual prompt (baseline)" in done.stdout
         result = json.loads(evaluation.read_text())
@@ -218,10 +301,39 @@ def test_demo_on_own_task_and_data(tiny_llama, tmp_path):
     files = write_data(tmp_path)
     task_file = tmp_path / "task.json"
     task_file.write_text(json.dumps(TASK))
-    done = cli("demo", "--task", str(task_file), "--data", str(files["c"]), "--model", str(tiny_llama),
-               "--dtype", "float32", "--clients", "2", "--rounds", "1", "--per-class", "0", "--intrinsic-dim", "4",
-               "--prompt-length", "1", "--local-popsize", "3", "--local-iterations", "1", "--batch-size", "4",
-               "--label-words", "", "--runs-dir", str(tmp_path / "runs"), "--name", "own")
+    done = cli(
+        "demo",
+        "--task",
+        str(task_file),
+        "--data",
+        str(files["c"]),
+        "--model",
+        str(tiny_llama),
+        "--dtype",
+        "float32",
+        "--clients",
+        "2",
+        "--rounds",
+        "1",
+        "--per-class",
+        "0",
+        "--intrinsic-dim",
+        "4",
+        "--prompt-length",
+        "1",
+        "--local-popsize",
+        "3",
+        "--local-iterations",
+        "1",
+        "--batch-size",
+        "4",
+        "--label-words",
+        "",
+        "--runs-dir",
+        str(tmp_path / "runs"),
+        "--name",
+        "own",
+    )
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     out = tmp_path / "runs" / "own"
     report = json.loads((out / "report.json").read_text())

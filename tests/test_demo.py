@@ -21,14 +21,29 @@ def test_parse_label_words_keeps_each_words_space():
 
 
 def test_a_tiny_demo_reports_every_baseline_and_keeps_the_prompt(tmp_path, default_model_dir):
-    cfg = DemoConfig(name="tiny", runs_dir=str(tmp_path), clients=2, rounds=1, per_class=4, intrinsic_dim=8,
-                     local_popsize=3, local_iterations=1, batch_size=4, test_size=24, dtype="float32")
+    cfg = DemoConfig(
+        name="tiny",
+        runs_dir=str(tmp_path),
+        clients=2,
+        rounds=1,
+        per_class=4,
+        intrinsic_dim=8,
+        local_popsize=3,
+        local_iterations=1,
+        batch_size=4,
+        test_size=24,
+        dtype="float32",
+    )
     report = run_demo(cfg)
     out = tmp_path / "tiny"
     saved = json.loads((out / "report.json").read_text())
     assert saved["test_examples"] == 24 and saved["calibration_examples"] == 8
-    for key in ("zero_shot_test_accuracy", "calibrated_zero_shot_test_accuracy", "tuned_test_accuracy",
-                "tuned_calibrated_test_accuracy"):
+    for key in (
+        "zero_shot_test_accuracy",
+        "calibrated_zero_shot_test_accuracy",
+        "tuned_test_accuracy",
+        "tuned_calibrated_test_accuracy",
+    ):
         assert 0.0 <= saved[key] <= 1.0 and saved[key] * 24 == round(saved[key] * 24)
     assert 0.0 < saved["tuned_vs_zero_shot_p"] <= 1.0 and 0.0 < saved["tuned_vs_calibrated_p"] <= 1.0
     assert saved["label_words"] == [" terrible", " great"]

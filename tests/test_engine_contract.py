@@ -42,16 +42,28 @@ def _torch(device):
 def _vllm(path, limits=LIMITS):
     from inference_service.vllm_engine import VllmEngine
 
-    return VllmEngine(str(path), dtype="float32", limits=limits, gpu_memory_utilization=0.3,
-                      enforce_eager=True)
+    return VllmEngine(str(path), dtype="float32", limits=limits, gpu_memory_utilization=0.3, enforce_eager=True)
 
 
 ENGINES = [
     pytest.param("torch-cpu", _torch("cpu"), id="torch-cpu"),
-    pytest.param("torch-cuda", _torch("cuda"), id="torch-cuda",
-                 marks=[pytest.mark.gpu, pytest.mark.skipif(not HAS_CUDA, reason="no CUDA device")]),
-    pytest.param("vllm", _vllm, id="vllm", marks=[pytest.mark.gpu, pytest.mark.skipif(
-        not (HAS_CUDA and HAS_VLLM), reason="vllm needs a CUDA host with vllm installed (extra 'vllm')")]),
+    pytest.param(
+        "torch-cuda",
+        _torch("cuda"),
+        id="torch-cuda",
+        marks=[pytest.mark.gpu, pytest.mark.skipif(not HAS_CUDA, reason="no CUDA device")],
+    ),
+    pytest.param(
+        "vllm",
+        _vllm,
+        id="vllm",
+        marks=[
+            pytest.mark.gpu,
+            pytest.mark.skipif(
+                not (HAS_CUDA and HAS_VLLM), reason="vllm needs a CUDA host with vllm installed (extra 'vllm')"
+            ),
+        ],
+    ),
 ]
 KINDS = ["causal", "masked"]
 TEXTS = {
@@ -95,7 +107,7 @@ def _reference(path, kind, prompts, texts, words, device):
                 pos = ids.index(tok.mask_token_id)
             else:
                 ids = tok(text.replace("{mask}", "")).input_ids
-                ids = ids[: -1] if ids[-1] == tok.eos_token_id else ids  # the causal layout drops trailing EOS
+                ids = ids[:-1] if ids[-1] == tok.eos_token_id else ids  # the causal layout drops trailing EOS
                 pos = len(ids) - 1
             ids_t = torch.tensor(ids, device=device)
             for p in range(len(prompts)):
@@ -130,8 +142,9 @@ def test_bfloat16_scores_track_float32(engines, model_dirs, kind):
     fp32 = engines("torch-cpu", _torch("cpu"), kind)
     bf16 = TorchEngine(str(model_dirs[kind]), dtype="bfloat16", device="cpu", limits=LIMITS)
     assert bf16.info.dtype == "bfloat16"
-    prompts = (np.random.default_rng(0).standard_normal((3, 4, fp32.info.hidden_size))
-               * fp32.info.embedding_std).astype(np.float32)
+    prompts = (
+        np.random.default_rng(0).standard_normal((3, 4, fp32.info.hidden_size)) * fp32.info.embedding_std
+    ).astype(np.float32)
     batch = ScoreBatch(prompts, _texts(kind), [" bad", " great"])
     exact, rounded = fp32.score(batch).logits, bf16.score(batch).logits
     assert rounded.dtype == np.float32 and np.isfinite(rounded).all()
@@ -164,8 +177,9 @@ def test_padding_and_micro_batching_do_not_change_logits(engines, model_dirs, na
     alone = np.concatenate([engine.score(ScoreBatch(prompts, [t], [" bad", " great"])).logits for t in texts], 1)
     np.testing.assert_allclose(together, alone, rtol=1e-4, atol=1e-5)
     tight = make(model_dirs[kind], Limits(**{**LIMITS.__dict__, "max_batch_tokens": 16}))
-    np.testing.assert_allclose(tight.score(ScoreBatch(prompts, texts, [" bad", " great"])).logits, together,
-                               rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(
+        tight.score(ScoreBatch(prompts, texts, [" bad", " great"])).logits, together, rtol=1e-4, atol=1e-5
+    )
 
 
 @pytest.mark.parametrize("kind", KINDS)

@@ -23,8 +23,9 @@ def test_binary_calibration_is_the_best_threshold_on_the_logit_gap():
     assert (calibrated_predictions(logits, bias) == labels).all()
     # Shifting every logit of a class by a constant does not change what the calibrated classifier does.
     shifted = logits + np.array([4.0, 0.0])
-    np.testing.assert_array_equal(calibrated_predictions(shifted, fit_calibration(shifted, labels)),
-                                  calibrated_predictions(logits, bias))
+    np.testing.assert_array_equal(
+        calibrated_predictions(shifted, fit_calibration(shifted, labels)), calibrated_predictions(logits, bias)
+    )
 
 
 def test_multiclass_calibration_removes_the_mean_log_probability():
@@ -55,7 +56,7 @@ def test_mean_std_is_over_seeds_with_the_sample_deviation():
 
 def test_local_search_reports_the_step_size_each_iteration_sampled_with():
     """As the FedBPT reference: sigma recorded before each ask (the first is the start), the final one apart."""
-    result = local_search(lambda z, it: (z ** 2).sum(1), np.ones(6), 0.7, popsize=6, iterations=4, seed=3)
+    result = local_search(lambda z, it: (z**2).sum(1), np.ones(6), 0.7, popsize=6, iterations=4, seed=3)
     assert len(result.sigmas) == 4 and result.sigmas[0] == 0.7
     assert result.final_sigma != result.sigmas[-1] and result.final_sigma > 0
     assert result.evaluations == 24

@@ -38,11 +38,36 @@ ROOT = Path(__file__).resolve().parents[1]
 SVC_KEY, ENROLL = "svc-key", "enroll"
 SEED = 3
 # Small enough for a few seconds per round on 2 cores; every client still runs real CMA-ES over the service.
-RUN = dict(rounds=3, intrinsic_dim=16, prompt_length=2, local_popsize=4, local_iterations=2, min_clients=2,
-           round_timeout_s=300, seed=SEED)
-AGG_FLAGS = ["--rounds", "3", "--intrinsic-dim", "16", "--prompt-length", "2", "--local-popsize", "4",
-             "--local-iterations", "2", "--min-clients", "2", "--round-timeout", "300", "--seed", str(SEED),
-             "--run-id", "faults"]
+RUN = dict(
+    rounds=3,
+    intrinsic_dim=16,
+    prompt_length=2,
+    local_popsize=4,
+    local_iterations=2,
+    min_clients=2,
+    round_timeout_s=300,
+    seed=SEED,
+)
+AGG_FLAGS = [
+    "--rounds",
+    "3",
+    "--intrinsic-dim",
+    "16",
+    "--prompt-length",
+    "2",
+    "--local-popsize",
+    "4",
+    "--local-iterations",
+    "2",
+    "--min-clients",
+    "2",
+    "--round-timeout",
+    "300",
+    "--seed",
+    str(SEED),
+    "--run-id",
+    "faults",
+]
 BATCH = 4
 # The tiny tokenizer spends a token on every few characters of a review; rotary positions have no end.
 LIMITS = Limits(max_text_tokens=512)
@@ -105,8 +130,16 @@ def run_threads(service_url: str, agg_url: str, shards, aggregator_client=Aggreg
         service = ServiceClient(service_url, SVC_KEY, **service_http)
         services.append(service)
         try:
-            run_client(service, aggregator_client(agg_url, **PATIENT), f"client-{k}", shards[k], TASK,
-                       enroll_key=ENROLL, batch_size=BATCH, max_idle_s=300)
+            run_client(
+                service,
+                aggregator_client(agg_url, **PATIENT),
+                f"client-{k}",
+                shards[k],
+                TASK,
+                enroll_key=ENROLL,
+                batch_size=BATCH,
+                max_idle_s=300,
+            )
         except Exception as exc:  # surfaced below
             errors.append(exc)
 
@@ -120,8 +153,19 @@ def run_threads(service_url: str, agg_url: str, shards, aggregator_client=Aggreg
     return services
 
 
-HISTORY_KEYS = ("round", "state", "reporters", "sigma_before", "sigma_merged", "sigma_after", "local_sigma",
-                "val_accuracy", "val_loss", "queries", "sequences")
+HISTORY_KEYS = (
+    "round",
+    "state",
+    "reporters",
+    "sigma_before",
+    "sigma_merged",
+    "sigma_after",
+    "local_sigma",
+    "val_accuracy",
+    "val_loss",
+    "queries",
+    "sequences",
+)
 
 
 def history(url: str) -> list[dict]:
@@ -138,6 +182,7 @@ class SecondSubmitsLast(AggregatorClient):
 
     def submit(self, update):
         if update.round >= 1 and self.http.http.headers.get("X-Who") == "client-1":
+
             def first_in():
                 with contextlib.suppress(httpx.HTTPError, IndexError):
                     return "client-0" in status(str(self.http.http.base_url))["history"][update.round]["reporters"]
@@ -173,8 +218,11 @@ def test_aggregator_sigkilled_mid_round_ends_as_an_uninterrupted_run(service_url
         assert status(url)["history"][1]["reporters"] == ["client-0"]
         stop(procs[0])
         # Restarted in the background: client-1's update meets a closed port first and lands through its retries.
-        restarts.append(threading.Thread(
-            target=lambda: procs.append(start_process([*argv, "--db", str(db)], url, tmp_path / "killed.log"))))
+        restarts.append(
+            threading.Thread(
+                target=lambda: procs.append(start_process([*argv, "--db", str(db)], url, tmp_path / "killed.log"))
+            )
+        )
         restarts[0].start()
 
     try:
@@ -204,8 +252,12 @@ class KillsTheServiceInRound1(AggregatorClient):
 
     def round(self, wait: float = 0.0):
         task = super().round(wait)
-        if task.round == 1 and task.selected and not task.submitted and \
-                self.http.http.headers.get("X-Who") == "client-0":
+        if (
+            task.round == 1
+            and task.selected
+            and not task.submitted
+            and self.http.http.headers.get("X-Who") == "client-0"
+        ):
             self.kill()
         return task
 
@@ -217,8 +269,18 @@ class KillsTheServiceInRound1(AggregatorClient):
 def test_service_killed_and_restarted_mid_run_clients_resume_through_retries(tiny_llama_dir, shards, tmp_path):
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    argv = ["fedbpt.cli", "serve", "--model", str(tiny_llama_dir), "--dtype", "float32", "--port", str(port),
-            *MAX_TEXT_TOKENS, "--metrics-public"]
+    argv = [
+        "fedbpt.cli",
+        "serve",
+        "--model",
+        str(tiny_llama_dir),
+        "--dtype",
+        "float32",
+        "--port",
+        str(port),
+        *MAX_TEXT_TOKENS,
+        "--metrics-public",
+    ]
     cfg = RunConfig(run_id="service-restart", **RUN)
     procs = [start_process(argv, url, tmp_path / "service.log")]
     restarts: list[threading.Thread] = []
@@ -229,14 +291,16 @@ def test_service_killed_and_restarted_mid_run_clients_resume_through_retries(tin
             if restarts:
                 return
             stop(procs[0])
-            restarts.append(threading.Thread(
-                target=lambda: procs.append(start_process(argv, url, tmp_path / "service.log"))))
+            restarts.append(
+                threading.Thread(target=lambda: procs.append(start_process(argv, url, tmp_path / "service.log")))
+            )
             restarts[0].start()
 
     with serve_app(create_aggregator(cfg, str(tmp_path / "agg.db"), enroll_key=ENROLL)) as agg_url:
         try:
-            services = run_threads(url, agg_url, shards, lambda u, **kw: KillsTheServiceInRound1(u, kill, **kw),
-                                   **PATIENT)
+            services = run_threads(
+                url, agg_url, shards, lambda u, **kw: KillsTheServiceInRound1(u, kill, **kw), **PATIENT
+            )
             for t in restarts:
                 t.join(timeout=300)
             final = status(agg_url)
@@ -250,8 +314,11 @@ def test_service_killed_and_restarted_mid_run_clients_resume_through_retries(tin
     assert [r["state"] for r in final["history"]] == ["merged"] * 3
     assert all(r["reporters"] == ["client-0", "client-1"] for r in final["history"])
     # The new process answered score requests: the clients carried on against it, not around it.
-    score_200 = [line for line in served_after.splitlines()
-                 if line.startswith("fedbpt_requests_total") and 'endpoint="/v1/score"' in line and 'status="200"' in line]
+    score_200 = [
+        line
+        for line in served_after.splitlines()
+        if line.startswith("fedbpt_requests_total") and 'endpoint="/v1/score"' in line and 'status="200"' in line
+    ]
     assert score_200 and float(score_200[0].split()[-1]) > 0, served_after[:2000]
     # Each client's query count is what the aggregator metered, retries included only where a body came back.
     assert sum(s.costs.queries for s in services) == sum(r["queries"] for r in final["history"])
@@ -277,13 +344,35 @@ def test_killed_client_restarts_and_rejoins(service_url, tmp_path):
     app = create_aggregator(cfg, str(tmp_path / "agg.db"), enroll_key=ENROLL)
     release = hold_updates_from_round(app, 1)
     with serve_app(app) as agg_url:
+
         def client(k: int, log: Path) -> subprocess.Popen:
-            argv = [sys.executable, "-m", "fedbpt.cli", "client", "--service", service_url, "--api-key", SVC_KEY,
-                    "--aggregator", agg_url, "--enroll-key", ENROLL, "--partition", f"{k}/2", "--alpha", "0.5",
-                    "--per-class", "6", "--batch-size", str(BATCH), *LABEL_WORDS]
+            argv = [
+                sys.executable,
+                "-m",
+                "fedbpt.cli",
+                "client",
+                "--service",
+                service_url,
+                "--api-key",
+                SVC_KEY,
+                "--aggregator",
+                agg_url,
+                "--enroll-key",
+                ENROLL,
+                "--partition",
+                f"{k}/2",
+                "--alpha",
+                "0.5",
+                "--per-class",
+                "6",
+                "--batch-size",
+                str(BATCH),
+                *LABEL_WORDS,
+            ]
             with open(log, "ab") as out:
-                return subprocess.Popen(argv, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
-                                        env={**os.environ, "PYTHONPATH": str(ROOT)})
+                return subprocess.Popen(
+                    argv, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONPATH": str(ROOT)}
+                )
 
         logs = [tmp_path / "client-0.log", tmp_path / "client-1.log"]
         procs = [client(0, logs[0]), client(1, logs[1])]
@@ -294,8 +383,9 @@ def test_killed_client_restarts_and_rejoins(service_url, tmp_path):
             procs.append(rejoined)
             release.set()
             for p in (procs[0], rejoined):
-                assert p.wait(600) == 0, f"client exited with {p.returncode}: {logs[0].read_text()[-1500:]}" \
-                                         f"{logs[1].read_text()[-1500:]}"
+                assert p.wait(600) == 0, (
+                    f"client exited with {p.returncode}: {logs[0].read_text()[-1500:]}{logs[1].read_text()[-1500:]}"
+                )
             final = status(agg_url)
         finally:
             release.set()
@@ -313,22 +403,37 @@ def test_thirty_percent_silent_clients_every_round_closes_at_its_deadline(tmp_pa
     """10 clients sampled each round, 3 never report: each round stays open with the 7 updates in, and closes
     with them when the (logical) clock reaches its deadline."""
     timeout, clock = 1.5, Clock()
-    cfg = RunConfig(run_id="silent", intrinsic_dim=8, rounds=3, seed=1, min_clients=10, min_updates=5,
-                    participation=1.0, round_timeout_s=timeout)
+    cfg = RunConfig(
+        run_id="silent",
+        intrinsic_dim=8,
+        rounds=3,
+        seed=1,
+        min_clients=10,
+        min_updates=5,
+        participation=1.0,
+        round_timeout_s=timeout,
+    )
     ids = [f"c{i}" for i in range(10)]
     silent = set(ids[7:])
-    with serve_app(create_aggregator(cfg, str(tmp_path / "agg.db"), clock=clock)) as url, \
-            httpx.Client(base_url=url, timeout=60) as http:
+    with (
+        serve_app(create_aggregator(cfg, str(tmp_path / "agg.db"), clock=clock)) as url,
+        httpx.Client(base_url=url, timeout=60) as http,
+    ):
         heads = {cid: register(http, cid) for cid in ids}
         for rnd in range(cfg.rounds):
-            task = wait_for(lambda rnd=rnd: (t := http.get("/v1/round", headers=heads["c0"]).json())["round"] == rnd and t,
-                            what=f"round {rnd} to open")
+            task = wait_for(
+                lambda rnd=rnd: (t := http.get("/v1/round", headers=heads["c0"]).json())["round"] == rnd and t,
+                what=f"round {rnd} to open",
+            )
             assert task["selected"]
             mean = np.zeros(8)
             for k, cid in enumerate(ids):
                 if cid not in silent:
-                    r = http.post("/v1/round/update", headers=heads[cid],
-                                  json=body(rnd, mean + 0.01 * (k + 1), fitness=0.5 - 0.01 * k))
+                    r = http.post(
+                        "/v1/round/update",
+                        headers=heads[cid],
+                        json=body(rnd, mean + 0.01 * (k + 1), fitness=0.5 - 0.01 * k),
+                    )
                     assert r.status_code == 200, r.text
             assert http.get("/v1/status").json()["history"][rnd]["state"] == "open"
             clock.now += timeout

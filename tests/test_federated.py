@@ -69,8 +69,16 @@ def run_federation(service_url, config, shards, task, tmp_path):
         service = ServiceClient(service_url, "svc-key")
         services.append(service)
         try:
-            run_client(service, Recording(agg_url, sent), f"client-{k}", shards[k], task, enroll_key="enroll",
-                       batch_size=BATCH, max_idle_s=120)
+            run_client(
+                service,
+                Recording(agg_url, sent),
+                f"client-{k}",
+                shards[k],
+                task,
+                enroll_key="enroll",
+                batch_size=BATCH,
+                max_idle_s=120,
+            )
         except Exception as exc:  # surfaced to the test below
             errors.append(exc)
 
@@ -116,14 +124,19 @@ def check_the_merges(config, status, final, sent: dict) -> None:
         last = sent[config.rounds - 1]
         n = {cid: u.num_samples for cid, u in last.items()}
         expected = sum(n[c] * decode_tensor(u.mean).astype(np.float64) for c, u in last.items()) / sum(n.values())
-        assert final.sigma == pytest.approx(sum(n[c] * u.final_sigma for c, u in last.items()) / sum(n.values()),
-                                            rel=1e-12)
+        assert final.sigma == pytest.approx(
+            sum(n[c] * u.final_sigma for c, u in last.items()) / sum(n.values()), rel=1e-12
+        )
         np.testing.assert_allclose(got, expected.astype(np.float32), rtol=1e-6, atol=1e-7)
         return
     replay = make_strategy(config, popsize=len(sent[0]))
     for rec in status["history"]:
-        result = replay.merge([ClientUpdate(cid, decode_tensor(u.mean), u.fitness, u.sigmas, u.num_samples,
-                                            u.final_sigma) for cid, u in sent[rec["round"]].items()])
+        result = replay.merge(
+            [
+                ClientUpdate(cid, decode_tensor(u.mean), u.fitness, u.sigmas, u.num_samples, u.final_sigma)
+                for cid, u in sent[rec["round"]].items()
+            ]
+        )
         assert (rec["sigma_merged"], rec["sigma_after"]) == (result.sigma_merged, result.sigma_after)
     assert got.tobytes() == replay.mean.astype(np.float32).tobytes() and final.sigma == replay.sigma
 
@@ -147,7 +160,8 @@ def check_the_rounds(status, config, shards, services, sent, perturb: bool) -> N
         assert abs(rec["val_accuracy"] * n_val - round(rec["val_accuracy"] * n_val)) < 1e-9
         reported = [u.metrics for u in sent[rec["round"]].values()]
         assert rec["val_accuracy"] == pytest.approx(
-            sum(m.val_samples * m.global_val_accuracy for m in reported) / n_val, rel=1e-12)
+            sum(m.val_samples * m.global_val_accuracy for m in reported) / n_val, rel=1e-12
+        )
     # A round's upload is kilobytes: the mean (d floats) and a few sigmas, never a prompt or a model.
     assert all(0 < rec["bytes_up"] < 2 * 8 * 1024 and rec["bytes_down"] > 0 for rec in history)
     assert sum(s.costs.queries for s in services) == sum(r["queries"] for r in history)
@@ -159,12 +173,22 @@ def test_two_rounds_two_clients_on_a_causal_lm(smol, default_data_dir, tmp_path,
     task = get_task("rotten_tomatoes")
     train = load_splits("default", task)["train"]
     shards = [client_shard(train, k, 2, alpha=0.5, seed=0, per_class=6) for k in range(2)]
-    config = RunConfig(run_id="e2e", strategy=strategy, rounds=2, intrinsic_dim=16, prompt_length=2,
-                       local_popsize=4, local_iterations=2, min_clients=2, round_timeout_s=300)
+    config = RunConfig(
+        run_id="e2e",
+        strategy=strategy,
+        rounds=2,
+        intrinsic_dim=16,
+        prompt_length=2,
+        local_popsize=4,
+        local_iterations=2,
+        min_clients=2,
+        round_timeout_s=300,
+    )
     status, final, services, sent = run_federation(url, config, shards, task, tmp_path)
     check_the_rounds(status, config, shards, services, sent, perturb=strategy == "fedbpt")
     assert status["history"][0]["val_accuracy"] == pytest.approx(
-        zero_shot_val_accuracy(engine, config, shards, task), rel=1e-12)
+        zero_shot_val_accuracy(engine, config, shards, task), rel=1e-12
+    )
     check_the_merges(config, status, final, sent)
 
 
@@ -174,11 +198,21 @@ def test_two_rounds_two_clients_on_a_masked_lm(roberta, tmp_path):
     task = get_task("sst2")  # " bad" / " great": single tokens of the tiny vocabulary
     examples = [Example({"text": t}, int("great" in t)) for t in TINY_CORPUS] * 2
     shards = [ClientData(examples[k::2][:5], examples[k::2][5:]) for k in range(2)]
-    config = RunConfig(run_id="masked", strategy="fedbpt", rounds=2, intrinsic_dim=8, prompt_length=3,
-                       local_popsize=4, local_iterations=2, min_clients=2, round_timeout_s=300)
+    config = RunConfig(
+        run_id="masked",
+        strategy="fedbpt",
+        rounds=2,
+        intrinsic_dim=8,
+        prompt_length=3,
+        local_popsize=4,
+        local_iterations=2,
+        min_clients=2,
+        round_timeout_s=300,
+    )
     status, final, services, sent = run_federation(url, config, shards, task, tmp_path)
     assert engine.info.kind == "masked"
     check_the_rounds(status, config, shards, services, sent, perturb=True)
     assert status["history"][0]["val_accuracy"] == pytest.approx(
-        zero_shot_val_accuracy(engine, config, shards, task), rel=1e-12)
+        zero_shot_val_accuracy(engine, config, shards, task), rel=1e-12
+    )
     check_the_merges(config, status, final, sent)

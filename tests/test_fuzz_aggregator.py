@@ -1,4 +1,5 @@
-"""The aggregator fuzzed over loopback HTTP: from its own OpenAPI schema, and with well-formed updates of extreme values.
+"""The aggregator fuzzed over loopback HTTP: from its own OpenAPI schema, and with well-formed updates of extreme
+values.
 
 Whatever arrives, with or without a valid token, the answer is never a 5xx, and every rejection is a 4xx
 whose JSON body carries a readable `detail`.
@@ -47,8 +48,9 @@ FUZZ = settings(deadline=None, print_blob=True, suppress_health_check=[HealthChe
 
 
 def register(http: httpx.Client, client_id: str) -> str:
-    r = http.post("/v1/clients", json={"client_id": client_id, "num_samples": 10},
-                  headers={"Authorization": f"Bearer {ENROLL}"})
+    r = http.post(
+        "/v1/clients", json={"client_id": client_id, "num_samples": 10}, headers={"Authorization": f"Bearer {ENROLL}"}
+    )
     assert r.status_code == 200, r.text
     return r.json()["token"]
 
@@ -77,8 +79,9 @@ def test_every_operation_is_fuzzed(aggregator):
 
 # Negative data only where there is a body to break: a GET's one parameter, an optional header of any
 # string, has no schema-invalid value to generate.
-CASES = [(m, p, GenerationMode.POSITIVE) for m, p in OPERATIONS] + \
-        [(m, p, GenerationMode.NEGATIVE) for m, p in OPERATIONS if m == "POST"]
+CASES = [(m, p, GenerationMode.POSITIVE) for m, p in OPERATIONS] + [
+    (m, p, GenerationMode.NEGATIVE) for m, p in OPERATIONS if m == "POST"
+]
 
 
 @pytest.mark.fuzz
@@ -103,10 +106,11 @@ def test_schema_fuzz_never_5xx(aggregator, method, path, mode):
 finite = st.floats(allow_nan=False, allow_infinity=False)
 # Half the bodies hold values the aggregator should take, at their extremes; the other half may go past every
 # bound that matters: its own sanity limits, SQLite's int64, float64's range (an int over ~1.8e308 is no float).
-in_bounds = {"metric": st.floats(min_value=-MAX_METRIC, max_value=MAX_METRIC),
-             "count": st.integers(min_value=0, max_value=MAX_SAMPLES)}
-anything = {"metric": finite,
-            "count": in_bounds["count"] | st.sampled_from([MAX_SAMPLES + 1, 2**63, 2**64, 10**309])}
+in_bounds = {
+    "metric": st.floats(min_value=-MAX_METRIC, max_value=MAX_METRIC),
+    "count": st.integers(min_value=0, max_value=MAX_SAMPLES),
+}
+anything = {"metric": finite, "count": in_bounds["count"] | st.sampled_from([MAX_SAMPLES + 1, 2**63, 2**64, 10**309])}
 
 
 @st.composite
@@ -121,20 +125,34 @@ def updates(draw, round_: int) -> dict:
         "fitness": draw(finite),
         "sigmas": draw(st.lists(st.floats(min_value=1e-300, max_value=1e6), min_size=1, max_size=5)),
         "num_samples": draw(count),
-        "metrics": {"local_loss": draw(metric), "local_accuracy": draw(metric),
-                    "global_val_loss": draw(st.none() | metric), "global_val_accuracy": draw(st.none() | metric),
-                    "val_samples": draw(count)},
-        "costs": {k: draw(count) for k in ("queries", "sequences", "tokens", "service_bytes_up",
-                                           "service_bytes_down")},
+        "metrics": {
+            "local_loss": draw(metric),
+            "local_accuracy": draw(metric),
+            "global_val_loss": draw(st.none() | metric),
+            "global_val_accuracy": draw(st.none() | metric),
+            "val_samples": draw(count),
+        },
+        "costs": {k: draw(count) for k in ("queries", "sequences", "tokens", "service_bytes_up", "service_bytes_down")},
     }
 
 
 def plain(round_: int, **metrics) -> dict:
-    return {"round": round_, "mean": encode_tensor(np.zeros(D, np.float32)).model_dump(), "fitness": 1.0,
-            "sigmas": [1.0], "num_samples": 10,
-            "metrics": {"local_loss": 0.5, "local_accuracy": 0.5, "global_val_loss": 0.5, "global_val_accuracy": 0.5,
-                        "val_samples": 10, **metrics},
-            "costs": dict.fromkeys(("queries", "sequences", "tokens", "service_bytes_up", "service_bytes_down"), 1)}
+    return {
+        "round": round_,
+        "mean": encode_tensor(np.zeros(D, np.float32)).model_dump(),
+        "fitness": 1.0,
+        "sigmas": [1.0],
+        "num_samples": 10,
+        "metrics": {
+            "local_loss": 0.5,
+            "local_accuracy": 0.5,
+            "global_val_loss": 0.5,
+            "global_val_accuracy": 0.5,
+            "val_samples": 10,
+            **metrics,
+        },
+        "costs": dict.fromkeys(("queries", "sequences", "tokens", "service_bytes_up", "service_bytes_down"), 1),
+    }
 
 
 def one_odd_update(**metrics):
@@ -143,17 +161,30 @@ def one_odd_update(**metrics):
 
 @pytest.mark.fuzz
 @FUZZ
-@given(strategy=st.sampled_from(["fedbpt", "fedavg-z", "local-only"]), sigma_rule=st.sampled_from(["pooled", "paper-eq6"]),
-       bodies=st.tuples(*(st.tuples(updates(r), updates(r)) for r in range(2))))
+@given(
+    strategy=st.sampled_from(["fedbpt", "fedavg-z", "local-only"]),
+    sigma_rule=st.sampled_from(["pooled", "paper-eq6"]),
+    bodies=st.tuples(*(st.tuples(updates(r), updates(r)) for r in range(2))),
+)
 # The folds of a round's metrics at float64's edge: a count no float can hold, a product past the largest float.
 @example(strategy="fedbpt", sigma_rule="pooled", bodies=one_odd_update(val_samples=10**309))
-@example(strategy="fedbpt", sigma_rule="pooled",
-         bodies=one_odd_update(global_val_accuracy=1.7976931348623157e308, val_samples=MAX_SAMPLES))
+@example(
+    strategy="fedbpt",
+    sigma_rule="pooled",
+    bodies=one_odd_update(global_val_accuracy=1.7976931348623157e308, val_samples=MAX_SAMPLES),
+)
 def test_extreme_updates_never_5xx(tmp_path_factory, strategy, sigma_rule, bodies):
     """Two clients play a whole run with whatever finite numbers they like: merges, status and global never 5xx,
     and a round's validation metrics are finite wherever an accepted update carried them."""
-    cfg = RunConfig(run_id="extreme", intrinsic_dim=D, rounds=len(bodies), min_clients=2, round_timeout_s=600,
-                    strategy=strategy, sigma_rule=sigma_rule)
+    cfg = RunConfig(
+        run_id="extreme",
+        intrinsic_dim=D,
+        rounds=len(bodies),
+        min_clients=2,
+        round_timeout_s=600,
+        strategy=strategy,
+        sigma_rule=sigma_rule,
+    )
     db = tmp_path_factory.mktemp("extreme") / "run.db"
     accepted: dict[int, list[dict]] = {}
     with serve_app(create_app(cfg, str(db), enroll_key=ENROLL)) as url, httpx.Client(base_url=url, timeout=60) as http:
@@ -192,8 +223,10 @@ def test_a_token_acts_only_as_its_own_client(tmp_path):
     cfg = RunConfig(run_id="auth", intrinsic_dim=D, rounds=3, min_clients=2, strategy="local-only", seed=2)
     enroll = {"Authorization": f"Bearer {ENROLL}"}
     operator = {"Authorization": "Bearer operator-only"}
-    with serve_app(create_app(cfg, str(tmp_path / "run.db"), enroll_key=ENROLL, operator_key="operator-only")) as url, \
-            httpx.Client(base_url=url, timeout=60) as http:
+    with (
+        serve_app(create_app(cfg, str(tmp_path / "run.db"), enroll_key=ENROLL, operator_key="operator-only")) as url,
+        httpx.Client(base_url=url, timeout=60) as http,
+    ):
         tok = {cid: register(http, cid) for cid in ("a", "b")}
         head = {cid: {"Authorization": f"Bearer {t}"} for cid, t in tok.items()}
         # A client token cannot take over another id by re-registering it, nor create ids, nor claim parts.
@@ -201,7 +234,9 @@ def test_a_token_acts_only_as_its_own_client(tmp_path):
         assert r.status_code == 409 and "already registered" in r.json()["detail"]
         r = http.post("/v1/clients", json={"client_id": "c", "num_samples": 1}, headers=head["a"])
         assert r.status_code == 401 and "enroll key" in r.json()["detail"]
-        assert http.post("/v1/partitions/claim", json={"instance": "x", "parts": 2}, headers=head["a"]).status_code == 401
+        assert (
+            http.post("/v1/partitions/claim", json={"instance": "x", "parts": 2}, headers=head["a"]).status_code == 401
+        )
         # Neither the enroll key nor the operator key is a client: no round, no updates.
         for key in (enroll, operator):
             assert http.post("/v1/round/update", json=plain(0), headers=key).status_code == 401
@@ -231,20 +266,28 @@ def test_a_token_acts_only_as_its_own_client(tmp_path):
         # Re-registering retires the old token on every endpoint; the new one carries on in the open round.
         again = http.post("/v1/clients", json={"client_id": "a", "num_samples": 10}, headers=head["a"])
         fresh = {"Authorization": f"Bearer {again.json()['token']}"}
-        for method, path, payload in (("GET", "/v1/round", None), ("GET", "/v1/global", None),
-                                      ("POST", "/v1/round/update", plain(1))):
+        for method, path, payload in (
+            ("GET", "/v1/round", None),
+            ("GET", "/v1/global", None),
+            ("POST", "/v1/round/update", plain(1)),
+        ):
             r = http.request(method, path, json=payload, headers=head["a"])
             assert r.status_code == 401 and r.json()["detail"].startswith("Authorization"), (path, r.text)
         assert http.get("/v1/status", headers=operator).json()["history"][1]["reporters"] == []
-        assert http.post("/v1/round/update", json=plain(1), headers=fresh).json() == \
-            {"accepted": True, "duplicate": False, "round": 1}
+        assert http.post("/v1/round/update", json=plain(1), headers=fresh).json() == {
+            "accepted": True,
+            "duplicate": False,
+            "round": 1,
+        }
 
 
 def test_a_round_closed_at_its_deadline_refuses_the_late_client(tmp_path):
     clock = Clock()
     cfg = RunConfig(run_id="late", intrinsic_dim=D, rounds=2, min_clients=2, round_timeout_s=10, seed=2)
-    with serve_app(create_app(cfg, str(tmp_path / "run.db"), clock=clock)) as url, \
-            httpx.Client(base_url=url, timeout=60) as http:
+    with (
+        serve_app(create_app(cfg, str(tmp_path / "run.db"), clock=clock)) as url,
+        httpx.Client(base_url=url, timeout=60) as http,
+    ):
         head = {cid: {"Authorization": f"Bearer {register(http, cid)}"} for cid in ("a", "b")}
         assert http.post("/v1/round/update", json=plain(0), headers=head["a"]).status_code == 200
         clock.now += 11

@@ -104,8 +104,9 @@ def test_schema_fuzz_never_5xx(service, method, path, mode):
 # at most 2 x 15 x 4 UTF-8 bytes, hence byte-level BPE tokens, which always fit the model with any prompt.
 any_text = st.text(st.characters(codec="utf-8", exclude_characters="{}"), max_size=15)
 # Lone surrogates survive JSON as "\udXXX" escapes and reach the service as str.
-surrogate_text = st.text(st.characters(codec="utf-8") | st.characters(categories=["Cs"]), min_size=1, max_size=10).filter(
-    lambda t: any(0xD800 <= ord(c) <= 0xDFFF for c in t))
+surrogate_text = st.text(
+    st.characters(codec="utf-8") | st.characters(categories=["Cs"]), min_size=1, max_size=10
+).filter(lambda t: any(0xD800 <= ord(c) <= 0xDFFF for c in t))
 SINGLE_TOKENS = [" bad", " great", " film", " movie", " story", " day"]
 FAULTS = ["none", "none", "none", "shape", "values", "texts", "long", "label_words", "labels"]
 # Prompt values within this bound (the tiny model's word embeddings are ~N(0, 0.02), and its LayerNorms keep a
@@ -144,9 +145,18 @@ def score_requests(draw) -> Request:
     texts = [draw(any_text) + SLOT + draw(any_text) for _ in range(n)]
     if fault == "texts":
         i = draw(st.integers(0, n - 1))
-        texts[i] = draw(st.sampled_from([texts[i].replace(SLOT, ""), texts[i] + SLOT, "x" * 10_000 + SLOT,
-                                          "{prompt}" + texts[i] + "{prompt}", texts[i] + "{prompt}",
-                                          draw(surrogate_text) + SLOT]))
+        texts[i] = draw(
+            st.sampled_from(
+                [
+                    texts[i].replace(SLOT, ""),
+                    texts[i] + SLOT,
+                    "x" * 10_000 + SLOT,
+                    "{prompt}" + texts[i] + "{prompt}",
+                    texts[i] + "{prompt}",
+                    draw(surrogate_text) + SLOT,
+                ]
+            )
+        )
     long_fits = True
     if fault == "long":
         # k one-token words and the mask: <s> + L + k + 1 + </s> positions, around the model's limit.
@@ -182,8 +192,12 @@ def score_requests(draw) -> Request:
 def _example(words: int, prompt_length: int, valid: bool) -> Request:
     """Two texts, one of them `words` one-token words long, with labels."""
     prompts = np.full((2, prompt_length, D), 0.02, np.float32)
-    body = {"prompts": encode_tensor(prompts).model_dump(), "texts": ["é ☃ 𝄞 {mask} .", " bad" * words + SLOT],
-            "label_words": [" bad", " great"], "labels": [1, 0]}
+    body = {
+        "prompts": encode_tensor(prompts).model_dump(),
+        "texts": ["é ☃ 𝄞 {mask} .", " bad" * words + SLOT],
+        "label_words": [" bad", " great"],
+        "labels": [1, 0],
+    }
     return Request(body, (2, prompt_length, D), 2, 2, valid, True)
 
 

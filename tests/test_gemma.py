@@ -27,8 +27,11 @@ HIDDEN = 48  # embed_scale sqrt(48) = 6.93: not a power of two, so a lost or dou
 PAD, EOS, BOS, UNK = 0, 1, 2, 3  # Gemma's own special-token ids
 HAS_CUDA = torch.cuda.is_available()
 HAS_VLLM = importlib.util.find_spec("vllm") is not None
-TEXTS = ["the movie was great and the story was{mask}", "a bad film with a bad ending , it was{mask}",
-         "hello world{mask}"]
+TEXTS = [
+    "the movie was great and the story was{mask}",
+    "a bad film with a bad ending , it was{mask}",
+    "hello world{mask}",
+]
 WORDS = [" bad", " great"]
 
 
@@ -46,22 +49,38 @@ def build_tiny_gemma3(out: Path) -> Path:
     bpe = Tokenizer(models.BPE(unk_token="<unk>"))
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
-    bpe.train_from_iterator(TINY_CORPUS * 20, trainers.BpeTrainer(vocab_size=300, min_frequency=2,
-                                                                   special_tokens=specials))
+    bpe.train_from_iterator(
+        TINY_CORPUS * 20, trainers.BpeTrainer(vocab_size=300, min_frequency=2, special_tokens=specials)
+    )
     assert [bpe.token_to_id(t) for t in specials] == [PAD, EOS, BOS, UNK]
-    bpe.post_processor = processors.TemplateProcessing(single="<bos> $A", pair="<bos> $A $B",
-                                                       special_tokens=[("<bos>", BOS)])
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<bos>", eos_token="<eos>",
-                                        pad_token="<pad>", unk_token="<unk>")
+    bpe.post_processor = processors.TemplateProcessing(
+        single="<bos> $A", pair="<bos> $A $B", special_tokens=[("<bos>", BOS)]
+    )
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=bpe, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>", unk_token="<unk>"
+    )
     tokenizer.save_pretrained(out)
     torch.manual_seed(3)
     config = Gemma3TextConfig(
-        vocab_size=len(tokenizer), hidden_size=HIDDEN, intermediate_size=96, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=1, head_dim=16, query_pre_attn_scalar=16,
-        max_position_embeddings=256, sliding_window=6, layer_types=["sliding_attention", "full_attention"],
-        rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0},
-                         "full_attention": {"rope_type": "default", "rope_theta": 1_000_000.0}},
-        pad_token_id=PAD, eos_token_id=EOS, bos_token_id=BOS, tie_word_embeddings=True,
+        vocab_size=len(tokenizer),
+        hidden_size=HIDDEN,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=1,
+        head_dim=16,
+        query_pre_attn_scalar=16,
+        max_position_embeddings=256,
+        sliding_window=6,
+        layer_types=["sliding_attention", "full_attention"],
+        rope_parameters={
+            "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0},
+            "full_attention": {"rope_type": "default", "rope_theta": 1_000_000.0},
+        },
+        pad_token_id=PAD,
+        eos_token_id=EOS,
+        bos_token_id=BOS,
+        tie_word_embeddings=True,
         initializer_range=0.1,
     )
     Gemma3ForCausalLM(config).save_pretrained(out)
@@ -85,16 +104,28 @@ def _torch(device):
 def _vllm(path):
     from inference_service.vllm_engine import VllmEngine
 
-    return VllmEngine(str(path), dtype="float32", limits=LIMITS, gpu_memory_utilization=0.3,
-                      enforce_eager=True)
+    return VllmEngine(str(path), dtype="float32", limits=LIMITS, gpu_memory_utilization=0.3, enforce_eager=True)
 
 
 ENGINES = [
     pytest.param(_torch("cpu"), "cpu", id="torch-cpu"),
-    pytest.param(_torch("cuda"), "cuda", id="torch-cuda",
-                 marks=[pytest.mark.gpu, pytest.mark.skipif(not HAS_CUDA, reason="no CUDA device")]),
-    pytest.param(_vllm, "cuda", id="vllm", marks=[pytest.mark.gpu, pytest.mark.skipif(
-        not (HAS_CUDA and HAS_VLLM), reason="vllm needs a CUDA host with vllm installed (extra 'vllm')")]),
+    pytest.param(
+        _torch("cuda"),
+        "cuda",
+        id="torch-cuda",
+        marks=[pytest.mark.gpu, pytest.mark.skipif(not HAS_CUDA, reason="no CUDA device")],
+    ),
+    pytest.param(
+        _vllm,
+        "cuda",
+        id="vllm",
+        marks=[
+            pytest.mark.gpu,
+            pytest.mark.skipif(
+                not (HAS_CUDA and HAS_VLLM), reason="vllm needs a CUDA host with vllm installed (extra 'vllm')"
+            ),
+        ],
+    ),
 ]
 
 
@@ -199,15 +230,28 @@ def test_embedding_std_of_plain_scaled_and_other_embeddings():
 
 
 def test_rope_fields_for_transformers_4():
-    nested = {"rope_parameters": {"full_attention": {"rope_type": "default", "rope_theta": 1_000_000.0},
-                                  "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0}}}
-    assert assets.rope_fields_for_transformers_4(nested) == {"rope_theta": 1_000_000.0,
-                                                             "rope_local_base_freq": 10_000.0}
+    nested = {
+        "rope_parameters": {
+            "full_attention": {"rope_type": "default", "rope_theta": 1_000_000.0},
+            "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0},
+        }
+    }
+    assert assets.rope_fields_for_transformers_4(nested) == {
+        "rope_theta": 1_000_000.0,
+        "rope_local_base_freq": 10_000.0,
+    }
     # Gemma 3 4B's form: linear scaling on the global layers, which 4.x reads as rope_scaling.
-    scaled = {"rope_parameters": {"full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6},
-                                  "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}}}
+    scaled = {
+        "rope_parameters": {
+            "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6},
+            "sliding_attention": {"rope_type": "default", "rope_theta": 1e4},
+        }
+    }
     assert assets.rope_fields_for_transformers_4(scaled) == {
-        "rope_theta": 1e6, "rope_scaling": {"rope_type": "linear", "factor": 8.0}, "rope_local_base_freq": 1e4}
+        "rope_theta": 1e6,
+        "rope_scaling": {"rope_type": "linear", "factor": 8.0},
+        "rope_local_base_freq": 1e4,
+    }
     flat = {"rope_parameters": {"rope_type": "default", "rope_theta": 100_000.0}}
     assert assets.rope_fields_for_transformers_4(flat) == {"rope_theta": 100_000.0}
     assert assets.rope_fields_for_transformers_4({**flat, "rope_theta": 5.0}) == {}  # never overrides
@@ -215,8 +259,14 @@ def test_rope_fields_for_transformers_4():
     with pytest.raises(ValueError, match="no transformers 4.x equivalent"):
         assets.rope_fields_for_transformers_4({"rope_parameters": {"chunked_attention": {"rope_theta": 1.0}}})
     with pytest.raises(ValueError, match="sliding-window rope"):
-        assets.rope_fields_for_transformers_4({"rope_parameters": {
-            "full_attention": {"rope_theta": 1e6}, "sliding_attention": {"rope_type": "linear", "factor": 2.0}}})
+        assets.rope_fields_for_transformers_4(
+            {
+                "rope_parameters": {
+                    "full_attention": {"rope_theta": 1e6},
+                    "sliding_attention": {"rope_type": "linear", "factor": 2.0},
+                }
+            }
+        )
 
 
 def test_readable_by_transformers_4_writes_the_nested_rope_fields(gemma_dir, tmp_path):
@@ -267,8 +317,10 @@ def test_cli_fetches_a_named_model(monkeypatch, capsys):
 REAL = assets.model_dir(name="gemma3-270m")
 
 
-@pytest.mark.skipif(not (REAL / "model.safetensors").exists(),
-                    reason="Gemma 3 270M not in the cache (fedbpt assets fetch --model gemma3-270m)")
+@pytest.mark.skipif(
+    not (REAL / "model.safetensors").exists(),
+    reason="Gemma 3 270M not in the cache (fedbpt assets fetch --model gemma3-270m)",
+)
 def test_the_converted_gemma3_270m():
     from transformers import AutoTokenizer
 

@@ -91,6 +91,7 @@ def test_a_connection_refused_is_retried_until_the_server_is_up(sleeps, monkeypa
     app, calls = flaky_app(0, 200)
     port = free_port()
     with contextlib.ExitStack() as stack:
+
         def sleep(seconds: float) -> None:
             sleeps.append(seconds)
             if len(sleeps) == 2:

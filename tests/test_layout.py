@@ -13,8 +13,16 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-OURS = {"fedbpt_wire", "fedbpt_assets", "inference_service", "fed_clients", "aggregator", "fedbpt", "fedbpt_flower",
-        "bench"}
+OURS = {
+    "fedbpt_wire",
+    "fedbpt_assets",
+    "inference_service",
+    "fed_clients",
+    "aggregator",
+    "fedbpt",
+    "fedbpt_flower",
+    "bench",
+}
 LEAVES = {"fedbpt_wire", "fedbpt_assets"}
 ALLOWED = {
     "fedbpt_wire": set(),
@@ -60,8 +68,10 @@ def test_no_import_runs_upward(package):
 @pytest.mark.parametrize("package", ["fed_clients", "fedbpt_wire", "aggregator"])
 def test_roles_without_a_model_load_no_torch(package):
     heavy = {"torch", "transformers", "vllm"}
-    loaded = {str(p.relative_to(ROOT)): sorted(m for m in imports(p, top_level_only=True) if m.split(".")[0] in heavy)
-              for p in modules(package)}
+    loaded = {
+        str(p.relative_to(ROOT)): sorted(m for m in imports(p, top_level_only=True) if m.split(".")[0] in heavy)
+        for p in modules(package)
+    }
     assert not {k: v for k, v in loaded.items() if v}, "a client or aggregator install has no torch"
 
 

@@ -40,8 +40,12 @@ def rss_mb() -> float:
 def test_fifty_clients_for_thirty_seconds(tiny_roberta_dir):
     limits = Limits(max_prompt_length=16, max_population=8, max_texts=16, max_text_tokens=64)
     engine = TorchEngine(str(tiny_roberta_dir), dtype="float32", limits=limits)
-    payload = body(np.random.default_rng(0).standard_normal((2, 4, 48)).astype(np.float32) * 0.02,
-                   ["it was {mask} .", "a great film . {mask}"], [" bad", " great"], [0, 1])
+    payload = body(
+        np.random.default_rng(0).standard_normal((2, 4, 48)).astype(np.float32) * 0.02,
+        ["it was {mask} .", "a great film . {mask}"],
+        [" bad", " great"],
+        [0, 1],
+    )
     phase = {"measuring": False, "stop": False}
     lock = threading.Lock()
     latencies: list[float] = []
@@ -87,11 +91,13 @@ def test_fifty_clients_for_thirty_seconds(tiny_roberta_dir):
         metrics = httpx.get(f"{url}/metrics").text
 
     lat = np.sort(np.asarray(latencies)) * 1e3
-    print(f"\n{CLIENTS} clients, {len(KEYS)} keys, {duration:.1f}s measured: {len(lat)} requests, "
-          f"{sequences[0] / duration:.1f} sequences/s, {len(lat) / duration:.1f} requests/s, "
-          f"latency p50 {np.percentile(lat, 50):.0f} ms, p99 {np.percentile(lat, 99):.0f} ms, max {lat[-1]:.0f} ms; "
-          f"requests per key {min(per_key.values())}..{max(per_key.values())}; "
-          f"RSS {rss_start:.0f} -> {rss_end:.0f} MB")
+    print(
+        f"\n{CLIENTS} clients, {len(KEYS)} keys, {duration:.1f}s measured: {len(lat)} requests, "
+        f"{sequences[0] / duration:.1f} sequences/s, {len(lat) / duration:.1f} requests/s, "
+        f"latency p50 {np.percentile(lat, 50):.0f} ms, p99 {np.percentile(lat, 99):.0f} ms, max {lat[-1]:.0f} ms; "
+        f"requests per key {min(per_key.values())}..{max(per_key.values())}; "
+        f"RSS {rss_start:.0f} -> {rss_end:.0f} MB"
+    )
     assert not errors, f"{len(errors)} errors, first: {errors[:3]}"
     assert not any(t.is_alive() for t in threads)
     assert len(lat) > 0 and min(per_key.values()) > 0

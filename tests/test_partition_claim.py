@@ -29,8 +29,10 @@ def config() -> RunConfig:
 
 @contextlib.contextmanager
 def live(db: Path, enroll_key: str | None = KEY):
-    with serve_app(create_app(config(), str(db), enroll_key=enroll_key)) as url, \
-            httpx.Client(base_url=url, timeout=60) as http:
+    with (
+        serve_app(create_app(config(), str(db), enroll_key=enroll_key)) as url,
+        httpx.Client(base_url=url, timeout=60) as http,
+    ):
         yield http
 
 
@@ -86,8 +88,9 @@ def test_claims_need_the_enroll_key_where_one_is_set(tmp_path):
             assert r.status_code == 401 and r.json()["detail"].startswith("Authorization"), r.text
             assert r.headers["WWW-Authenticate"] == "Bearer"
         # a client token is not the enroll key either
-        token = http.post("/v1/clients", json={"client_id": "a", "num_samples": 1},
-                          headers={"Authorization": f"Bearer {KEY}"}).json()["token"]
+        token = http.post(
+            "/v1/clients", json={"client_id": "a", "num_samples": 1}, headers={"Authorization": f"Bearer {KEY}"}
+        ).json()["token"]
         assert claim(http, "c1", 2, key=token).status_code == 401
         assert index(http, "c1", 2) == 0
     with live(tmp_path / "open.db", enroll_key=None) as http:
@@ -100,8 +103,7 @@ def test_claims_survive_an_aggregator_restart(tmp_path):
     with live(db) as http:
         assert [index(http, name, 3) for name in ("c1", "c2")] == [0, 1]
     with contextlib.closing(sqlite3.connect(db)) as conn:
-        assert sorted(conn.execute("SELECT instance, idx, parts FROM partition_claims")) == \
-            [("c1", 0, 3), ("c2", 1, 3)]
+        assert sorted(conn.execute("SELECT instance, idx, parts FROM partition_claims")) == [("c1", 0, 3), ("c2", 1, 3)]
     with live(db) as http:
         assert index(http, "c2", 3) == 1 and index(http, "c1", 3) == 0
         assert claim(http, "c1", 4).status_code == 422
@@ -129,8 +131,21 @@ def test_the_client_claims_with_the_enroll_key_and_keeps_its_token(tmp_path):
 def client_args(data: Path, url: str, *extra: str) -> argparse.Namespace:
     parser = argparse.ArgumentParser()
     add_arguments(parser)
-    return parser.parse_args(["--service", "http://127.0.0.1:9", "--aggregator", url, "--enroll-key", KEY,
-                              "--data", str(data), "--per-class", "4", *extra])
+    return parser.parse_args(
+        [
+            "--service",
+            "http://127.0.0.1:9",
+            "--aggregator",
+            url,
+            "--enroll-key",
+            KEY,
+            "--data",
+            str(data),
+            "--per-class",
+            "4",
+            *extra,
+        ]
+    )
 
 
 def test_the_runner_takes_the_claimed_part(tmp_path, monkeypatch):
@@ -161,17 +176,27 @@ def test_the_runner_takes_the_claimed_part(tmp_path, monkeypatch):
             agg.close()
 
 
-@pytest.mark.parametrize("spec, expected", [("auto/4", (None, 4)), ("auto/1", (None, 1)), ("0/4", (0, 4)),
-                                            ("3/4", (3, 4))])
+@pytest.mark.parametrize(
+    "spec, expected", [("auto/4", (None, 4)), ("auto/1", (None, 1)), ("0/4", (0, 4)), ("3/4", (3, 4))]
+)
 def test_parse_partition(spec, expected):
     assert parse_partition(spec) == expected
 
 
-@pytest.mark.parametrize("spec, message", [
-    ("4", "K/N or auto/N"), ("auto", "K/N or auto/N"), ("auto/x", "K/N or auto/N"), ("x/4", "K/N or auto/N"),
-    ("1/2/3", "K/N or auto/N"), ("", "K/N or auto/N"), ("auto/0", "N >= 1"), ("4/4", "0 <= K < N"),
-    ("-1/4", "0 <= K < N"),
-])
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ("4", "K/N or auto/N"),
+        ("auto", "K/N or auto/N"),
+        ("auto/x", "K/N or auto/N"),
+        ("x/4", "K/N or auto/N"),
+        ("1/2/3", "K/N or auto/N"),
+        ("", "K/N or auto/N"),
+        ("auto/0", "N >= 1"),
+        ("4/4", "0 <= K < N"),
+        ("-1/4", "0 <= K < N"),
+    ],
+)
 def test_parse_partition_rejects(spec, message):
     with pytest.raises(ValueError, match=message):
         parse_partition(spec)

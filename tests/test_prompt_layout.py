@@ -52,8 +52,11 @@ def reference(path, prompts: np.ndarray, pieces: list[tuple[str, str]]) -> np.nd
     return out
 
 
-PIECES = [("the movie was great and", " the story was"), ("a bad film", " with a bad ending , it was"),
-          ("hello", " world")]
+PIECES = [
+    ("the movie was great and", " the story was"),
+    ("a bad film", " with a bad ending , it was"),
+    ("hello", " world"),
+]
 
 
 def test_prompt_marker_puts_the_prompt_inside_the_text(llama, llama_dir):
@@ -76,8 +79,9 @@ def test_kv_reuse_gives_the_logits_of_whole_sequences(llama_dir, marker):
     np.testing.assert_allclose(a.logits, b.logits, rtol=1e-4, atol=1e-4 * np.abs(b.logits).max())
     assert a.sequences == b.sequences and a.tokens < b.tokens  # the shared part ran once
     tight = engine_for(llama_dir, limits=type(LIMITS)(**{**LIMITS.__dict__, "max_batch_tokens": 24}))
-    np.testing.assert_allclose(tight.score(ScoreBatch(prompts, texts, WORDS)).logits, b.logits,
-                               rtol=1e-4, atol=1e-4 * np.abs(b.logits).max())
+    np.testing.assert_allclose(
+        tight.score(ScoreBatch(prompts, texts, WORDS)).logits, b.logits, rtol=1e-4, atol=1e-4 * np.abs(b.logits).max()
+    )
 
 
 def test_mixed_placements_and_bare_template_fall_back_to_whole_sequences(llama):
@@ -92,8 +96,11 @@ def test_mixed_placements_and_bare_template_fall_back_to_whole_sequences(llama):
 
 def test_prompt_marker_errors_name_the_text(llama):
     zeros = np.zeros((1, 2, 64), np.float32)
-    for text, message in [("a{prompt} b{prompt} c{mask}", "at most once"), ("a {mask}{prompt}", "before the slot"),
-                          ("hello world{prompt}{mask}", "between the prompt and the slot")]:
+    for text, message in [
+        ("a{prompt} b{prompt} c{mask}", "at most once"),
+        ("a {mask}{prompt}", "before the slot"),
+        ("hello world{prompt}{mask}", "between the prompt and the slot"),
+    ]:
         with pytest.raises(InputError, match=message) as err:
             llama.score(ScoreBatch(zeros, ["fine{mask}", text], WORDS))
         assert err.value.field == "texts[1]"
@@ -130,10 +137,15 @@ def test_an_anchored_prompt_scores_as_transformers_reads_anchor_prompt_text(defa
     texts = ["Review: a fine film.\nSentiment:{mask}", "Review: dull.{prompt}\nSentiment:{mask}"]
     words = [" negative", " positive"]
     got = engine.score(ScoreBatch(prompts, texts, words)).logits
-    anchor, label_ids = tok.convert_tokens_to_ids("<|endoftext|>"), [tok(w, add_special_tokens=False).input_ids[0] for w in words]
+    anchor, label_ids = (
+        tok.convert_tokens_to_ids("<|endoftext|>"),
+        [tok(w, add_special_tokens=False).input_ids[0] for w in words],
+    )
     embed = model.get_input_embeddings()
     with torch.inference_mode():
-        for n, (before, after) in enumerate([("", "Review: a fine film.\nSentiment:"), ("Review: dull.", "\nSentiment:")]):
+        for n, (before, after) in enumerate(
+            [("", "Review: a fine film.\nSentiment:"), ("Review: dull.", "\nSentiment:")]
+        ):
             head = [anchor] + (tok(before, add_special_tokens=False).input_ids if before else [])
             tail = tok(after, add_special_tokens=False).input_ids
             for p in range(2):

@@ -87,8 +87,9 @@ def test_causal_logits_match_transformers(smol_url, default_model_dir):
         for p in range(3):
             for n, text in enumerate(texts):
                 ids = tok(text.replace("{mask}", ""), add_special_tokens=False).input_ids
-                x = torch.cat([embed(torch.tensor(bos, dtype=torch.long)), torch.from_numpy(prompts[p]),
-                               embed(torch.tensor(ids))])
+                x = torch.cat(
+                    [embed(torch.tensor(bos, dtype=torch.long)), torch.from_numpy(prompts[p]), embed(torch.tensor(ids))]
+                )
                 ref[p, n] = model(inputs_embeds=x[None]).logits[0, -1, label_ids].numpy()
     np.testing.assert_allclose(logits, ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
 
@@ -122,7 +123,9 @@ def test_masked_logits_match_transformers(roberta_url, tiny_roberta_dir):
             for n, text in enumerate(texts):
                 ids = tok(text.replace("{mask}", tok.mask_token)).input_ids
                 pos = ids.index(tok.mask_token_id) + 3
-                x = torch.cat([embed(torch.tensor(ids[:1])), torch.from_numpy(prompts[p]), embed(torch.tensor(ids[1:]))])
+                x = torch.cat(
+                    [embed(torch.tensor(ids[:1])), torch.from_numpy(prompts[p]), embed(torch.tensor(ids[1:]))]
+                )
                 ref[p, n] = model(inputs_embeds=x[None]).logits[0, pos, label_ids].numpy()
     np.testing.assert_allclose(logits, ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
 
@@ -134,8 +137,11 @@ def test_prompt_of_prefix_embeddings_equals_plain_prefix(which, request):
     engine = request.getfixturevalue(f"{which}_engine")
     url = request.getfixturevalue(f"{which}_url")
     tok = engine.tokenizer
-    prefix, rest = ("Review:", " a great film, moving and funny.\nSentiment:{mask}") if which == "smol" else (
-        "the movie", " was great . it was {mask} .")
+    prefix, rest = (
+        ("Review:", " a great film, moving and funny.\nSentiment:{mask}")
+        if which == "smol"
+        else ("the movie", " was great . it was {mask} .")
+    )
     pre_ids = tok(prefix, add_special_tokens=False).input_ids
     assert tok((prefix + rest).replace("{mask}", ""), add_special_tokens=False).input_ids[: len(pre_ids)] == pre_ids
     # A soft prompt is preceded by the anchor where the model has one (SmolLM2): written out, it leads the text.
@@ -175,7 +181,9 @@ def test_float16_wire_and_model_info(roberta_url, roberta_engine):
 
 
 def _good(dim=48):
-    return body(np.zeros((2, 2, dim), np.float32), ["it was {mask} .", "a great film . {mask}"], [" bad", " great"], [0, 1])
+    return body(
+        np.zeros((2, 2, dim), np.float32), ["it was {mask} .", "a great film . {mask}"], [" bad", " great"], [0, 1]
+    )
 
 
 def _with(**changes):

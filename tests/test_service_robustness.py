@@ -103,20 +103,39 @@ def _replace(field: str, value) -> bytes:
 HOSTILE = {
     "surrogate-in-text": (_replace("texts", ["it was {mask} .", "a \ud800 film {mask}"]), 422, "texts[1]"),
     "surrogate-in-label-word": (_replace("label_words", ["\udfff", " great"]), 422, "label_words[0]"),
-    "invalid-utf8-bytes-in-text": (_replace("texts", ["X", "ok {mask}"]).replace(b'"X"', b'"\xff\xfe{mask}"'), None, None),
-    "cesu8-surrogate-bytes": (_replace("texts", ["X", "ok {mask}"]).replace(b'"X"', b'"\xed\xa0\x80{mask}"'), None, None),
+    "invalid-utf8-bytes-in-text": (
+        _replace("texts", ["X", "ok {mask}"]).replace(b'"X"', b'"\xff\xfe{mask}"'),
+        None,
+        None,
+    ),
+    "cesu8-surrogate-bytes": (
+        _replace("texts", ["X", "ok {mask}"]).replace(b'"X"', b'"\xed\xa0\x80{mask}"'),
+        None,
+        None,
+    ),
     # Over the token limit by its length in characters alone: refused before the tokenizer sees it.
-    "text-of-many-characters": (_replace("texts", ["ab" * 5000 + "{mask}", "ok {mask}"]), 422, "texts[0]: is 10006 characters"),
+    "text-of-many-characters": (
+        _replace("texts", ["ab" * 5000 + "{mask}", "ok {mask}"]),
+        422,
+        "texts[0]: is 10006 characters",
+    ),
     "label-word-of-many-characters": (_replace("label_words", [" bad", "g" * 200]), 422, "label_words[1]"),
-    "too-many-label-words": (_replace("label_words", [f" w{i}" for i in range(LIMITS.max_label_words + 1)]), 413, "label_words"),
+    "too-many-label-words": (
+        _replace("label_words", [f" w{i}" for i in range(LIMITS.max_label_words + 1)]),
+        413,
+        "label_words",
+    ),
     "too-many-texts": (_replace("texts", ["{mask}"] * 30_000), 413, "texts"),
     "huge-label-list": (_replace("labels", [0] * 100_000), 422, "labels"),
     "many-unknown-fields": (json.dumps({**good(), **{f"f{i}": i for i in range(5_000)}}).encode(), 422, "f0"),
     "deeply-nested-list": (b'{"texts": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", None, None),
     "deeply-nested-objects": (b'{"a":' * 50_000 + b"1" + b"}" * 50_000, None, None),
     "nested-inside-a-field": (_replace("labels", "X").replace(b'"X"', b"[" * 50_000 + b"]" * 50_000), None, None),
-    "prompts-beyond-the-model's-range": (_replace("prompts", encode_tensor(np.full((1, 2, 48), 3e38, np.float32)).model_dump()),
-                                         422, "not finite"),
+    "prompts-beyond-the-model's-range": (
+        _replace("prompts", encode_tensor(np.full((1, 2, 48), 3e38, np.float32)).model_dump()),
+        422,
+        "not finite",
+    ),
 }
 
 
@@ -213,7 +232,9 @@ def test_scheduler_turns_round_robin_across_keys_fifo_within():
 
         first = asyncio.create_task(job("a", "a0"))
         await asyncio.sleep(0)
-        tasks = [asyncio.create_task(job(k, f"{k}{i}")) for k, n in (("a", 4), ("b", 2), ("c", 1)) for i in range(1, n + 1)]
+        tasks = [
+            asyncio.create_task(job(k, f"{k}{i}")) for k, n in (("a", 4), ("b", 2), ("c", 1)) for i in range(1, n + 1)
+        ]
         await asyncio.sleep(0)
         tasks[1].cancel()  # a2 gives up while waiting: its turn goes to the next in line
         release.set()
@@ -319,8 +340,10 @@ def test_one_key_flooding_does_not_starve_another(engine, inflight, monkeypatch)
     limits = Limits(**{**LIMITS.__dict__, "max_inflight_per_key": inflight, "max_queued_per_key": flood - inflight})
     gated = GatedEngine(engine)
     turns = TurnsAsked(monkeypatch)
-    with serve_app(create_app(gated, KeyStore({"flood": None, "polite": None}), limits)) as url, \
-            ThreadPoolExecutor(flood + 2) as pool:
+    with (
+        serve_app(create_app(gated, KeyStore({"flood": None, "polite": None}), limits)) as url,
+        ThreadPoolExecutor(flood + 2) as pool,
+    ):
         floods = [pool.submit(post, url, tagged("flood"), "flood") for _ in range(flood + 1)]
         (refused,) = until_done(floods, 1)
         assert refused.result().status_code == 429

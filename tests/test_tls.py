@@ -43,15 +43,18 @@ def make_self_signed(directory: Path) -> tuple[str, str]:
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - datetime.timedelta(minutes=5))
         .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost"),
-                                                    x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+        .add_extension(
+            x509.SubjectAlternativeName([x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False,
+        )
         .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
         .sign(key, hashes.SHA256())
     )
     cert_path, key_path = directory / "cert.pem", directory / "key.pem"
     cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                           serialization.NoEncryption()))
+    key_path.write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
     return str(cert_path), str(key_path)
 
 
@@ -65,8 +68,11 @@ def trusting(cert_path: str) -> ssl.SSLContext:
 
 
 def score_body() -> dict:
-    return {"prompts": encode_tensor(np.zeros((1, 1, 48), np.float32)).model_dump(),
-            "texts": ["it was {mask} ."], "label_words": [" bad", " great"]}
+    return {
+        "prompts": encode_tensor(np.zeros((1, 1, 48), np.float32)).model_dump(),
+        "texts": ["it was {mask} ."],
+        "label_words": [" bad", " great"],
+    }
 
 
 # RetryingClient hands its `verify` path to httpx, which deprecates paths (not yet removed) since 0.28.
@@ -95,14 +101,31 @@ def test_cli_flags_serve_both_servers_over_https(tiny_roberta_dir, cert, tmp_pat
     svc_port, agg_port = free_port(), free_port()
     svc, agg = f"https://127.0.0.1:{svc_port}", f"https://127.0.0.1:{agg_port}"
     with Children(tmp_path, cwd=REPO) as procs:
-        procs.start("service", ["serve", "--model", str(tiny_roberta_dir), "--dtype", "float32", "--device", "cpu",
-                                "--port", str(svc_port), *tls], env={"FEDBPT_API_KEYS": KEY})
-        procs.start("aggregator", ["aggregator", "--db", str(tmp_path / "run.db"), "--port", str(agg_port),
-                                   "--intrinsic-dim", "8", *tls])
+        procs.start(
+            "service",
+            [
+                "serve",
+                "--model",
+                str(tiny_roberta_dir),
+                "--dtype",
+                "float32",
+                "--device",
+                "cpu",
+                "--port",
+                str(svc_port),
+                *tls,
+            ],
+            env={"FEDBPT_API_KEYS": KEY},
+        )
+        procs.start(
+            "aggregator",
+            ["aggregator", "--db", str(tmp_path / "run.db"), "--port", str(agg_port), "--intrinsic-dim", "8", *tls],
+        )
         procs.wait_healthy("aggregator", agg, timeout=90, verify=cert_path)
         procs.wait_healthy("service", svc, timeout=90, verify=cert_path)
-        r = httpx.post(f"{svc}/v1/score", json=score_body(), headers={"Authorization": f"Bearer {KEY}"},
-                       verify=trusting(cert_path))
+        r = httpx.post(
+            f"{svc}/v1/score", json=score_body(), headers={"Authorization": f"Bearer {KEY}"}, verify=trusting(cert_path)
+        )
         assert r.status_code == 200, r.text
         for url in (svc, agg):
             with pytest.raises(httpx.TransportError):
@@ -111,8 +134,11 @@ def test_cli_flags_serve_both_servers_over_https(tiny_roberta_dir, cert, tmp_pat
 
 def test_a_key_without_a_certificate_is_refused(tmp_path):
     # `python -m aggregator`, which exits with run()'s status; `fedbpt aggregator` drops it.
-    for module, args in (("fedbpt.cli", ["serve", "--ssl-keyfile", "k.pem"]),
-                         ("aggregator", ["--db", str(tmp_path / "x.db"), "--ssl-keyfile", "k.pem"])):
-        proc = subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, capture_output=True, text=True,
-                              timeout=60)
+    for module, args in (
+        ("fedbpt.cli", ["serve", "--ssl-keyfile", "k.pem"]),
+        ("aggregator", ["--db", str(tmp_path / "x.db"), "--ssl-keyfile", "k.pem"]),
+    ):
+        proc = subprocess.run(
+            [sys.executable, "-m", module, *args], cwd=REPO, capture_output=True, text=True, timeout=60
+        )
         assert proc.returncode != 0 and "--ssl-keyfile needs --ssl-certfile" in proc.stderr + proc.stdout, proc

@@ -26,11 +26,14 @@ from inference_service.torch_engine import TorchEngine
 
 KEY = "wire-key"
 D, STD = 48, 0.02
-LIMITS = Limits(max_prompt_length=16, max_population=8, max_texts=8, max_text_tokens=64,
-                max_projection_values=64 * 16 * D)
+LIMITS = Limits(
+    max_prompt_length=16, max_population=8, max_texts=8, max_text_tokens=64, max_projection_values=64 * 16 * D
+)
 TASK = Task("tiny", ("text",), (" bad", " great"), "{text} . it was " + SLOT, "{text} . it was " + SLOT + " .")
-EXAMPLES = [Example({"text": t}, y) for t, y in [("the movie was great", 1), ("a bad film", 0),
-                                                 ("what a great day", 1), ("the plot was bad", 0)]]
+EXAMPLES = [
+    Example({"text": t}, y)
+    for t, y in [("the movie was great", 1), ("a bad film", 0), ("what a great day", 1), ("the plot was bad", 0)]
+]
 
 
 @pytest.fixture(scope="module")
@@ -82,8 +85,9 @@ def test_the_cache_is_bounded_and_keyed_by_the_whole_spec():
 def test_scores_through_each_wire_form(url, engine, wire):
     """The seed form scores exactly as dense float32; float16 within its rounding; uploads shrink."""
     # The std the service publishes, as `projection_for` takes it: the service builds A from its own.
-    projection = Projection(seed=3, intrinsic_dim=12, prompt_length=4, hidden_size=D,
-                            embedding_std=engine.info.embedding_std, sigma0=1.0)
+    projection = Projection(
+        seed=3, intrinsic_dim=12, prompt_length=4, hidden_size=D, embedding_std=engine.info.embedding_std, sigma0=1.0
+    )
     z = np.random.default_rng(2).standard_normal((6, 12))
     dense = ServiceClient(url, KEY)
     other = ServiceClient(url, KEY, prompt_wire=wire)
@@ -111,8 +115,15 @@ def test_token_init_travels_as_seed_and_is_expanded_from_the_service_embeddings(
     from fedbpt_wire.projection import initial_token_ids
 
     info = engine.info
-    client_side = Projection(seed=5, intrinsic_dim=12, prompt_length=3, hidden_size=D,
-                             embedding_std=info.embedding_std, sigma0=1.0, init="tokens")
+    client_side = Projection(
+        seed=5,
+        intrinsic_dim=12,
+        prompt_length=3,
+        hidden_size=D,
+        embedding_std=info.embedding_std,
+        sigma0=1.0,
+        init="tokens",
+    )
     z = np.random.default_rng(4).standard_normal((3, 12))
     service = ServiceClient(url, KEY)  # dense float32 by default
     try:
@@ -134,21 +145,32 @@ def test_model_info_publishes_the_projection_limit(url):
 
 
 def projected(z, **spec) -> dict:
-    return {"z": encode_tensor(np.asarray(z, np.float32)).model_dump(),
-            "projection": {"seed": 1, "prompt_length": 2, "sigma0": 1.0, **spec}}
+    return {
+        "z": encode_tensor(np.asarray(z, np.float32)).model_dump(),
+        "projection": {"seed": 1, "prompt_length": 2, "sigma0": 1.0, **spec},
+    }
 
 
 GOOD = {"texts": ["it was {mask} ."], "label_words": [" bad", " great"]}
 BAD = [
-    ("both forms", {"prompts": encode_tensor(np.zeros((1, 2, D), np.float32)).model_dump(),
-                    "projected": projected(np.zeros((1, 4)))}, "prompts"),
+    (
+        "both forms",
+        {
+            "prompts": encode_tensor(np.zeros((1, 2, D), np.float32)).model_dump(),
+            "projected": projected(np.zeros((1, 4))),
+        },
+        "prompts",
+    ),
     ("neither form", {}, "prompts"),
     ("z of rank 3", {"projected": projected(np.zeros((1, 2, 4)))}, "projected.z.shape"),
     ("empty population", {"projected": projected(np.zeros((0, 4)))}, "projected.z.shape"),
     ("d = 0", {"projected": projected(np.zeros((1, 0)))}, "projected.z.shape"),
     ("projection too large", {"projected": projected(np.zeros((1, 65)), prompt_length=16)}, "projected.z.shape"),
-    ("L over the limit", {"projected": projected(np.zeros((1, 4)), prompt_length=17)},
-     "projected.projection.prompt_length"),
+    (
+        "L over the limit",
+        {"projected": projected(np.zeros((1, 4)), prompt_length=17)},
+        "projected.projection.prompt_length",
+    ),
     ("NaN in z", {"projected": projected(np.full((1, 4), np.nan))}, "projected.z"),
     ("negative seed", {"projected": projected(np.zeros((1, 4)), seed=-1)}, "seed"),
     ("zero sigma0", {"projected": projected(np.zeros((1, 4)), sigma0=0)}, "sigma0"),
@@ -162,8 +184,12 @@ def test_bad_projected_requests_are_422_naming_the_field(url, case, extra, field
     r = httpx.post(f"{url}/v1/score", json={**GOOD, **extra}, headers={"Authorization": f"Bearer {KEY}"}, timeout=60)
     assert r.status_code == 422, r.text
     assert field in r.text
-    ok = httpx.post(f"{url}/v1/score", json={**GOOD, "projected": projected(np.zeros((2, 4)))},
-                    headers={"Authorization": f"Bearer {KEY}"}, timeout=60)
+    ok = httpx.post(
+        f"{url}/v1/score",
+        json={**GOOD, "projected": projected(np.zeros((2, 4)))},
+        headers={"Authorization": f"Bearer {KEY}"},
+        timeout=60,
+    )
     assert ok.status_code == 200, ok.text
     assert ok.json()["usage"]["sequences"] == 2
 
@@ -176,7 +202,11 @@ def test_a_service_without_the_seed_form_is_refused_clearly(url, monkeypatch):
         info = client.model_info()
         monkeypatch.setattr(client, "_info", ModelInfo(**{**info.model_dump(), "max_projection_values": None}))
         with pytest.raises(RuntimeError, match="seed"):
-            client.score_projected(np.zeros((1, 4)), ProjectionSpec(seed=1, prompt_length=2, sigma0=1.0),
-                                   GOOD["texts"], GOOD["label_words"])
+            client.score_projected(
+                np.zeros((1, 4)),
+                ProjectionSpec(seed=1, prompt_length=2, sigma0=1.0),
+                GOOD["texts"],
+                GOOD["label_words"],
+            )
     finally:
         client.close()

@@ -25,8 +25,20 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
-ROW_FIELDS = ("round", "state", "val_accuracy", "val_loss", "queries", "sequences", "tokens", "service_bytes",
-              "bytes_up", "bytes_down", "clients", "seconds")
+ROW_FIELDS = (
+    "round",
+    "state",
+    "val_accuracy",
+    "val_loss",
+    "queries",
+    "sequences",
+    "tokens",
+    "service_bytes",
+    "bytes_up",
+    "bytes_down",
+    "clients",
+    "seconds",
+)
 COSTS = ("queries", "sequences", "tokens", "service_bytes", "bytes_up", "bytes_down")
 
 
@@ -37,10 +49,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", default="default", help="as the clients' --data")
     parser.add_argument("--task", default="rotten_tomatoes", help="as the clients' --task")
     parser.add_argument("--label-words", default=None, help="as the clients' --label-words")
-    parser.add_argument("--test-size", type=int, default=1000,
-                        help="held-out test examples to score the zero-shot and the tuned prompt on; 0: none")
-    parser.add_argument("--wait", type=float, default=24 * 3600.0,
-                        help="seconds to wait for the run to finish before giving up")
+    parser.add_argument(
+        "--test-size",
+        type=int,
+        default=1000,
+        help="held-out test examples to score the zero-shot and the tuned prompt on; 0: none",
+    )
+    parser.add_argument(
+        "--wait", type=float, default=24 * 3600.0, help="seconds to wait for the run to finish before giving up"
+    )
 
 
 def wait_for_done(url: str, wait_s: float, poll_s: float = 5.0) -> dict:
@@ -60,8 +77,14 @@ def wait_for_done(url: str, wait_s: float, poll_s: float = 5.0) -> dict:
 
 
 def round_rows(history: list[dict]) -> list[dict]:
-    return [{**{k: rec[k] for k in ROW_FIELDS if k in rec}, "clients": len(rec["reporters"]),
-             "seconds": round((rec["closed_at"] or rec["opened_at"]) - rec["opened_at"], 3)} for rec in history]
+    return [
+        {
+            **{k: rec[k] for k in ROW_FIELDS if k in rec},
+            "clients": len(rec["reporters"]),
+            "seconds": round((rec["closed_at"] or rec["opened_at"]) - rec["opened_at"], 3),
+        }
+        for rec in history
+    ]
 
 
 def test_accuracies(args: argparse.Namespace, status: dict, enroll_key: str | None, api_key: str | None) -> dict:
@@ -93,13 +116,23 @@ def test_accuracies(args: argparse.Namespace, status: dict, enroll_key: str | No
         info = service.model_info()
         labels = np.array([ex.label for ex in test])
         zero = PromptScorer(service, task, None, info.kind, info.max_texts).logits(None, test)[0]
-        tuned = PromptScorer(service, with_placement(task, config.prompt_placement), projection_for(config, info),
-                             info.kind, info.max_texts).logits(z[None], test)[0]
+        tuned = PromptScorer(
+            service,
+            with_placement(task, config.prompt_placement),
+            projection_for(config, info),
+            info.kind,
+            info.max_texts,
+        ).logits(z[None], test)[0]
     finally:
         service.close()
-    return {**out, "model": info.name, "test_examples": len(test), "label_words": list(task.label_words),
-            "zero_shot_test_accuracy": float((zero.argmax(-1) == labels).mean()),
-            "tuned_test_accuracy": float((tuned.argmax(-1) == labels).mean())}
+    return {
+        **out,
+        "model": info.name,
+        "test_examples": len(test),
+        "label_words": list(task.label_words),
+        "zero_shot_test_accuracy": float((zero.argmax(-1) == labels).mean()),
+        "tuned_test_accuracy": float((tuned.argmax(-1) == labels).mean()),
+    }
 
 
 def write_atomic(path: Path, text: str) -> None:
@@ -140,11 +173,20 @@ def main(argv: list[str] | None = None) -> None:
     writer.writeheader()
     writer.writerows(rows)
     write_atomic(out / "rounds.csv", table.getvalue())
-    tested = (f" | test accuracy on {report['test_examples']}: zero-shot {report['zero_shot_test_accuracy']:.4f}, "
-              f"tuned {report['tuned_test_accuracy']:.4f}") if "test_examples" in report else ""
-    print(f"run {report['run_id']}: {report['rounds_done']}/{status['config']['rounds']} rounds merged, "
-          f"{len(report['clients'])} clients, {report['totals']['queries']} service queries, "
-          f"{report['totals']['tokens']} tokens{tested} | {out / 'report.json'}", flush=True)
+    tested = (
+        (
+            f" | test accuracy on {report['test_examples']}: zero-shot {report['zero_shot_test_accuracy']:.4f}, "
+            f"tuned {report['tuned_test_accuracy']:.4f}"
+        )
+        if "test_examples" in report
+        else ""
+    )
+    print(
+        f"run {report['run_id']}: {report['rounds_done']}/{status['config']['rounds']} rounds merged, "
+        f"{len(report['clients'])} clients, {report['totals']['queries']} service queries, "
+        f"{report['totals']['tokens']} tokens{tested} | {out / 'report.json'}",
+        flush=True,
+    )
 
 
 if __name__ == "__main__":

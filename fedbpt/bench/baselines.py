@@ -78,8 +78,9 @@ def render_icl(task: Task, demos: list[Example], example: Example, kind: str) ->
     return _DEMO_SEPARATOR[kind].join(parts)
 
 
-def icl_evaluate(service: ServiceClient, task: Task, demos: list[Example], test: list[Example], kind: str,
-                 max_texts: int) -> dict:
+def icl_evaluate(
+    service: ServiceClient, task: Task, demos: list[Example], test: list[Example], kind: str, max_texts: int
+) -> dict:
     """Accuracy and loss of in-context learning on `test` through the service, and what it cost.
 
     No soft prompt: a zero-length one (L = 0), the bare-template request. With `demos=[]` this is the
@@ -89,16 +90,29 @@ def icl_evaluate(service: ServiceClient, task: Task, demos: list[Example], test:
     prompts = np.zeros((1, 0, service.model_info().hidden_size), np.float32)
     before = service.usage()
     t0 = time.perf_counter()
-    logits = np.concatenate([service.score(prompts, texts[i : i + max_texts], list(task.label_words)).logits
-                             for i in range(0, len(texts), max_texts)], axis=1)
+    logits = np.concatenate(
+        [
+            service.score(prompts, texts[i : i + max_texts], list(task.label_words)).logits
+            for i in range(0, len(texts), max_texts)
+        ],
+        axis=1,
+    )
     seconds = time.perf_counter() - t0
     loss, acc = label_cross_entropy(logits, np.array([ex.label for ex in test]))
     spent = service.usage() - before
-    return {"accuracy": float(acc[0]), "loss": float(loss[0]), "examples": len(test), "demos": len(demos),
-            "logits": logits[0],
-            "queries": spent.queries, "sequences": spent.sequences, "tokens": spent.tokens,
-            "bytes_up": spent.bytes_up, "bytes_down": spent.bytes_down,
-            "seconds": seconds}
+    return {
+        "accuracy": float(acc[0]),
+        "loss": float(loss[0]),
+        "examples": len(test),
+        "demos": len(demos),
+        "logits": logits[0],
+        "queries": spent.queries,
+        "sequences": spent.sequences,
+        "tokens": spent.tokens,
+        "bytes_up": spent.bytes_up,
+        "bytes_down": spent.bytes_down,
+        "seconds": seconds,
+    }
 
 
 # ---------------------------------------------------------------- FedPrompt
@@ -120,8 +134,9 @@ def fedavg(prompts: list[np.ndarray], weights: Sequence[float]) -> np.ndarray:
     return np.tensordot(w / w.sum(), stacked, axes=1).astype(np.float32)
 
 
-def prompt_label_logits(engine: TorchEngine, prompt: torch.Tensor, texts: list[TextIds],
-                        label_ids: torch.Tensor) -> torch.Tensor:
+def prompt_label_logits(
+    engine: TorchEngine, prompt: torch.Tensor, texts: list[TextIds], label_ids: torch.Tensor
+) -> torch.Tensor:
     """[N, C] label-word logits of one prompt [L, D] on tokenized texts, differentiable in `prompt`.
 
     The engine's layout (`inference_service.layout.sequence`: specials, anchor, the text's head, the prompt, the
@@ -149,8 +164,14 @@ def prompt_label_logits(engine: TorchEngine, prompt: torch.Tensor, texts: list[T
     return engine.head(picked)[:, label_ids]
 
 
-def _evaluate(engine: TorchEngine, prompt: np.ndarray, texts: list[TextIds], labels: np.ndarray,
-              label_ids: torch.Tensor, batch_size: int) -> tuple[float, float]:
+def _evaluate(
+    engine: TorchEngine,
+    prompt: np.ndarray,
+    texts: list[TextIds],
+    labels: np.ndarray,
+    label_ids: torch.Tensor,
+    batch_size: int,
+) -> tuple[float, float]:
     # Length-sorted batches keep padding small; logits go back to the examples' order for the labels.
     order = sorted(range(len(texts)), key=lambda i: len(texts[i].ids))
     logits = np.empty((len(texts), len(label_ids)), np.float32)
@@ -163,17 +184,28 @@ def _evaluate(engine: TorchEngine, prompt: np.ndarray, texts: list[TextIds], lab
     return float(loss[0]), float(acc[0])
 
 
-def _local_train(engine: TorchEngine, start: np.ndarray, texts: list[TextIds], labels: torch.Tensor,
-                 label_ids: torch.Tensor, steps: int, lr: float, batch_size: int,
-                 rng: np.random.Generator) -> tuple[np.ndarray, list[float]]:
+def _local_train(
+    engine: TorchEngine,
+    start: np.ndarray,
+    texts: list[TextIds],
+    labels: torch.Tensor,
+    label_ids: torch.Tensor,
+    steps: int,
+    lr: float,
+    batch_size: int,
+    rng: np.random.Generator,
+) -> tuple[np.ndarray, list[float]]:
     # fp32 master copy of the prompt whatever the model's dtype; Adam starts afresh each round because the
     # prompt it would carry moments for has just been replaced by the global average.
     prompt = torch.nn.Parameter(torch.from_numpy(start.copy()).to(engine.device))
     opt = torch.optim.Adam([prompt], lr=lr)
     losses = []
     for _ in range(steps):
-        idx = (np.arange(len(texts)) if len(texts) <= batch_size
-               else np.sort(rng.choice(len(texts), batch_size, replace=False)))
+        idx = (
+            np.arange(len(texts))
+            if len(texts) <= batch_size
+            else np.sort(rng.choice(len(texts), batch_size, replace=False))
+        )
         logits = prompt_label_logits(engine, prompt, [texts[i] for i in idx], label_ids)
         loss = torch.nn.functional.cross_entropy(logits.float(), labels[torch.from_numpy(idx)])
         opt.zero_grad(set_to_none=True)
@@ -183,10 +215,23 @@ def _local_train(engine: TorchEngine, start: np.ndarray, texts: list[TextIds], l
     return prompt.detach().cpu().numpy(), losses
 
 
-def fedprompt_run(model_dir: str | Path, task: Task, shards: list[ClientData], test: list[Example], *,
-                  rounds: int, local_steps: int, lr: float, prompt_length: int, batch_size: int, seed: int,
-                  dtype: str = "float32", device: str = "cpu", final_test: list[Example] | None = None,
-                  progress: Callable[[dict], None] | None = None) -> dict:
+def fedprompt_run(
+    model_dir: str | Path,
+    task: Task,
+    shards: list[ClientData],
+    test: list[Example],
+    *,
+    rounds: int,
+    local_steps: int,
+    lr: float,
+    prompt_length: int,
+    batch_size: int,
+    seed: int,
+    dtype: str = "float32",
+    device: str = "cpu",
+    final_test: list[Example] | None = None,
+    progress: Callable[[dict], None] | None = None,
+) -> dict:
     """FedAvg of gradient-trained soft prompts; test accuracy of the global prompt after every round.
 
     `final_test`, if given, is scored once with the last global prompt (`final_test_accuracy`): a large
@@ -219,24 +264,40 @@ def fedprompt_run(model_dir: str | Path, task: Task, shards: list[ClientData], t
         local, losses, up, down = [], [], 0, 0
         for k in range(len(shards)):
             down += down_body
-            p, step_losses = _local_train(engine, prompt, client_texts[k], client_labels[k], label_ids,
-                                          local_steps, lr, batch_size, np.random.default_rng([seed, k, r]))
+            p, step_losses = _local_train(
+                engine,
+                prompt,
+                client_texts[k],
+                client_labels[k],
+                label_ids,
+                local_steps,
+                lr,
+                batch_size,
+                np.random.default_rng([seed, k, r]),
+            )
             up += len(PromptUpdate(prompt=encode_tensor(p), num_samples=weights[k]).model_dump_json())
             local.append(p)
             losses.extend(step_losses)
         prompt = fedavg(local, weights)
         test_loss, test_acc = _evaluate(engine, prompt, test_texts, test_labels, label_ids, eval_batch)
-        record = {"round": r, "test_accuracy": test_acc, "test_loss": test_loss,
-                  "train_loss": float(np.mean(losses)), "bytes_up": up, "bytes_down": down,
-                  "seconds": time.perf_counter() - t0}
+        record = {
+            "round": r,
+            "test_accuracy": test_acc,
+            "test_loss": test_loss,
+            "train_loss": float(np.mean(losses)),
+            "bytes_up": up,
+            "bytes_down": down,
+            "seconds": time.perf_counter() - t0,
+        }
         history.append(record)
         if progress is not None:
             progress(record)
     final = {}
     if final_test is not None:
         final_texts = engine.tokenize([task.render(ex.fields, kind) for ex in final_test])
-        final_loss, final_acc = _evaluate(engine, prompt, final_texts, np.array([ex.label for ex in final_test]),
-                                          label_ids, eval_batch)
+        final_loss, final_acc = _evaluate(
+            engine, prompt, final_texts, np.array([ex.label for ex in final_test]), label_ids, eval_batch
+        )
         final = {"final_test_accuracy": final_acc, "final_test_loss": final_loss}
     return {
         **final,

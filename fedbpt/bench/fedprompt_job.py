@@ -19,18 +19,34 @@ def main(spec_path: str, out_path: str) -> None:
     splits = load_splits(spec["data"], task)
     test = splits["test"][: spec["test_size"]]
     # The same shards the black-box clients of this setting hold: same pool, partition and seed.
-    shards = [client_shard(splits["train"], k, spec["clients"], spec["alpha"], spec["seed"], spec["per_class"])
-              for k in range(spec["clients"])]
-    res = fedprompt_run(resolve_model(spec["model"]), task, shards, test[: spec["curve_size"]],
-                        rounds=spec["rounds"], local_steps=spec["local_steps"], lr=spec["lr"],
-                        prompt_length=spec["prompt_length"], batch_size=spec["batch_size"], seed=spec["seed"],
-                        dtype=spec["dtype"], final_test=test, progress=lambda r: print(json.dumps(r), flush=True))
+    shards = [
+        client_shard(splits["train"], k, spec["clients"], spec["alpha"], spec["seed"], spec["per_class"])
+        for k in range(spec["clients"])
+    ]
+    res = fedprompt_run(
+        resolve_model(spec["model"]),
+        task,
+        shards,
+        test[: spec["curve_size"]],
+        rounds=spec["rounds"],
+        local_steps=spec["local_steps"],
+        lr=spec["lr"],
+        prompt_length=spec["prompt_length"],
+        batch_size=spec["batch_size"],
+        seed=spec["seed"],
+        dtype=spec["dtype"],
+        final_test=test,
+        progress=lambda r: print(json.dumps(r), flush=True),
+    )
     out = {
-        "test_accuracy": res["final_test_accuracy"], "test_loss": res["final_test_loss"],
+        "test_accuracy": res["final_test_accuracy"],
+        "test_loss": res["final_test_loss"],
         "initial_curve_accuracy": res["initial_test_accuracy"],
         "rounds": [{**r, "curve_accuracy": r["test_accuracy"]} for r in res["rounds"]],
-        "bytes_up": res["bytes_up"], "bytes_down": res["bytes_down"],
-        "client_model_bytes": res["client_model_bytes"], "seconds": res["seconds"],
+        "bytes_up": res["bytes_up"],
+        "bytes_down": res["bytes_down"],
+        "client_model_bytes": res["client_model_bytes"],
+        "seconds": res["seconds"],
     }
     with open(out_path, "w") as f:
         json.dump(out, f)

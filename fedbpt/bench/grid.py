@@ -18,10 +18,19 @@ from fedbpt_wire.federation import STRATEGIES
 
 BLACK_BOX = STRATEGIES
 METHODS = ("zero-shot", "calibrated", "icl", *BLACK_BOX, "fedprompt")
-LABELS = {"zero-shot": "zero-shot (manual prompt)", "calibrated": "calibrated zero-shot",
-          "icl": "in-context (5 demos)", "fedbpt": "FedBPT",
-          "fedbpt-noperturb": "FedBPT w/o perturbation", "fedavg-z": "FedBBT (FedAvg of z)",
-          "centralized": "centralized BBT", "local-only": "local-only BBT", "fedprompt": "FedPrompt (white-box)"}
+LABELS = {
+    "zero-shot": "zero-shot (manual prompt)",
+    "calibrated": "calibrated zero-shot",
+    "icl": "in-context (5 demos)",
+    "fedbpt": "FedBPT",
+    "fedbpt-noperturb": "FedBPT w/o perturbation",
+    "fedavg-z": "FedBBT (FedAvg of z)",
+    "centralized": "centralized BBT",
+    "local-only": "local-only BBT",
+    "fedprompt": "FedPrompt (white-box)",
+}
+
+
 @dataclass
 class Grid:
     name: str
@@ -72,16 +81,40 @@ class Grid:
 
 GRIDS = {
     # Under 10 minutes on 2 cores: the demo's setting, one seed, a 200-example test slice.
-    "quick": Grid("quick", tasks=("amazon_snippets",), label_words=" terrible, great", alphas=(None,), seeds=(0,),
-                  methods=("zero-shot", "calibrated", "fedbpt-noperturb", "fedavg-z"), clients=4, rounds=2,
-                  popsize=8, intrinsic_dim=50, local_iterations=2, batch_size=16, test_size=200, curve_size=50),
+    "quick": Grid(
+        "quick",
+        tasks=("amazon_snippets",),
+        label_words=" terrible, great",
+        alphas=(None,),
+        seeds=(0,),
+        methods=("zero-shot", "calibrated", "fedbpt-noperturb", "fedavg-z"),
+        clients=4,
+        rounds=2,
+        popsize=8,
+        intrinsic_dim=50,
+        local_iterations=2,
+        batch_size=16,
+        test_size=200,
+        curve_size=50,
+    ),
     # About an hour on 2 AVX2 cores (SmolLM2-135M in fp32 runs ~250 tokens/s there): the demo's setting
     # (Amazon snippets, " terrible"/" great", prompt after the text from zeros, IID), 3 seeds, the tuned methods
     # against zero-shot and the calibrated zero-shot, on the whole 1,000-example test split.
-    "default": Grid("default", tasks=("amazon_snippets",), label_words=" terrible, great", alphas=(None,),
-                    clients=4, rounds=4, popsize=8, intrinsic_dim=50, local_iterations=2, batch_size=16,
-                    methods=("zero-shot", "calibrated", "fedbpt", "fedbpt-noperturb", "fedavg-z"), test_size=1000,
-                    curve_size=50),
+    "default": Grid(
+        "default",
+        tasks=("amazon_snippets",),
+        label_words=" terrible, great",
+        alphas=(None,),
+        clients=4,
+        rounds=4,
+        popsize=8,
+        intrinsic_dim=50,
+        local_iterations=2,
+        batch_size=16,
+        methods=("zero-shot", "calibrated", "fedbpt", "fedbpt-noperturb", "fedavg-z"),
+        test_size=1000,
+        curve_size=50,
+    ),
     # Both embedded tasks, both regimes, IID and three Dirichlet alphas: hours on a CPU, for a long run by hand.
     "full": Grid("full", regimes={"few-shot": 40, "larger": 400}, alphas=(None, 1.0, 0.5, 0.1)),
 }
@@ -103,15 +136,26 @@ class Setting:
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--grid", choices=sorted(GRIDS), default="default",
-                        help="quick: under 10 minutes on 2 cores; default: about an hour; full: every setting")
+    parser.add_argument(
+        "--grid",
+        choices=sorted(GRIDS),
+        default="default",
+        help="quick: under 10 minutes on 2 cores; default: about an hour; full: every setting",
+    )
     parser.add_argument("--quick", action="store_const", const="quick", dest="grid", help="same as --grid quick")
     parser.add_argument("--config", default=None, help="a grid as JSON (e.g. configs/paper-roberta-large.json)")
-    parser.add_argument("--out", default=None, help="results directory (default bench/results/<date>-<grid>); "
-                                                    "an existing one resumes: finished runs are kept")
-    parser.add_argument("--task", default=None, metavar="NAME|FILE",
-                        help="run the grid on this task only: a built-in task or a task spec file (its name picks the "
-                             "embedded data, e.g. a spec named amazon_snippets with your own template and words)")
+    parser.add_argument(
+        "--out",
+        default=None,
+        help="results directory (default bench/results/<date>-<grid>); an existing one resumes: finished runs are kept",
+    )
+    parser.add_argument(
+        "--task",
+        default=None,
+        metavar="NAME|FILE",
+        help="run the grid on this task only: a built-in task or a task spec file (its name picks the "
+        "embedded data, e.g. a spec named amazon_snippets with your own template and words)",
+    )
     parser.add_argument("--service", default=None, help="use this running service instead of starting one")
     parser.add_argument("--api-key", default=os.environ.get("FEDBPT_API_KEY"))
 

@@ -17,7 +17,6 @@ from .grid import LABELS, Grid
 PAPER_SST2 = {"fedbpt": 86.47, "fedavg-z": 84.17, "zero-shot": 83.6, "icl": 79.7, "fedprompt": 85.55}
 
 
-
 def first_reaching(curve: list[float | None], fraction: float = 0.95) -> int | None:
     """Index of the first point at `fraction` of the curve's last value."""
     if not curve or curve[-1] is None:
@@ -61,9 +60,11 @@ def summarize(rows: list[dict]) -> list[dict]:
         groups.setdefault((row["task"], row["regime"], row["partition"], row["method"]), []).append(row)
     out = []
     for (task, regime, partition, method), rs in groups.items():
-        per_client_round = [(r["bytes_up"] / (r["clients"] * len(r["rounds"])),
-                             r["bytes_down"] / (r["clients"] * len(r["rounds"])))
-                            for r in rs if r["rounds"] and r.get("clients")]
+        per_client_round = [
+            (r["bytes_up"] / (r["clients"] * len(r["rounds"])), r["bytes_down"] / (r["clients"] * len(r["rounds"])))
+            for r in rs
+            if r["rounds"] and r.get("clients")
+        ]
         to95 = []
         for r in rs:
             i = first_reaching(r["curve"])
@@ -71,24 +72,30 @@ def summarize(rows: list[dict]) -> list[dict]:
                 to95.append((sum(x["queries"] for x in r["rounds"][:i]), sum(x["sequences"] for x in r["rounds"][:i])))
         rss = [r["client_rss_mb"] for r in rs if r.get("client_rss_mb") is not None]
         zero, calibrated = (groups.get((task, regime, partition, m), []) for m in ("zero-shot", "calibrated"))
-        out.append({
-            "task": task, "regime": regime, "partition": partition, "method": method, "seeds": len(rs),
-            "accuracy": _mean_std([r["test_accuracy"] for r in rs]),
-            "accuracy_mean": float(np.mean([r["test_accuracy"] for r in rs])),
-            "p_vs_zero_shot": paired_p(rs, zero) if method != "zero-shot" else None,
-            "p_vs_calibrated": paired_p(rs, calibrated) if method not in ("zero-shot", "calibrated") else None,
-            "queries": float(np.mean([r["queries"] for r in rs])),
-            "sequences": float(np.mean([r["sequences"] for r in rs])),
-            "queries_to_95": float(np.mean([q for q, _ in to95])) if to95 else None,
-            "sequences_to_95": float(np.mean([s for _, s in to95])) if to95 else None,
-            "up_per_client_round": float(np.mean([u for u, _ in per_client_round])) if per_client_round else None,
-            "down_per_client_round": float(np.mean([d for _, d in per_client_round])) if per_client_round else None,
-            "bytes_total": float(np.mean([r["bytes_up"] + r["bytes_down"] for r in rs])),
-            "service_bytes_total": float(np.mean([r["service_bytes_up"] + r["service_bytes_down"] for r in rs])),
-            "client_rss_mb": max(rss) if rss else None,
-            "client_holds": rs[0]["client_holds"],
-            "wall_seconds": float(np.mean([r["wall_seconds"] for r in rs])),
-        })
+        out.append(
+            {
+                "task": task,
+                "regime": regime,
+                "partition": partition,
+                "method": method,
+                "seeds": len(rs),
+                "accuracy": _mean_std([r["test_accuracy"] for r in rs]),
+                "accuracy_mean": float(np.mean([r["test_accuracy"] for r in rs])),
+                "p_vs_zero_shot": paired_p(rs, zero) if method != "zero-shot" else None,
+                "p_vs_calibrated": paired_p(rs, calibrated) if method not in ("zero-shot", "calibrated") else None,
+                "queries": float(np.mean([r["queries"] for r in rs])),
+                "sequences": float(np.mean([r["sequences"] for r in rs])),
+                "queries_to_95": float(np.mean([q for q, _ in to95])) if to95 else None,
+                "sequences_to_95": float(np.mean([s for _, s in to95])) if to95 else None,
+                "up_per_client_round": float(np.mean([u for u, _ in per_client_round])) if per_client_round else None,
+                "down_per_client_round": float(np.mean([d for _, d in per_client_round])) if per_client_round else None,
+                "bytes_total": float(np.mean([r["bytes_up"] + r["bytes_down"] for r in rs])),
+                "service_bytes_total": float(np.mean([r["service_bytes_up"] + r["service_bytes_down"] for r in rs])),
+                "client_rss_mb": max(rss) if rss else None,
+                "client_holds": rs[0]["client_holds"],
+                "wall_seconds": float(np.mean([r["wall_seconds"] for r in rs])),
+            }
+        )
     return out
 
 
@@ -96,21 +103,45 @@ def _num(value: float | None, fmt: str = ".0f") -> str:
     return "-" if value is None else format(value, fmt)
 
 
-COLUMNS = ("task", "regime", "partition", "method", "test acc % (mean ± std)", "McNemar p vs zero-shot / calibrated",
-           "queries", "sequences",
-           "queries / sequences to 95%", "KiB up / down per client-round (aggregator link)", "KiB total (aggregator link)",
-           "KiB total (service link)", "client peak RSS MiB", "client holds", "wall s")
+COLUMNS = (
+    "task",
+    "regime",
+    "partition",
+    "method",
+    "test acc % (mean ± std)",
+    "McNemar p vs zero-shot / calibrated",
+    "queries",
+    "sequences",
+    "queries / sequences to 95%",
+    "KiB up / down per client-round (aggregator link)",
+    "KiB total (aggregator link)",
+    "KiB total (service link)",
+    "client peak RSS MiB",
+    "client holds",
+    "wall s",
+)
 
 
 def markdown_table(summary: list[dict]) -> str:
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     for s in summary:
-        cells = [s["task"], s["regime"], s["partition"], LABELS.get(s["method"], s["method"]), s["accuracy"],
-                 f"{_num(s['p_vs_zero_shot'], '.2g')} / {_num(s['p_vs_calibrated'], '.2g')}", _num(s["queries"]), _num(s["sequences"]),
-                 f"{_num(s['queries_to_95'])} / {_num(s['sequences_to_95'])}",
-                 f"{_kib(s['up_per_client_round'])} / {_kib(s['down_per_client_round'])}", _kib(s["bytes_total"]),
-                 _kib(s["service_bytes_total"]), _num(s["client_rss_mb"]), s["client_holds"],
-                 _num(s["wall_seconds"])]
+        cells = [
+            s["task"],
+            s["regime"],
+            s["partition"],
+            LABELS.get(s["method"], s["method"]),
+            s["accuracy"],
+            f"{_num(s['p_vs_zero_shot'], '.2g')} / {_num(s['p_vs_calibrated'], '.2g')}",
+            _num(s["queries"]),
+            _num(s["sequences"]),
+            f"{_num(s['queries_to_95'])} / {_num(s['sequences_to_95'])}",
+            f"{_kib(s['up_per_client_round'])} / {_kib(s['down_per_client_round'])}",
+            _kib(s["bytes_total"]),
+            _kib(s["service_bytes_total"]),
+            _num(s["client_rss_mb"]),
+            s["client_holds"],
+            _num(s["wall_seconds"]),
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -120,8 +151,11 @@ def paper_comparison(summary: list[dict]) -> str:
     out = []
     settings = sorted({(s["task"], s["regime"], s["partition"]) for s in summary})
     for task, regime, partition in settings:
-        ours = {s["method"]: s["accuracy_mean"] for s in summary
-                if (s["task"], s["regime"], s["partition"]) == (task, regime, partition)}
+        ours = {
+            s["method"]: s["accuracy_mean"]
+            for s in summary
+            if (s["task"], s["regime"], s["partition"]) == (task, regime, partition)
+        }
         if "fedbpt" not in ours:
             continue
         out.append(f"\n{task}, {regime}, {partition} (ours: SmolLM2-135M unless the grid says otherwise)\n")
@@ -130,8 +164,10 @@ def paper_comparison(summary: list[dict]) -> str:
         for method in sorted(ours, key=lambda m: -ours[m]):
             paper = PAPER_SST2.get(method)
             paper_gap = None if paper is None else paper - PAPER_SST2["fedbpt"]
-            out.append(f"| {LABELS.get(method, method)} | {_num(paper, '.2f')} | {_num(paper_gap, '+.2f')} | "
-                       f"{100 * ours[method]:.1f} | {100 * (ours[method] - ours['fedbpt']):+.1f} |")
+            out.append(
+                f"| {LABELS.get(method, method)} | {_num(paper, '.2f')} | {_num(paper_gap, '+.2f')} | "
+                f"{100 * ours[method]:.1f} | {100 * (ours[method] - ours['fedbpt']):+.1f} |"
+            )
     return "\n".join(out)
 
 
@@ -146,8 +182,9 @@ def _curves(rows: list[dict]) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndar
         n = min(len(r["curve"]) for r in rs)
         acc = np.array([[np.nan if a is None else a for a in r["curve"][:n]] for r in rs], dtype=float)
         queries = np.array([np.concatenate([[0], np.cumsum([x["queries"] for x in r["rounds"]])])[:n] for r in rs])
-        sent = np.array([np.concatenate([[0], np.cumsum([x["bytes_up"] + x["bytes_down"] for x in r["rounds"]])])[:n]
-                         for r in rs])
+        sent = np.array(
+            [np.concatenate([[0], np.cumsum([x["bytes_up"] + x["bytes_down"] for x in r["rounds"]])])[:n] for r in rs]
+        )
         out[method] = (np.arange(n), queries.mean(0), sent.mean(0), np.nanmean(acc, 0))
     return out
 
@@ -159,8 +196,11 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     import matplotlib.pyplot as plt
 
     curves = _curves(rows)
-    flat = {r["method"]: np.mean([x["test_accuracy"] for x in rows if x["method"] == r["method"]])
-            for r in rows if not r["curve"]}
+    flat = {
+        r["method"]: np.mean([x["test_accuracy"] for x in rows if x["method"] == r["method"]])
+        for r in rows
+        if not r["curve"]
+    }
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     for method, (rounds, queries, sent, acc) in curves.items():
         label = LABELS.get(method, method)
@@ -190,8 +230,7 @@ def wire_sizes(texts: list[str], label_words: list[str]) -> list[dict]:
     from fedbpt_wire.schemas import ProjectedPrompts, ScoreRequest
     from fedbpt_wire.tensors import encode_tensor
 
-    cases = [("SmolLM2-135M", 5, 5, 576, 100, 16),
-             ("paper (RoBERTa-large, popsize 20)", 20, 50, 1024, 500, 32)]
+    cases = [("SmolLM2-135M", 5, 5, 576, 100, 16), ("paper (RoBERTa-large, popsize 20)", 20, 50, 1024, 500, 32)]
     out = []
     for name, pop, length, hidden, dim, n in cases:
         batch = (texts * (n // len(texts) + 1))[:n]
@@ -201,23 +240,44 @@ def wire_sizes(texts: list[str], label_words: list[str]) -> list[dict]:
         for form in ("float32", "float16"):
             req = ScoreRequest(prompts=encode_tensor(projection(z), form), texts=batch, label_words=label_words)
             sizes[form] = len(req.model_dump_json(exclude_none=True))
-        req = ScoreRequest(projected=ProjectedPrompts(z=encode_tensor(z, "float32"), projection=projection.spec),
-                           texts=batch, label_words=label_words)
+        req = ScoreRequest(
+            projected=ProjectedPrompts(z=encode_tensor(z, "float32"), projection=projection.spec),
+            texts=batch,
+            label_words=label_words,
+        )
         sizes["seed"] = len(req.model_dump_json(exclude_none=True))
-        texts_only = len(ScoreRequest(prompts=encode_tensor(np.zeros((pop, 0, hidden))), texts=batch,
-                                      label_words=label_words).model_dump_json(exclude_none=True))
-        out.append({"case": name, "P": pop, "L": length, "D": hidden, "d": dim, "N": n, **sizes,
-                    "texts_and_framing": texts_only})
+        texts_only = len(
+            ScoreRequest(
+                prompts=encode_tensor(np.zeros((pop, 0, hidden))), texts=batch, label_words=label_words
+            ).model_dump_json(exclude_none=True)
+        )
+        out.append(
+            {
+                "case": name,
+                "P": pop,
+                "L": length,
+                "D": hidden,
+                "d": dim,
+                "N": n,
+                **sizes,
+                "texts_and_framing": texts_only,
+            }
+        )
     return out
 
 
 def wire_table(rows: list[dict]) -> str:
-    lines = ["| case | P x L x D (d) | N texts | float32 KiB | float16 KiB | seed + z KiB | seed / float32 | "
-             "of which texts KiB |", "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| case | P x L x D (d) | N texts | float32 KiB | float16 KiB | seed + z KiB | seed / float32 | "
+        "of which texts KiB |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
-        lines.append(f"| {r['case']} | {r['P']} x {r['L']} x {r['D']} ({r['d']}) | {r['N']} | {r['float32'] / 1024:.1f} | "
-                     f"{r['float16'] / 1024:.1f} | {r['seed'] / 1024:.1f} | {r['seed'] / r['float32']:.3f} | "
-                     f"{r['texts_and_framing'] / 1024:.1f} |")
+        lines.append(
+            f"| {r['case']} | {r['P']} x {r['L']} x {r['D']} ({r['d']}) | {r['N']} | {r['float32'] / 1024:.1f} | "
+            f"{r['float16'] / 1024:.1f} | {r['seed'] / 1024:.1f} | {r['seed'] / r['float32']:.3f} | "
+            f"{r['texts_and_framing'] / 1024:.1f} |"
+        )
     return "\n".join(lines)
 
 
@@ -239,13 +299,37 @@ def write_report(grid: Grid, rows: list[dict], out: Path) -> str:
         writer.writerows(rows)
     with open(out / "rounds.csv", "w", newline="") as f:
         table = csv.writer(f)
-        table.writerow(["key", "round", "curve_accuracy_at_start", "queries", "sequences", "bytes_up", "bytes_down",
-                         "service_bytes_up", "service_bytes_down", "val_accuracy"])
+        table.writerow(
+            [
+                "key",
+                "round",
+                "curve_accuracy_at_start",
+                "queries",
+                "sequences",
+                "bytes_up",
+                "bytes_down",
+                "service_bytes_up",
+                "service_bytes_down",
+                "val_accuracy",
+            ]
+        )
         for r in rows:
             for i, x in enumerate(r["rounds"]):
                 acc = r["curve"][i] if i < len(r["curve"]) else None
-                table.writerow([r["key"], x["round"], acc, x["queries"], x["sequences"], x["bytes_up"],
-                                 x["bytes_down"], x["service_bytes_up"], x["service_bytes_down"], x["val_accuracy"]])
+                table.writerow(
+                    [
+                        r["key"],
+                        x["round"],
+                        acc,
+                        x["queries"],
+                        x["sequences"],
+                        x["bytes_up"],
+                        x["bytes_down"],
+                        x["service_bytes_up"],
+                        x["service_bytes_down"],
+                        x["val_accuracy"],
+                    ]
+                )
     for setting in sorted({(r["task"], r["regime"], r["partition"]) for r in rows}):
         chosen = [r for r in rows if (r["task"], r["regime"], r["partition"]) == setting]
         # A task may be a spec file's path: its slashes must not become directories.
@@ -253,19 +337,22 @@ def write_report(grid: Grid, rows: list[dict], out: Path) -> str:
     task = get_task(grid.tasks[0])
     sample = [task.render(ex.fields, "causal") for ex in load_splits(grid.data, task)["train"][:32]]
     wire = wire_sizes(sample, list(task.label_words))
-    text = "\n\n".join([
-        f"# fedbpt bench: grid `{grid.name}`, {time.strftime('%Y-%m-%d')}",
-        f"Model {grid.model} ({grid.dtype}); {grid.clients} clients; {grid.rounds} rounds; d = {grid.intrinsic_dim}, "
-        f"L = {grid.prompt_length}, popsize {grid.popsize}, {grid.local_iterations} local iterations of "
-        f"{grid.batch_size} examples; test {grid.test_size} examples (curves on the first {grid.curve_size}); "
-        f"seeds {list(grid.seeds)}. Queries and bytes are training costs, measured on the wire; "
-        "evaluation queries are the bench's own and not counted. Bytes on the aggregator link include idle polling.",
-        markdown_table(summary),
-        "## Against the paper (RoBERTa-large, non-IID SST-2, Table 2)" + paper_comparison(summary),
-        "## One population's upload to the service, by prompt wire form (measured JSON bodies)\n\n" + wire_table(wire),
-    ])
+    text = "\n\n".join(
+        [
+            f"# fedbpt bench: grid `{grid.name}`, {time.strftime('%Y-%m-%d')}",
+            f"Model {grid.model} ({grid.dtype}); {grid.clients} clients; {grid.rounds} rounds; "
+            f"d = {grid.intrinsic_dim}, "
+            f"L = {grid.prompt_length}, popsize {grid.popsize}, {grid.local_iterations} local iterations of "
+            f"{grid.batch_size} examples; test {grid.test_size} examples (curves on the first {grid.curve_size}); "
+            f"seeds {list(grid.seeds)}. Queries and bytes are training costs, measured on the wire; "
+            "evaluation queries are the bench's own and not counted. "
+            "Bytes on the aggregator link include idle polling.",
+            markdown_table(summary),
+            "## Against the paper (RoBERTa-large, non-IID SST-2, Table 2)" + paper_comparison(summary),
+            "## One population's upload to the service, by prompt wire form (measured JSON bodies)\n\n"
+            + wire_table(wire),
+        ]
+    )
     (out / "results.md").write_text(text + "\n")
     (out / "grid.json").write_text(json.dumps(asdict(grid), indent=2))
     return text
-
-

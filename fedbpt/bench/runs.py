@@ -81,8 +81,12 @@ class Bench:
         if started:
             self.api_key = secrets.token_urlsafe(16)
             self.service_url, port = free_url()
-            self.children.start_healthy("service", service_argv(port, self.grid.model, self.grid.dtype),
-                                        self.service_url, env={"FEDBPT_API_KEYS": self.api_key})
+            self.children.start_healthy(
+                "service",
+                service_argv(port, self.grid.model, self.grid.dtype),
+                self.service_url,
+                env={"FEDBPT_API_KEYS": self.api_key},
+            )
         try:
             yield
         finally:
@@ -123,13 +127,20 @@ class Bench:
                         continue
                     t0 = time.monotonic()
                     row = self.run_one(setting, method, task, splits["train"], test)
-                    row.update(key=key, method=method, **asdict(setting), partition=setting.partition,
-                               wall_seconds=time.monotonic() - t0)
+                    row.update(
+                        key=key,
+                        method=method,
+                        **asdict(setting),
+                        partition=setting.partition,
+                        wall_seconds=time.monotonic() - t0,
+                    )
                     with open(self.results_path, "a") as f:
                         f.write(json.dumps(row) + "\n")
                     self.done[key] = row
-                    progress(f"[{n}/{len(todo)}] {key}: test accuracy {row['test_accuracy']:.4f}, "
-                             f"{row.get('queries', 0)} queries, {row['wall_seconds']:.0f} s")
+                    progress(
+                        f"[{n}/{len(todo)}] {key}: test accuracy {row['test_accuracy']:.4f}, "
+                        f"{row.get('queries', 0)} queries, {row['wall_seconds']:.0f} s"
+                    )
         return [self.done[s.key(m)] for s in settings for m in self.grid.methods]
 
     def run_one(self, setting: Setting, method: str, task, train, test) -> dict:
@@ -159,8 +170,11 @@ class Bench:
         # The manual prompt depends on neither seed nor partition: one evaluation per task serves every setting.
         for row in self.done.values():
             if row["method"] == "zero-shot" and row["task"] == task.name:
-                return {k: v for k, v in row.items() if k not in ("key", "seed", "regime", "alpha", "partition",
-                                                                  "wall_seconds")}
+                return {
+                    k: v
+                    for k, v in row.items()
+                    if k not in ("key", "seed", "regime", "alpha", "partition", "wall_seconds")
+                }
         service = self._service_client()
         try:
             info = service.model_info()
@@ -168,10 +182,22 @@ class Bench:
         finally:
             service.close()
         # The manual prompt costs nothing to train: its only queries are the evaluation's.
-        return {"test_accuracy": res["accuracy"], "test_loss": res["loss"], "queries": 0, "sequences": 0,
-                "test_logits": res["logits"].tolist(), "correct": _correct(res["logits"], test),
-                "bytes_up": 0, "bytes_down": 0, "service_bytes_up": 0, "service_bytes_down": 0, "curve": [],
-                "rounds": [], "client_rss_mb": None, "client_holds": "nothing (a fixed template)"}
+        return {
+            "test_accuracy": res["accuracy"],
+            "test_loss": res["loss"],
+            "queries": 0,
+            "sequences": 0,
+            "test_logits": res["logits"].tolist(),
+            "correct": _correct(res["logits"], test),
+            "bytes_up": 0,
+            "bytes_down": 0,
+            "service_bytes_up": 0,
+            "service_bytes_down": 0,
+            "curve": [],
+            "rounds": [],
+            "client_rss_mb": None,
+            "client_holds": "nothing (a fixed template)",
+        }
 
     def _calibrated(self, setting: Setting, task, train, test) -> dict:
         """The manual prompt with its label bias fitted on the clients' pooled few-shot examples (no tuning)."""
@@ -190,11 +216,21 @@ class Bench:
         bias = fit_calibration(fitted["logits"], np.array([ex.label for ex in pool]))
         logits = np.asarray(zero["test_logits"])
         correct = calibrated_predictions(logits, bias) == np.array([ex.label for ex in test])
-        return {"test_accuracy": float(correct.mean()), "test_loss": None, "queries": fitted["queries"],
-                "sequences": fitted["sequences"], "bytes_up": 0, "bytes_down": 0,
-                "service_bytes_up": fitted["bytes_up"], "service_bytes_down": fitted["bytes_down"], "curve": [],
-                "rounds": [], "correct": correct.astype(int).tolist(), "client_rss_mb": None,
-                "client_holds": "a label bias (C floats) fitted on its own examples"}
+        return {
+            "test_accuracy": float(correct.mean()),
+            "test_loss": None,
+            "queries": fitted["queries"],
+            "sequences": fitted["sequences"],
+            "bytes_up": 0,
+            "bytes_down": 0,
+            "service_bytes_up": fitted["bytes_up"],
+            "service_bytes_down": fitted["bytes_down"],
+            "curve": [],
+            "rounds": [],
+            "correct": correct.astype(int).tolist(),
+            "client_rss_mb": None,
+            "client_holds": "a label bias (C floats) fitted on its own examples",
+        }
 
     def _icl(self, setting: Setting, task, train, test) -> dict:
         from .baselines import icl_evaluate, pick_demos
@@ -207,11 +243,22 @@ class Bench:
         finally:
             service.close()
         # Demonstrations travel with every test query: that is ICL's cost, paid at inference, not in training.
-        return {"test_accuracy": res["accuracy"], "test_loss": res["loss"], "queries": 0, "sequences": 0,
-                "correct": _correct(res["logits"], test),
-                "bytes_up": 0, "bytes_down": 0, "service_bytes_up": 0, "service_bytes_down": 0, "curve": [],
-                "rounds": [], "inference_tokens_per_example": res["tokens"] / max(1, res["sequences"]),
-                "client_rss_mb": None, "client_holds": f"{len(demos)} labelled demonstrations"}
+        return {
+            "test_accuracy": res["accuracy"],
+            "test_loss": res["loss"],
+            "queries": 0,
+            "sequences": 0,
+            "correct": _correct(res["logits"], test),
+            "bytes_up": 0,
+            "bytes_down": 0,
+            "service_bytes_up": 0,
+            "service_bytes_down": 0,
+            "curve": [],
+            "rounds": [],
+            "inference_tokens_per_example": res["tokens"] / max(1, res["sequences"]),
+            "client_rss_mb": None,
+            "client_holds": f"{len(demos)} labelled demonstrations",
+        }
 
     def _federated(self, setting: Setting, method: str, task, test) -> dict:
         from fed_clients.aggregator_client import AggregatorClient
@@ -226,26 +273,54 @@ class Bench:
         clients = 1 if method == "centralized" else g.clients
         agg_url, port = free_url()
         name = setting.key(method).replace("/", "_")
-        run_config = {"run_id": name, "strategy": method, "rounds": g.rounds, "intrinsic_dim": g.intrinsic_dim,
-                      "prompt_length": g.prompt_length, "sigma0": g.sigma0, "local_popsize": g.popsize,
-                      "local_iterations": g.local_iterations, "seed": setting.seed,
-                      "projection_seed": setting.seed, "min_clients": clients, "prompt_init": g.prompt_init,
-                      "prompt_placement": g.prompt_placement, "round_timeout_s": 3600,
-                      "clip_multiple": g.clip_multiple, "robust_merge": g.robust_merge}
+        run_config = {
+            "run_id": name,
+            "strategy": method,
+            "rounds": g.rounds,
+            "intrinsic_dim": g.intrinsic_dim,
+            "prompt_length": g.prompt_length,
+            "sigma0": g.sigma0,
+            "local_popsize": g.popsize,
+            "local_iterations": g.local_iterations,
+            "seed": setting.seed,
+            "projection_seed": setting.seed,
+            "min_clients": clients,
+            "prompt_init": g.prompt_init,
+            "prompt_placement": g.prompt_placement,
+            "round_timeout_s": 3600,
+            "clip_multiple": g.clip_multiple,
+            "robust_merge": g.robust_merge,
+        }
         per_class = g.regimes[setting.regime]
         assert self.service_url is not None, "runs happen inside Bench.service()"
         run = Children(self.logs, env=SINGLE_THREADED)
         with run:
-            run.start_healthy(f"{name}-aggregator", aggregator_argv(port, db, run_config), agg_url,
-                              env={"FEDBPT_ENROLL_KEY": self.enroll_key, "FEDBPT_OPERATOR_KEY": self.operator_key})
-            procs = [run.start(f"{name}-client-{k}",
-                               client_argv(self.service_url, agg_url, data=g.data, task=setting.task,
-                                           partition=f"{k}/{clients}", partition_seed=setting.seed,
-                                           batch_size=g.batch_size, prompt_wire=g.prompt_wire,
-                                           label_words=g.label_words or None, per_class=per_class or None,
-                                           alpha=setting.alpha if clients > 1 else None),
-                               env={"FEDBPT_API_KEY": self.api_key or "", "FEDBPT_ENROLL_KEY": self.enroll_key})
-                     for k in range(clients)]
+            run.start_healthy(
+                f"{name}-aggregator",
+                aggregator_argv(port, db, run_config),
+                agg_url,
+                env={"FEDBPT_ENROLL_KEY": self.enroll_key, "FEDBPT_OPERATOR_KEY": self.operator_key},
+            )
+            procs = [
+                run.start(
+                    f"{name}-client-{k}",
+                    client_argv(
+                        self.service_url,
+                        agg_url,
+                        data=g.data,
+                        task=setting.task,
+                        partition=f"{k}/{clients}",
+                        partition_seed=setting.seed,
+                        batch_size=g.batch_size,
+                        prompt_wire=g.prompt_wire,
+                        label_words=g.label_words or None,
+                        per_class=per_class or None,
+                        alpha=setting.alpha if clients > 1 else None,
+                    ),
+                    env={"FEDBPT_API_KEY": self.api_key or "", "FEDBPT_ENROLL_KEY": self.enroll_key},
+                )
+                for k in range(clients)
+            ]
             memory = PeakMemory(procs)
             observer = AggregatorClient(agg_url, timeout=60, token=self.operator_key)
             means: dict[int, np.ndarray] = {}
@@ -279,8 +354,13 @@ class Bench:
         service = self._service_client()
         try:
             info = service.model_info()
-            scorer = PromptScorer(service, with_placement(task, config.prompt_placement),
-                                  projection_for(config, info), info.kind, info.max_texts)
+            scorer = PromptScorer(
+                service,
+                with_placement(task, config.prompt_placement),
+                projection_for(config, info),
+                info.kind,
+                info.max_texts,
+            )
             curve_set = test[: g.curve_size]
             if method == "local-only":
                 # Each client's own prompt, each on its own slice of the test set: the mean over clients of
@@ -290,40 +370,78 @@ class Bench:
                 correct = np.zeros(len(test), int)
                 for z, idx in zip(own, slices):
                     if len(idx):
-                        correct[idx] = _correct(scorer.logits(z[None], [test[i] for i in idx])[0],
-                                                [test[i] for i in idx])
+                        correct[idx] = _correct(
+                            scorer.logits(z[None], [test[i] for i in idx])[0], [test[i] for i in idx]
+                        )
                 test_acc, test_loss, curve = float(correct.mean()), None, []
             else:
-                curve = [float(scorer.evaluate(means[r][None], curve_set).accuracy[0]) if r in means else None
-                         for r in range(g.rounds + 1)]
+                curve = [
+                    float(scorer.evaluate(means[r][None], curve_set).accuracy[0]) if r in means else None
+                    for r in range(g.rounds + 1)
+                ]
                 logits = scorer.logits(decode_tensor(final.mean)[None], test)
                 correct = np.array(_correct(logits[0], test))
                 loss, acc = label_cross_entropy(logits, np.array([ex.label for ex in test]))
                 test_acc, test_loss = float(acc[0]), float(loss[0])
         finally:
             service.close()
-        rounds = [r.model_dump(include={"round", "state", "queries", "sequences", "tokens", "bytes_up", "bytes_down",
-                                        "service_bytes_up", "service_bytes_down", "val_accuracy", "clipped"})
-                  | {"clients": len(r.reporters)} for r in status.history]
+        rounds = [
+            r.model_dump(
+                include={
+                    "round",
+                    "state",
+                    "queries",
+                    "sequences",
+                    "tokens",
+                    "bytes_up",
+                    "bytes_down",
+                    "service_bytes_up",
+                    "service_bytes_down",
+                    "val_accuracy",
+                    "clipped",
+                }
+            )
+            | {"clients": len(r.reporters)}
+            for r in status.history
+        ]
         return {
-            "test_accuracy": test_acc, "test_loss": test_loss, "curve": curve, "rounds": rounds,
+            "test_accuracy": test_acc,
+            "test_loss": test_loss,
+            "curve": curve,
+            "rounds": rounds,
             "correct": [int(c) for c in correct],
-            "queries": sum(r["queries"] for r in rounds), "sequences": sum(r["sequences"] for r in rounds),
+            "queries": sum(r["queries"] for r in rounds),
+            "sequences": sum(r["sequences"] for r in rounds),
             "tokens": sum(r["tokens"] for r in rounds),
-            "bytes_up": sum(r["bytes_up"] for r in rounds), "bytes_down": sum(r["bytes_down"] for r in rounds),
+            "bytes_up": sum(r["bytes_up"] for r in rounds),
+            "bytes_down": sum(r["bytes_down"] for r in rounds),
             "service_bytes_up": sum(r["service_bytes_up"] for r in rounds),
             "service_bytes_down": sum(r["service_bytes_down"] for r in rounds),
-            "clients": len(rss), "client_rss_mb": max(rss), "client_holds": "no model: API key, d-dim mean, own data",
+            "clients": len(rss),
+            "client_rss_mb": max(rss),
+            "client_holds": "no model: API key, d-dim mean, own data",
         }
 
     def _fedprompt(self, setting: Setting, test) -> dict:
         g = self.grid
         name = setting.key("fedprompt").replace("/", "_")
-        spec = {"model": g.model, "dtype": g.dtype, "task": setting.task, "data": g.data, "clients": g.clients,
-                "alpha": setting.alpha, "seed": setting.seed, "per_class": g.regimes[setting.regime],
-                "rounds": g.rounds, "local_steps": g.fedprompt_steps, "lr": g.fedprompt_lr,
-                "prompt_length": g.prompt_length, "batch_size": g.batch_size, "test_size": g.test_size,
-                "curve_size": g.curve_size}
+        spec = {
+            "model": g.model,
+            "dtype": g.dtype,
+            "task": setting.task,
+            "data": g.data,
+            "clients": g.clients,
+            "alpha": setting.alpha,
+            "seed": setting.seed,
+            "per_class": g.regimes[setting.regime],
+            "rounds": g.rounds,
+            "local_steps": g.fedprompt_steps,
+            "lr": g.fedprompt_lr,
+            "prompt_length": g.prompt_length,
+            "batch_size": g.batch_size,
+            "test_size": g.test_size,
+            "curve_size": g.curve_size,
+        }
         spec_path, out_path = self.logs / f"{name}.spec.json", self.logs / f"{name}.out.json"
         spec_path.write_text(json.dumps(spec))
         # Its own process: the peak memory of a client that must hold the model is part of the result.
@@ -336,19 +454,40 @@ class Bench:
         if code != 0:
             raise RuntimeError(f"FedPrompt for {name} exited with {code}; see {self.logs / (name + '.log')}")
         res = json.loads(out_path.read_text())
-        rounds = [{"round": r["round"], "state": "merged", "queries": 0, "sequences": 0, "tokens": 0,
-                   "bytes_up": r["bytes_up"], "bytes_down": r["bytes_down"], "service_bytes_up": 0,
-                   "service_bytes_down": 0, "val_accuracy": None, "clients": g.clients} for r in res["rounds"]]
-        return {"test_accuracy": res["test_accuracy"], "test_loss": res["test_loss"],
-                "curve": [res["initial_curve_accuracy"]] + [r["curve_accuracy"] for r in res["rounds"]],
-                "rounds": rounds, "queries": 0, "sequences": 0, "tokens": 0,
-                "bytes_up": res["bytes_up"], "bytes_down": res["bytes_down"], "service_bytes_up": 0,
-                "service_bytes_down": 0, "clients": g.clients, "client_rss_mb": rss,
-                "client_holds": f"the model ({res['client_model_bytes'] / 2**20:.0f} MiB of weights) and gradients"}
+        rounds = [
+            {
+                "round": r["round"],
+                "state": "merged",
+                "queries": 0,
+                "sequences": 0,
+                "tokens": 0,
+                "bytes_up": r["bytes_up"],
+                "bytes_down": r["bytes_down"],
+                "service_bytes_up": 0,
+                "service_bytes_down": 0,
+                "val_accuracy": None,
+                "clients": g.clients,
+            }
+            for r in res["rounds"]
+        ]
+        return {
+            "test_accuracy": res["test_accuracy"],
+            "test_loss": res["test_loss"],
+            "curve": [res["initial_curve_accuracy"]] + [r["curve_accuracy"] for r in res["rounds"]],
+            "rounds": rounds,
+            "queries": 0,
+            "sequences": 0,
+            "tokens": 0,
+            "bytes_up": res["bytes_up"],
+            "bytes_down": res["bytes_down"],
+            "service_bytes_up": 0,
+            "service_bytes_down": 0,
+            "clients": g.clients,
+            "client_rss_mb": rss,
+            "client_holds": f"the model ({res['client_model_bytes'] / 2**20:.0f} MiB of weights) and gradients",
+        }
 
 
 def _correct(logits, examples) -> list[int]:
     """Per test example, 1 where the prediction is right: what the paired tests compare."""
     return (np.asarray(logits).argmax(-1) == np.array([ex.label for ex in examples])).astype(int).tolist()
-
-
