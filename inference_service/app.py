@@ -101,7 +101,7 @@ def _projected_prompts(req: ScoreRequest, engine: Engine, limits: Limits, projec
 
 
 def validate_request(
-    req: ScoreRequest, engine: Engine, limits: Limits, projections: ProjectionCache | None = None
+    req: ScoreRequest, engine: Engine, limits: Limits, projections: ProjectionCache
 ) -> tuple[ScoreBatch, np.ndarray | None]:
     """Shape, size, dtype and label checks as InputError (422) or HTTPException (413).
 
@@ -118,7 +118,6 @@ def validate_request(
     if req.prompts is not None:
         prompts = _dense_prompts(req, engine, limits)
     else:
-        projections = projections or projection_cache(engine)
         prompts = _projected_prompts(req, engine, limits, projections)
     _check_strings(
         "texts", req.texts, limits.max_text_tokens * _MAX_CHARS_PER_TOKEN, f"text of {limits.max_text_tokens} tokens"
