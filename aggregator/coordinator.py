@@ -140,6 +140,36 @@ def client_rounds(store: Store) -> list[ClientRoundRecord]:
     return out
 
 
+def check_update(req: UpdateRequest, config: RunConfig) -> None:
+    """Refuse (Rejected 422) an update no merge should see: wrong shape, non-finite or absurd values.
+
+    Pure, so another engine hosting the strategies (fedbpt_flower) applies the same rules."""
+    d = config.intrinsic_dim
+    try:
+        mean = decode_tensor(req.mean, field="mean", max_elements=d)
+    except TensorDecodeError as exc:
+        raise Rejected(422, str(exc)) from None
+    if list(mean.shape) != [d]:
+        raise Rejected(422, f"mean.shape must be [{d}] (intrinsic_dim), got {req.mean.shape}")
+    if not (math.isfinite(req.fitness) and abs(req.fitness) <= MAX_METRIC):
+        raise Rejected(422, f"fitness must be finite and within +-{MAX_METRIC:g}, got {req.fitness}")
+    cap = MAX_SIGMA_RATIO * config.sigma0
+    for i, s in enumerate(req.sigmas):
+        if not (math.isfinite(s) and 0 < s <= cap):
+            raise Rejected(422, f"sigmas[{i}] must be positive and at most {cap:g}, got {s}")
+    if req.final_sigma is not None and not (math.isfinite(req.final_sigma) and 0 < req.final_sigma <= cap):
+        raise Rejected(422, f"final_sigma must be positive and at most {cap:g}, got {req.final_sigma}")
+    if req.num_samples > MAX_SAMPLES:
+        raise Rejected(422, f"num_samples must be at most {MAX_SAMPLES}, got {req.num_samples}")
+    # Checked here, not at the merge: a value the round's metrics cannot fold would fail every close of
+    # the round, and so every request after it.
+    if req.metrics.val_samples > MAX_SAMPLES:
+        raise Rejected(422, f"metrics.val_samples must be at most {MAX_SAMPLES}, got {req.metrics.val_samples}")
+    for name, value in req.metrics:
+        if isinstance(value, float) and not (math.isfinite(value) and abs(value) <= MAX_METRIC):
+            raise Rejected(422, f"metrics.{name} must be finite and within +-{MAX_METRIC:g}, got {value}")
+
+
 class Coordinator:
     """The one object every endpoint goes through; the store is its memory across restarts."""
 
@@ -386,30 +416,7 @@ class Coordinator:
     # ------------------------------------------------------------------ lifecycle
 
     def _check_update(self, req: UpdateRequest) -> None:
-        d = self.config.intrinsic_dim
-        try:
-            mean = decode_tensor(req.mean, field="mean", max_elements=d)
-        except TensorDecodeError as exc:
-            raise Rejected(422, str(exc)) from None
-        if list(mean.shape) != [d]:
-            raise Rejected(422, f"mean.shape must be [{d}] (intrinsic_dim), got {req.mean.shape}")
-        if not (math.isfinite(req.fitness) and abs(req.fitness) <= MAX_METRIC):
-            raise Rejected(422, f"fitness must be finite and within +-{MAX_METRIC:g}, got {req.fitness}")
-        cap = MAX_SIGMA_RATIO * self.config.sigma0
-        for i, s in enumerate(req.sigmas):
-            if not (math.isfinite(s) and 0 < s <= cap):
-                raise Rejected(422, f"sigmas[{i}] must be positive and at most {cap:g}, got {s}")
-        if req.final_sigma is not None and not (math.isfinite(req.final_sigma) and 0 < req.final_sigma <= cap):
-            raise Rejected(422, f"final_sigma must be positive and at most {cap:g}, got {req.final_sigma}")
-        if req.num_samples > MAX_SAMPLES:
-            raise Rejected(422, f"num_samples must be at most {MAX_SAMPLES}, got {req.num_samples}")
-        # Checked here, not at the merge: a value the round's metrics cannot fold would fail every close of
-        # the round, and so every request after it.
-        if req.metrics.val_samples > MAX_SAMPLES:
-            raise Rejected(422, f"metrics.val_samples must be at most {MAX_SAMPLES}, got {req.metrics.val_samples}")
-        for name, value in req.metrics:
-            if isinstance(value, float) and not (math.isfinite(value) and abs(value) <= MAX_METRIC):
-                raise Rejected(422, f"metrics.{name} must be finite and within +-{MAX_METRIC:g}, got {value}")
+        check_update(req, self.config)
 
     def _tick(self, now: float) -> None:
         o = self._open
