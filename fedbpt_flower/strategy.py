@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -45,6 +46,8 @@ class RoundOutcome:
     mean: list[float]  # the global mean after the round, float64 (float32 on the wire)
     rejected: dict[str, str] = field(default_factory=dict)  # client or node -> why its reply was dropped
     metrics: dict = field(default_factory=dict)
+    opened_at: float = 0.0  # wall clock (time.time) when its tasks were sent and when its merge was done
+    closed_at: float = 0.0
 
 
 class FedBPTFlowerStrategy(FlowerStrategy):
@@ -54,6 +57,7 @@ class FedBPTFlowerStrategy(FlowerStrategy):
         self.names: dict[int, str] = {}  # node id -> the client id it first reported under
         self.history: list[RoundOutcome] = []
         self._selected: list[int] = []
+        self._opened_at = 0.0
 
     def summary(self) -> None:
         c = self.config
@@ -71,6 +75,7 @@ class FedBPTFlowerStrategy(FlowerStrategy):
         size = max(1, math.ceil(round(self.config.participation * connected, 9)))
         nodes, _ = sample_nodes(grid, self.config.min_clients, size)
         self._selected = sorted(nodes)
+        self._opened_at = time.time()
         if self.strategy is None:
             self.strategy = make_strategy(self.config, popsize=len(nodes))
         round_ = server_round - 1  # Flower counts from 1; the clients' seeds take the native round number
@@ -134,6 +139,7 @@ class FedBPTFlowerStrategy(FlowerStrategy):
             log.warning("round %d failed: %d/%d updates, %d needed", round_, len(ordered), len(self._selected),
                         self.config.min_updates)
         outcome.mean = [float(x) for x in self.strategy.mean]
+        outcome.opened_at, outcome.closed_at = self._opened_at, time.time()
         self.history.append(outcome)
         log.info("round %d %s with %d/%d updates: sigma %.4g", round_, outcome.state, len(ordered),
                  len(self._selected), self.strategy.sigma)
