@@ -2,8 +2,7 @@
 
 SuperLink, SuperNodes and `flwr run` are the installed Flower commands, started in their own process groups and
 stopped with everything they started (`stop`). TLS material is made here with `cryptography`: a self-signed
-certificate for 127.0.0.1 that is its own CA, and P-384 SuperNode keys (OpenSSH public form, as
-`flwr supernode register` reads it).
+certificate for 127.0.0.1 that is its own CA, and P-384 SuperNode keys in OpenSSH form.
 """
 
 from __future__ import annotations
@@ -70,14 +69,15 @@ def make_tls(directory: Path) -> Tls:
 
 
 def make_node_key(directory: Path, name: str) -> tuple[Path, Path]:
-    """A SuperNode's (private key PEM, public key OpenSSH) files."""
+    """A SuperNode's (private, public) key files, both in the OpenSSH form `flower-supernode` and
+    `flwr supernode register` read."""
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import ec
 
     key = ec.generate_private_key(ec.SECP384R1())
     private, public = directory / f"{name}.key", directory / f"{name}.pub"
     directory.mkdir(parents=True, exist_ok=True)
-    private.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+    private.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
                                           serialization.NoEncryption()))
     public.write_bytes(key.public_key().public_bytes(serialization.Encoding.OpenSSH,
                                                      serialization.PublicFormat.OpenSSH))
@@ -331,6 +331,7 @@ def run_native(workdir: Path, service_url: str, service_key: str, config, shards
             return t
 
     errors: list[Exception] = []
+    workdir.mkdir(parents=True, exist_ok=True)
     with serve_app(create_app(config, str(workdir / "native.db"), enroll_key="enroll",
                               operator_key="operator")) as agg_url:
         counter = ByteCounter(int(agg_url.rsplit(":", 1)[1])) if count_bytes else None

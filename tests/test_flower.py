@@ -4,9 +4,11 @@ deployment run's global means against the native aggregator's on the same seeds 
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from aggregator.strategies import Task, make_strategy
 from fed_clients.data import load_splits
@@ -86,8 +88,8 @@ def test_a_bad_reply_is_dropped_and_the_round_fails_without_enough_updates():
                       "metrics": MetricRecord({"local_loss": 0.1, "local_accuracy": 1.0, "costs.queries": 1,
                                                "costs.sequences": 1, "costs.tokens": 1, "costs.service_bytes_up": 1,
                                                "costs.service_bytes_down": 1})})
-    reply = Message(bad, dst_node_id=11, message_type="train")
-    reply.metadata.__dict__["_src_node_id"] = 11  # as the SuperLink stamps a reply's sender
+    # Only the SuperLink may build a Message: the reply is stood in for by what the strategy reads of one.
+    reply = SimpleNamespace(metadata=SimpleNamespace(src_node_id=11), content=bad, has_error=lambda: False)
     flower._selected = [11]
     flower.aggregate_train(1, [reply])
     outcome = flower.history[-1]
