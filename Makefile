@@ -9,12 +9,12 @@ STAMP := $(VENV)/.installed
 export FEDBPT_CACHE_DIR ?= $(CURDIR)/.cache/fedbpt
 ASSETS := $(FEDBPT_CACHE_DIR)/.fetched
 
-.PHONY: setup assets demo test test-shuffled test-slow test-fuzz compose-test bench clean
+.PHONY: setup assets demo test test-shuffled test-slow test-fuzz test-flower compose-test bench bench-flower clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check "$(TORCH)"
-	$(PY) -m pip install -q --disable-pip-version-check -e '.[service,client,aggregator,dev]'
+	$(PY) -m pip install -q --disable-pip-version-check -e '.[service,client,aggregator,dev,flower-sim]'
 	touch $(STAMP)
 
 setup: $(STAMP)
@@ -38,6 +38,11 @@ test-shuffled: $(ASSETS)
 test-slow: $(ASSETS)
 	$(PY) -m pytest -q -m slow
 
+# FedBPT on Flower (docs/flower.md): the simulation engine (also in `make test`) and the deployment engine on
+# loopback (SuperLink with TLS and SuperNode auth, three SuperNodes), checked against the native aggregator.
+test-flower: $(ASSETS)
+	$(PY) -m pytest -q -s -p no:randomly -m 'slow or not slow' tests/test_flower.py
+
 # The container stack for real (tests/test_compose_stack.py, docs/docker.md): builds the images with the
 # local Docker engine, runs the cpu profile, checks the report and a resume, then `down -v`. Needs Compose v2.
 compose-test: $(STAMP)
@@ -49,6 +54,10 @@ test-fuzz: $(ASSETS)
 
 bench: $(ASSETS)
 	$(PY) bench/service_overhead.py
+
+# Native aggregator vs Flower deployment, side by side on one service: link bytes per client-round, time per round.
+bench-flower: $(ASSETS)
+	$(PY) bench/flower_overhead.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
