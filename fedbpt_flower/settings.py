@@ -79,8 +79,13 @@ def site_settings(run: Mapping[str, object], node: Mapping[str, object], node_id
         if not 0 <= k < n:
             raise SettingsError(f"node config: need 0 <= partition-id < num-partitions, got {k} and {n}")
         partition = (k, n)
-    alpha = float(get("alpha", 0.0))
-    per_class = int(get("per-class", 0))
+    try:
+        alpha, per_class = float(get("alpha", 0.0)), int(get("per-class", 0))
+        seed, fraction = int(get("partition-seed", 0)), float(get("val-fraction", 0.25))
+        batch = int(get("batch-size", 16))
+    except (TypeError, ValueError):
+        raise SettingsError("run config: alpha, per-class, partition-seed, val-fraction and batch-size must be "
+                            "numbers") from None
     default_id = f"client-{partition[0]}" if partition else f"node-{node_id}"
     return SiteSettings(
         client_id=str(node.get("client-id", default_id)), service=str(service),
@@ -88,6 +93,6 @@ def site_settings(run: Mapping[str, object], node: Mapping[str, object], node_id
         task=str(get("task", "rotten_tomatoes")), partition=partition,
         # TOML has no null: 0 stands for "none" (an IID split, every example of the pool).
         alpha=alpha if alpha > 0 else None, per_class=per_class if per_class > 0 else None,
-        partition_seed=int(get("partition-seed", 0)), val_fraction=float(get("val-fraction", 0.25)),
-        batch_size=int(get("batch-size", 16)), ca_cert=node.get("ca-cert") and str(node["ca-cert"]),
+        partition_seed=seed, val_fraction=fraction, batch_size=batch,
+        ca_cert=str(node["ca-cert"]) if "ca-cert" in node else None,
     )
