@@ -10,8 +10,8 @@ environment's (FEDBPT_API_KEY): a secret never travels through the SuperLink.
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Mapping
 
 from pydantic import ValidationError
 

@@ -15,7 +15,12 @@ from fed_clients.data import load_splits
 from fed_clients.runner import client_shard
 from fed_clients.tasks import get_task
 from fedbpt_flower.loopback import run_deployment, run_native, run_simulation
-from fedbpt_flower.records import round_task, task_content, update_content, update_request
+from fedbpt_flower.records import (
+    round_task,
+    task_content,
+    update_content,
+    update_request,
+)
 from fedbpt_flower.settings import SettingsError, run_config_from, site_settings
 from fedbpt_wire.federation import ClientCosts, ClientMetrics, UpdateRequest
 from fedbpt_wire.tensors import decode_tensor, encode_tensor
