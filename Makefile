@@ -5,11 +5,14 @@ PY := $(VENV)/bin/python
 # The CPU build that lies on this kind of machine; a GPU host sets TORCH='torch' (or its own pin).
 TORCH ?= torch==2.13.0
 STAMP := $(VENV)/.installed
+FLOWER_VENV ?= .venv-flower
+FLOWER_PY := $(FLOWER_VENV)/bin/python
+FLOWER_STAMP := $(FLOWER_VENV)/.installed
 # make keeps the assets beside the checkout (the `fedbpt` command alone defaults to the user cache directory).
 export FEDBPT_CACHE_DIR ?= $(CURDIR)/.cache/fedbpt
 ASSETS := $(FEDBPT_CACHE_DIR)/.fetched
 
-.PHONY: setup assets demo lint test test-shuffled test-slow test-fuzz compose-test bench clean
+.PHONY: setup assets demo lint test test-shuffled test-slow test-fuzz test-flower compose-test bench bench-flower clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -44,6 +47,22 @@ test-shuffled: $(ASSETS)
 test-slow: $(ASSETS)
 	$(PY) -m pytest -q -m slow
 
+# FedBPT on Flower (docs/flower.md) in its own virtualenv: flwr 1.42 pins fastapi, starlette and uvicorn below
+# what the service runs elsewhere, and its simulation engine brings Ray. The simulation run and the deployment
+# engine on loopback (SuperLink with TLS and SuperNode auth, three SuperNodes) against the native aggregator.
+$(FLOWER_STAMP): pyproject.toml Makefile
+	test -x $(FLOWER_PY) || $(PYTHON) -m venv $(FLOWER_VENV)
+	$(FLOWER_PY) -m pip install -q --disable-pip-version-check "$(TORCH)"
+	$(FLOWER_PY) -m pip install -q --disable-pip-version-check -e '.[service,client,aggregator,dev,flower-sim]'
+	touch $(FLOWER_STAMP)
+
+test-flower: $(FLOWER_STAMP) $(ASSETS)
+	$(FLOWER_PY) -m pytest -q -s -p no:randomly -m 'slow or not slow' tests/test_flower.py
+
+# Native aggregator vs Flower deployment, side by side on one service: link bytes per client-round, time per round.
+bench-flower: $(FLOWER_STAMP) $(ASSETS)
+	$(FLOWER_PY) -m bench.flower_overhead
+
 # The container stack for real (tests/test_compose_stack.py, docs/docker.md): builds the images with the
 # local Docker engine, runs the cpu profile, checks the report and a resume, then `down -v`. Needs Compose v2.
 compose-test: $(STAMP)
@@ -57,4 +76,4 @@ bench: $(ASSETS)
 	$(PY) -m bench.service_overhead
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) $(FLOWER_VENV) runs .pytest_cache
