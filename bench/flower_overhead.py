@@ -1,9 +1,9 @@
 """Native aggregator vs FedBPT on Flower's deployment engine, side by side in one run on one inference service.
 
-    python bench/flower_overhead.py [--rounds 3] [--clients 3] [--dim 500]
+    python -m bench.flower_overhead [--rounds 3] [--clients 3] [--dim 500]
 
 Both engines run the same run (seeds, data, strategy) against the same service, one after the other. Every byte
-between the clients and their server goes through a counting TCP relay (fedbpt_flower.loopback.ByteCounter):
+between the clients and their server goes through a counting TCP relay (fedbpt.flower_loopback.ByteCounter):
 HTTP framing included, whole run (registration, polling, heartbeats, Flower's app download) divided by
 rounds x clients. A round's time is from its tasks going out to its merge, as each server recorded it. Both links
 are plain HTTP here so that the bytes compare like for like (TLS adds the same handshake to either).
@@ -15,24 +15,21 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import sys
 import tempfile
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from fed_clients.data import load_splits  # noqa: E402
-from fed_clients.runner import client_shard  # noqa: E402
-from fed_clients.tasks import get_task  # noqa: E402
-from fedbpt.assets import ensure_model  # noqa: E402
-from fedbpt.loopback import serve_app  # noqa: E402
-from fedbpt_flower.loopback import run_deployment, run_native  # noqa: E402
-from fedbpt_flower.settings import run_config_from  # noqa: E402
-from inference_service.app import create_app  # noqa: E402
-from inference_service.auth import KeyStore  # noqa: E402
-from inference_service.torch_engine import TorchEngine  # noqa: E402
+from fed_clients.data import load_splits
+from fed_clients.runner import client_shard
+from fed_clients.tasks import get_task
+from fedbpt.flower_loopback import run_deployment, run_native
+from fedbpt.loopback import serve_app
+from fedbpt_assets import ensure_model
+from fedbpt_flower.settings import run_config_from
+from inference_service.app import create_app
+from inference_service.auth import KeyStore
+from inference_service.torch_engine import TorchEngine
 
 BATCH = 4
 

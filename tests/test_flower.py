@@ -17,7 +17,7 @@ from aggregator.strategies import Task, make_strategy
 from fed_clients.data import load_splits
 from fed_clients.runner import client_shard
 from fed_clients.tasks import get_task
-from fedbpt_flower.loopback import run_deployment, run_native, run_simulation
+from fedbpt.flower_loopback import run_deployment, run_native, run_simulation
 from fedbpt_flower.records import (
     round_task,
     task_content,

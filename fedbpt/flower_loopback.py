@@ -22,7 +22,7 @@ from pathlib import Path
 
 import psutil
 
-from fedbpt.loopback import free_port
+from .loopback import free_port
 
 APP_DIR = Path(__file__).resolve().parent / "app"
 # Flower's commands start each other by name (the SuperLink its SuperExec, which the ServerApp process): the
