@@ -57,16 +57,16 @@ $(FLOWER_STAMP): pyproject.toml Makefile
 	touch $(FLOWER_STAMP)
 
 test-flower: $(FLOWER_STAMP) $(ASSETS)
-	$(FLOWER_PY) -m pytest -q -s -p no:randomly -m 'slow or not slow' tests/test_flower.py
+	$(FLOWER_PY) -m pytest -q -s -p no:randomly -m 'slow or not slow' tests/system/test_flower.py
 
 # Native aggregator vs Flower deployment, side by side on one service: link bytes per client-round, time per round.
 bench-flower: $(FLOWER_STAMP) $(ASSETS)
 	$(FLOWER_PY) -m bench.flower_overhead
 
-# The container stack for real (tests/test_compose_stack.py, docs/docker.md): builds the images with the
+# The container stack for real (tests/system/test_compose_stack.py, docs/docker.md): builds the images with the
 # local Docker engine, runs the cpu profile, checks the report and a resume, then `down -v`. Needs Compose v2.
 compose-test: $(STAMP)
-	$(PY) -m pytest -q -s -m docker tests/test_compose_stack.py
+	$(PY) -m pytest -q -s -m docker tests/system/test_compose_stack.py
 
 # The fuzz tests searching twenty times as far as in `make test`.
 test-fuzz: $(ASSETS)

@@ -4,7 +4,7 @@ pycma expects `popsize` solutions per `tell` and, with `CMA_mu = popsize` (FedBP
 refuses fewer. A federated round can bring fewer (a deadline merge) or more (a round that sampled more
 clients than round 0) client means than the global ES was built for. Its own size-change path in `tell`
 is switched off upstream ("not really tested"), so this module is the one place that does it, and
-tests/test_strategies.py pins it against a twin ES built with the generation's size.
+tests/aggregator/test_strategies.py pins it against a twin ES built with the generation's size.
 """
 
 from __future__ import annotations

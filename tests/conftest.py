@@ -9,6 +9,17 @@ from hypothesis import settings
 
 from fedbpt.loopback import free_port, serve_app  # noqa: F401  (fixtures and tests import them from here)
 
+# One folder per part of the stack; each test carries its folder's marker (`pytest -m service`, `-m "not system"`).
+ROLES = ("aggregator", "clients", "service", "system")
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        role = Path(str(item.path)).parent.name
+        if role in ROLES:
+            item.add_marker(role)
+
+
 # Examples per property: `fedbpt` in every run; `pytest -m fuzz --hypothesis-profile=fedbpt-long` (make test-fuzz)
 # searches twenty times as far.
 settings.register_profile("fedbpt", max_examples=50)

@@ -25,7 +25,7 @@ from inference_service.auth import KeyStore
 from inference_service.engine import ScoreBatch
 from inference_service.torch_engine import TorchEngine
 
-from .conftest import TINY_CORPUS, serve_app
+from ..conftest import TINY_CORPUS, serve_app
 
 BATCH = 4
 

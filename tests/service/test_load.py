@@ -1,6 +1,6 @@
 """Load: 50 concurrent clients of small score requests against the service on loopback.
 
-Run with `pytest -m slow -s tests/test_load.py` to see throughput and latency; only errors and memory
+Run with `pytest -m slow -s tests/service/test_load.py` to see throughput and latency; only errors and memory
 growth are asserted, never timings.
 """
 

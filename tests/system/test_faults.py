@@ -32,9 +32,9 @@ from inference_service.auth import KeyStore
 from inference_service.limits import Limits
 from inference_service.torch_engine import TorchEngine
 
-from .test_aggregator import Clock, body, register, wait_for
+from ..aggregator.test_aggregator import Clock, body, register, wait_for
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SVC_KEY, ENROLL = "svc-key", "enroll"
 SEED = 3
 # Small enough for a few seconds per round on 2 cores; every client still runs real CMA-ES over the service.

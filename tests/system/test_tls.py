@@ -21,7 +21,7 @@ from inference_service.app import create_app
 from inference_service.auth import KeyStore
 from inference_service.torch_engine import TorchEngine
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 KEY = "tls-key"
 
 

@@ -29,7 +29,7 @@ from fedbpt_wire.federation import RunConfig
 from fedbpt_wire.schemas import Tensor
 from fedbpt_wire.tensors import decode_tensor, encode_tensor
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 D = 8
 
 

@@ -31,7 +31,7 @@ from inference_service.app import create_app as create_service
 from inference_service.auth import KeyStore
 from inference_service.torch_engine import TorchEngine
 
-from .conftest import serve_app
+from ..conftest import serve_app
 
 CLIENTS = 3
 BATCH = 4

@@ -28,7 +28,7 @@ from inference_service.auth import KeyStore
 from inference_service.limits import Limits
 from inference_service.torch_engine import TorchEngine
 
-from .conftest import assert_no_5xx
+from ..conftest import assert_no_5xx
 
 pytestmark = pytest.mark.fuzz
 

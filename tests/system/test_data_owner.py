@@ -26,9 +26,9 @@ from fed_clients.prompt_file import read_prompt
 from fedbpt import launch
 from fedbpt.loopback import free_port
 
-from .test_engine_contract import build_tiny_llama
+from ..service.test_engine_contract import build_tiny_llama
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SVC_KEY, ENROLL, OPERATOR = "svc-key", "enroll-key", "operator-key"
 WORDS = {"neg": "bad", "pos": "great", "mid": "fine"}  # each a single token of the tiny tokenizer, with its space
 TASK = {

@@ -16,7 +16,7 @@ from inference_service.auth import KeyStore, key_id
 from inference_service.limits import Limits
 from inference_service.torch_engine import TorchEngine
 
-from .conftest import serve_app
+from ..conftest import serve_app
 
 KEY = "test-key-1"
 LIMITS = Limits(max_prompt_length=16, max_population=8, max_texts=16, max_text_tokens=64, max_body_bytes=400_000)

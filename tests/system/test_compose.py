@@ -1,6 +1,6 @@
 """The container setup against the real CLI: docker-compose.yml, docker/*.Dockerfile, .env.example, .dockerignore.
 
-Static checks that need no Docker engine (CI has none); tests/test_compose_stack.py builds the images and
+Static checks that need no Docker engine (CI has none); tests/system/test_compose_stack.py builds the images and
 runs the stack for real (`make compose-test`). The compose file is loaded with `docker compose config`
 (compose's own loader and validator) where a Compose v2 client is at hand, else read with PyYAML and
 interpolated here as compose does. Every `command` then goes through `fedbpt.cli.build_parser()` (or the
@@ -31,7 +31,7 @@ import pytest
 from fedbpt.cli import build_parser
 from fedbpt.loopback import free_port
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 COMPOSE_FILE = ROOT / "docker-compose.yml"
 ENV_EXAMPLE = ROOT / ".env.example"
 PROFILES = ("cpu", "gpu")

@@ -11,7 +11,7 @@ from fedbpt_wire.projection import Projection, initial_token_ids
 from inference_service.engine import InputError, ScoreBatch
 from inference_service.layout import make_layout, sequence
 
-from .conftest import build_tiny_llama
+from ..conftest import build_tiny_llama
 from .test_engine_contract import LIMITS
 
 WORDS = [" bad", " great"]

@@ -17,7 +17,7 @@ from inference_service.app import public_model_info
 from inference_service.engine import InputError, ScoreBatch
 from inference_service.limits import Limits
 
-from .conftest import build_tiny_llama, build_tiny_roberta
+from ..conftest import build_tiny_llama, build_tiny_roberta
 
 LIMITS = Limits(max_prompt_length=16, max_population=8, max_texts=16, max_text_tokens=48, max_batch_tokens=4096)
 HAS_CUDA = torch.cuda.is_available()

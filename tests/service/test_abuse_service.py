@@ -212,7 +212,7 @@ def test_sigterm_ends_a_long_request_and_the_server(tiny_roberta_dir, tmp_path):
 
     from fedbpt.loopback import free_port
 
-    from .test_faults import SVC_KEY, start_process
+    from ..system.test_faults import SVC_KEY, start_process
 
     port = free_port()
     url = f"http://127.0.0.1:{port}"

@@ -20,7 +20,7 @@ from inference_service.engine import ScoreBatch
 from inference_service.layout import special_tokens_around
 from inference_service.limits import Limits
 
-from .conftest import TINY_CORPUS
+from ..conftest import TINY_CORPUS
 
 LIMITS = Limits(max_prompt_length=16, max_population=8, max_texts=16, max_text_tokens=48, max_batch_tokens=4096)
 HIDDEN = 48  # embed_scale sqrt(48) = 6.93: not a power of two, so a lost or doubled scale cannot cancel out

@@ -17,7 +17,7 @@ from fastapi import FastAPI, HTTPException
 from fed_clients import http as client_http
 from fed_clients.http import RequestFailed, RetryingClient
 
-from .conftest import free_port, serve_app
+from ..conftest import free_port, serve_app
 
 
 def flaky_app(failures: int, status: int) -> tuple[FastAPI, list[int]]:

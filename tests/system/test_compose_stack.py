@@ -26,7 +26,7 @@ from fedbpt.loopback import free_port
 
 pytestmark = [pytest.mark.docker, pytest.mark.timeout(5400)]
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 PROJECT = "fedbpt-compose-test"
 CLIENTS, ROUNDS, TEST_SIZE, RUN_ID = 2, 2, 50, "compose-test"
 # The run's settings: they override .env and the environment.

@@ -26,9 +26,9 @@ from inference_service.app import create_app as create_service
 from inference_service.auth import KeyStore
 from inference_service.torch_engine import TorchEngine
 
-from .conftest import TINY_CORPUS
+from ..conftest import TINY_CORPUS
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SVC_KEY, ENROLL = "svc-key", "enroll-key"
 TASK = get_task("sst2")  # label words " bad" and " great": single tokens of the tiny vocabulary
 EXAMPLES = [Example({"text": t}, int("great" in t)) for t in TINY_CORPUS]

@@ -26,7 +26,7 @@ from fedbpt_wire.federation import RunConfig
 from fedbpt_wire.schemas import Tensor
 from fedbpt_wire.tensors import decode_tensor, encode_tensor
 
-from .conftest import assert_no_5xx
+from ..conftest import assert_no_5xx
 
 D = 8
 ENROLL = "sesame"

@@ -1,0 +1,1 @@
+"""The client library: its math, HTTP retries and keys, data files and evaluation."""
