@@ -27,6 +27,7 @@ COPY pyproject.toml README.md ./
 COPY fedbpt/ fedbpt/
 COPY fedbpt_wire/ fedbpt_wire/
 COPY fedbpt_assets/ fedbpt_assets/
+COPY fedbpt_flower/ fedbpt_flower/
 COPY inference_service/ inference_service/
 COPY fed_clients/ fed_clients/
 COPY aggregator/ aggregator/
