@@ -22,9 +22,12 @@ from pathlib import Path
 
 import psutil
 
+import fedbpt_flower
+
 from .loopback import free_port
 
-APP_DIR = Path(__file__).resolve().parent / "app"
+# The app's manifest for `flwr run`, shipped inside the package (importing the package needs no flwr).
+APP_DIR = Path(fedbpt_flower.__file__).resolve().parent / "app"
 # Flower's commands start each other by name (the SuperLink its SuperExec, which the ServerApp process): the
 # interpreter's own scripts directory goes first on their PATH, where a bare `python -m pytest` has not put it.
 BIN = Path(sys.executable).parent
