@@ -7,8 +7,6 @@ certificate for 127.0.0.1 that is its own CA, and P-384 SuperNode keys in OpenSS
 
 from __future__ import annotations
 
-import datetime
-import ipaddress
 import json
 import os
 import signal
@@ -25,6 +23,7 @@ import psutil
 import fedbpt_flower
 
 from .loopback import free_port
+from .selfsigned import self_signed
 
 # The app's manifest for `flwr run`, shipped inside the package (importing the package needs no flwr).
 APP_DIR = Path(fedbpt_flower.__file__).resolve().parent / "app"
@@ -49,36 +48,8 @@ class Tls:
 
 
 def make_tls(directory: Path) -> Tls:
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP384R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "fedbpt-flower-loopback")])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(
-            x509.SubjectAlternativeName([x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-            critical=False,
-        )
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(key, hashes.SHA384())
-    )
-    directory.mkdir(parents=True, exist_ok=True)
-    cert_path, key_path = directory / "superlink.pem", directory / "superlink.key"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(
-        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-    )
-    return Tls(ca=cert_path, cert=cert_path, key=key_path)
+    cert, key = self_signed(directory, "fedbpt-flower-loopback", stem="superlink")
+    return Tls(ca=cert, cert=cert, key=key)
 
 
 def make_node_key(directory: Path, name: str) -> tuple[Path, Path]:
