@@ -37,12 +37,14 @@ lint: $(STAMP)
 	$(PY) -m ruff format --check .
 	$(PY) -m mypy
 
-# File order, as CI runs it; `make test-shuffled` runs the same suite in a random order (its seed is printed).
+# File order, as CI runs it; `make test-shuffled` runs the same suite in a random order, printing its seed
+# first (-q hides pytest-randomly's own header); `make test-shuffled SEED=N` replays an order.
 test: lint $(ASSETS)
 	$(PY) -m pytest -q -p no:randomly
 
 test-shuffled: $(ASSETS)
-	$(PY) -m pytest -q
+	@seed=$${SEED:-$$(date +%s)}; echo "test order seed $$seed (replay: make test-shuffled SEED=$$seed)"; \
+	$(PY) -m pytest -q --randomly-seed=$$seed
 
 test-slow: $(ASSETS)
 	$(PY) -m pytest -q -m slow
