@@ -33,8 +33,7 @@ EMBEDDED_DEFAULTS = {
     "prompt_length": 5,
     "prompt_init": "zeros",
     "prompt_placement": "after-text",
-    "local_popsize": 4,
-    "local_iterations": 4,
+    "local_popsize": 8,
 }
 # A bench config names the local population `popsize`.
 _CONFIG_FILE_ALIASES = {"popsize": "local_popsize"}

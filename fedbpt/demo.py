@@ -51,10 +51,8 @@ class DemoConfig:
     intrinsic_dim: int = 50
     prompt_length: int = 5
     sigma0: float = 1.0
-    # Four candidates over four local iterations rather than eight over two: the same queries, twice the
-    # sequential steps of each local search (bench/RESULTS.md, "More steps, smaller populations").
-    local_popsize: int = 4
-    local_iterations: int = 4
+    local_popsize: int = 8
+    local_iterations: int = 2
     batch_size: int = 16
     test_size: int = 1000
     seed: int = 0
