@@ -50,10 +50,10 @@ from fedbpt_wire.federation import (
     UpdateResponse,
 )
 from fedbpt_wire.schemas import Tensor
-from fedbpt_wire.tensors import decode_tensor, encode_tensor
+from fedbpt_wire.tensors import encode_tensor
 
 from .store import RoundRow, Store
-from .strategies import ClientUpdate, Strategy, bound_updates, make_strategy, strategy_class
+from .strategies import Strategy, make_strategy, merge_round, strategy_class
 from .validation import Invalid, check_parts, check_samples, check_update
 
 log = logging.getLogger(__name__)
@@ -512,22 +512,9 @@ class Coordinator:
         if merge:
             candidate = pickle.loads(blob)
             try:
-                ups = [
-                    ClientUpdate(cid, decode_tensor(u.mean), u.fitness, u.sigmas, u.num_samples, u.final_sigma)
-                    for cid, u in updates
-                ]
-                if not self.rules.own_prompts:  # there, a client's mean moves its own prompt only
-                    ups, clipped = bound_updates(
-                        ups,
-                        candidate.mean,
-                        candidate.sigma,
-                        candidate.local_sigma,
-                        self.config.clip_multiple,
-                        self.config.max_weight_ratio,
-                    )
-                    if clipped:
-                        log.warning("round %d: %d of %d updates bounded before the merge", o.round, clipped, len(ups))
-                result = candidate.merge(ups)
+                result, clipped = merge_round(candidate, updates, self.config)
+                if clipped:
+                    log.warning("round %d: %d of %d updates bounded before the merge", o.round, clipped, len(updates))
             except Exception:
                 # Recorded failed rather than retried on every check: the run goes on from the state before.
                 log.exception("round %d: the merge failed; the round is recorded as failed", o.round)

@@ -22,7 +22,8 @@ import numpy as np
 from cma.recombination_weights import RecombinationWeights
 from numpy.typing import ArrayLike
 
-from fedbpt_wire.federation import RunConfig
+from fedbpt_wire.federation import RunConfig, UpdateRequest
+from fedbpt_wire.tensors import decode_tensor
 
 from .cma_generation import tell_generation
 
@@ -318,3 +319,21 @@ def strategy_class(config: RunConfig) -> type[Strategy]:
 def make_strategy(config: RunConfig, popsize: int) -> Strategy:
     """The run's strategy; `popsize` is the number of clients sampled for round 0 (FedBPT's m)."""
     return strategy_class(config)(config, popsize)
+
+
+def merge_round(
+    strategy: Strategy, updates: Sequence[tuple[str, UpdateRequest]], config: RunConfig
+) -> tuple[MergeResult, int]:
+    """A round's validated updates, in client-id order, bounded against `strategy`'s state (unless each client's
+    mean moves only its own prompt) and merged into it: the merge's result and how many updates were bounded.
+    Every host of the strategies (the native coordinator, the Flower ServerApp) merges through here."""
+    ups = [
+        ClientUpdate(cid, decode_tensor(u.mean), u.fitness, u.sigmas, u.num_samples, u.final_sigma)
+        for cid, u in updates
+    ]
+    clipped = 0
+    if not strategy.own_prompts:
+        ups, clipped = bound_updates(
+            ups, strategy.mean, strategy.sigma, strategy.local_sigma, config.clip_multiple, config.max_weight_ratio
+        )
+    return strategy.merge(ups), clipped

@@ -286,24 +286,30 @@ def run_deployment(
                     run_config_arg(node),
                 ],
             )
-        report_path = workdir / "report.json"
-        values = run_config | {"report": str(report_path)}
-        started = time.monotonic()
-        procs.run(
-            "flwr-run",
-            ["flwr", "run", str(APP_DIR), conn, "--stream", "--run-config", run_config_arg(values)],
-            timeout=timeout,
-        )
-        wall = time.monotonic() - started
-        if not report_path.exists():
-            raise RuntimeError(f"the run ended without its report; see {workdir / 'logs'}")
-        return FlowerRun(
-            json.loads(report_path.read_text()), wall, counter.up if counter else 0, counter.down if counter else 0
-        )
+        report, wall = flwr_run(procs, workdir, conn, run_config, timeout)
+        return FlowerRun(report, wall, counter.up if counter else 0, counter.down if counter else 0)
     finally:
         procs.stop()
         if counter:
             counter.close()
+
+
+def flwr_run(
+    procs: Processes, workdir: Path, conn: str, run_config: dict[str, object], timeout: float
+) -> tuple[dict, float]:
+    """`flwr run` of the app on connection `conn` to its end: the ServerApp's JSON report and the wall time."""
+    report_path = workdir / "report.json"
+    values = run_config | {"report": str(report_path)}
+    started = time.monotonic()
+    procs.run(
+        "flwr-run",
+        ["flwr", "run", str(APP_DIR), conn, "--stream", "--run-config", run_config_arg(values)],
+        timeout=timeout,
+    )
+    wall = time.monotonic() - started
+    if not report_path.exists():
+        raise RuntimeError(f"the run ended without its report; see {workdir / 'logs'}")
+    return json.loads(report_path.read_text()), wall
 
 
 def run_simulation(
@@ -330,18 +336,8 @@ def run_simulation(
         )
         wait_for_port(port, superlink)
         conn = write_connection(home, f"127.0.0.1:{port}", num_supernodes=num_supernodes)
-        report_path = workdir / "report.json"
-        values = run_config | {"report": str(report_path)}
-        started = time.monotonic()
-        procs.run(
-            "flwr-run",
-            ["flwr", "run", str(APP_DIR), conn, "--stream", "--run-config", run_config_arg(values)],
-            timeout=timeout,
-        )
-        wall = time.monotonic() - started
-        if not report_path.exists():
-            raise RuntimeError(f"the run ended without its report; see {workdir / 'logs'}")
-        return FlowerRun(json.loads(report_path.read_text()), wall, 0, 0)
+        report, wall = flwr_run(procs, workdir, conn, run_config, timeout)
+        return FlowerRun(report, wall, 0, 0)
     finally:
         procs.stop()
 

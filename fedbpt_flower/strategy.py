@@ -3,7 +3,7 @@
 Flower owns what it is good at: which nodes are connected, the sampling wait (`sample_nodes` with min_clients),
 sending, and the round's deadline (`send_and_receive(timeout=round_timeout_s)`, via `Strategy.start`). This class
 owns the global search distribution and folds each round's replies into it with the same validation
-(`check_update`), bounding (`bound_updates`) and merge as the native coordinator, in the same client-id order.
+(`check_update`), and bound and merge (`merge_round`) as the native coordinator, in the same client-id order.
 """
 
 from __future__ import annotations
@@ -24,10 +24,9 @@ from flwr.serverapp.strategy.strategy_utils import sample_nodes
 from pydantic import ValidationError
 
 from aggregator.coordinator import round_metrics
-from aggregator.strategies import ClientUpdate, Strategy, bound_updates, make_strategy, strategy_class
+from aggregator.strategies import Strategy, make_strategy, merge_round, strategy_class
 from aggregator.validation import Invalid, check_update
 from fedbpt_wire.federation import RunConfig, UpdateRequest
-from fedbpt_wire.tensors import decode_tensor
 
 from .records import MESSAGE_TYPE, task_content, update_request
 
@@ -158,22 +157,10 @@ class FedBPTFlowerStrategy(FlowerStrategy):
         )
         if len(ordered) >= self.config.min_updates:
             candidate = copy.deepcopy(current)
-            ups = [
-                ClientUpdate(cid, decode_tensor(u.mean), u.fitness, u.sigmas, u.num_samples, u.final_sigma)
-                for cid, u in ordered
-            ]
             try:
-                if not candidate.own_prompts:  # there a client's mean moves its own prompt only
-                    ups, clipped = bound_updates(
-                        ups,
-                        candidate.mean,
-                        candidate.sigma,
-                        candidate.local_sigma,
-                        self.config.clip_multiple,
-                        self.config.max_weight_ratio,
-                    )
+                result, clipped = merge_round(candidate, ordered, self.config)
+                if not candidate.own_prompts:  # there a client's mean moves its own prompt only: nothing is bounded
                     outcome.metrics["clipped"] = clipped
-                result = candidate.merge(ups)
             except Exception:
                 # As natively: the round is recorded failed and the run goes on from the state before it.
                 log.exception("round %d: the merge failed; the round is recorded as failed", round_)
