@@ -33,8 +33,10 @@ from fed_clients.tasks import get_task
 from inference_service.engine import ScoreBatch
 from inference_service.limits import Limits
 
-# A Llama of SmolLM2's family at ~1B parameters (0.97B outside the embedding), SmolLM2's vocabulary.
-RANDOM_MODELS = {
+# "same": the tokenizer directory's own architecture with random weights (for a host the model files cannot reach);
+# "1b": a Llama of SmolLM2's family at ~1B parameters (0.97B outside the embedding), SmolLM2's vocabulary.
+RANDOM_MODELS: dict[str, dict[str, int]] = {
+    "same": {},
     "1b": {
         "hidden_size": 2048,
         "intermediate_size": 8192,

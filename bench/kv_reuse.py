@@ -19,7 +19,14 @@ import numpy as np
 
 def main(argv=None) -> list[dict]:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="smollm2-135m-instruct")
+    ap.add_argument("--model", default="smollm2-135m-instruct", help="a model name or directory")
+    ap.add_argument(
+        "--random-model",
+        choices=["same", "1b"],
+        default=None,
+        help="random weights: --model's own shape ('same') or a ~1B Llama, with --model's tokenizer (speed only)",
+    )
+    ap.add_argument("--work", default="/tmp/fedbpt-bench-models")
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--device", default=None)
     ap.add_argument("--population", type=int, default=10)
@@ -38,7 +45,20 @@ def main(argv=None) -> list[dict]:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    engine = build_engine(args.model, dtype=args.dtype, device=args.device)
+    model = args.model
+    if args.random_model:
+        from pathlib import Path
+
+        from bench.engine_throughput import random_model
+        from fedbpt_assets import model_dir
+
+        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        # A directory holding only the config and tokenizer will do: that is all a host without the weights gets.
+        source = Path(args.model) if Path(args.model).is_dir() else model_dir(name=args.model)
+        model = str(
+            random_model(args.random_model, str(source), Path(args.work) / f"{source.name}-{args.random_model}", device)
+        )
+    engine = build_engine(model, dtype=args.dtype, device=args.device)
     with open(ensure_data() / "train.csv", newline="", encoding="utf-8") as f:
         reviews = [row["text"] for row, _ in zip(csv.DictReader(f), range(args.texts))]
     placements = {

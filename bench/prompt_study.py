@@ -23,7 +23,7 @@ import numpy as np
 from fed_clients.evaluation import calibrated_predictions, fit_calibration, mcnemar_exact
 from fed_clients.local_search import cma_seed, local_search
 from fed_clients.tasks import get_task, parse_label_words, with_placement
-from fedbpt_wire.metrics import label_cross_entropy
+from fedbpt_wire.metrics import debiased_cross_entropy, label_cross_entropy
 from fedbpt_wire.projection import Projection
 
 
@@ -48,6 +48,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--iterations", type=int, default=10)
     ap.add_argument("--sigma0", type=float, default=1.0)
     ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--fitness", choices=["ce", "debiased"], default="ce")
     ap.add_argument("--per-class", type=int, default=40)
     ap.add_argument("--test-size", type=int, default=1000)
     ap.add_argument("--seed", type=int, default=0)
@@ -145,7 +146,9 @@ def tune(args, engine, task, train, test, y_train, y_test, zs_correct, cal_corre
 
     def fitness(z: np.ndarray, it: int) -> np.ndarray:
         idx = batches[it]
-        loss, _ = label_cross_entropy(logits(projection(z), [train[i] for i in idx], tuned_task), y_train[idx])
+        batch_logits = logits(projection(z), [train[i] for i in idx], tuned_task)
+        score = debiased_cross_entropy if args.fitness == "debiased" else label_cross_entropy
+        loss, _ = score(batch_logits, y_train[idx])
         trace.append(float(loss.min()))
         return loss
 
@@ -155,6 +158,8 @@ def tune(args, engine, task, train, test, y_train, y_test, zs_correct, cal_corre
     search_s = time.perf_counter() - t0
     tuned_test = logits(projection(result.mean[None]), test, tuned_task)[0]
     tuned_correct = tuned_test.argmax(-1) == y_test
+    tuned_bias = fit_calibration(logits(projection(result.mean[None]), train, tuned_task)[0], y_train)
+    tuned_cal_correct = calibrated_predictions(tuned_test, tuned_bias) == y_test
     row = {
         "args": vars(args),
         "model": engine.info.name,
@@ -166,6 +171,8 @@ def tune(args, engine, task, train, test, y_train, y_test, zs_correct, cal_corre
         "tuned": float(tuned_correct.mean()),
         "tuned_vs_zero_shot_p": mcnemar_exact(tuned_correct, zs_correct),
         "tuned_vs_calibrated_p": mcnemar_exact(tuned_correct, cal_correct),
+        "tuned_calibrated": float(tuned_cal_correct.mean()),
+        "tuned_calibrated_vs_calibrated_p": mcnemar_exact(tuned_cal_correct, cal_correct),
         "candidates": result.evaluations,
         "search_seconds": round(search_s, 1),
         "wall_seconds": round(time.perf_counter() - t_start, 1),

@@ -60,3 +60,38 @@ def test_local_search_reports_the_step_size_each_iteration_sampled_with():
     assert len(result.sigmas) == 4 and result.sigmas[0] == 0.7
     assert result.final_sigma != result.sigmas[-1] and result.final_sigma > 0
     assert result.evaluations == 24
+
+
+def test_debiased_cross_entropy_is_the_loss_at_the_best_label_bias():
+    from fedbpt_wire.metrics import debiased_cross_entropy, label_cross_entropy
+
+    rng = np.random.default_rng(3)
+    labels = rng.integers(0, 2, 16)
+    scale = np.array([1.0, 10.0, 100.0])[:, None, None]
+    # The last prompt's logits are so far apart that a plain Newton step on the bias overshoots.
+    logits = (rng.normal(size=(3, 16, 2)) + np.array([0.0, 3.0])) * scale
+    loss, bias = debiased_cross_entropy(logits, labels, ridge=1e-3)
+    for p in range(3):
+        # Two classes: only the gap t = b1 - b0 moves the loss, and the ridge is least at b = (-t/2, t/2).
+        gaps = np.linspace(-2000.0, 2000.0, 400_001)
+        gap_logits = logits[p, :, 1][None, :] + gaps[:, None] - logits[p, :, 0][None, :]
+        ce = np.logaddexp(0.0, gap_logits) - np.where(labels == 1, gap_logits, 0.0)
+        brute = (ce.mean(axis=1) + 1e-3 * gaps**2 / 4).min()
+        assert loss[p] == pytest.approx(brute, abs=1e-4)
+        assert loss[p] == pytest.approx(
+            label_cross_entropy(logits[p : p + 1] + bias[p], labels)[0][0] + 0.5e-3 * (bias[p] ** 2).sum()
+        )
+
+
+def test_debiased_cross_entropy_ignores_a_label_prior_but_not_the_ranking():
+    from fedbpt_wire.metrics import debiased_cross_entropy
+
+    rng = np.random.default_rng(4)
+    labels = rng.integers(0, 4, 40)
+    separating = np.eye(4)[labels] * 2.0 + rng.normal(size=(40, 4))
+    logits = np.stack([separating, rng.normal(size=(40, 4))])
+    loss, _ = debiased_cross_entropy(logits, labels)
+    assert loss[0] < loss[1]
+    # A prior over the label words (the same shift on every example) is what the bias absorbs.
+    shifted, _ = debiased_cross_entropy(logits + np.array([5.0, -2.0, 0.0, 1.0]), labels)
+    np.testing.assert_allclose(shifted, loss, atol=0.02)
