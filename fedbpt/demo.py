@@ -280,7 +280,9 @@ def run_demo(cfg: DemoConfig) -> dict:
         f"test accuracy on {len(test)} examples: zero-shot {report['zero_shot_test_accuracy']:.4f} | calibrated "
         f"zero-shot {report['calibrated_zero_shot_test_accuracy']:.4f} | tuned {report['tuned_test_accuracy']:.4f} "
         f"(McNemar p {report['tuned_vs_zero_shot_p']:.2g} vs zero-shot, {report['tuned_vs_calibrated_p']:.2g} vs "
-        f"calibrated) | {report['wall_seconds']:.0f} s | report: {out / 'report.json'}"
+        f"calibrated) | tuned + calibration {report['tuned_calibrated_test_accuracy']:.4f} "
+        f"(p {report['tuned_calibrated_vs_calibrated_p']:.2g} vs calibrated) | {report['wall_seconds']:.0f} s | "
+        f"report: {out / 'report.json'}"
     )
     return report
 
