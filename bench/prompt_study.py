@@ -53,6 +53,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--test-size", type=int, default=1000)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-kv-reuse", action="store_true")
+    ap.add_argument("--device", default=None, help="torch device (default: cuda where present, else cpu)")
     ap.add_argument("--screen", action="store_true", help="only the initial prompt's accuracy on 200 test examples")
     ap.add_argument("--variants", default="", help="';'-separated variants of key=value overrides of the flags above")
     ap.add_argument("--out", default="bench/results/prompt_study.jsonl")
@@ -63,7 +64,7 @@ def main(argv=None) -> dict:
     from inference_service.server import build_engine
 
     t_start = time.perf_counter()
-    engine = build_engine(args.model, dtype="float32", kv_reuse=not args.no_kv_reuse)
+    engine = build_engine(args.model, dtype="float32", device=args.device, kv_reuse=not args.no_kv_reuse)
     task = get_task(args.task)
     if args.label_words:
         task = task.with_label_words(parse_label_words(args.label_words))

@@ -28,6 +28,8 @@ log = logging.getLogger(__name__)
 class DemoConfig:
     name: str = field(default_factory=lambda: time.strftime("demo-%Y%m%d-%H%M%S"))
     runs_dir: str = "runs"
+    # The budget: "cpu" (the defaults below), "gpu" (PRESETS["gpu"]) or "auto" (gpu where torch sees CUDA).
+    preset: str = "auto"
     # Chosen by measurement (docs/design.md, section 6 and "Tuning on two CPU cores"): Amazon review snippets
     # with the verbalizer " terrible"/" great", where SmolLM2's manual prompt is badly calibrated and a tuned
     # prompt has room to help; the prompt between the review and its cue line, starting from zeros; IID shards
@@ -57,6 +59,52 @@ class DemoConfig:
     test_size: int = 1000
     seed: int = 0
     round_timeout_s: float = 600.0
+
+
+# What a preset sets, unless the command line says otherwise. "gpu" is the setting measured on one H100
+# (bench/RESULTS.md, "Enough budget"): the prompt ahead of the text from real token embeddings, L = 20, d = 100,
+# 500 labelled examples, 12 rounds of 6 x 16 candidates on batches of 32 (~150k sequences, ~190 s there; hours
+# on two CPU cores). "cpu" keeps the defaults above, sized for 10 minutes on 2 AVX2 cores, which that budget
+# does not buy: there the tuned prompt learns the label prior and stays under the calibrated baseline.
+PRESETS: dict[str, dict[str, object]] = {
+    "cpu": {},
+    "gpu": {
+        "prompt_placement": "ahead",
+        "prompt_init": "tokens",
+        "prompt_length": 20,
+        "intrinsic_dim": 100,
+        "per_class": 250,
+        "batch_size": 32,
+        "local_popsize": 16,
+        "local_iterations": 6,
+        "rounds": 12,
+        "dtype": "float32",
+    },
+}
+PRESET_FIELDS = sorted({k for values in PRESETS.values() for k in values})
+
+
+def resolve_preset(name: str, has_cuda) -> str:
+    """The preset a `--preset` value means; `has_cuda()` is asked only for "auto"."""
+    if name not in (*PRESETS, "auto"):
+        raise ValueError(f"--preset must be one of {', '.join((*PRESETS, 'auto'))}, got {name!r}")
+    if name != "auto":
+        return name
+    return "gpu" if has_cuda() else "cpu"
+
+
+def config_from(values: dict, has_cuda) -> DemoConfig:
+    """A DemoConfig from what the command line set: its preset's values first, then the flags given."""
+    preset = resolve_preset(str(values.get("preset") or "auto"), has_cuda)
+    return DemoConfig(**{**PRESETS[preset], **values, "preset": preset})
+
+
+def _torch_sees_cuda() -> bool:
+    try:
+        import torch
+    except ImportError:
+        return False
+    return bool(torch.cuda.is_available())
 
 
 def _bar(done: int, total: int, width: int = 20) -> str:
@@ -367,6 +415,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             parser.add_argument(flag, default=None, help="run name (default: demo-<timestamp>)")
         elif name == "alpha":
             parser.add_argument(flag, type=float, default=value, help="Dirichlet alpha; 0 for IID")
+        elif name == "preset":
+            parser.add_argument(
+                flag,
+                choices=[*PRESETS, "auto"],
+                default=value,
+                help="budget: cpu (10 minutes on 2 cores), gpu (the setting measured on one H100), "
+                "auto (gpu where torch sees CUDA); flags given on the command line win",
+            )
+        elif name in PRESET_FIELDS:
+            # None: "not given", so the preset's value applies.
+            parser.add_argument(flag, type=type(value), default=None, help=f"default: the preset's (cpu: {value})")
         else:
             parser.add_argument(flag, type=type(value), default=value)
 
@@ -375,4 +434,9 @@ def run(args: argparse.Namespace) -> None:
     values = {k: getattr(args, k) for k in DemoConfig.__dataclass_fields__ if getattr(args, k, None) is not None}
     if values.get("alpha") == 0:
         values["alpha"] = None
-    run_demo(DemoConfig(**values))
+    cfg = config_from(values, _torch_sees_cuda)
+    print(
+        f"preset {cfg.preset}: {cfg.rounds} rounds of {cfg.local_iterations} x {cfg.local_popsize} candidates",
+        flush=True,
+    )
+    run_demo(cfg)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from fed_clients.tasks import parse_label_words
-from fedbpt.demo import DemoConfig, run_demo
+from fedbpt.demo import PRESETS, DemoConfig, add_arguments, config_from, run_demo
 from fedbpt_wire.schemas import Tensor
 from fedbpt_wire.tensors import decode_tensor
 
@@ -18,6 +18,39 @@ def test_parse_label_words_keeps_each_words_space():
     for bad in (" alone", " a,", ""):
         with pytest.raises(ValueError, match="two or more"):
             parse_label_words(bad)
+
+
+def _parsed(argv: list[str]) -> dict:
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    return {k: getattr(args, k) for k in DemoConfig.__dataclass_fields__ if getattr(args, k, None) is not None}
+
+
+def test_the_preset_sets_the_budget_and_flags_given_win():
+    def no_gpu():
+        return False
+
+    def gpu():
+        return True
+
+    cpu = config_from(_parsed([]), no_gpu)
+    assert cpu.preset == "cpu"
+    assert {k: v for k, v in vars(cpu).items() if k != "name"} == {
+        k: v for k, v in vars(DemoConfig(preset="cpu")).items() if k != "name"
+    }
+    auto_gpu = config_from(_parsed([]), gpu)
+    assert auto_gpu.preset == "gpu"
+    assert {k: getattr(auto_gpu, k) for k in PRESETS["gpu"]} == PRESETS["gpu"]
+    # A flag on the command line beats the preset; the rest of the preset still applies.
+    mixed = config_from(_parsed(["--preset", "gpu", "--rounds", "3", "--prompt-placement", "after-text"]), no_gpu)
+    assert (mixed.preset, mixed.rounds, mixed.prompt_placement, mixed.prompt_length) == ("gpu", 3, "after-text", 20)
+    # "cpu" asked for explicitly is not overruled by a GPU.
+    assert config_from(_parsed(["--preset", "cpu"]), gpu).local_popsize == DemoConfig().local_popsize
+    with pytest.raises(ValueError, match="--preset must be one of"):
+        config_from({"preset": "tpu"}, no_gpu)
 
 
 def test_a_tiny_demo_reports_every_baseline_and_keeps_the_prompt(tmp_path, default_model_dir):
