@@ -115,6 +115,29 @@ GRIDS = {
         test_size=1000,
         curve_size=50,
     ),
+    # The budget that beat the calibrated baseline on one H100 (`fedbpt demo --preset gpu`, bench/RESULTS.md
+    # "Enough budget"): 500 labelled examples, the prompt ahead of the text from token embeddings, L = 20,
+    # d = 100, 12 rounds of 6 x 16 candidates on batches of 32, 3 seeds. For a GPU host: hours on a CPU.
+    "gpu": Grid(
+        "gpu",
+        dtype="float32",
+        tasks=("amazon_snippets",),
+        label_words=" terrible, great",
+        regimes={"larger": 250},
+        alphas=(None,),
+        methods=("zero-shot", "calibrated", "fedbpt", "fedbpt-noperturb", "fedavg-z"),
+        clients=4,
+        rounds=12,
+        popsize=16,
+        intrinsic_dim=100,
+        prompt_length=20,
+        local_iterations=6,
+        batch_size=32,
+        prompt_init="tokens",
+        prompt_placement="ahead",
+        test_size=1000,
+        curve_size=100,
+    ),
     # Both embedded tasks, both regimes, IID and three Dirichlet alphas: hours on a CPU, for a long run by hand.
     "full": Grid("full", regimes={"few-shot": 40, "larger": 400}, alphas=(None, 1.0, 0.5, 0.1)),
 }
