@@ -843,3 +843,38 @@ def test_healthcheck_commands_pass_only_on_a_200(dockerfiles):
         with stub_server(503) as port:
             assert run_healthcheck(test, port) != 0, name
         assert run_healthcheck(test, free_port()) != 0, f"{name}: nothing listening must be unhealthy"
+
+
+GPU_BUDGET_KEYS = {
+    "INTRINSIC_DIM": "intrinsic_dim",
+    "PROMPT_LENGTH": "prompt_length",
+    "PROMPT_INIT": "prompt_init",
+    "PROMPT_PLACEMENT": "prompt_placement",
+    "LOCAL_POPSIZE": "local_popsize",
+    "LOCAL_ITERATIONS": "local_iterations",
+    "PER_CLASS": "per_class",
+    "BATCH_SIZE": "batch_size",
+}
+
+
+def test_the_env_files_gpu_budget_is_the_demos_gpu_preset(parser):
+    """Uncommenting .env.example's budget block (and ROUNDS=12) runs what `fedbpt demo --preset gpu` measured."""
+    from fedbpt.demo import PRESETS
+
+    yaml = pytest.importorskip("yaml", reason="PyYAML reads the compose file")
+    commented = {}
+    for line in ENV_EXAMPLE.read_text().splitlines():
+        key, sep, value = line.lstrip("#").strip().partition("=")
+        if line.startswith("#") and sep and key in GPU_BUDGET_KEYS:
+            commented[key] = value
+    assert set(commented) == set(GPU_BUDGET_KEYS), "the budget block lost a key"
+    raw = yaml.safe_load(COMPOSE_FILE.read_text())
+    env = {**read_env_file(ENV_EXAMPLE), **commented, "ROUNDS": "12", "COMPOSE_PROJECT_NAME": raw["name"]}
+    services = _interpolate_tree(raw, env)["services"]
+    agg = parse(parser, services["aggregator"]["command"])
+    client = parse(parser, [*services["client"]["command"], "--client-id", "c"])
+    gpu = PRESETS["gpu"]
+    for key, field in GPU_BUDGET_KEYS.items():
+        value = getattr(client if field in ("per_class", "batch_size") else agg, field)
+        assert value == gpu[field], (key, value, gpu[field])
+    assert agg.rounds == gpu["rounds"]
