@@ -182,22 +182,13 @@ class Bench:
         finally:
             service.close()
         # The manual prompt costs nothing to train: its only queries are the evaluation's.
-        return {
-            "test_accuracy": res["accuracy"],
-            "test_loss": res["loss"],
-            "queries": 0,
-            "sequences": 0,
-            "test_logits": res["logits"].tolist(),
-            "correct": _correct(res["logits"], test),
-            "bytes_up": 0,
-            "bytes_down": 0,
-            "service_bytes_up": 0,
-            "service_bytes_down": 0,
-            "curve": [],
-            "rounds": [],
-            "client_rss_mb": None,
-            "client_holds": "nothing (a fixed template)",
-        }
+        return _untrained_row(
+            res["accuracy"],
+            res["loss"],
+            _correct(res["logits"], test),
+            "nothing (a fixed template)",
+            test_logits=res["logits"].tolist(),
+        )
 
     def _calibrated(self, setting: Setting, task, train, test) -> dict:
         """The manual prompt with its label bias fitted on the clients' pooled few-shot examples (no tuning)."""
@@ -216,21 +207,16 @@ class Bench:
         bias = fit_calibration(fitted["logits"], np.array([ex.label for ex in pool]))
         logits = np.asarray(zero["test_logits"])
         correct = calibrated_predictions(logits, bias) == np.array([ex.label for ex in test])
-        return {
-            "test_accuracy": float(correct.mean()),
-            "test_loss": None,
-            "queries": fitted["queries"],
-            "sequences": fitted["sequences"],
-            "bytes_up": 0,
-            "bytes_down": 0,
-            "service_bytes_up": fitted["bytes_up"],
-            "service_bytes_down": fitted["bytes_down"],
-            "curve": [],
-            "rounds": [],
-            "correct": correct.astype(int).tolist(),
-            "client_rss_mb": None,
-            "client_holds": "a label bias (C floats) fitted on its own examples",
-        }
+        return _untrained_row(
+            float(correct.mean()),
+            None,
+            correct.astype(int).tolist(),
+            "a label bias (C floats) fitted on its own examples",
+            queries=fitted["queries"],
+            sequences=fitted["sequences"],
+            service_bytes_up=fitted["bytes_up"],
+            service_bytes_down=fitted["bytes_down"],
+        )
 
     def _icl(self, setting: Setting, task, train, test) -> dict:
         from .baselines import icl_evaluate, pick_demos
@@ -243,22 +229,13 @@ class Bench:
         finally:
             service.close()
         # Demonstrations travel with every test query: that is ICL's cost, paid at inference, not in training.
-        return {
-            "test_accuracy": res["accuracy"],
-            "test_loss": res["loss"],
-            "queries": 0,
-            "sequences": 0,
-            "correct": _correct(res["logits"], test),
-            "bytes_up": 0,
-            "bytes_down": 0,
-            "service_bytes_up": 0,
-            "service_bytes_down": 0,
-            "curve": [],
-            "rounds": [],
-            "inference_tokens_per_example": res["tokens"] / max(1, res["sequences"]),
-            "client_rss_mb": None,
-            "client_holds": f"{len(demos)} labelled demonstrations",
-        }
+        return _untrained_row(
+            res["accuracy"],
+            res["loss"],
+            _correct(res["logits"], test),
+            f"{len(demos)} labelled demonstrations",
+            inference_tokens_per_example=res["tokens"] / max(1, res["sequences"]),
+        )
 
     def _federated(self, setting: Setting, method: str, task, test) -> dict:
         from fed_clients.aggregator_client import AggregatorClient
@@ -486,6 +463,38 @@ class Bench:
             "client_rss_mb": rss,
             "client_holds": f"the model ({res['client_model_bytes'] / 2**20:.0f} MiB of weights) and gradients",
         }
+
+
+def _untrained_row(
+    accuracy: float,
+    loss: float | None,
+    correct: list[int],
+    holds: str,
+    *,
+    queries: int = 0,
+    sequences: int = 0,
+    service_bytes_up: int = 0,
+    service_bytes_down: int = 0,
+    **extra,
+) -> dict:
+    """A method without federated training (zero-shot, calibrated, in-context): no rounds, no aggregator bytes,
+    and only the service queries it spends fitting anything before the test."""
+    return {
+        "test_accuracy": accuracy,
+        "test_loss": loss,
+        "queries": queries,
+        "sequences": sequences,
+        **extra,
+        "correct": correct,
+        "bytes_up": 0,
+        "bytes_down": 0,
+        "service_bytes_up": service_bytes_up,
+        "service_bytes_down": service_bytes_down,
+        "curve": [],
+        "rounds": [],
+        "client_rss_mb": None,
+        "client_holds": holds,
+    }
 
 
 def _correct(logits, examples) -> list[int]:
