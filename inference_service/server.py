@@ -16,6 +16,30 @@ from .limits import Limits
 log = logging.getLogger(__name__)
 
 
+# One `--max-...` flag per field of Limits, named after it and defaulting to it (a test checks that none is missing).
+LIMIT_FLAGS: dict[str, str | None] = {
+    "max_prompt_length": None,
+    "max_population": None,
+    "max_texts": None,
+    "max_text_tokens": None,
+    "max_label_words": None,
+    "max_body_bytes": None,
+    "max_projection_values": "d x L x D of the largest projection a seed + z request may ask the service to build",
+    "max_batch_tokens": "padded positions per forward pass; bounds activation memory (default 8192 on CPU, 65536 "
+    "on a GPU)",
+    "max_inflight_per_key": "score requests of one key handled at once; more wait their turn in a FIFO per key, and "
+    "the engine is handed to keys round-robin, so a flooding key cannot starve the others",
+    "max_queued_per_key": "requests of one key that may wait beyond --max-inflight-per-key; further ones get 429 "
+    "with Retry-After",
+    "max_request_tokens": "work budget of one request: P x the sum of its texts' sequence lengths; larger requests "
+    "get 413 before any work (default %(default)s)",
+    "max_request_seconds": "a request still running after this long stops at its next slice with 503 (default "
+    "%(default)s)",
+    "max_key_tokens_per_minute": "positions one key may have scored per minute; beyond, 429 with Retry-After "
+    "(default: no cap)",
+}
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
@@ -60,56 +84,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--quota", type=int, default=None, help="queries allowed per key unless its line says otherwise"
     )
-    parser.add_argument("--max-prompt-length", type=int, default=Limits.max_prompt_length)
-    parser.add_argument("--max-population", type=int, default=Limits.max_population)
-    parser.add_argument("--max-texts", type=int, default=Limits.max_texts)
-    parser.add_argument("--max-text-tokens", type=int, default=Limits.max_text_tokens)
-    parser.add_argument("--max-label-words", type=int, default=Limits.max_label_words)
-    parser.add_argument("--max-body-bytes", type=int, default=Limits.max_body_bytes)
-    parser.add_argument(
-        "--max-projection-values",
-        type=int,
-        default=Limits.max_projection_values,
-        help="d x L x D of the largest projection a seed + z request may ask the service to build",
-    )
-    parser.add_argument(
-        "--max-batch-tokens",
-        type=int,
-        default=Limits.max_batch_tokens,
-        help="padded positions per forward pass; bounds activation memory (default 8192 on CPU, 65536 on a GPU)",
-    )
-    parser.add_argument(
-        "--max-inflight-per-key",
-        type=int,
-        default=Limits.max_inflight_per_key,
-        help="score requests of one key handled at once; more wait their turn in a FIFO per key, and "
-        "the engine is handed to keys round-robin, so a flooding key cannot starve the others",
-    )
-    parser.add_argument(
-        "--max-queued-per-key",
-        type=int,
-        default=Limits.max_queued_per_key,
-        help="requests of one key that may wait beyond --max-inflight-per-key; further ones get 429 with Retry-After",
-    )
-    parser.add_argument(
-        "--max-request-tokens",
-        type=int,
-        default=Limits.max_request_tokens,
-        help="work budget of one request: P x the sum of its texts' sequence lengths; larger "
-        "requests get 413 before any work (default %(default)s)",
-    )
-    parser.add_argument(
-        "--max-request-seconds",
-        type=float,
-        default=Limits.max_request_seconds,
-        help="a request still running after this long stops at its next slice with 503 (default %(default)s)",
-    )
-    parser.add_argument(
-        "--max-key-tokens-per-minute",
-        type=int,
-        default=None,
-        help="positions one key may have scored per minute; beyond, 429 with Retry-After (default: no cap)",
-    )
+    for name, help_text in LIMIT_FLAGS.items():
+        default = getattr(Limits, name)
+        parser.add_argument(
+            "--" + name.replace("_", "-"),
+            type=float if isinstance(default, float) else int,
+            default=default,
+            help=help_text,
+        )
     parser.add_argument(
         "--operator-key",
         default=None,
@@ -126,21 +108,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def limits_from(args: argparse.Namespace) -> Limits:
-    return Limits(
-        max_prompt_length=args.max_prompt_length,
-        max_population=args.max_population,
-        max_texts=args.max_texts,
-        max_text_tokens=args.max_text_tokens,
-        max_label_words=args.max_label_words,
-        max_body_bytes=args.max_body_bytes,
-        max_projection_values=args.max_projection_values,
-        max_batch_tokens=args.max_batch_tokens,
-        max_inflight_per_key=args.max_inflight_per_key,
-        max_queued_per_key=args.max_queued_per_key,
-        max_request_tokens=args.max_request_tokens,
-        max_request_seconds=args.max_request_seconds,
-        max_key_tokens_per_minute=args.max_key_tokens_per_minute,
-    )
+    return Limits(**{name: getattr(args, name) for name in LIMIT_FLAGS})
 
 
 def reload_keys_on_sighup(keys: KeyStore) -> None:

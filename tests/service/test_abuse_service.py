@@ -253,3 +253,21 @@ def test_sigterm_ends_a_long_request_and_the_server(tiny_roberta_dir, tmp_path):
         if proc.poll() is None:
             proc.kill()
             proc.wait(30)
+
+
+def test_every_limit_has_a_serve_flag_that_reaches_the_service():
+    import argparse
+    from dataclasses import fields
+
+    from inference_service.server import LIMIT_FLAGS, add_arguments, limits_from
+
+    assert list(LIMIT_FLAGS) == [f.name for f in fields(Limits)]
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    assert limits_from(parser.parse_args([])) == Limits()
+    argv, expected = [], {}
+    for i, f in enumerate(fields(Limits)):
+        value = 0.5 + i if f.name == "max_request_seconds" else 7 + i
+        argv += ["--" + f.name.replace("_", "-"), str(value)]
+        expected[f.name] = value
+    assert limits_from(parser.parse_args(argv)) == Limits(**expected)
