@@ -55,10 +55,11 @@ def debiased_cross_entropy(
         trials = bias[None] - scales[:, None, None] * step[None]  # [S, P, C]
         values = objective(trials)
         best = values.argmin(axis=0)
-        improved = values[best, np.arange(p_count)] < value
+        best_values = values[best, np.arange(p_count)]
+        improved = best_values < value
         bias = np.where(improved[:, None], trials[best, np.arange(p_count)], bias)
-        gain = np.where(improved, value - values[best, np.arange(p_count)], 0.0)
-        value = np.minimum(value, values[best, np.arange(p_count)])
+        gain = np.where(improved, value - best_values, 0.0)
+        value = np.minimum(value, best_values)
         if gain.max() < 1e-12:
             break
     return value, bias
