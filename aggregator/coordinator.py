@@ -50,6 +50,7 @@ from fedbpt_wire.federation import (
     UpdateResponse,
 )
 from fedbpt_wire.schemas import Tensor
+from fedbpt_wire.served import ServedChoice, ValidationComparison, choose, pool
 from fedbpt_wire.tensors import encode_tensor
 
 from .store import RoundRow, Store
@@ -111,9 +112,11 @@ def round_metrics(updates: list[UpdateRequest]) -> dict:
         total = sum(n for n, _ in pairs)
         return sum(n * v for n, v in pairs) / total if total else None
 
+    pooled = pool(u.metrics.vs_baseline for u in updates if u.metrics.vs_baseline is not None)
     return {
         "val_accuracy": weighted("global_val_accuracy"),
         "val_loss": weighted("global_val_loss"),
+        "vs_baseline": pooled.model_dump() if pooled is not None else None,
         "queries": sum(u.costs.queries for u in updates),
         "sequences": sum(u.costs.sequences for u in updates),
         "tokens": sum(u.costs.tokens for u in updates),
@@ -423,7 +426,26 @@ class Coordinator:
                 mean=encode_tensor(self.strategy.mean),
                 sigma=self.strategy.sigma,
                 client_means=None if own is None else {cid: encode_tensor(m) for cid, m in own.items()},
+                served=None if self.rules.own_prompts else self._served(),
             )
+
+    def _served(self) -> ServedChoice | None:
+        """The best validated global prompt of the closed rounds against the baseline; None before any closed
+        round was validated against it (clients from before `vs_baseline`)."""
+        candidates, means = {}, {}
+        for r in self.store.rounds():
+            if r.state == "open" or not r.metrics or not r.metrics.get("vs_baseline"):
+                continue
+            mean = self.store.round_mean(r.round)
+            if mean is not None:  # rounds of a run begun before means were kept cannot be served
+                candidates[r.round] = ValidationComparison.model_validate(r.metrics["vs_baseline"])
+                means[r.round] = mean
+        if not candidates:
+            return None
+        best, choice = choose(candidates)
+        if best is None:
+            return choice
+        return choice.model_copy(update={"mean": encode_tensor(means[best])})
 
     def status(self, caller: Caller) -> RunStatus:
         with self._lock:
@@ -436,6 +458,7 @@ class Coordinator:
                     "val_accuracy": None,
                     "val_loss": None,
                     "clipped": None,
+                    "vs_baseline": None,
                 }
                 history = [r.model_copy(update=hidden) for r in history]
             return RunStatus(
@@ -500,6 +523,7 @@ class Coordinator:
         with self.store.transaction():
             self.store.save_strategy(blob)
             self.store.insert_round(row)
+            self.store.save_round_mean(0, strategy.mean)
         self._blob, self.strategy = blob, strategy
         self._set_open(row, started=1)
         log.info("round 0 open: %s", ", ".join(selected))
@@ -536,6 +560,7 @@ class Coordinator:
                 self.store.save_strategy(blob)
             if row is not None:
                 self.store.insert_round(row)
+                self.store.save_round_mean(nxt, strategy.mean)
         self._blob, self.strategy = blob, strategy
         self._set_open(row, started=nxt + 1 if row is not None else nxt)
         if result is not None:

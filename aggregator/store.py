@@ -13,6 +13,8 @@ import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+import numpy as np
+
 from fedbpt_wire.federation import RunConfig, UpdateRequest
 
 _SCHEMA = """
@@ -38,6 +40,11 @@ CREATE TABLE IF NOT EXISTS rounds (
     sigma_after REAL,
     closed_at REAL,
     metrics TEXT
+);
+-- The global mean each round handed out (and its clients validated): a served prompt is one of them.
+CREATE TABLE IF NOT EXISTS round_means (
+    round INTEGER PRIMARY KEY,
+    mean BLOB NOT NULL
 );
 CREATE TABLE IF NOT EXISTS updates (
     round INTEGER NOT NULL,
@@ -226,6 +233,16 @@ class Store:
 
     def rounds(self) -> list[RoundRow]:
         return [_round_row(r) for r in self._query(f"SELECT {_ROUND_COLUMNS} FROM rounds ORDER BY round")]
+
+    def save_round_mean(self, round_: int, mean: np.ndarray) -> None:
+        self._write(
+            "INSERT OR REPLACE INTO round_means (round, mean) VALUES (?, ?)",
+            (round_, np.asarray(mean, dtype="<f8").tobytes()),
+        )
+
+    def round_mean(self, round_: int) -> np.ndarray | None:
+        rows = self._query("SELECT mean FROM round_means WHERE round = ?", (round_,))
+        return np.frombuffer(rows[0][0], dtype="<f8").copy() if rows else None
 
     def open_round(self) -> RoundRow | None:
         rows = self._query(f"SELECT {_ROUND_COLUMNS} FROM rounds WHERE state = 'open'")

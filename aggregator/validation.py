@@ -62,3 +62,10 @@ def check_update(req: UpdateRequest, config: RunConfig) -> None:
     for name, value in req.metrics:
         if isinstance(value, float):
             _check_metric(value, f"metrics.{name}")
+    comparison = req.metrics.vs_baseline
+    if comparison is not None:
+        problem = comparison.consistency_error()
+        if problem is not None:
+            raise Invalid(f"metrics.vs_baseline: {problem}")
+        for name in ("tuned_loss", "baseline_loss"):
+            _check_metric(getattr(comparison, name), f"metrics.vs_baseline.{name}")

@@ -15,9 +15,11 @@ import numpy as np
 from fedbpt_wire.federation import ClientCosts, ClientMetrics, RoundTask, RunConfig, UpdateRequest
 from fedbpt_wire.metrics import label_cross_entropy
 from fedbpt_wire.projection import Projection, projection_for
+from fedbpt_wire.served import ValidationComparison
 from fedbpt_wire.tensors import decode_tensor, encode_tensor
 
 from .data import Example
+from .evaluation import calibrated_comparison
 from .http import RequestFailed
 from .local_search import cma_seed, local_search
 from .perturb import corpus_words, perturb_examples
@@ -101,6 +103,7 @@ class FedBPTClient:
             raise ValueError(f"client {client_id} has no training examples")
         self.client_id = client_id
         self.service = service
+        self.manual_task = task
         self.task = with_placement(task, config.prompt_placement)
         self.train = train
         self.val = val
@@ -111,6 +114,28 @@ class FedBPTClient:
         self.scorer = PromptScorer(service, self.task, projection, info.kind, info.max_texts)
         self.words = corpus_words(train)
         self.tag = zlib.crc32(client_id.encode())
+        self._baseline: np.ndarray | None = None
+
+    def baseline_logits(self) -> np.ndarray:
+        """The manual prompt (the template alone) on train + validation [N, C]: the baseline every round's
+        global prompt competes with. Scored once: it never changes."""
+        if self._baseline is None:
+            info = self.service.model_info()
+            manual = PromptScorer(self.service, self.manual_task, None, info.kind, info.max_texts)
+            self._baseline = manual.logits(None, self.train + self.val)[0]
+        return self._baseline
+
+    def compare_with_baseline(self, z: np.ndarray) -> tuple[Evaluation, ValidationComparison]:
+        """z's raw metrics on the validation split and its comparison with the baseline there, each read out
+        with its bias fitted on the training split: one call for z on train + validation."""
+        n = len(self.train)
+        logits = self.scorer.logits(np.asarray(z)[None], self.train + self.val)[0]
+        base = self.baseline_logits()
+        train_labels = np.array([ex.label for ex in self.train])
+        val_labels = np.array([ex.label for ex in self.val])
+        loss, acc = label_cross_entropy(logits[None, n:], val_labels)
+        comparison = calibrated_comparison(logits[:n], logits[n:], base[:n], base[n:], train_labels, val_labels)
+        return Evaluation(loss, acc), comparison
 
     def _batches(self, round_id: int) -> list[np.ndarray]:
         """One mini-batch per local iteration, seeded by (run, client, round)."""
@@ -142,11 +167,12 @@ class FedBPTClient:
             raise ValueError(f"global mean has shape {mean.shape}, expected ({cfg.intrinsic_dim},)")
         metrics = {}
         if self.val:
-            ev = self.scorer.evaluate(mean[None], self.val)
+            ev, comparison = self.compare_with_baseline(mean)
             metrics = {
                 "global_val_loss": float(ev.loss[0]),
                 "global_val_accuracy": float(ev.accuracy[0]),
                 "val_samples": len(self.val),
+                "vs_baseline": comparison,
             }
         perturbed = None
         # The strategy's rule comes with the task; an aggregator from before that field leaves it to the config.

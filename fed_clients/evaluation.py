@@ -7,9 +7,10 @@ beats that, on the same test examples, by more than chance (the paired test).
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
+
+from fedbpt_wire.metrics import label_cross_entropy
+from fedbpt_wire.served import ValidationComparison, mcnemar_p
 
 
 def fit_calibration(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
@@ -47,12 +48,7 @@ def mcnemar_exact(correct_a: np.ndarray, correct_b: np.ndarray) -> float:
     a, b = np.asarray(correct_a, dtype=bool), np.asarray(correct_b, dtype=bool)
     if a.shape != b.shape:
         raise ValueError(f"paired results must have the same shape, got {a.shape} and {b.shape}")
-    only_a, only_b = int((a & ~b).sum()), int((~a & b).sum())
-    n = only_a + only_b
-    if n == 0:
-        return 1.0
-    tail = sum(math.comb(n, k) for k in range(min(only_a, only_b) + 1))
-    return min(1.0, 2 * tail / 2**n)
+    return mcnemar_p(int((a & ~b).sum()), int((~a & b).sum()))
 
 
 def mean_std(values) -> tuple[float, float]:
@@ -76,3 +72,32 @@ def classification_metrics(labels: np.ndarray, predictions: np.ndarray, num_clas
         "f1": f1.tolist(),
         "confusion": confusion.tolist(),
     }
+
+
+def calibrated_comparison(
+    tuned_train: np.ndarray,
+    tuned_val: np.ndarray,
+    baseline_train: np.ndarray,
+    baseline_val: np.ndarray,
+    train_labels: np.ndarray,
+    val_labels: np.ndarray,
+) -> ValidationComparison:
+    """The tuned prompt against the baseline on validation examples, each with its bias fitted on the training
+    examples (label-word logits [N, C] of each prompt on each split)."""
+    val_labels = np.asarray(val_labels, dtype=np.int64)
+    results = []
+    for train, val in ((tuned_train, tuned_val), (baseline_train, baseline_val)):
+        bias = fit_calibration(train, train_labels)
+        shifted = np.asarray(val, dtype=np.float64) + bias
+        loss, _ = label_cross_entropy(shifted[None], val_labels)
+        results.append((float(loss[0]), shifted.argmax(-1) == val_labels))
+    (tuned_loss, tuned_ok), (base_loss, base_ok) = results
+    return ValidationComparison(
+        examples=len(val_labels),
+        tuned_loss=tuned_loss,
+        tuned_correct=int(tuned_ok.sum()),
+        baseline_loss=base_loss,
+        baseline_correct=int(base_ok.sum()),
+        tuned_only=int((tuned_ok & ~base_ok).sum()),
+        baseline_only=int((~tuned_ok & base_ok).sum()),
+    )

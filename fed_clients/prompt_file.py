@@ -17,11 +17,15 @@ from pydantic import ValidationError
 
 from fedbpt_wire.federation import RunConfig
 from fedbpt_wire.schemas import ModelInfo, Tensor
+from fedbpt_wire.served import ServedChoice
 from fedbpt_wire.tensors import TensorDecodeError, decode_tensor, encode_tensor
 
 from .tasks import Task, TaskSpecError, task_from_spec, with_placement
 
-PROMPT_FORMAT = "fedbpt-prompt/1"
+# /2 adds what is served (the tuned soft prompt or the template alone) and the read-out's label bias: a /1 reader
+# would serve z where a /2 file serves the template alone, so the version changes.
+PROMPT_FORMAT = "fedbpt-prompt/2"
+READABLE_FORMATS = ("fedbpt-prompt/1", PROMPT_FORMAT)
 
 
 class PromptFileError(ValueError):
@@ -33,12 +37,29 @@ class TunedPrompt:
     model: dict  # name, hidden_size, kind
     config: RunConfig
     task: Task  # as written by its owner; `placed` is what the service is sent
-    z: np.ndarray  # [d] float32
+    z: np.ndarray  # [d] float32: the tuned prompt, or under `served == "baseline"` the best tuned candidate
     metrics: dict
+    served: str = "tuned"  # "tuned": the soft prompt from z; "baseline": the template alone, no soft prompt
+    bias: np.ndarray | None = None  # [C] added to the label-word logits before the read-out (None: none)
+    selection: dict | None = None  # why `served` was chosen: the validation comparison (fedbpt_wire.served)
 
     @property
     def placed(self) -> Task:
         return with_placement(self.task, self.config.prompt_placement)
+
+    @property
+    def scored_task(self) -> Task:
+        """The template as the service is sent it: placed for the soft prompt, or the manual one alone."""
+        return self.placed if self.served == "tuned" else self.task
+
+    @property
+    def served_z(self) -> np.ndarray | None:
+        return self.z if self.served == "tuned" else None
+
+    def read_out(self, logits: np.ndarray) -> np.ndarray:
+        """Label-word logits [..., C] as the prompt's classifier reads them: its bias added."""
+        logits = np.asarray(logits, dtype=np.float64)
+        return logits if self.bias is None else logits + self.bias
 
     def check_model(self, info: ModelInfo) -> None:
         """A prompt lives in one model's embedding space: elsewhere it means nothing."""
@@ -51,8 +72,18 @@ class TunedPrompt:
 
 
 def prompt_payload(
-    info: ModelInfo, config: RunConfig, task: Task, z: np.ndarray, metrics: dict, created_by: str
+    info: ModelInfo,
+    config: RunConfig,
+    task: Task,
+    z: np.ndarray,
+    metrics: dict,
+    created_by: str,
+    *,
+    choice: ServedChoice,
+    bias: np.ndarray,
 ) -> dict:
+    if len(bias) != task.num_classes:
+        raise ValueError(f"bias has {len(bias)} values for {task.num_classes} classes")
     return {
         "format": PROMPT_FORMAT,
         "created_by": created_by,
@@ -76,6 +107,9 @@ def prompt_payload(
         "task_spec": task.to_spec(),
         "run_config": config.model_dump(),
         "metrics": metrics,
+        "served": choice.served,
+        "bias": [float(b) for b in bias],
+        "selection": choice.model_dump(mode="json", exclude={"mean"}),
     }
 
 
@@ -96,9 +130,9 @@ def read_prompt(path: str | Path) -> TunedPrompt:
         raise PromptFileError(f"{path}: cannot read the prompt file ({exc.strerror or exc})") from None
     except json.JSONDecodeError as exc:
         raise PromptFileError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg})") from None
-    if not isinstance(payload, dict) or payload.get("format") != PROMPT_FORMAT:
+    if not isinstance(payload, dict) or payload.get("format") not in READABLE_FORMATS:
         found = payload.get("format") if isinstance(payload, dict) else None
-        raise PromptFileError(f"{path}: not a {PROMPT_FORMAT} prompt file (format {found!r})")
+        raise PromptFileError(f"{path}: not a {' or '.join(READABLE_FORMATS)} prompt file (format {found!r})")
     try:
         config = RunConfig.model_validate(payload["run_config"])
         z = decode_tensor(Tensor.model_validate(payload["z"]), "z").astype(np.float32)
@@ -122,6 +156,18 @@ def read_prompt(path: str | Path) -> TunedPrompt:
         raise PromptFileError(f"{path}: invalid field ({str(exc).splitlines()[0]})") from None
     except TaskSpecError as exc:
         raise PromptFileError(str(exc)) from None
+    # /1 files predate both: they serve z, read out without a bias.
+    served = payload.get("served", "tuned")
+    if served not in ("tuned", "baseline"):
+        raise PromptFileError(f"{path}: served must be 'tuned' or 'baseline', got {served!r}")
+    bias = None
+    if payload.get("bias") is not None:
+        try:
+            bias = np.asarray(payload["bias"], dtype=np.float64)
+        except (TypeError, ValueError):
+            bias = None
+        if bias is None or bias.shape != (task.num_classes,) or not np.isfinite(bias).all():
+            raise PromptFileError(f"{path}: bias must be a list of {task.num_classes} finite numbers, one per label")
     if z.shape != (config.intrinsic_dim,):
         raise PromptFileError(f"{path}: z has shape {list(z.shape)}, the run's intrinsic_dim is {config.intrinsic_dim}")
-    return TunedPrompt(model, config, task, z, payload.get("metrics") or {})
+    return TunedPrompt(model, config, task, z, payload.get("metrics") or {}, served, bias, payload.get("selection"))

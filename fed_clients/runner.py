@@ -15,13 +15,16 @@ import httpx
 import numpy as np
 
 from fedbpt_wire.federation import RunConfig
-from fedbpt_wire.tensors import decode_tensor
+from fedbpt_wire.metrics import label_cross_entropy
+from fedbpt_wire.served import ServedChoice, choose
+from fedbpt_wire.tensors import decode_tensor, encode_tensor
 
 from .aggregator_client import AggregatorClient
 from .client import FedBPTClient
 from .credentials import TokenFile, default_state_dir
 from .data import DataError, Example, load_splits
 from .errors import FatalError, service_refused, unreachable
+from .evaluation import fit_calibration
 from .http import RequestFailed
 from .partition import few_shot, partition, train_val_split
 from .preflight import check_service
@@ -70,6 +73,7 @@ class RunOutcome:
     rounds_worked: int
     config: RunConfig | None = None
     last_val_accuracy: float | None = None  # the global prompt's, on this client's validation split
+    served: ServedChoice | None = None  # what the prompt file serves, and why
 
 
 def run_client(
@@ -342,24 +346,43 @@ def finish(
         )
     final = aggregator.global_state()
     z = decode_tensor(final.mean)
+    if final.client_means and client_id in final.client_means:
+        z = decode_tensor(final.client_means[client_id])  # local-only: this client's own prompt
     config = outcome.config or status.config
     info = service.model_info()
-    scorer = FedBPTClient(client_id, service, task, data.train, data.val, config).scorer
-    ev = scorer.evaluate(z[None], data.val)
-    zero = scorer.evaluate(None, data.val)
+    client = FedBPTClient(client_id, service, task, data.train, data.val, config)
+    choice = final.served
+    if choice is None:
+        # No choice from the aggregator (one from before it made one, or local-only): the same rule on this
+        # client's own validation split, between the final prompt and the baseline.
+        _, comparison = client.compare_with_baseline(z)
+        _, choice = choose({len(status.history) - 1: comparison})
+        choice = choice.model_copy(update={"mean": encode_tensor(z)})
+    if choice.mean is not None:
+        z = decode_tensor(choice.mean)
+    examples = data.train + data.val
+    labels = np.array([ex.label for ex in examples])
+    tuned = client.scorer.logits(z[None], examples)[0]
+    baseline = client.baseline_logits()
+    # The read-out is part of what is served: its bias fitted on every labelled example this client holds.
+    bias = fit_calibration(baseline if choice.served == "baseline" else tuned, labels)
+    n = len(data.train)
+    loss, acc = label_cross_entropy(tuned[None, n:], labels[n:])
     metrics = {
-        "val_accuracy": float(ev.accuracy[0]),
-        "val_loss": float(ev.loss[0]),
-        "zero_shot_val_accuracy": float(zero.accuracy[0]),
+        "val_accuracy": float(acc[0]),
+        "val_loss": float(loss[0]),
+        "zero_shot_val_accuracy": float((baseline[n:].argmax(-1) == labels[n:]).mean()),
         "val_examples": len(data.val),
         "train_examples": len(data.train),
         "rounds_merged": len(merged),
         "rounds": len(status.history),
         "rounds_worked": outcome.rounds_worked,
     }
+    outcome.served = choice
     # A run id is the operator's free text: it must not turn into directories here.
     path = Path(prompt_out or re.sub(r"[^A-Za-z0-9_.-]", "_", f"prompt-{config.run_id}-{client_id}") + ".json")
-    write_prompt(path, prompt_payload(info, config, task, z, metrics, f"fedbpt client {client_id}"))
+    payload = prompt_payload(info, config, task, z, metrics, f"fedbpt client {client_id}", choice=choice, bias=bias)
+    write_prompt(path, payload)
     return path
 
 
@@ -427,11 +450,12 @@ def run(args: argparse.Namespace) -> None:
         service.close()
         aggregator.close()
     acc = "n/a" if outcome.last_val_accuracy is None else f"{outcome.last_val_accuracy:.3f}"
+    served = "n/a" if outcome.served is None else f"{outcome.served.served} ({outcome.served.reason})"
     spent = service.usage()
     print(
         f"{client_id} done in {time.monotonic() - started:.0f} s: worked {rounds} rounds; {spent.queries} "
         f"service queries, {spent.tokens} tokens, {(spent.bytes_up + spent.bytes_down) / 1024:.1f} KiB to "
         f"and from the service, {(aggregator.http.wire.bytes_up + aggregator.http.wire.bytes_down) / 1024:.1f} KiB "
-        f"to and from the aggregator; last global val accuracy {acc}; tuned prompt: {path}",
+        f"to and from the aggregator; last global val accuracy {acc}; served: {served}; prompt file: {path}",
         flush=True,
     )

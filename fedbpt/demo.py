@@ -162,6 +162,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     from fed_clients.tasks import TASKS, get_task, parse_label_words, with_placement
     from fedbpt_wire.metrics import label_cross_entropy
     from fedbpt_wire.projection import projection_for
+    from fedbpt_wire.served import ServedChoice
     from fedbpt_wire.tensors import decode_tensor
 
     t_start = time.monotonic()
@@ -263,10 +264,24 @@ def run_demo(cfg: DemoConfig) -> dict:
         tuned_scorer = PromptScorer(
             service, with_placement(task, config.prompt_placement), projection, info.kind, info.max_texts
         )
+        own_labels = np.array([ex.label for ex in own])
         z_final = decode_tensor(final.mean)
         tuned_logits = tuned_scorer.logits(z_final[None], test)[0]
         # The same bias correction on top of the tuned prompt: what separation the prompt adds beyond a bias.
-        tuned_bias = fit_calibration(tuned_scorer.logits(z_final[None], own)[0], np.array([ex.label for ex in own]))
+        tuned_bias = fit_calibration(tuned_scorer.logits(z_final[None], own)[0], own_labels)
+        # What the run serves, as the aggregator chose it on the clients' validation splits; its read-out bias
+        # fitted on the same examples as the baseline's, so that serving the baseline is the calibrated baseline.
+        choice = final.served or ServedChoice(
+            served="baseline", reason="the run validated no global prompt against the baseline: serving the baseline"
+        )
+        z_served = decode_tensor(choice.mean) if choice.mean is not None else z_final
+        if choice.served == "baseline":
+            served_logits, served_bias = zero_logits, bias
+        elif np.array_equal(z_served, z_final):
+            served_logits, served_bias = tuned_logits, tuned_bias
+        else:
+            served_logits = tuned_scorer.logits(z_served[None], test)[0]
+            served_bias = fit_calibration(tuned_scorer.logits(z_served[None], own)[0], own_labels)
     finally:
         procs.stop_all()
     labels = np.array([ex.label for ex in test])
@@ -274,6 +289,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     cal_ok = calibrated_predictions(zero_logits, bias) == labels
     tuned_ok = tuned_logits.argmax(-1) == labels
     tuned_cal_ok = calibrated_predictions(tuned_logits, tuned_bias) == labels
+    served_ok = calibrated_predictions(served_logits, served_bias) == labels
     zero_loss = float(label_cross_entropy(zero_logits[None], labels)[0][0])
     tuned_loss = float(label_cross_entropy(tuned_logits[None], labels)[0][0])
     report = {
@@ -293,6 +309,11 @@ def run_demo(cfg: DemoConfig) -> dict:
         "tuned_vs_calibrated_p": mcnemar_exact(tuned_ok, cal_ok),
         "tuned_calibrated_test_accuracy": float(tuned_cal_ok.mean()),
         "tuned_calibrated_vs_calibrated_p": mcnemar_exact(tuned_cal_ok, cal_ok),
+        # What a user deploys: the prompt the run chose on validation (tuned or the baseline) with its bias.
+        "served": choice.served,
+        "served_test_accuracy": float(served_ok.mean()),
+        "served_vs_calibrated_p": mcnemar_exact(served_ok, cal_ok),
+        "served_selection": choice.model_dump(mode="json", exclude={"mean"}),
         "label_words": list(task.label_words),
         "rounds": [
             {
@@ -321,16 +342,22 @@ def run_demo(cfg: DemoConfig) -> dict:
             "zero_shot_test_accuracy",
             "calibrated_zero_shot_test_accuracy",
             "tuned_test_accuracy",
+            "served_test_accuracy",
         )
     }
-    write_prompt(out / "prompt.json", prompt_payload(info, config, task, z_final, metrics, f"fedbpt demo {cfg.name}"))
+    payload = prompt_payload(
+        info, config, task, z_served, metrics, f"fedbpt demo {cfg.name}", choice=choice, bias=served_bias
+    )
+    write_prompt(out / "prompt.json", payload)
     print(
         f"test accuracy on {len(test)} examples: zero-shot {report['zero_shot_test_accuracy']:.4f} | calibrated "
         f"zero-shot {report['calibrated_zero_shot_test_accuracy']:.4f} | tuned {report['tuned_test_accuracy']:.4f} "
         f"(McNemar p {report['tuned_vs_zero_shot_p']:.2g} vs zero-shot, {report['tuned_vs_calibrated_p']:.2g} vs "
         f"calibrated) | tuned + calibration {report['tuned_calibrated_test_accuracy']:.4f} "
-        f"(p {report['tuned_calibrated_vs_calibrated_p']:.2g} vs calibrated) | {report['wall_seconds']:.0f} s | "
-        f"report: {out / 'report.json'}"
+        f"(p {report['tuned_calibrated_vs_calibrated_p']:.2g} vs calibrated) | served: {choice.served} "
+        f"{report['served_test_accuracy']:.4f} (p {report['served_vs_calibrated_p']:.2g} vs calibrated) | "
+        f"{report['wall_seconds']:.0f} s | report: {out / 'report.json'}\n"
+        f"served prompt: {choice.reason}"
     )
     return report
 

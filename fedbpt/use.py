@@ -21,7 +21,7 @@ ROWS_PER_STEP = 256
 
 
 def _service_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--prompt", required=True, metavar="FILE", help="a prompt file (fedbpt-prompt/1)")
+    parser.add_argument("--prompt", required=True, metavar="FILE", help="a prompt file (fedbpt-prompt/1 or /2)")
     parser.add_argument("--service", required=True, help="inference service URL (serving the prompt's model)")
     parser.add_argument("--api-key", default=os.environ.get("FEDBPT_API_KEY"), help="service key (env FEDBPT_API_KEY)")
     parser.add_argument("--ca-cert", default=None, metavar="FILE", help="CA certificate (PEM) to trust for HTTPS")
@@ -57,7 +57,8 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _open(args: argparse.Namespace):
-    """The prompt, a scorer of it on the service (checked: key, model, label words), and the service client."""
+    """The prompt, scorers of its soft prompt and of the template alone on the service (checked: key, model,
+    label words), and the service client."""
     from fed_clients.client import PromptScorer
     from fed_clients.preflight import check_service
     from fed_clients.prompt_file import read_prompt
@@ -78,8 +79,9 @@ def _open(args: argparse.Namespace):
     prompt.check_model(info)
     # z and the seed travel instead of L x D floats per prompt, where the service takes that form.
     service.prompt_wire = "seed" if info.max_projection_values is not None else "float32"
-    scorer = PromptScorer(service, prompt.placed, projection_for(prompt.config, info), info.kind, info.max_texts)
-    return prompt, scorer, service
+    tuned = PromptScorer(service, prompt.placed, projection_for(prompt.config, info), info.kind, info.max_texts)
+    manual = PromptScorer(service, prompt.task, None, info.kind, info.max_texts)
+    return prompt, tuned, manual, service
 
 
 def _probabilities(logits: np.ndarray) -> np.ndarray:
@@ -115,7 +117,8 @@ class _Writer:
 def predict(args: argparse.Namespace) -> int:
     from fed_clients.data import Example, read_inputs
 
-    prompt, scorer, service = _open(args)
+    prompt, tuned, manual, service = _open(args)
+    scorer = tuned if prompt.served == "tuned" else manual
     task = prompt.task
     out = Path(args.output or Path(args.input).with_suffix(".predictions.csv"))
     if out.suffix.lower() not in (".csv", ".tsv", ".jsonl"):
@@ -133,7 +136,7 @@ def predict(args: argparse.Namespace) -> int:
                 probs_cols = [f"p_{name}" for name in task.names]
                 writer = _Writer(out, [*step[0], "prediction", *probs_cols])
             examples = [Example({f: row[f] for f in task.fields}, 0) for row in step]
-            probs = _probabilities(scorer.logits(prompt.z[None], examples)[0])
+            probs = _probabilities(prompt.read_out(scorer.logits(prompt.served_z, examples)[0]))
             for row, p in zip(step, probs):
                 row["prediction"] = task.names[int(p.argmax())]
                 row.update({f"p_{name}": round(float(q), 6) for name, q in zip(task.names, p)})
@@ -165,24 +168,31 @@ def evaluate(args: argparse.Namespace) -> int:
     from fed_clients.data import read_examples
     from fed_clients.evaluation import classification_metrics
 
-    prompt, scorer, service = _open(args)
+    prompt, tuned, manual, service = _open(args)
     task = prompt.task
     try:
         examples = read_examples(args.data, task)
         labels = np.array([ex.label for ex in examples])
-        results = {
-            "tuned": classification_metrics(
-                labels, scorer.logits(prompt.z[None], examples)[0].argmax(-1), task.num_classes
-            )
-        }
-        if args.baseline:
-            results["manual"] = classification_metrics(
-                labels, scorer.logits(None, examples)[0].argmax(-1), task.num_classes
-            )
+        tuned_logits = tuned.logits(prompt.z[None], examples)[0]
+        manual_logits = manual.logits(None, examples)[0] if args.baseline or prompt.served == "baseline" else None
     finally:
         service.close()
+    served_logits = tuned_logits if prompt.served == "tuned" else manual_logits
+    results = {
+        # What `fedbpt predict` answers: the served prompt, its label bias applied.
+        "served": classification_metrics(labels, prompt.read_out(served_logits).argmax(-1), task.num_classes),
+        # The file's soft prompt read out as it comes, without a bias (the key's meaning before served prompts).
+        "tuned": classification_metrics(labels, tuned_logits.argmax(-1), task.num_classes),
+    }
+    if args.baseline and manual_logits is not None:
+        results["manual"] = classification_metrics(labels, manual_logits.argmax(-1), task.num_classes)
     print(f"{args.data}: {len(examples)} examples, task {task.name}, model {prompt.model['name']}")
-    for which, title in (("tuned", "tuned prompt"), ("manual", "manual prompt (baseline)")):
+    served_title = "served: " + ("tuned + bias" if prompt.served == "tuned" else "manual + bias")
+    for which, title in (
+        ("served", served_title),
+        ("tuned", "tuned prompt, no bias"),
+        ("manual", "manual prompt (baseline)"),
+    ):
         if which in results:
             r = results[which]
             print(f"{title:<26} accuracy {r['accuracy']:.4f}   macro-F1 {r['macro_f1']:.4f}")
@@ -195,6 +205,7 @@ def evaluate(args: argparse.Namespace) -> int:
                     "data": str(args.data),
                     "labels": list(task.names),
                     "service_queries": service.costs.queries,
+                    "served_prompt": prompt.served,
                     **results,
                 },
                 indent=2,

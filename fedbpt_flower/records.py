@@ -64,7 +64,10 @@ def update_content(client_id: str, update: UpdateRequest) -> RecordDict:
     }
     if update.final_sigma is not None:
         fit["final-sigma"] = update.final_sigma
-    metrics = {k: v for k, v in update.metrics.model_dump().items() if v is not None}
+    # A MetricRecord holds flat numbers: the nested comparison travels as "vs_baseline.<field>".
+    metrics = {k: v for k, v in update.metrics.model_dump(exclude={"vs_baseline"}).items() if v is not None}
+    if update.metrics.vs_baseline is not None:
+        metrics |= {f"vs_baseline.{k}": v for k, v in update.metrics.vs_baseline.model_dump().items()}
     metrics |= {f"costs.{k}": v for k, v in update.costs.model_dump().items()}
     return RecordDict(
         {
@@ -82,7 +85,10 @@ def update_request(content: RecordDict) -> tuple[str, UpdateRequest]:
     metrics: Any = content["metrics"]
     mean = _mean(content, "update")
     costs = {k.removeprefix("costs."): v for k, v in metrics.items() if k.startswith("costs.")}
-    plain = {k: v for k, v in metrics.items() if not k.startswith("costs.")}
+    compared = {k.removeprefix("vs_baseline."): v for k, v in metrics.items() if k.startswith("vs_baseline.")}
+    plain = {k: v for k, v in metrics.items() if not k.startswith(("costs.", "vs_baseline."))}
+    if compared:
+        plain["vs_baseline"] = compared
     req = UpdateRequest(
         round=fit["round"],
         mean=encode_tensor(mean),

@@ -11,6 +11,7 @@ from typing import Annotated, Literal, get_args
 from pydantic import BaseModel, Field, StringConstraints
 
 from .schemas import Strict, Tensor
+from .served import ServedChoice, ValidationComparison
 
 # The strategy names: the aggregator maps each to its rules (aggregator.strategies.STRATEGY_CLASSES), its CLI
 # offers them, the bench grid runs them; clients never read a name, only what a RoundTask tells them.
@@ -131,6 +132,11 @@ class ClientMetrics(Strict):
     global_val_loss: float | None = None  # the round's global mean on the local validation split
     global_val_accuracy: float | None = None
     val_samples: int = Field(default=0, ge=0)
+    vs_baseline: ValidationComparison | None = Field(
+        default=None,
+        description="the round's global prompt against the manual prompt on the local validation split, each "
+        "with its label bias fitted on the local training split (fedbpt_wire.served)",
+    )
 
 
 class UpdateRequest(Strict):
@@ -174,6 +180,9 @@ class RoundRecord(BaseModel):
     bytes_up: int = 0  # client -> aggregator bodies, measured by the aggregator
     bytes_down: int = 0  # aggregator -> client bodies
     clipped: int | None = None  # updates the merge bounded (mean, step sizes or weight); operator only
+    vs_baseline: ValidationComparison | None = Field(
+        default=None, description="the reporters' comparisons pooled: the round's global prompt against the baseline"
+    )
     opened_at: float
     closed_at: float | None = None
 
@@ -219,3 +228,8 @@ class GlobalState(BaseModel):
     mean: Tensor
     sigma: float
     client_means: dict[str, Tensor] | None = None  # local-only: each client's own prompt
+    served: ServedChoice | None = Field(
+        default=None,
+        description="what the run serves so far: the best validated global prompt or the baseline "
+        "(absent under local-only and from older aggregators)",
+    )

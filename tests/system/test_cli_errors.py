@@ -123,7 +123,7 @@ def test_not_a_prompt_file(tmp_path):
         cli("predict", "--prompt", "p.json", "--service", "http://127.0.0.1:9", "--input", "in.csv", cwd=tmp_path),
         "predict",
     )
-    assert "p.json: not a fedbpt-prompt/1 prompt file" in line, line
+    assert "p.json: not a fedbpt-prompt/1 or fedbpt-prompt/2 prompt file" in line, line
 
 
 def test_service_down_at_start(tmp_path):

@@ -215,12 +215,17 @@ def test_hand_run_on_own_data(tiny_llama, tmp_path):
                 assert "retrying for up to" in (tmp_path / f"client-{name}.log").read_text()
             for name in clients:
                 log = (tmp_path / f"client-{name}.log").read_text()
-                assert "round 2/2" in log and f"owner-{name} done in" in log and "tuned prompt:" in log
+                assert "round 2/2" in log and f"owner-{name} done in" in log and "prompt file:" in log
                 prompt = read_prompt(tmp_path / f"prompt-{name}.json")
                 assert prompt.z.shape == (8,) and np.isfinite(prompt.z).all()
                 assert prompt.task.names == ("neg", "pos", "mid") and prompt.task.label_column == "verdict"
                 assert prompt.model == {"name": tiny_llama.name, "hidden_size": 64, "kind": "causal"}
                 assert prompt.metrics["rounds_merged"] == 2 and 0 <= prompt.metrics["val_accuracy"] <= 1
+                # What is served was chosen on the pooled validation splits of rounds 0 and 1, the read-out's bias
+                # fitted on this client's own examples.
+                assert prompt.served in ("tuned", "baseline") and prompt.selection["round"] in (0, 1)
+                assert prompt.selection["validation"]["examples"] > 0 and prompt.selection["reason"]
+                assert prompt.bias is not None and prompt.bias.shape == (3,) and np.isfinite(prompt.bias).all()
             # Every client kept the same global prompt.
             zs = [read_prompt(tmp_path / f"prompt-{name}.json").z for name in clients]
             assert all(np.array_equal(zs[0], z) for z in zs)
@@ -290,8 +295,9 @@ def test_hand_run_on_own_data(tiny_llama, tmp_path):
         truth = [r["verdict"] for r in csv.DictReader(open(files["test"]))]
         # The test file holds the same texts as the new one: predict and evaluate must agree exactly (fp32).
         accuracy = np.mean([p["prediction"] == t for p, t in zip(rows, truth)])
-        assert result["tuned"]["accuracy"] == pytest.approx(accuracy, abs=1e-12)
-        for which in ("tuned", "manual"):
+        assert result["served"]["accuracy"] == pytest.approx(accuracy, abs=1e-12)
+        assert result["served_prompt"] == read_prompt(prompt_file).served
+        for which in ("served", "tuned", "manual"):
             assert np.array(result[which]["confusion"]).sum() == 12 and 0 <= result[which]["macro_f1"] <= 1
 
 
@@ -343,3 +349,6 @@ def test_demo_on_own_task_and_data(tiny_llama, tmp_path):
     prompt = read_prompt(out / "prompt.json")
     assert prompt.task.names == ("neg", "pos", "mid") and prompt.z.shape == (4,)
     assert prompt.metrics["tuned_test_accuracy"] == report["tuned_test_accuracy"]
+    assert (
+        report["served"] == prompt.served and prompt.metrics["served_test_accuracy"] == report["served_test_accuracy"]
+    )

@@ -87,4 +87,11 @@ def test_a_tiny_demo_reports_every_baseline_and_keeps_the_prompt(tmp_path, defau
     assert prompt["projection"]["placement"] == "after-text" and prompt["projection"]["init"] == "zeros"
     assert "{prompt}" in prompt["task"]["template"] and prompt["task"]["label_words"] == [" terrible", " great"]
     assert prompt["metrics"]["tuned_test_accuracy"] == report["tuned_test_accuracy"]
+    # What is served: chosen on the clients' validation splits, with its read-out bias; serving the baseline is
+    # exactly the calibrated baseline (the same bias, fitted on the same examples).
+    assert prompt["format"] == "fedbpt-prompt/2" and prompt["served"] == report["served"]
+    assert len(prompt["bias"]) == 2 and prompt["selection"]["reason"] == report["served_selection"]["reason"]
+    if report["served"] == "baseline":
+        assert report["served_test_accuracy"] == report["calibrated_zero_shot_test_accuracy"]
+        assert report["served_vs_calibrated_p"] == 1.0
     assert (out / "accuracy.png").stat().st_size > 10_000
