@@ -69,10 +69,18 @@ _CONFIG_FLAGS: dict[str, tuple[str, dict]] = {
 }
 
 
+DEFAULT_DB = "runs/aggregator.db"
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8100)
-    parser.add_argument("--db", default="aggregator.db", help="SQLite file; one that holds a run resumes it")
+    parser.add_argument(
+        "--db",
+        default=DEFAULT_DB,
+        help="SQLite file; one that holds a run resumes it (default %(default)s: a path git ignores, so that no "
+        "checkout carries a run that a new aggregator would resume)",
+    )
     parser.add_argument(
         "--enroll-key",
         default=None,
@@ -162,6 +170,7 @@ def run(args: argparse.Namespace) -> int:
     if args.ssl_keyfile and not args.ssl_certfile:
         print("--ssl-keyfile needs --ssl-certfile", file=sys.stderr)
         return 2
+    Path(args.db).parent.mkdir(parents=True, exist_ok=True)
     try:
         config = config_from_args(args)
     except ValidationError as exc:

@@ -378,7 +378,8 @@ def create_app(
                     f"{done} of {len(slices)} slices (GET /v1/model: max_request_seconds); "
                     "send smaller requests",
                 )
-            part = ScoreBatch(batch.prompts[cands], batch.texts[texts], batch.label_words)
+            salt = keys.key_id(who) if who else ""
+            part = ScoreBatch(batch.prompts[cands], batch.texts[texts], batch.label_words, cache_salt=salt)
             async with scheduler.turn(who):
                 result = await to_thread.run_sync(engine.score, part)
             logits[cands, texts] = result.logits
@@ -396,6 +397,7 @@ def create_app(
                 "/metrics takes the operator key (Authorization: Bearer <key>); "
                 "the server's --metrics-public makes it public"
             )
+        metrics.observe_prefix_cache(getattr(engine, "prefix_cache", None))
         return Response(metrics.render(), media_type=CONTENT_TYPE)
 
     app.add_middleware(BodyLimit, max_bytes=limits.max_body_bytes)

@@ -36,6 +36,9 @@ class ScoreBatch:
     prompts: np.ndarray  # [P, L, D] float32
     texts: list[str]  # N texts, each with one slot
     label_words: list[str]  # C words
+    # Requests share cached state only under the same salt (the API key's id): no key learns, by timing, what
+    # another key sent.
+    cache_salt: str = ""
 
 
 @dataclass(frozen=True)

@@ -30,6 +30,9 @@ class Limits:
     max_request_tokens: int = 2**17
     max_request_seconds: float = 600.0  # past it, a request stops at its next slice with 503
     max_key_tokens_per_minute: int | None = None  # positions one key may have scored per minute; None: no cap
+    # Keys and values of text heads kept across requests (torch engine, causal LMs, prompt after the text);
+    # None: 256 MiB on CPU, 4 GiB on a GPU; 0: off.
+    max_prefix_cache_bytes: int | None = None
 
     @property
     def slice_tokens(self) -> int:

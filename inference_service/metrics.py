@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -30,6 +30,27 @@ class ServiceMetrics:
             buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
             registry=self.registry,
         )
+
+        self.prefix_cache = Gauge(
+            "fedbpt_prefix_cache",
+            "text-head key/value cache of the engine: bytes held, entries, lookups that hit or missed, evictions",
+            ["what"],
+            registry=self.registry,
+        )
+
+    def observe_prefix_cache(self, cache) -> None:
+        """The engine's prefix cache as it stands (an engine without one publishes nothing)."""
+        if cache is None:
+            return
+        for what, value in (
+            ("bytes", cache.bytes),
+            ("max_bytes", cache.max_bytes),
+            ("entries", len(cache)),
+            ("hits", cache.hits),
+            ("misses", cache.misses),
+            ("evictions", cache.evictions),
+        ):
+            self.prefix_cache.labels(what).set(value)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -15,6 +15,7 @@ from .engine import InputError, ScoreBatch, ScoreResult
 from .engine_base import EngineBase, model_kind, resolve_dtype
 from .layout import Sequence, TextIds, sequence
 from .limits import Limits
+from .prefix_cache import LayerKV, PrefixCache
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +82,12 @@ class TorchEngine(EngineBase):
         self.info = self._facts(model_path, display_name)
         # A GPU amortises launches over far larger batches than a CPU's caches favour.
         self.max_batch_tokens = self.limits.max_batch_tokens or (65536 if self.device.type == "cuda" else 8192)
+        # Text heads' keys and values across requests, where the prompt follows the text (see prefix_cache.py).
+        cache_bytes = self.limits.max_prefix_cache_bytes
+        if cache_bytes is None:
+            cache_bytes = 2**32 if self.device.type == "cuda" else 2**28
+        use_cache = kv_reuse and self.kind == "causal" and cache_bytes > 0
+        self.prefix_cache = PrefixCache(cache_bytes) if use_cache else None
         # One forward at a time: concurrent forwards only fight over the same cores or GPU memory.
         self._lock = threading.Lock()
 
@@ -89,13 +96,15 @@ class TorchEngine(EngineBase):
         label_ids = torch.tensor(self.label_token_ids(batch.label_words), device=self.device)
         with self._lock, torch.inference_mode():
             t0 = time.perf_counter()
-            logits, tokens = self._score(torch.from_numpy(batch.prompts), texts, label_ids)
+            logits, tokens = self._score(torch.from_numpy(batch.prompts), texts, label_ids, batch.cache_salt)
             if self.device.type == "cuda":
                 torch.cuda.synchronize()
             ms = (time.perf_counter() - t0) * 1e3
         return ScoreResult(logits=logits, sequences=logits.shape[0] * logits.shape[1], tokens=tokens, engine_ms=ms)
 
-    def _score(self, prompts: torch.Tensor, texts: list[TextIds], label_ids: torch.Tensor) -> tuple[np.ndarray, int]:
+    def _score(
+        self, prompts: torch.Tensor, texts: list[TextIds], label_ids: torch.Tensor, salt: str = ""
+    ) -> tuple[np.ndarray, int]:
         n_pop, n_prompt, _ = prompts.shape
         prompts = prompts.to(self.device, self.dtype)
         seqs = [sequence(self.layout, t, n_prompt) for t in texts]
@@ -111,7 +120,7 @@ class TorchEngine(EngineBase):
         if plan == "prompt":
             tokens = self._score_shared_prompt(prompts, seqs, label_ids, out)
         elif plan == "text":
-            tokens = self._score_shared_text(prompts, seqs, label_ids, out)
+            tokens = self._score_shared_text(prompts, seqs, label_ids, out, salt)
         else:
             tokens = self._score_full(prompts, seqs, label_ids, out)
         return out, tokens
@@ -177,8 +186,10 @@ class TorchEngine(EngineBase):
         prefix_len = torch.full((n_pop,), prefix.shape[1], device=self.device)
         tails, tail_len = self._padded_ids([s.tail for s in seqs])
         cells = np.array([(p, n) for n in range(len(seqs)) for p in range(n_pop)], dtype=np.int64)
-        return self._prefix_then_continue(
-            prefix,
+        kv, prefix_mask = self._prefix_kv(prefix, prefix_len)
+        return int(prefix_len.sum()) + self._continue_from(
+            kv,
+            prefix_mask,
             prefix_len,
             cells,
             cache_rows=cells[:, 0],
@@ -191,12 +202,18 @@ class TorchEngine(EngineBase):
         )
 
     def _score_shared_text(
-        self, prompts: torch.Tensor, seqs: list[Sequence], label_ids: torch.Tensor, out: np.ndarray
+        self, prompts: torch.Tensor, seqs: list[Sequence], label_ids: torch.Tensor, out: np.ndarray, salt: str
     ) -> int:
         n_pop, n_prompt, _ = prompts.shape
         tokens = 0
         for chunk in self._lead_chunks(seqs):
-            prefix, prefix_len = self._padded_ids([seqs[n].lead for n in chunk])
+            if self.prefix_cache is None:
+                prefix, prefix_len = self._padded_ids([seqs[n].lead for n in chunk])
+                kv, prefix_mask = self._prefix_kv(prefix, prefix_len)
+                tokens += int(prefix_len.sum())
+            else:
+                kv, prefix_mask, prefix_len, run = self._cached_heads_kv([seqs[n].lead for n in chunk], salt)
+                tokens += run
             tails, tail_len = self._padded_ids([seqs[n].tail for n in chunk])
             local = np.array([(p, k) for k in range(len(chunk)) for p in range(n_pop)], dtype=np.int64)
             cells = np.stack([local[:, 0], np.asarray(chunk)[local[:, 1]]], axis=1)
@@ -204,8 +221,9 @@ class TorchEngine(EngineBase):
             def continuation(p_idx, k_idx, width, tails=tails):
                 return torch.cat([prompts[p_idx], tails[k_idx]], dim=1)[:, :width]
 
-            tokens += self._prefix_then_continue(
-                prefix,
+            tokens += self._continue_from(
+                kv,
+                prefix_mask,
                 prefix_len,
                 cells,
                 cache_rows=local[:, 1],
@@ -217,6 +235,40 @@ class TorchEngine(EngineBase):
                 out=out,
             )
         return tokens
+
+    def _cached_heads_kv(
+        self, leads: list[list[int]], salt: str
+    ) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor, torch.Tensor, int]:
+        """Right-padded keys and values [K, heads, W, head_dim] per layer of the text heads `leads`, the missing
+        ones run (and kept) and the others taken from the cache; their mask, lengths and the positions run."""
+        assert self.prefix_cache is not None
+        found: list[LayerKV | None] = [self.prefix_cache.get(salt, tuple(lead)) for lead in leads]
+        # A head sent twice in one request runs once.
+        missing = list(dict.fromkeys(tuple(leads[k]) for k, entry in enumerate(found) if entry is None))
+        if missing:
+            prefix, prefix_len = self._padded_ids([list(ids) for ids in missing])
+            batch_kv, _ = self._prefix_kv(prefix, prefix_len)
+            computed = {}
+            for j, ids in enumerate(missing):
+                n = len(ids)
+                computed[ids] = [(keys[j, :, :n].clone(), values[j, :, :n].clone()) for keys, values in batch_kv]
+                self.prefix_cache.put(salt, ids, computed[ids])
+            found = [entry if entry is not None else computed[tuple(lead)] for entry, lead in zip(found, leads)]
+        entries = [e for e in found if e is not None]
+        lengths = torch.tensor([len(lead) for lead in leads], device=self.device)
+        width = int(lengths.max())
+        kv = []
+        for layer in range(len(entries[0])):
+            keys0, values0 = entries[0][layer]
+            keys = keys0.new_zeros((len(entries), keys0.shape[0], width, keys0.shape[2]))
+            values = values0.new_zeros((len(entries), values0.shape[0], width, values0.shape[2]))
+            for k, entry in enumerate(entries):
+                n = entry[layer][0].shape[1]
+                keys[k, :, :n] = entry[layer][0]
+                values[k, :, :n] = entry[layer][1]
+            kv.append((keys, values))
+        mask = (torch.arange(width, device=self.device) < lengths[:, None]).long()
+        return kv, mask, lengths, sum(len(ids) for ids in missing)
 
     def _lead_chunks(self, seqs: list[Sequence]):
         """Texts grouped so that one group's cached leads (keys and values of every layer) stay bounded."""
@@ -230,9 +282,23 @@ class TorchEngine(EngineBase):
         if chunk:
             yield chunk
 
-    def _prefix_then_continue(
+    def _prefix_kv(
+        self, prefix: torch.Tensor, prefix_len: torch.Tensor
+    ) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor]:
+        """Keys and values per layer [K, heads, W, head_dim] of K right-padded prefixes, and their mask."""
+        prefix_mask = (torch.arange(prefix.shape[1], device=self.device) < prefix_len[:, None]).long()
+        parts = []
+        for lo, hi in self._micro_batches([prefix.shape[1]] * len(prefix)):
+            result = self.body(inputs_embeds=prefix[lo:hi], attention_mask=prefix_mask[lo:hi], use_cache=True)
+            cache = getattr(result, self._cache_arg)
+            parts.append([(layer.keys, layer.values) for layer in cache.layers])
+        kv = [(torch.cat([p[i][0] for p in parts]), torch.cat([p[i][1] for p in parts])) for i in range(len(parts[0]))]
+        return kv, prefix_mask
+
+    def _continue_from(
         self,
-        prefix: torch.Tensor,
+        kv: list[tuple[torch.Tensor, torch.Tensor]],
+        prefix_mask: torch.Tensor,
         prefix_len: torch.Tensor,
         cells: np.ndarray,
         *,
@@ -244,7 +310,7 @@ class TorchEngine(EngineBase):
         label_ids: torch.Tensor,
         out: np.ndarray,
     ) -> int:
-        """Run K right-padded prefixes once, then each cell's continuation from its prefix's cached keys/values.
+        """Each cell's continuation from its prefix's cached keys/values (`kv`, right-padded, `prefix_mask`).
 
         `cells` [B, 2] are the (candidate, text) entries of `out`; `cache_rows` [B] the prefix each one continues;
         `continuation(p_idx, cont_idx, width)` its embeddings [b, width, D], `cont_len` [B] their lengths and
@@ -254,17 +320,11 @@ class TorchEngine(EngineBase):
         """
         from transformers import DynamicCache
 
-        prefix_mask = (torch.arange(prefix.shape[1], device=self.device) < prefix_len[:, None]).long()
-        parts = []
-        for lo, hi in self._micro_batches([prefix.shape[1]] * len(prefix)):
-            result = self.body(inputs_embeds=prefix[lo:hi], attention_mask=prefix_mask[lo:hi], use_cache=True)
-            cache = getattr(result, self._cache_arg)
-            parts.append([(layer.keys, layer.values) for layer in cache.layers])
-        kv = [(torch.cat([p[i][0] for p in parts]), torch.cat([p[i][1] for p in parts])) for i in range(len(parts[0]))]
-        tokens = int(prefix_len.sum())
+        width_prefix = prefix_mask.shape[1]
+        tokens = 0
         order = np.argsort(cont_len, kind="stable")
         # The cached positions count in full: each item gathers its prefix's keys and values for every layer.
-        cost = (cont_len[order] + prefix.shape[1]).tolist()
+        cost = (cont_len[order] + width_prefix).tolist()
         for lo, hi in self._micro_batches(cost):
             sel = order[lo:hi]
             c_idx = torch.from_numpy(cache_rows[sel]).to(self.device)
