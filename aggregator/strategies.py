@@ -11,6 +11,7 @@ each to its class.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
@@ -84,6 +85,16 @@ def paper_eq6_sigma(sigmas: Sequence[Sequence[float]], fitnesses: Sequence[float
 # A local step size past this many times max(global, local start) is a client bug or an attack: CSA grows sigma
 # by a modest factor per iteration, and a run's local searches take a handful of iterations.
 SIGMA_CLIP = 10.0
+# Bounds the run sets on the global step size whatever the clients send: honest FedBPT runs shrink it round after
+# round (1 -> 0.65 -> 0.63 -> 0.61 -> 0.61 in the CPU demo), an attacker's inflated step sizes would compound it
+# (1 -> 6.6 -> 43 -> 290 -> 1979 over four rounds before these bounds). At most x2 per round, x4 sigma0 in all.
+SIGMA_GROWTH_PER_ROUND = 2.0
+SIGMA_MAX_RATIO = 4.0
+
+
+def sigma_bound(sigma_before: float, sigma0: float) -> float:
+    """The largest global step size a merge may leave, from the run's own numbers only."""
+    return min(SIGMA_GROWTH_PER_ROUND * sigma_before, SIGMA_MAX_RATIO * sigma0)
 
 
 def clip_displacement(mean: np.ndarray, center: np.ndarray, radius: float) -> tuple[np.ndarray, bool]:
@@ -102,17 +113,19 @@ def bound_updates(
     local_sigma: float | None,
     clip_multiple: float,
     max_weight_ratio: float,
+    sigma0: float,
 ) -> tuple[list[ClientUpdate], int]:
     """The round's updates with every client's pull on the merge bounded; and how many were changed.
 
-    - mean: at most clip_multiple x sigma x sqrt(d) from the global mean the round started from. Every
-      strategy's new mean is a convex combination of the clients' means, so no set of updates can move the
+    - mean: at most clip_multiple x min(sigma, sigma0) x sqrt(d) from the global mean the round started from.
+      Every strategy's new mean is a convex combination of the clients' means, so no set of updates can move the
       global mean farther than that radius in one round, and one client moves it by at most its weight times it.
-    - step sizes: each at most SIGMA_CLIP x max(sigma, local_sigma).
+      The radius follows sigma down but never above sigma0: clients raise sigma, so they must not raise it.
+    - step sizes: each at most SIGMA_CLIP x max(sigma, local_sigma), both bounded by the run (`sigma_bound`).
     - num_samples: at most max_weight_ratio x the round's median (fedavg-z's weights).
     """
     d = center.shape[0]
-    radius = clip_multiple * sigma * math.sqrt(d) if clip_multiple > 0 else math.inf
+    radius = clip_multiple * min(sigma, sigma0) * math.sqrt(d) if clip_multiple > 0 else math.inf
     sigma_cap = SIGMA_CLIP * max(sigma, local_sigma or 0.0)
     median_n = float(np.median([u.num_samples for u in updates])) if updates else 0.0
     n_cap = max_weight_ratio * median_n if median_n > 0 else math.inf
@@ -190,6 +203,15 @@ class Strategy(ABC):
     def client_means(self) -> dict[str, np.ndarray] | None:
         return None
 
+    def limit_sigma(self, cap: float) -> bool:
+        """Bring the global (and the next local) step size down to `cap` where a merge left it above; whether it did."""
+        if self.sigma <= cap:
+            return False
+        self.sigma = cap
+        if self.local_sigma is not None:
+            self.local_sigma = min(self.local_sigma, cap)
+        return True
+
 
 class FedBPTStrategy(Strategy):
     """FedBPT (`fedbpt`, and `centralized`: one client holding all data): the clients' means are one
@@ -232,6 +254,12 @@ class FedBPTStrategy(Strategy):
         self.mean = np.array(self.es.mean, dtype=float)
         self.sigma = after
         return MergeResult(sigma_merged=merged, sigma_after=after)
+
+    def limit_sigma(self, cap: float) -> bool:
+        limited = super().limit_sigma(cap)
+        if limited:
+            self.es.sigma = self.sigma  # the global ES samples and adapts from the bounded step size
+        return limited
 
 
 class FedBPTNoPerturbStrategy(FedBPTStrategy):
@@ -332,8 +360,13 @@ def merge_round(
         for cid, u in updates
     ]
     clipped = 0
-    if not strategy.own_prompts:
-        ups, clipped = bound_updates(
-            ups, strategy.mean, strategy.sigma, strategy.local_sigma, config.clip_multiple, config.max_weight_ratio
-        )
-    return strategy.merge(ups), clipped
+    if strategy.own_prompts:
+        return strategy.merge(ups), clipped
+    before = strategy.sigma
+    ups, clipped = bound_updates(
+        ups, strategy.mean, before, strategy.local_sigma, config.clip_multiple, config.max_weight_ratio, config.sigma0
+    )
+    result = strategy.merge(ups)
+    if strategy.limit_sigma(sigma_bound(before, config.sigma0)):
+        result = dataclasses.replace(result, sigma_after=strategy.sigma)
+    return result, clipped

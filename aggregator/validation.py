@@ -50,6 +50,11 @@ def check_update(req: UpdateRequest, config: RunConfig) -> None:
     if list(mean.shape) != [d]:
         raise Invalid(f"mean.shape must be [{d}] (intrinsic_dim), got {req.mean.shape}")
     _check_metric(req.fitness, "fitness")
+    if len(req.sigmas) > config.local_iterations:
+        raise Invalid(
+            f"sigmas: one step size per local iteration, at most {config.local_iterations} "
+            f"(local_iterations), got {len(req.sigmas)}"
+        )
     cap = MAX_SIGMA_RATIO * config.sigma0
     for i, s in enumerate(req.sigmas):
         _check_step_size(s, f"sigmas[{i}]", cap)

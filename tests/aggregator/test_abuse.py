@@ -12,10 +12,20 @@ import numpy as np
 import pytest
 
 from aggregator.app import create_app
-from aggregator.strategies import SIGMA_CLIP, ClientUpdate, bound_updates, robust_average
+from aggregator.strategies import (
+    SIGMA_CLIP,
+    SIGMA_MAX_RATIO,
+    ClientUpdate,
+    bound_updates,
+    make_strategy,
+    merge_round,
+    robust_average,
+)
 from fed_clients.aggregator_client import AggregatorClient
 from fed_clients.credentials import TokenFile
 from fedbpt.loopback import serve_app
+from fedbpt_wire.federation import ClientCosts, ClientMetrics, RunConfig, UpdateRequest
+from fedbpt_wire.tensors import encode_tensor
 
 from .test_aggregator import D, body, config, live, mean_of, register
 
@@ -87,12 +97,67 @@ def test_bound_updates_by_hand():
         ClientUpdate("b", np.array([0.1, 0, 0, 0]), 0.2, [0.5], 10),
         ClientUpdate("c", np.array([0.0, 0, 0, 0]), 0.3, [0.5], 1000),
     ]
-    # radius 1 x 0.5 x sqrt(4) = 1; sigma cap 10 x max(0.5, 1.0) = 10; median n = 10, n cap 2 x 10 = 20
-    out, changed = bound_updates(ups, center, sigma=0.5, local_sigma=1.0, clip_multiple=1.0, max_weight_ratio=2.0)
+    # radius 1 x min(0.5, sigma0 1) x sqrt(4) = 1; sigma cap 10 x max(0.5, 1.0) = 10; median n = 10, n cap 20
+    out, changed = bound_updates(
+        ups, center, sigma=0.5, local_sigma=1.0, clip_multiple=1.0, max_weight_ratio=2.0, sigma0=1.0
+    )
     np.testing.assert_allclose(out[0].mean, [0.6, 0.8, 0, 0])
     assert out[0].sigmas == [0.5, 10.0] and out[0].final_sigma == 10.0
     assert out[1].mean.tolist() == [0.1, 0, 0, 0] and out[1].sigmas == [0.5] and out[1].num_samples == 10
     assert out[2].num_samples == 20 and changed == 2
+
+
+def test_the_clip_radius_never_grows_past_sigma0s():
+    # A global step size the clients inflated to 50 leaves the radius at clip_multiple x sigma0 x sqrt(d).
+    far = [ClientUpdate("a", np.array([100.0, 0, 0, 0]), 0.1, [1.0], 10)]
+    out, _ = bound_updates(
+        far, np.zeros(4), sigma=50.0, local_sigma=50.0, clip_multiple=1.0, max_weight_ratio=2.0, sigma0=1.0
+    )
+    np.testing.assert_allclose(out[0].mean, [2.0, 0, 0, 0])
+
+
+@pytest.mark.parametrize("strategy", ["fedbpt", "fedavg-z"])
+def test_one_client_cannot_inflate_sigma_or_drag_the_mean_over_rounds(strategy):
+    """The probe of issue 24: one of three clients sends step sizes at the cap of each round and a mean far off,
+    round after round. Before the run bounded sigma it compounded (1 -> 6.6 -> 43 -> 290 -> 1979) and the mean
+    followed (14.8 -> 113 -> 761 -> 5110); now sigma grows at most x2 a round up to 4 x sigma0, and each round
+    moves the mean by at most clip_multiple x sigma0 x sqrt(d)."""
+    d, rounds = 50, 6
+    cfg = RunConfig(run_id="probe", strategy=strategy, intrinsic_dim=d, local_iterations=2, local_popsize=8)
+    state = make_strategy(cfg, popsize=3)
+    radius = cfg.clip_multiple * cfg.sigma0 * np.sqrt(d)
+    sigmas, norms = [], []
+    for r in range(rounds):
+        cap = SIGMA_CLIP * max(state.sigma, state.local_sigma or 0.0)
+        honest = [(f"h{k}", update_request(r, state.mean + 0.01 * (k + 1), [0.9 * state.sigma] * 2)) for k in range(2)]
+        attacker = ("x", update_request(r, state.mean + 1e6, [cap, cap]))
+        before = state.mean.copy()
+        merge_round(state, sorted([*honest, attacker]), cfg)
+        assert np.linalg.norm(state.mean - before) <= radius + 1e-9
+        sigmas.append(state.sigma)
+        norms.append(float(np.linalg.norm(state.mean)))
+    assert max(sigmas) <= SIGMA_MAX_RATIO * cfg.sigma0 + 1e-12
+    assert all(b <= 2 * a + 1e-12 for a, b in zip([cfg.sigma0, *sigmas], sigmas))
+    assert norms[-1] <= rounds * radius
+
+
+def update_request(round_: int, mean: np.ndarray, sigmas: list[float]) -> UpdateRequest:
+    return UpdateRequest(
+        round=round_,
+        mean=encode_tensor(np.asarray(mean, dtype=np.float32)),
+        fitness=0.5,
+        sigmas=sigmas,
+        num_samples=10,
+        metrics=ClientMetrics(local_loss=0.5, local_accuracy=0.5),
+        costs=ClientCosts(queries=1, sequences=1, tokens=1, service_bytes_up=1, service_bytes_down=1),
+    )
+
+
+def test_more_step_sizes_than_local_iterations_are_refused(tmp_path):
+    with live(config(min_clients=1, local_iterations=2), tmp_path / "run.db") as http:
+        h = register(http, "a")
+        r = http.post("/v1/round/update", json=body(0, np.zeros(D), sigmas=[0.9] * 3), headers=h)
+        assert r.status_code == 422 and "sigmas" in r.json()["detail"] and "local_iterations" in r.json()["detail"]
 
 
 def test_robust_average_by_hand():
