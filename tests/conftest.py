@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -11,6 +13,51 @@ from fedbpt.loopback import free_port, serve_app  # noqa: F401  (fixtures and te
 
 # One folder per part of the stack; each test carries its folder's marker (`pytest -m service`, `-m "not system"`).
 ROLES = ("aggregator", "clients", "service", "system")
+
+
+ROOT = Path(__file__).resolve().parents[1]
+# What a test run may add to the checkout: caches of the tools and of the assets, nothing a test wrote.
+_TOOL_CACHES = (".pytest_cache", ".hypothesis", ".cache/", ".mypy_cache", ".ruff_cache", ".venv")
+
+
+def _checkout_files() -> set[str] | None:
+    """Untracked and ignored paths of the checkout (None outside a git checkout)."""
+    try:
+        out = subprocess.run(
+            ["git", "status", "--porcelain", "--ignored", "--untracked-files=all"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if out.returncode != 0:
+        return None
+    paths = {line[3:] for line in out.stdout.splitlines() if line[:2] in ("??", "!!")}
+    return {p for p in paths if "__pycache__" not in p and not p.startswith(_TOOL_CACHES)}
+
+
+def pytest_sessionstart(session):
+    # Client processes keep their aggregator tokens under FEDBPT_STATE_DIR: the tests' go to a folder of their own,
+    # never to the user's ~/.local/state, where a left-over token would change what a later run does.
+    state = Path(session.config._tmp_path_factory.mktemp("client-state"))  # noqa: SLF001  (pytest's own factory)
+    os.environ["FEDBPT_STATE_DIR"] = str(state)
+    session.config._fedbpt_checkout_before = _checkout_files()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """A run leaves nothing in the checkout: every test writes under its own temporary directory."""
+    before = getattr(session.config, "_fedbpt_checkout_before", None)
+    after = _checkout_files()
+    if before is None or after is None:
+        return
+    left = sorted(after - before)
+    if left:
+        session.config.pluginmanager.get_plugin("terminalreporter").write_line(
+            f"FAILED: the test run left files in the checkout: {', '.join(left[:10])}", red=True
+        )
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
 def pytest_collection_modifyitems(config, items):

@@ -371,7 +371,11 @@ def test_killed_client_restarts_and_rejoins(service_url, tmp_path):
             ]
             with open(log, "ab") as out:
                 return subprocess.Popen(
-                    argv, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONPATH": str(ROOT)}
+                    argv,
+                    cwd=tmp_path,
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                    env={**os.environ, "PYTHONPATH": str(ROOT)},
                 )
 
         logs = [tmp_path / "client-0.log", tmp_path / "client-1.log"]
