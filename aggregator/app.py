@@ -23,7 +23,7 @@ from collections.abc import Callable
 from fastapi import Depends, FastAPI, Query, Request
 from fastapi.responses import JSONResponse
 
-from fedbpt_wire.asgi import BodyLimit, install_error_handlers
+from fedbpt_wire.asgi import BodyLimit, body_paths, install_error_handlers
 from fedbpt_wire.federation import (
     ClientRoundRecord,
     GlobalState,
@@ -77,6 +77,7 @@ def create_app(
     operator_key: str | None = None,
     max_clients: int = MAX_CLIENTS,
     clock: Callable[[], float] = time.time,
+    body_timeout: float | None = 60.0,
 ) -> FastAPI:
     """The aggregator app; a database that already holds a run resumes it (its config wins)."""
     events = RunEvents()
@@ -178,7 +179,12 @@ def create_app(
         return {"status": "ok", "run_id": coordinator.config.run_id, "state": coordinator.state()}
 
     # An update is about 5.4 bytes per dimension in base64 float32, plus up to 10k local sigmas.
-    app.add_middleware(BodyLimit, max_bytes=1024 * 1024 + 16 * coordinator.config.intrinsic_dim)
+    app.add_middleware(
+        BodyLimit,
+        max_bytes=1024 * 1024 + 16 * coordinator.config.intrinsic_dim,
+        read_timeout=body_timeout,
+        body_paths=body_paths(app),
+    )
     app.add_middleware(TrafficMeter, coordinator=coordinator)  # it sees 413s too, of authenticated callers
     app.add_middleware(AuthGate, coordinator=coordinator)  # outermost: unauthenticated requests are not metered
     return app

@@ -192,4 +192,5 @@ def run(args: argparse.Namespace) -> int:
         options=uvicorn_options(args),
         allowed_hosts=args.allowed_hosts,
         exit_when_done=args.exit_when_done,
+        body_timeout=args.body_timeout,
     )

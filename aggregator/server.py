@@ -30,12 +30,20 @@ def serve(
     options: dict | None = None,
     allowed_hosts: str = "*",
     exit_when_done: float | None = None,
+    body_timeout: float | None = 60.0,
 ) -> int:
     """HTTPS when `ssl_certfile` is given (with the key in it or in `ssl_keyfile`), else plain HTTP.
 
     With `exit_when_done`, the server stops that many seconds after the run's last round closed (time for the
     clients to fetch the final prompt) and the status is 1 when no round merged; without it, it serves on."""
-    app = create_app(config, db_path, enroll_key=enroll_key, operator_key=operator_key, max_clients=max_clients)
+    app = create_app(
+        config,
+        db_path,
+        enroll_key=enroll_key,
+        operator_key=operator_key,
+        max_clients=max_clients,
+        body_timeout=body_timeout,
+    )
     coordinator = app.state.coordinator
     harden(app, allowed_hosts)
     server = uvicorn.Server(

@@ -16,6 +16,8 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
+from .logs import redact_access_log
+
 
 class BodyLimit:
     """Answers 413 for a body over `max_bytes`, by Content-Length or while it streams in, and 408 for one that
@@ -25,15 +27,25 @@ class BodyLimit:
     so a chunked upload is cut off at the limit instead of being buffered without bound.
     """
 
-    def __init__(self, app, max_bytes: int, read_timeout: float | None = 60.0):
+    def __init__(
+        self, app, max_bytes: int, read_timeout: float | None = 60.0, body_paths: frozenset[str] | None = None
+    ):
         self.app = app
         self.max_bytes = max_bytes
         self.read_timeout = read_timeout
+        # The routes that take a body (None: every route); any other request carrying one is answered before a
+        # byte of it is read: a 30 MiB POST to /healthz must not be buffered to learn it gets 405.
+        self.body_paths = body_paths
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        declared = dict(scope.get("headers") or []).get(b"content-length")
+        headers = dict(scope.get("headers") or [])
+        declared = headers.get(b"content-length")
+        if self.body_paths is not None and scope["path"] not in self.body_paths:
+            if (declared is not None and declared != b"0") or b"transfer-encoding" in headers:
+                return await send_error(send, 413, f"{scope['path']} takes no request body")
+            return await self.app(scope, receive, send)
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
             return await _too_large(send, self.max_bytes)
         body = bytearray()
@@ -115,6 +127,13 @@ def add_connection_arguments(parser: argparse.ArgumentParser) -> None:
         help="seconds a request body may take to arrive in full; slower ones get 408 (default 60)",
     )
     group.add_argument(
+        "--header-timeout",
+        type=float,
+        default=5.0,
+        help="seconds a connection may take to send a request's headers in full, on a new connection or between "
+        "keep-alive requests; slower ones are closed (default 5)",
+    )
+    group.add_argument(
         "--shutdown-timeout",
         type=float,
         default=15.0,
@@ -133,11 +152,70 @@ def uvicorn_options(args: argparse.Namespace) -> dict:
         "limit_concurrency": args.max_connections,
         "timeout_keep_alive": args.keep_alive,
         "timeout_graceful_shutdown": args.shutdown_timeout,
+        "http": header_timeout_protocol(args.header_timeout),
     }
 
 
+def body_paths(app: FastAPI) -> frozenset[str]:
+    """The app's paths with a route that takes a body (POST, PUT, PATCH)."""
+    return frozenset(
+        getattr(route, "path", "")
+        for route in app.routes
+        if {"POST", "PUT", "PATCH"} & set(getattr(route, "methods", None) or ())
+    )
+
+
+def header_timeout_protocol(seconds: float) -> type:
+    """uvicorn's h11 protocol, closing a connection whose request headers are not complete within `seconds`.
+
+    uvicorn times out idle keep-alive connections only after a response: a socket that connects and sends
+    nothing, or drips its headers, holds a connection slot (and under --max-connections, turns every new request
+    into 503) for as long as it likes. Here a timer runs from the connection's start, and again from the first
+    byte of each later request, until h11 has parsed that request's headers.
+    """
+    import h11
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class HeaderTimeoutProtocol(H11Protocol):
+        header_timeout = seconds
+        _header_timer: asyncio.TimerHandle | None = None
+
+        def connection_made(self, transport) -> None:
+            super().connection_made(transport)
+            self._arm()
+
+        def data_received(self, data: bytes) -> None:
+            super().data_received(data)
+            if self.conn.their_state is h11.IDLE:
+                if self._header_timer is None and self.timeout_keep_alive_task is None:
+                    self._arm()  # part of a later request's headers: they get the same time as the first's
+            else:
+                self._disarm()  # headers in: the body has --body-timeout, the response its own pace
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._disarm()
+            super().connection_lost(exc)
+
+        def _arm(self) -> None:
+            self._header_timer = self.loop.call_later(self.header_timeout, self._headers_too_slow)
+
+        def _disarm(self) -> None:
+            if self._header_timer is not None:
+                self._header_timer.cancel()
+                self._header_timer = None
+
+        def _headers_too_slow(self) -> None:
+            self._header_timer = None
+            if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
+                self.transport.close()
+
+    return HeaderTimeoutProtocol
+
+
 def harden(app: FastAPI, allowed_hosts: str = "*") -> None:
-    """The Host check, outermost: a request for another name never reaches routing or a redirect."""
+    """The Host check, outermost: a request for another name never reaches routing or a redirect; and no query
+    string in the access log."""
+    redact_access_log()
     hosts = [h.strip() for h in allowed_hosts.split(",") if h.strip()]
     if hosts and hosts != ["*"]:
         from starlette.middleware.trustedhost import TrustedHostMiddleware

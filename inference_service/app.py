@@ -14,7 +14,7 @@ from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-from fedbpt_wire.asgi import BodyLimit, install_error_handlers, send_error
+from fedbpt_wire.asgi import BodyLimit, body_paths, install_error_handlers, send_error
 from fedbpt_wire.metrics import label_cross_entropy
 from fedbpt_wire.schemas import ErrorBody, ModelInfo, ScoreRequest, ScoreResponse, Usage
 from fedbpt_wire.tensors import TensorDecodeError, decode_tensor, encode_tensor
@@ -226,6 +226,7 @@ def create_app(
     *,
     operator_key: str | None = None,
     metrics_public: bool | None = None,
+    body_timeout: float | None = 60.0,
 ) -> FastAPI:
     """The service app. `/metrics` needs `operator_key` as Bearer token unless `metrics_public`; by default it
     is public only where no operator key is set."""
@@ -400,6 +401,8 @@ def create_app(
         metrics.observe_prefix_cache(getattr(engine, "prefix_cache", None))
         return Response(metrics.render(), media_type=CONTENT_TYPE)
 
-    app.add_middleware(BodyLimit, max_bytes=limits.max_body_bytes)
+    app.add_middleware(
+        BodyLimit, max_bytes=limits.max_body_bytes, read_timeout=body_timeout, body_paths=body_paths(app)
+    )
     app.add_middleware(_AuthGate, keys=keys, metrics=metrics)  # outermost: a stranger's body is never read
     return app

@@ -175,7 +175,14 @@ def run(args: argparse.Namespace) -> None:
         args.model, args.engine, args.dtype, args.device, limits, args.prompt_anchor, not args.no_kv_reuse
     )
     operator_key = args.operator_key or os.environ.get("FEDBPT_OPERATOR_KEY") or None
-    app = create_app(engine, keys, limits, operator_key=operator_key, metrics_public=args.metrics_public)
+    app = create_app(
+        engine,
+        keys,
+        limits,
+        operator_key=operator_key,
+        metrics_public=args.metrics_public,
+        body_timeout=args.body_timeout,
+    )
     harden(app, args.allowed_hosts)
     scheme = "https" if tls else "http"
     log.info("serving %s on %s://%s:%d (docs at /docs)", engine.info.name, scheme, args.host, args.port)

@@ -271,3 +271,21 @@ def test_every_limit_has_a_serve_flag_that_reaches_the_service():
         argv += ["--" + f.name.replace("_", "-"), str(value)]
         expected[f.name] = value
     assert limits_from(parser.parse_args(argv)) == Limits(**expected)
+
+
+def test_the_service_applies_its_body_timeout_and_refuses_bodies_where_a_route_takes_none(engine):
+    from tests.aggregator.test_connections import raw, response
+
+    app = create_app(engine, KeyStore({"k": None}), body_timeout=1.0)
+    with serve_app(app) as url:
+        with raw(url) as sock:
+            sock.sendall(b"POST /healthz HTTP/1.1\r\nHost: x\r\nContent-Length: 31457280\r\n\r\n")
+            answer = response(sock, timeout=5)
+        assert b"413" in answer.split(b"\r\n")[0] and b"/healthz takes no request body" in answer
+        with raw(url) as sock:
+            sock.sendall(
+                b"POST /v1/score HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer k\r\nContent-Length: 500\r\n\r\n{"
+            )
+            t0 = time.monotonic()
+            answer = response(sock, timeout=30)
+        assert b"408" in answer.split(b"\r\n")[0] and time.monotonic() - t0 < 10.0
