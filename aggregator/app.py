@@ -40,7 +40,7 @@ from fedbpt_wire.federation import (
 from fedbpt_wire.schemas import ErrorBody
 
 from .auth import caller, client, reader
-from .coordinator import MAX_CLIENTS, Caller, Coordinator, Rejected
+from .coordinator import MAX_CLIENTS, MAX_REGISTRATIONS_PER_MINUTE, Caller, Coordinator, Rejected
 from .events import RunEvents, close_rounds_at_deadlines
 from .gate import AuthGate
 from .metering import TrafficMeter
@@ -76,6 +76,7 @@ def create_app(
     enroll_key: str | None = None,
     operator_key: str | None = None,
     max_clients: int = MAX_CLIENTS,
+    max_registrations_per_minute: int = MAX_REGISTRATIONS_PER_MINUTE,
     clock: Callable[[], float] = time.time,
     body_timeout: float | None = 60.0,
 ) -> FastAPI:
@@ -87,6 +88,7 @@ def create_app(
         enroll_key=enroll_key,
         operator_key=operator_key,
         max_clients=max_clients,
+        max_registrations_per_minute=max_registrations_per_minute,
         clock=clock,
         on_change=events.wake,
     )
@@ -122,6 +124,8 @@ def create_app(
     @app.exception_handler(Rejected)
     async def rejected(request: Request, exc: Rejected):
         headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
+        if exc.retry_after is not None:
+            headers = {"Retry-After": str(max(1, round(exc.retry_after)))}
         return JSONResponse(status_code=exc.status, content={"detail": exc.detail}, headers=headers)
 
     @app.post("/v1/partitions/claim", response_model=PartitionAssignment, responses=_errors(401, 409, 413))

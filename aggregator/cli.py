@@ -19,7 +19,7 @@ from fedbpt_wire.federation import PLACEMENTS, ROBUST_MERGES, SIGMA_RULES, STRAT
 from fedbpt_wire.logs import setup_logging
 from fedbpt_wire.projection import PROMPT_INITS
 
-from .coordinator import MAX_CLIENTS
+from .coordinator import MAX_CLIENTS, MAX_REGISTRATIONS_PER_MINUTE
 from .store import Store
 from .strategies import strategy_class
 
@@ -95,8 +95,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--max-clients",
         type=int,
-        default=MAX_CLIENTS,
-        help=f"registered client ids at most; further registrations are refused (default {MAX_CLIENTS})",
+        default=None,
+        help="registered client ids at most; further registrations are refused (default: 10 x --min-clients, "
+        f"at least 100; at most {MAX_CLIENTS} by default)",
+    )
+    parser.add_argument(
+        "--max-registrations-per-minute",
+        type=int,
+        default=MAX_REGISTRATIONS_PER_MINUTE,
+        help="new client ids registered per minute at most; beyond, 429 with Retry-After (default %(default)s)",
     )
     parser.add_argument(
         "--exit-when-done",
@@ -186,7 +193,8 @@ def run(args: argparse.Namespace) -> int:
         port=args.port,
         enroll_key=args.enroll_key or os.environ.get("FEDBPT_ENROLL_KEY") or None,
         operator_key=args.operator_key or os.environ.get("FEDBPT_OPERATOR_KEY") or None,
-        max_clients=args.max_clients,
+        max_clients=args.max_clients or min(MAX_CLIENTS, max(100, 10 * config.min_clients)),
+        max_registrations_per_minute=args.max_registrations_per_minute,
         ssl_certfile=args.ssl_certfile,
         ssl_keyfile=args.ssl_keyfile,
         options=uvicorn_options(args),

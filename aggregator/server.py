@@ -12,7 +12,7 @@ from fedbpt_wire.asgi import harden
 from fedbpt_wire.federation import RunConfig
 
 from .app import create_app
-from .coordinator import MAX_CLIENTS
+from .coordinator import MAX_CLIENTS, MAX_REGISTRATIONS_PER_MINUTE
 
 log = logging.getLogger(__name__)
 
@@ -25,6 +25,7 @@ def serve(
     enroll_key: str | None = None,
     operator_key: str | None = None,
     max_clients: int = MAX_CLIENTS,
+    max_registrations_per_minute: int = MAX_REGISTRATIONS_PER_MINUTE,
     ssl_certfile: str | None = None,
     ssl_keyfile: str | None = None,
     options: dict | None = None,
@@ -42,6 +43,7 @@ def serve(
         enroll_key=enroll_key,
         operator_key=operator_key,
         max_clients=max_clients,
+        max_registrations_per_minute=max_registrations_per_minute,
         body_timeout=body_timeout,
     )
     coordinator = app.state.coordinator

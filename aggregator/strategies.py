@@ -177,13 +177,21 @@ class Strategy(ABC):
         return config
 
     @classmethod
-    def select(cls, config: RunConfig, client_ids: Sequence[str], round_: int) -> list[str]:
+    def select(
+        cls, config: RunConfig, client_ids: Sequence[str], round_: int, silent: frozenset[str] = frozenset()
+    ) -> list[str]:
         """The clients round `round_` samples: ceil(participation x registered), sorted, drawn by a Generator
-        seeded by (seed, round). A class rule: round 0's sample sizes the strategy built for it."""
+        seeded by (seed, round), from the ids not `silent` first (those that did not report when last selected):
+        silent ones fill only the places the others cannot. A class rule: round 0's sample sizes the strategy
+        built for it."""
         # Rounded first, so 0.3 x 10 = 3.0000000000000004 samples 3 clients, not 4.
         n = max(1, math.ceil(round(config.participation * len(client_ids), 9)))
         rng = np.random.default_rng([config.seed & _SEED_MASK, round_])
-        return sorted(client_ids[i] for i in rng.choice(len(client_ids), size=n, replace=False))
+        active = [c for c in client_ids if c not in silent]
+        if len(active) >= n:
+            return sorted(active[i] for i in rng.choice(len(active), size=n, replace=False))
+        rest = [c for c in client_ids if c in silent]
+        return sorted([*active, *(rest[i] for i in rng.choice(len(rest), size=n - len(active), replace=False))])
 
     def __init__(self, config: RunConfig, popsize: int):
         self.mean = np.zeros(config.intrinsic_dim)
