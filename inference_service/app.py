@@ -163,6 +163,33 @@ class _ClientGone(Exception):
     pass
 
 
+class _CountRequests:
+    """Requests by route and status. Plain ASGI, not Starlette's BaseHTTPMiddleware: behind that, a route's
+    `request.is_disconnected()` never saw its client go, so a long request ran on for nobody."""
+
+    def __init__(self, app, metrics: ServiceMetrics):
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        status: list[int] = []
+
+        async def noted(message):
+            if message["type"] == "http.response.start":
+                status.append(message["status"])
+            await send(message)
+
+        try:
+            await self.app(scope, receive, noted)
+        finally:
+            # Unmatched paths share one label: a label per path a scanner tries would grow without bound.
+            route = scope.get("route")
+            endpoint = getattr(route, "path", None) or "unmatched"
+            self.metrics.requests.labels(endpoint, str(status[0] if status else 500)).inc()
+
+
 class _AuthGate:
     """401 for /v1/score from the Authorization header alone, before the body is read or parsed (FastAPI reads
     a body before it resolves a route's dependencies); 429 likewise for a key whose quota is spent."""
@@ -261,15 +288,6 @@ def create_app(
         if not keys.known(key):
             raise unauthorized("missing or unknown API key (Authorization: Bearer <key>)")
         return key
-
-    @app.middleware("http")
-    async def count_requests(request: Request, call_next):
-        response = await call_next(request)
-        # Unmatched paths share one label: a label per path a scanner tries would grow without bound.
-        route = request.scope.get("route")
-        endpoint = route.path if route is not None else "unmatched"
-        metrics.requests.labels(endpoint, str(response.status_code)).inc()
-        return response
 
     @app.get("/healthz")
     async def healthz() -> dict:
@@ -401,6 +419,7 @@ def create_app(
         metrics.observe_prefix_cache(getattr(engine, "prefix_cache", None))
         return Response(metrics.render(), media_type=CONTENT_TYPE)
 
+    app.add_middleware(_CountRequests, metrics=metrics)
     app.add_middleware(
         BodyLimit, max_bytes=limits.max_body_bytes, read_timeout=body_timeout, body_paths=body_paths(app)
     )

@@ -23,6 +23,7 @@ from aggregator.strategies import (
 )
 from fed_clients.aggregator_client import AggregatorClient
 from fed_clients.credentials import TokenFile
+from fed_clients.http import RequestFailed
 from fedbpt.loopback import serve_app
 from fedbpt_wire.federation import ClientCosts, ClientMetrics, RunConfig, UpdateRequest
 from fedbpt_wire.tensors import encode_tensor
@@ -193,10 +194,12 @@ def test_a_restarted_client_rebinds_its_own_id_from_its_token_file(tmp_path):
         rebound = again.register("a", 10, "join", token=saved.read())
         assert rebound.token != reg.token
         assert again.round().state == "waiting"
-        with pytest.raises(Exception, match="401"):
+        with pytest.raises(RequestFailed) as retired:
             first.round()
+        assert retired.value.status == 401 and "unknown client token" in retired.value.detail
         # Without that file, the enroll key alone cannot take "a" over.
-        with pytest.raises(Exception, match="already registered"):
+        with pytest.raises(RequestFailed) as taken:
             AggregatorClient(url).register("a", 10, "join")
+        assert taken.value.status == 409 and "already registered" in taken.value.detail
         for c in (first, again):
             c.close()

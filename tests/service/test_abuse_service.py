@@ -39,10 +39,11 @@ LIMITS = Limits(
 class Counted:
     """The real engine, its score calls counted and optionally each delayed by `delay` seconds."""
 
-    def __init__(self, engine, delay: float = 0.0):
+    def __init__(self, engine, delay: float = 0.0, gate: threading.Event | None = None):
         self.engine, self.delay, self.info = engine, delay, engine.info
         self.calls = 0
         self.started = threading.Event()
+        self.gate = gate  # where given, every call waits for it to open
 
     def label_token_ids(self, words):
         return self.engine.label_token_ids(words)
@@ -56,6 +57,8 @@ class Counted:
     def score(self, batch):
         self.calls += 1
         self.started.set()
+        if self.gate is not None:
+            assert self.gate.wait(60), "the test never opened the engine's gate"
         time.sleep(self.delay)
         return self.engine.score(batch)
 
@@ -156,18 +159,21 @@ def test_a_long_request_does_not_starve_another_key(engine):
 
 
 def test_a_client_that_goes_away_stops_its_request(engine):
-    counted = Counted(engine, delay=0.02)
+    gate = threading.Event()
+    counted = Counted(engine, gate=gate)
     slices = 8 * 16
     with serve_app(create_app(counted, KeyStore({"k": None}), LIMITS)) as url:
+        # The first slice is held in the engine until the client has gone: no race with the machine's speed.
         with pytest.raises(httpx.TimeoutException):
             post(url, big(n_pop=8, n_texts=16, n_prompt=8), "k", timeout=0.5)
-        previous = -1
-        for _ in range(200):  # until the count stops moving: at most one slice after the disconnect is seen
-            if counted.calls == previous:
-                break
-            previous = counted.calls
-            time.sleep(0.1)
-        assert counted.calls < slices
+        assert counted.started.is_set()
+        gate.set()
+        # The request ends once the service sees the client gone (499), at the next slice boundary.
+        end = time.monotonic() + 60
+        while 'status="499"} 1.0' not in httpx.get(f"{url}/metrics").text:
+            assert time.monotonic() < end, "the request did not stop after its client went away"
+            time.sleep(0.05)
+        assert counted.calls <= 2 < slices
 
 
 def test_a_request_past_its_deadline_is_stopped_with_503(engine):

@@ -147,15 +147,23 @@ def check_the_rounds(status, config, shards, services, sent, perturb: bool) -> N
     n_val = sum(len(s.val) for s in shards)
     for rec in history:
         assert sorted(rec["reporters"]) == ["client-0", "client-1"] == sorted(sent[rec["round"]])
-        # Per client and round: the global prompt on local validation, one call per local iteration, the final mean.
-        assert rec["queries"] == 2 * (1 + config.local_iterations + 1)
+        # Per client and round: the global prompt on local training + validation (its comparison with the baseline),
+        # one call per local iteration, the final mean; in a client's first round, the baseline once.
+        first = rec["round"] == 0
+        assert rec["queries"] == 2 * (1 + config.local_iterations + 1 + first)
         expected = 0
         for shard in shards:
             copies = 2 if perturb else 1
             b = min(BATCH, len(shard.train)) * copies
+            held = len(shard.train) + len(shard.val)
             # The final mean's fitness is measured on the whole shard (and its perturbed copy), not a batch.
-            expected += len(shard.val) + config.local_iterations * config.local_popsize * b + len(shard.train) * copies
+            expected += held * (1 + first) + config.local_iterations * config.local_popsize * b
+            expected += len(shard.train) * copies
         assert rec["sequences"] == expected
+        pooled = rec["vs_baseline"]
+        assert pooled["examples"] == n_val and pooled["tuned_correct"] - pooled["tuned_only"] == (
+            pooled["baseline_correct"] - pooled["baseline_only"]
+        )
         # The validation accuracy is the clients' correct answers over all their validation examples.
         assert abs(rec["val_accuracy"] * n_val - round(rec["val_accuracy"] * n_val)) < 1e-9
         reported = [u.metrics for u in sent[rec["round"]].values()]
