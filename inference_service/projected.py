@@ -34,8 +34,16 @@ class ProjectionCache:
         self._lock = threading.Lock()
         self._cache: OrderedDict[tuple, Projection] = OrderedDict()
 
+    @staticmethod
+    def _key(spec: ProjectionSpec, intrinsic_dim: int) -> tuple:
+        return (spec.seed, spec.prompt_length, spec.sigma0, spec.init, intrinsic_dim)
+
+    def holds(self, spec: ProjectionSpec, intrinsic_dim: int) -> bool:
+        with self._lock:
+            return self._key(spec, intrinsic_dim) in self._cache
+
     def get(self, spec: ProjectionSpec, intrinsic_dim: int) -> Projection:
-        key = (spec.seed, spec.prompt_length, spec.sigma0, spec.init, intrinsic_dim)
+        key = self._key(spec, intrinsic_dim)
         with self._lock:
             if key in self._cache:
                 self._cache.move_to_end(key)

@@ -210,3 +210,35 @@ def test_a_service_without_the_seed_form_is_refused_clearly(url, monkeypatch):
             )
     finally:
         client.close()
+
+
+def test_building_a_projection_is_charged(engine):
+    """A seed + z request whose projection the service must draw pays for the drawing: one position per
+    PROJECTION_VALUES_PER_POSITION values of A. The same request once A is cached pays only its positions."""
+    from inference_service.app import PROJECTION_VALUES_PER_POSITION
+
+    d, length = 2000, 16
+    texts = ["the movie was great . it was {mask} .", "a bad film . it was {mask} ."]
+    positions = 2 * sum(engine.positions(texts, length))
+    build = -(-d * length * D // PROJECTION_VALUES_PER_POSITION)
+    assert build >= 10
+    limits = Limits(
+        **{
+            **LIMITS.__dict__,
+            "max_projection_values": d * length * D,
+            "max_key_tokens_per_minute": positions + build - 1,
+        }
+    )
+    body = {
+        "projected": {
+            "z": encode_tensor(np.zeros((2, d), np.float32)).model_dump(),
+            "projection": {"seed": 11, "prompt_length": length, "sigma0": 1.0, "init": "random"},
+        },
+        "texts": texts,
+        "label_words": [" bad", " great"],
+    }
+    with serve_app(create_app(engine, KeyStore({"a": None, "b": None}), limits)) as base:
+        first = httpx.post(f"{base}/v1/score", json=body, headers={"Authorization": "Bearer a"}, timeout=60)
+        again = httpx.post(f"{base}/v1/score", json=body, headers={"Authorization": "Bearer b"}, timeout=60)
+    assert first.status_code == 429 and "positions per minute" in first.json()["detail"]
+    assert again.status_code == 200, again.text
