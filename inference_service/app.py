@@ -21,7 +21,7 @@ from fedbpt_wire.tensors import TensorDecodeError, decode_tensor, encode_tensor
 
 from .auth import KeyRevoked, KeyStore, QuotaExceeded
 from .engine import Engine, InputError, ModelFacts, ScoreBatch, ScoreResult
-from .limits import Busy, FairScheduler, Limits, TokenRate, plan_slices
+from .limits import Busy, FairScheduler, Limits, SliceBudget, TokenRate, plan_slices
 from .metrics import CONTENT_TYPE, ServiceMetrics
 from .projected import ProjectionCache
 
@@ -277,6 +277,7 @@ def create_app(
     limits = limits or Limits()
     metrics = ServiceMetrics()
     scheduler = FairScheduler(limits.max_inflight_per_key, limits.max_queued_per_key)
+    slice_budget = SliceBudget(limits)
     rate = TokenRate(limits.max_key_tokens_per_minute)
     projections = projection_cache(engine)
     public_metrics = operator_key is None if metrics_public is None else metrics_public
@@ -404,10 +405,10 @@ def create_app(
     async def _run_in_slices(
         request: Request, batch: ScoreBatch, lengths: list[int], who: str, deadline: float
     ) -> ScoreResult:
-        """The request in blocks of at most `slice_tokens` positions, one engine turn each: other keys' requests
-        interleave with a long one, and a client gone or a deadline passed stops it at the next block."""
+        """The request in blocks of at most `slice_budget.tokens` positions, one engine turn each: other keys'
+        requests interleave with a long one, and a client gone or a deadline passed stops it at the next block."""
         n_pop = batch.prompts.shape[0]
-        slices = plan_slices(n_pop, lengths, limits.slice_tokens)
+        slices = plan_slices(n_pop, lengths, slice_budget.tokens)
         logits = np.empty((n_pop, len(batch.texts), len(batch.label_words)), np.float32)
         sequences = tokens = 0
         engine_ms = 0.0
@@ -425,6 +426,8 @@ def create_app(
             part = ScoreBatch(batch.prompts[cands], batch.texts[texts], batch.label_words, cache_salt=salt)
             async with scheduler.turn(who):
                 result = await to_thread.run_sync(engine.score, part)
+            # Planned positions, as the budget counts them (the engine may run fewer, reusing keys and values).
+            slice_budget.observe(len(range(n_pop)[cands]) * sum(lengths[texts]), result.engine_ms)
             logits[cands, texts] = result.logits
             sequences += result.sequences
             tokens += result.tokens

@@ -30,6 +30,9 @@ class Limits:
     max_request_tokens: int = 2**17
     max_request_seconds: float = 600.0  # past it, a request stops at its next slice with 503
     max_key_tokens_per_minute: int | None = None  # positions one key may have scored per minute; None: no cap
+    # Seconds an engine turn (one slice of a request) should take at most, by the engine's measured speed: on two
+    # CPU cores a slice of 8,192 positions took ~5 s, and another key's one-text request waited two of them.
+    max_slice_seconds: float = 0.5
     # Keys and values of text heads kept across requests (torch engine, causal LMs, prompt after the text);
     # None: 256 MiB on CPU, 4 GiB on a GPU; 0: off.
     max_prefix_cache_bytes: int | None = None
@@ -37,6 +40,31 @@ class Limits:
     @property
     def slice_tokens(self) -> int:
         return self.max_batch_tokens or 8192
+
+
+class SliceBudget:
+    """Positions per engine turn: `limits.slice_tokens` at most, fewer where the engine's measured speed (positions
+    per second, a moving average over its recent turns) would make a turn take longer than `max_slice_seconds`.
+    So a small request from another key waits for one short turn, not for a slice sized for a GPU."""
+
+    FLOOR = 256  # below this, per-turn overheads dominate: a turn is at least this many positions
+
+    def __init__(self, limits: Limits):
+        self.ceiling = limits.slice_tokens
+        self.seconds = limits.max_slice_seconds
+        self.rate: float | None = None  # positions per second
+
+    def observe(self, positions: int, engine_ms: float) -> None:
+        if positions <= 0 or engine_ms <= 0:
+            return
+        rate = positions / (engine_ms / 1e3)
+        self.rate = rate if self.rate is None else 0.7 * self.rate + 0.3 * rate
+
+    @property
+    def tokens(self) -> int:
+        if self.rate is None or self.seconds <= 0:
+            return self.ceiling
+        return int(min(self.ceiling, max(self.FLOOR, self.rate * self.seconds)))
 
 
 def plan_slices(n_pop: int, lengths: list[int], budget: int) -> list[tuple[slice, slice]]:

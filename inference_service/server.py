@@ -37,6 +37,8 @@ LIMIT_FLAGS: dict[str, str | None] = {
     "%(default)s)",
     "max_key_tokens_per_minute": "positions one key may have scored per minute; beyond, 429 with Retry-After "
     "(default: no cap)",
+    "max_slice_seconds": "seconds one engine turn should take at most, by the engine's measured speed: a long "
+    "request is cut into turns this short, so another key's request waits for one of them (default %(default)s)",
     "max_prefix_cache_bytes": "memory for the keys and values of text heads kept across requests, so that a text "
     "sent again with a prompt after it costs only the prompt and the cue (torch engine, causal LMs; per API key, "
     "least recently used out first; default 256 MiB on CPU, 4 GiB on a GPU; 0: off)",

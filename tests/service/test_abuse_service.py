@@ -7,6 +7,7 @@ engine itself is real.
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -295,3 +296,46 @@ def test_the_service_applies_its_body_timeout_and_refuses_bodies_where_a_route_t
             t0 = time.monotonic()
             answer = response(sock, timeout=30)
         assert b"408" in answer.split(b"\r\n")[0] and time.monotonic() - t0 < 10.0
+
+
+def test_slice_budget_follows_the_engines_measured_speed():
+    from inference_service.limits import SliceBudget
+
+    budget = SliceBudget(Limits(max_batch_tokens=8192, max_slice_seconds=0.5))
+    assert budget.tokens == 8192  # nothing measured yet: the ceiling
+    budget.observe(8192, 5000.0)  # 1,638 positions/s, the two-core machine of issue 24
+    assert budget.tokens == 819
+    budget.observe(8192, 5.0)  # a GPU's speed: capped at the ceiling
+    budget.observe(8192, 5.0)
+    assert budget.tokens == 8192
+    slow = SliceBudget(Limits(max_batch_tokens=8192, max_slice_seconds=0.5))
+    slow.observe(100, 10_000.0)
+    assert slow.tokens == SliceBudget.FLOOR
+    assert SliceBudget(Limits(max_slice_seconds=0)).tokens == Limits().slice_tokens
+
+
+class SlowReporting(Counted):
+    """The real engine, reporting each call as if it had taken `seconds` (an injected slow machine)."""
+
+    def __init__(self, engine, seconds: float):
+        super().__init__(engine)
+        self.seconds = seconds
+
+    def score(self, batch):
+        result = super().score(batch)
+        return dataclasses.replace(result, engine_ms=self.seconds * 1e3)
+
+
+def test_turns_shrink_where_the_engine_is_slow(engine):
+    """On a slow engine a request is cut into more, shorter turns, so another key waits for less."""
+    limits = Limits(**{**LIMITS.__dict__, "max_batch_tokens": 4096, "max_slice_seconds": 0.5})
+    slow = SlowReporting(engine, seconds=5.0)
+    with serve_app(create_app(slow, KeyStore({"k": None}), limits)) as url:
+        payload = big(n_pop=8, n_texts=16, n_prompt=8)
+        assert post(url, payload, "k").status_code == 200
+        first = slow.calls
+        assert post(url, payload, "k").status_code == 200
+        second = slow.calls - first
+    # The first request was planned before any measurement: whole 4,096-position turns; the second in turns of
+    # the floor, since each turn "took" 5 s.
+    assert first < second
