@@ -8,6 +8,7 @@ engine itself is real.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -339,3 +340,36 @@ def test_turns_shrink_where_the_engine_is_slow(engine):
     # The first request was planned before any measurement: whole 4,096-position turns; the second in turns of
     # the floor, since each turn "took" 5 s.
     assert first < second
+
+
+class Failing(Counted):
+    """The real engine, failing every call (an injected engine fault)."""
+
+    def score(self, batch):
+        super().score(batch)
+        raise RuntimeError("injected engine failure")
+
+
+def test_an_engine_that_fails_leaves_the_keys_usage_unchanged(engine):
+    keys = KeyStore({"k": 5})
+    with serve_app(create_app(Failing(engine), keys, LIMITS)) as url:
+        r = post(url, small(), "k")
+        assert r.status_code == 500 and "injected" not in r.text  # no internals in the answer
+        assert keys.usage("k") == (0, 5)  # charged before the work, refunded when the engine failed
+
+
+def test_a_trailing_slash_on_score_is_404_not_a_redirect(engine):
+    headers = {"Authorization": "Bearer k", "Host": "attacker.example"}
+    with serve_app(create_app(engine, KeyStore({"k": None}), LIMITS)) as url:
+        posted = httpx.post(f"{url}/v1/score/", json=small(), headers=headers)
+        got = httpx.get(f"{url}/v1/model/", headers=headers)
+    # An unknown path takes no body (413 before reading it) and is not found (404): never a redirect that echoes Host.
+    assert posted.status_code == 413 and "location" not in posted.headers
+    assert got.status_code == 404 and "location" not in got.headers
+
+
+def test_an_open_service_says_so_at_start(monkeypatch, caplog):
+    monkeypatch.delenv("FEDBPT_API_KEYS", raising=False)
+    with caplog.at_level(logging.WARNING, logger="inference_service.auth"):
+        assert KeyStore.from_sources().open
+    assert "NO API KEYS CONFIGURED" in caplog.text
