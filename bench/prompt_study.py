@@ -48,7 +48,15 @@ def main(argv=None) -> dict:
     ap.add_argument("--iterations", type=int, default=10)
     ap.add_argument("--sigma0", type=float, default=1.0)
     ap.add_argument("--batch-size", type=int, default=32)
-    ap.add_argument("--fitness", choices=["ce", "debiased"], default="ce")
+    ap.add_argument(
+        "--fitness",
+        choices=["ce", "debiased", "robust-bias"],
+        default="ce",
+        help="ce: the batch's cross-entropy; debiased: at the bias best for each candidate on its batch; "
+        "robust-bias: at one bias per iteration, fitted on all training examples at the search's mean",
+    )
+    ap.add_argument("--mirrored", type=int, choices=[0, 1], default=0, help="antithetic (mirrored) candidates")
+    ap.add_argument("--dtype", default="float32", help="the engine's dtype (bf16 ranks candidates like fp32)")
     ap.add_argument("--per-class", type=int, default=40)
     ap.add_argument("--test-size", type=int, default=1000)
     ap.add_argument("--seed", type=int, default=0)
@@ -64,7 +72,7 @@ def main(argv=None) -> dict:
     from inference_service.server import build_engine
 
     t_start = time.perf_counter()
-    engine = build_engine(args.model, dtype="float32", device=args.device, kv_reuse=not args.no_kv_reuse)
+    engine = build_engine(args.model, dtype=args.dtype, device=args.device, kv_reuse=not args.no_kv_reuse)
     task = get_task(args.task)
     if args.label_words:
         task = task.with_label_words(parse_label_words(args.label_words))
@@ -144,17 +152,34 @@ def tune(args, engine, task, train, test, y_train, y_test, zs_correct, cal_corre
     batches = [rng.choice(len(train), min(args.batch_size, len(train)), replace=False) for _ in range(args.iterations)]
     t0 = time.perf_counter()
     trace: list[float] = []
+    sequences = [0]
 
     def fitness(z: np.ndarray, it: int) -> np.ndarray:
         idx = batches[it]
         batch_logits = logits(projection(z), [train[i] for i in idx], tuned_task)
-        score = debiased_cross_entropy if args.fitness == "debiased" else label_cross_entropy
-        loss, _ = score(batch_logits, y_train[idx])
+        sequences[0] += batch_logits.shape[0] * batch_logits.shape[1]
+        if args.fitness == "robust-bias":
+            # One read-out bias for the whole iteration, fitted (cross-entropy-optimal, ridge-regularised) on every
+            # training example at the candidates' mean: a batch of 32 cannot over-fit it, and a candidate wins only
+            # by what it adds beyond that bias.
+            mean_logits = logits(projection(np.mean(z, axis=0)[None]), train, tuned_task)
+            sequences[0] += mean_logits.shape[1]
+            _, bias = debiased_cross_entropy(mean_logits, y_train)
+            loss, _ = label_cross_entropy(batch_logits + bias[0], y_train[idx])
+        else:
+            score = debiased_cross_entropy if args.fitness == "debiased" else label_cross_entropy
+            loss, _ = score(batch_logits, y_train[idx])
         trace.append(float(loss.min()))
         return loss
 
     result = local_search(
-        fitness, np.zeros(args.intrinsic_dim), args.sigma0, args.popsize, args.iterations, cma_seed(args.seed, 13)
+        fitness,
+        np.zeros(args.intrinsic_dim),
+        args.sigma0,
+        args.popsize,
+        args.iterations,
+        cma_seed(args.seed, 13),
+        mirrored=bool(args.mirrored),
     )
     search_s = time.perf_counter() - t0
     tuned_test = logits(projection(result.mean[None]), test, tuned_task)[0]
@@ -175,6 +200,7 @@ def tune(args, engine, task, train, test, y_train, y_test, zs_correct, cal_corre
         "tuned_calibrated": float(tuned_cal_correct.mean()),
         "tuned_calibrated_vs_calibrated_p": mcnemar_exact(tuned_cal_correct, cal_correct),
         "candidates": result.evaluations,
+        "sequences": sequences[0],
         "search_seconds": round(search_s, 1),
         "wall_seconds": round(time.perf_counter() - t_start, 1),
         "best_batch_loss": trace,

@@ -29,10 +29,13 @@ def local_search(
     popsize: int,
     iterations: int,
     seed: int,
+    mirrored: bool = False,
 ) -> LocalResult:
     """Start CMA-ES at (mean, sigma); each iteration asks `popsize` candidates and scores them together.
 
     `fitness(Z [popsize, d], iteration) -> [popsize]`, lower is better: one service call per iteration.
+    `mirrored`: half the candidates are the others reflected through the mean (pycma's mirrored sampling with
+    selective mirroring off), antithetic pairs that cancel the sampling noise of the mean's update.
     """
     # cma's `seed` reseeds numpy's process-wide generator and samples from it, so clients sharing a process
     # (threads) would draw from one stream in whatever order they ran; a private stream keeps each client's
@@ -48,6 +51,7 @@ def local_search(
             "verbose": -9,
             "maxiter": iterations,
             "CMA_diagonal": False,
+            **({"CMA_mirrors": popsize // 2, "CMA_mirrormethod": 0} if mirrored else {}),
         },
     )
     sigmas = []

@@ -150,3 +150,19 @@ def test_tasks_render_with_one_slot():
     assert get_task("rotten_tomatoes").render({"text": "nice {mask} film"}, "causal").count("{mask}") == 1
     with pytest.raises(ValueError, match="unknown task"):
         get_task("nope")
+
+
+def test_mirrored_local_search_asks_antithetic_pairs():
+    from fed_clients.local_search import local_search
+
+    asked = []
+
+    def sphere(candidates, iteration):
+        asked.append(np.asarray(candidates))
+        return (np.asarray(candidates) ** 2).sum(axis=1)
+
+    result = local_search(sphere, np.full(5, 3.0), 1.0, 6, 4, 7, mirrored=True)
+    for candidates, mean in zip(asked, [np.full(5, 3.0)]):
+        offsets = candidates - mean
+        assert np.allclose(offsets[0::2] + offsets[1::2], 0)  # each pair reflected through the mean
+    assert np.linalg.norm(result.mean) < np.linalg.norm(np.full(5, 3.0))
