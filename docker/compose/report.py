@@ -106,7 +106,12 @@ def test_accuracies(args: argparse.Namespace, status: dict, enroll_key: str | No
     final = aggregator.global_state()
     aggregator.close()
     z = decode_tensor(final.mean)
-    out = {"prompt": {"z": [float(x) for x in z], "sigma": final.sigma}}
+    out: dict = {"prompt": {"z": [float(x) for x in z], "sigma": final.sigma}}
+    if final.served is not None:
+        # What the clients' prompt files serve: the aggregator's choice on their pooled validation splits
+        # (each client applies it with a bias fitted on its own labelled examples).
+        out["served"] = final.served.served
+        out["served_selection"] = final.served.model_dump(mode="json", exclude={"mean"})
     test = load_splits(args.data, task)["test"][: args.test_size]
     if not test:
         log.warning("no test split in --data %s: no test accuracies", args.data)
@@ -181,6 +186,8 @@ def main(argv: list[str] | None = None) -> None:
         if "test_examples" in report
         else ""
     )
+    if "served" in report:
+        tested += f" | served: {report['served']} ({report['served_selection']['reason']})"
     print(
         f"run {report['run_id']}: {report['rounds_done']}/{status['config']['rounds']} rounds merged, "
         f"{len(report['clients'])} clients, {report['totals']['queries']} service queries, "
