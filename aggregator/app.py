@@ -37,6 +37,7 @@ from fedbpt_wire.federation import (
     UpdateRequest,
     UpdateResponse,
 )
+from fedbpt_wire.logs import warn_example_keys
 from fedbpt_wire.schemas import ErrorBody
 
 from .auth import caller, client, reader
@@ -92,6 +93,7 @@ def create_app(
         clock=clock,
         on_change=events.wake,
     )
+    warn_example_keys(log, FEDBPT_ENROLL_KEY=enroll_key, FEDBPT_OPERATOR_KEY=operator_key)
     if enroll_key is None:
         log.warning(
             "enrollment is OPEN: anyone who reaches this port can register a new client id "

@@ -14,6 +14,21 @@ def setup_logging(verbose: bool = False) -> None:
     logging.getLogger("httpx").setLevel(logging.WARNING)
 
 
+# What .env.example's keys hold: a stack started with them is open to anyone who read the example.
+EXAMPLE_KEY_MARK = "change-me"
+
+
+def warn_example_keys(log: logging.Logger, **keys: str | None) -> None:
+    """A loud warning for each key still holding the example's placeholder."""
+    for name, key in keys.items():
+        if key and EXAMPLE_KEY_MARK in key:
+            log.warning(
+                "%s is the EXAMPLE key from .env.example: anyone who read the example can use it; set a fresh "
+                'one (python3 -c "import secrets; print(secrets.token_urlsafe(24))")',
+                name,
+            )
+
+
 class DropQueryStrings(logging.Filter):
     """Access-log lines without query strings: a client that puts its key in the URL must not find it written
     to the server's log. uvicorn logs (client, method, path with query, HTTP version, status)."""

@@ -12,6 +12,8 @@ import time
 from collections import Counter
 from pathlib import Path
 
+from fedbpt_wire.logs import warn_example_keys
+
 log = logging.getLogger(__name__)
 
 
@@ -90,6 +92,7 @@ class KeyStore:
         """Keys from `FEDBPT_API_KEYS` (comma-separated) and a file of `key [quota]` lines."""
         env = {k.strip(): default_quota for k in os.environ.get("FEDBPT_API_KEYS", "").split(",") if k.strip()}
         store = cls(env, keys_file, default_quota, recheck_s)
+        warn_example_keys(log, **{f"API key {i + 1} of FEDBPT_API_KEYS": k for i, k in enumerate(env)})
         if store.open:
             log.warning("NO API KEYS CONFIGURED: the service answers anyone who can reach it")
         elif not store._quotas:

@@ -92,3 +92,15 @@ def test_verbose_shows_the_traceback_and_plain_one_line(tmp_path):
     plain, verbose = run(), run("--verbose")
     assert plain.returncode == 1 and "Traceback" not in plain.stderr and "missing.json" in plain.stderr
     assert verbose.returncode == 1 and "Traceback (most recent call last)" in verbose.stderr
+
+
+def test_example_keys_from_env_example_are_warned_about_loudly(tmp_path, caplog, monkeypatch):
+    from inference_service.auth import KeyStore
+
+    with caplog.at_level(logging.WARNING):
+        create_app(config(), str(tmp_path / "run.db"), enroll_key="example-enroll-key-change-me", operator_key="x")
+        monkeypatch.setenv("FEDBPT_API_KEYS", "fresh-key,example-service-key-change-me")
+        KeyStore.from_sources()
+    assert "FEDBPT_ENROLL_KEY is the EXAMPLE key" in caplog.text and "FEDBPT_OPERATOR_KEY" not in caplog.text
+    assert "API key 2 of FEDBPT_API_KEYS is the EXAMPLE key" in caplog.text and "API key 1" not in caplog.text
+    assert "change-me" not in caplog.text.replace("EXAMPLE key", "")  # the key itself is never logged
