@@ -356,7 +356,7 @@ def finish(
         # No choice from the aggregator (one from before it made one, or local-only): the same rule on this
         # client's own validation split, between the final prompt and the baseline.
         _, comparison = client.compare_with_baseline(z)
-        _, choice = choose({len(status.history) - 1: comparison})
+        _, choice = choose({len(status.history): comparison})  # the prompt after the last round
         choice = choice.model_copy(update={"mean": encode_tensor(z)})
     if choice.mean is not None:
         z = decode_tensor(choice.mean)
