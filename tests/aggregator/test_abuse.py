@@ -196,7 +196,7 @@ def test_a_restarted_client_rebinds_its_own_id_from_its_token_file(tmp_path):
         assert again.round().state == "waiting"
         with pytest.raises(RequestFailed) as retired:
             first.round()
-        assert retired.value.status == 401 and "unknown client token" in retired.value.detail
+        assert retired.value.status == 401 and "takes a client token" in retired.value.detail
         # Without that file, the enroll key alone cannot take "a" over.
         with pytest.raises(RequestFailed) as taken:
             AggregatorClient(url).register("a", 10, "join")
