@@ -9,6 +9,7 @@ import pytest
 from pydantic import ValidationError
 
 from fed_clients.evaluation import calibrated_comparison, mcnemar_exact
+from fedbpt_wire import served
 from fedbpt_wire.served import SIGNIFICANCE, ValidationComparison, choose, mcnemar_p, min_detectable_gain, pool
 
 
@@ -31,6 +32,13 @@ def test_mcnemar_from_counts_is_the_exact_binomial_test():
     assert mcnemar_p(0, 0) == 1.0 and mcnemar_p(5, 5) == 1.0
     # Pooled counts in the thousands stay finite and in (0, 1].
     assert 0.0 < mcnemar_p(1200, 1000) < 0.01
+    # Past EXACT_UP_TO discordant examples the normal approximation, close to the exact tail and O(1): a client's
+    # claimed counts cannot make the aggregator sum 10**11 terms.
+    approximate = mcnemar_p(10_250, 9_750)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(served, "EXACT_UP_TO", 10**6)
+        assert approximate == pytest.approx(mcnemar_p(10_250, 9_750), rel=1e-3)
+    assert mcnemar_p(5 * 10**11, 5 * 10**11) == 1.0 and mcnemar_p(10**11, 0) == 0.0
     a = np.array([1, 1, 1, 0, 1, 1, 1, 1, 0, 1], bool)
     b = np.array([0, 0, 1, 1, 0, 0, 0, 1, 0, 0], bool)
     assert mcnemar_exact(a, b) == mcnemar_p(6, 1)
