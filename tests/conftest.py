@@ -38,24 +38,31 @@ def _checkout_files() -> set[str] | None:
     return {p for p in paths if "__pycache__" not in p and not p.startswith(_TOOL_CACHES)}
 
 
+def _home_state_files() -> set[str]:
+    """What the user's own client state directory holds: a test must never write there."""
+    base = Path(os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state") / "fedbpt"
+    return {str(p) for p in base.rglob("*")} if base.is_dir() else set()
+
+
 def pytest_sessionstart(session):
     # Client processes keep their aggregator tokens under FEDBPT_STATE_DIR: the tests' go to a folder of their own,
     # never to the user's ~/.local/state, where a left-over token would change what a later run does.
     state = Path(session.config._tmp_path_factory.mktemp("client-state"))  # noqa: SLF001  (pytest's own factory)
     os.environ["FEDBPT_STATE_DIR"] = str(state)
     session.config._fedbpt_checkout_before = _checkout_files()
+    session.config._fedbpt_home_before = _home_state_files()
 
 
 def pytest_sessionfinish(session, exitstatus):
-    """A run leaves nothing in the checkout: every test writes under its own temporary directory."""
+    """A run leaves nothing in the checkout or the user's state directory: every test writes under its own
+    temporary directory."""
     before = getattr(session.config, "_fedbpt_checkout_before", None)
     after = _checkout_files()
-    if before is None or after is None:
-        return
-    left = sorted(after - before)
+    home = sorted(_home_state_files() - getattr(session.config, "_fedbpt_home_before", set()))
+    left = home + (sorted(after - before) if before is not None and after is not None else [])
     if left:
         session.config.pluginmanager.get_plugin("terminalreporter").write_line(
-            f"FAILED: the test run left files in the checkout: {', '.join(left[:10])}", red=True
+            f"FAILED: the test run left files behind: {', '.join(left[:10])}", red=True
         )
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
