@@ -94,4 +94,41 @@ def test_a_tiny_demo_reports_every_baseline_and_keeps_the_prompt(tmp_path, defau
     if report["served"] == "baseline":
         assert report["served_test_accuracy"] == report["calibrated_zero_shot_test_accuracy"]
         assert report["served_vs_calibrated_p"] == 1.0
+    rescore_the_saved_prompt(out, report, default_model_dir)
+
+
+def rescore_the_saved_prompt(out, report, model_dir):
+    """The prompt file alone, put to use as a user would (`fedbpt evaluate` against a fresh service of the same
+    model), scores the report's served accuracy on the same test examples."""
+    import argparse
+
+    from fed_clients.data import load_splits
+    from fed_clients.prompt_file import read_prompt
+    from fedbpt.demo import write_examples
+    from fedbpt.loopback import serve_app
+    from fedbpt.use import evaluate
+    from inference_service.app import create_app
+    from inference_service.auth import KeyStore
+    from inference_service.torch_engine import TorchEngine
+
+    prompt = read_prompt(out / "prompt.json")
+    test = load_splits("default", prompt.task)["test"][: report["test_examples"]]
+    data = write_examples(out / "rescore" / "test.jsonl", test, prompt.task)
+    engine = TorchEngine(str(model_dir), dtype="float32", display_name=prompt.model["name"])
+    with serve_app(create_app(engine, KeyStore({"k": None}))) as url:
+        args = argparse.Namespace(
+            prompt=str(out / "prompt.json"),
+            service=url,
+            api_key="k",
+            ca_cert=None,
+            timeout=300.0,
+            data=str(data),
+            baseline=True,
+            output=str(out / "rescore" / "evaluation.json"),
+        )
+        assert evaluate(args) == 0
+    result = json.loads((out / "rescore" / "evaluation.json").read_text())
+    assert result["served_prompt"] == report["served"]
+    assert result["served"]["accuracy"] == pytest.approx(report["served_test_accuracy"], abs=1e-12)
+    assert result["manual"]["accuracy"] == pytest.approx(report["zero_shot_test_accuracy"], abs=1e-12)
     assert (out / "accuracy.png").stat().st_size > 10_000
