@@ -18,22 +18,27 @@ from .limits import Limits
 _MASKED_TYPES = {"bert", "roberta", "xlm-roberta", "camembert", "electra", "deberta", "deberta-v2", "distilbert"}
 
 
-def cpu_has_bf16() -> bool:
+CPUINFO = Path("/proc/cpuinfo")
+
+
+def cpu_has_bf16(cpuinfo: Path = CPUINFO) -> bool:
+    """Whether the CPU computes in bfloat16 natively (AVX512-BF16 or AMX): there bf16 runs ~3x faster than fp32;
+    elsewhere it is emulated and slower."""
     try:
-        flags = Path("/proc/cpuinfo").read_text()
+        flags = cpuinfo.read_text()
     except OSError:
         return False
     return "amx_bf16" in flags or "avx512_bf16" in flags
 
 
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+def resolve_dtype(name: str, device: torch.device, cpuinfo: Path = CPUINFO) -> torch.dtype:
     if name == "float32":
         return torch.float32
     if name == "bfloat16":
         return torch.bfloat16
     if name != "auto":
         raise ValueError(f"dtype must be auto, float32 or bfloat16, got {name!r}")
-    if device.type == "cuda" or (device.type == "cpu" and cpu_has_bf16()):
+    if device.type == "cuda" or (device.type == "cpu" and cpu_has_bf16(cpuinfo)):
         return torch.bfloat16
     return torch.float32
 

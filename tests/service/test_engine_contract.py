@@ -218,3 +218,25 @@ def test_vllm_asks_for_label_logits_by_id_and_masks_only_beyond_its_limit():
     masked = _sampling_params(dict, many)
     assert masked["allowed_token_ids"] == many and masked["logprobs"] == len(many)
     assert "logprob_token_ids" not in masked and masked["temperature"] == 0.0
+
+
+def test_auto_dtype_follows_the_cpus_bf16_support(tmp_path):
+    """bf16 where the CPU has AVX512-BF16 or AMX (injected /proc/cpuinfo flags), fp32 elsewhere; bf16 on CUDA."""
+    from inference_service.engine_base import cpu_has_bf16, resolve_dtype
+
+    cpu = torch.device("cpu")
+    cases = {
+        "flags\t\t: fpu sse avx2 fma": torch.float32,
+        "flags\t\t: fpu avx2 avx512f avx512_bf16": torch.bfloat16,
+        "flags\t\t: fpu avx2 amx_bf16 amx_tile": torch.bfloat16,
+    }
+    for i, (flags, dtype) in enumerate(cases.items()):
+        info = tmp_path / f"cpuinfo-{i}"
+        info.write_text(f"processor\t: 0\n{flags}\n")
+        assert cpu_has_bf16(info) == (dtype == torch.bfloat16)
+        assert resolve_dtype("auto", cpu, info) == dtype
+        assert resolve_dtype("float32", cpu, info) == torch.float32
+    assert not cpu_has_bf16(tmp_path / "missing")
+    assert resolve_dtype("auto", torch.device("cuda"), tmp_path / "missing") == torch.bfloat16
+    with pytest.raises(ValueError, match="dtype must be"):
+        resolve_dtype("float64", cpu)
