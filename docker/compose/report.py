@@ -58,6 +58,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--wait", type=float, default=24 * 3600.0, help="seconds to wait for the run to finish before giving up"
     )
+    parser.add_argument(
+        "--rescore",
+        action="store_true",
+        help="score the test split again even where a report of this finished run is stored already",
+    )
 
 
 def wait_for_done(url: str, wait_s: float, poll_s: float = 5.0) -> dict:
@@ -140,6 +145,13 @@ def test_accuracies(args: argparse.Namespace, status: dict, enroll_key: str | No
     }
 
 
+def _stored(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
 def write_atomic(path: Path, text: str) -> None:
     partial = path.with_name(path.name + ".partial")
     partial.write_text(text)
@@ -167,10 +179,16 @@ def main(argv: list[str] | None = None) -> None:
         "totals": {k: sum(r[k] for r in rows) for k in COSTS},
         "rounds": rows,
     }
+    out = Path(args.out) / report["run_id"]
+    stored = _stored(out / "report.json")
+    current = stored is not None and {k: stored.get(k) for k in report} == report
+    if current and not args.rescore and (args.test_size == 0 or "test_examples" in (stored or {})):
+        # A finished run does not change: its stored report stands, and `up` again costs no test scoring.
+        print(f"run {report['run_id']}: the stored report is current | {out / 'report.json'}", flush=True)
+        return
     if args.test_size > 0:
         report |= test_accuracies(args, status, os.environ.get("FEDBPT_ENROLL_KEY"), os.environ.get("FEDBPT_API_KEY"))
 
-    out = Path(args.out) / report["run_id"]
     out.mkdir(parents=True, exist_ok=True)
     write_atomic(out / "report.json", json.dumps(report, indent=2))
     table = io.StringIO()
