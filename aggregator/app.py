@@ -26,6 +26,8 @@ from fastapi.responses import JSONResponse
 from fedbpt_wire.asgi import BodyLimit, body_paths, install_error_handlers
 from fedbpt_wire.federation import (
     ClientRoundRecord,
+    EnrollCodes,
+    EnrollCodesRequest,
     GlobalState,
     PartitionAssignment,
     PartitionClaim,
@@ -133,6 +135,10 @@ def create_app(
     @app.post("/v1/partitions/claim", response_model=PartitionAssignment, responses=_errors(401, 409, 413))
     def claim_partition(req: PartitionClaim, who: Caller = Depends(caller)):
         return coordinator.claim_partition(req, who)
+
+    @app.post("/v1/enroll-codes", response_model=EnrollCodes, responses=_errors(401, 413, 422))
+    def enroll_codes(req: EnrollCodesRequest, who: Caller = Depends(caller)):
+        return EnrollCodes(codes=coordinator.mint_enroll_codes(req.count, who))
 
     @app.post("/v1/clients", response_model=RegisterResponse, responses=_errors(401, 413))
     def register(req: RegisterRequest, who: Caller = Depends(caller)):

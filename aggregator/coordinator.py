@@ -64,6 +64,7 @@ MAX_CLIENTS = 10_000  # default cap on registered identities: every one is sampl
 # New ids registered per minute at most, whoever asks: one enroll key registered 10,000 ids in 46 s (issue 24), after
 # which every honest registration got 409; at this rate filling 10,000 takes over an hour.
 MAX_REGISTRATIONS_PER_MINUTE = 120
+MAX_CODES_PER_REQUEST = 1000
 
 
 class Rejected(Exception):
@@ -80,7 +81,7 @@ class Rejected(Exception):
 class Caller:
     """What an Authorization header proves: a role (None: nothing), and for a client its id and token digest."""
 
-    role: Literal["operator", "enroll", "client"] | None = None
+    role: Literal["operator", "enroll", "code", "client"] | None = None  # "code": an unused one-time enroll code
     client_id: str | None = None
     token_digest: str | None = None
 
@@ -283,15 +284,36 @@ class Coordinator:
         except Rejected:
             return Caller()
         client_id = self.store.client_by_token(digest)
-        return Caller("client", client_id, digest) if client_id is not None else Caller()
+        if client_id is not None:
+            return Caller("client", client_id, digest)
+        return Caller("code", None, digest) if self.store.enroll_code_unused(digest) else Caller()
 
     def sees_details(self, caller: Caller) -> bool:
         """Client ids, selections and metrics: for the operator, or for anyone where no operator key is set."""
         return self.operator_key is None or caller.role == "operator"
 
     def _check_enroll_key(self, caller: Caller) -> None:
-        if self.enroll_key is not None and caller.role not in ("enroll", "operator"):
-            raise Rejected(401, "Authorization: wrong enroll key")
+        if caller.role == "code":
+            return  # checked unused; the registration that takes it consumes it
+        if (self.enroll_key is not None or self._codes_only) and caller.role not in ("enroll", "operator"):
+            raise Rejected(401, "Authorization: wrong enroll key or enroll code")
+
+    @property
+    def _codes_only(self) -> bool:
+        """No enroll key but codes minted: enrollment is closed to whoever holds no code."""
+        return self.enroll_key is None and self.store.has_enroll_codes()
+
+    def mint_enroll_codes(self, count: int, caller: Caller) -> list[str]:
+        """`count` one-time enroll codes, each registering one new client id; the operator's alone."""
+        if caller.role != "operator":
+            raise Rejected(401, "Authorization: enroll codes take the operator key")
+        if not 1 <= count <= MAX_CODES_PER_REQUEST:
+            raise Rejected(422, f"count: between 1 and {MAX_CODES_PER_REQUEST}, got {count}")
+        codes = [secrets.token_urlsafe(24) for _ in range(count)]
+        with self._lock:
+            self.store.add_enroll_codes([_sha256(c) for c in codes], self.clock())
+        log.info("minted %d enroll codes", count)
+        return codes
 
     def _holds_token(self, caller: Caller) -> bool:
         """Under the lock: the client's token is still its current one (a re-registration retires the old)."""
@@ -333,8 +355,13 @@ class Coordinator:
                     )
                 self._charge_registration(caller)
             now = self.clock()
-            # Re-registering replaces the token: a restarted client rejoins, its old token stops working.
-            self.store.upsert_client(req.client_id, _sha256(token), req.num_samples, now)
+            with self.store.transaction():
+                if caller.role == "code" and req.client_id not in known:
+                    if caller.token_digest is None or not self.store.enroll_code_unused(caller.token_digest):
+                        raise Rejected(401, "Authorization: this enroll code was used already")
+                    self.store.use_enroll_code(caller.token_digest, req.client_id)
+                # Re-registering replaces the token: a restarted client rejoins, its old token stops working.
+                self.store.upsert_client(req.client_id, _sha256(token), req.num_samples, now)
             self._tick(now)
         return RegisterResponse(client_id=req.client_id, token=token, config=self.config)
 

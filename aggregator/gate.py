@@ -18,8 +18,8 @@ ALLOWED = {
     "/v1/round": {"client"},
     "/v1/round/update": {"client"},
     "/v1/global": {"client", "enroll", "operator"},
-    "/v1/clients": {"client", "enroll", "operator", "open"},
-    "/v1/partitions/claim": {"enroll", "operator", "open"},
+    "/v1/clients": {"client", "enroll", "code", "operator", "open"},
+    "/v1/partitions/claim": {"enroll", "code", "operator", "open"},
 }
 
 
@@ -37,7 +37,12 @@ class AuthGate:
         if who.role in allowed or ("open" in allowed and self.coordinator.enroll_key is None):
             scope.setdefault("state", {})["caller"] = who
             return await self.app(scope, receive, send)
-        names = {"client": "a client token", "enroll": "the enroll key", "operator": "the operator key"}
+        names = {
+            "client": "a client token",
+            "enroll": "the enroll key",
+            "code": "an enroll code",
+            "operator": "the operator key",
+        }
         wanted = " or ".join(names[a] for a in sorted(allowed) if a in names)
         detail = (
             f"Authorization: {'missing' if not authorization else 'not accepted here'}; "

@@ -63,6 +63,12 @@ CREATE TABLE IF NOT EXISTS strategy (
     id INTEGER PRIMARY KEY CHECK (id = 1),
     state BLOB NOT NULL
 );
+-- One-time enroll codes the operator minted: each registers one new client id (stored hashed, like tokens).
+CREATE TABLE IF NOT EXISTS enroll_codes (
+    code_sha256 TEXT PRIMARY KEY,
+    created_at REAL NOT NULL,
+    used_by TEXT
+);
 CREATE TABLE IF NOT EXISTS partition_claims (
     instance TEXT PRIMARY KEY,
     idx INTEGER NOT NULL UNIQUE,
@@ -182,6 +188,23 @@ class Store:
 
     def client_ids(self) -> list[str]:
         return [r[0] for r in self._query("SELECT client_id FROM clients ORDER BY client_id")]
+
+    # ------------------------------------------------------------------ enroll codes
+
+    def add_enroll_codes(self, digests: list[str], now: float) -> None:
+        with self.transaction():
+            for digest in digests:
+                self._write("INSERT INTO enroll_codes (code_sha256, created_at) VALUES (?, ?)", (digest, now))
+
+    def has_enroll_codes(self) -> bool:
+        return bool(self._query("SELECT 1 FROM enroll_codes LIMIT 1"))
+
+    def enroll_code_unused(self, digest: str) -> bool:
+        rows = self._query("SELECT used_by FROM enroll_codes WHERE code_sha256 = ?", (digest,))
+        return bool(rows) and rows[0][0] is None
+
+    def use_enroll_code(self, digest: str, client_id: str) -> None:
+        self._write("UPDATE enroll_codes SET used_by = ? WHERE code_sha256 = ?", (client_id, digest))
 
     # ------------------------------------------------------------------ partition claims
 

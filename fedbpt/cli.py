@@ -59,6 +59,11 @@ _SUBCOMMANDS = {
         "where a run stands: round i/N, reporters, validation accuracy, ETA",
         _runner("fedbpt.run_report", "status"),
     ),
+    "enroll-codes": (
+        "fedbpt.enroll_cmd",
+        "one-time enroll codes from the aggregator, one per data owner (operator key)",
+        _runner("fedbpt.enroll_cmd"),
+    ),
     "report": (
         "fedbpt.run_report:add_report_arguments",
         "per-round and per-client CSVs and plots of any run",

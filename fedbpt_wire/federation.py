@@ -87,6 +87,16 @@ class RegisterResponse(BaseModel):
     config: RunConfig
 
 
+class EnrollCodesRequest(Strict):
+    """The operator asking for one-time enroll codes (`POST /v1/enroll-codes`)."""
+
+    count: int = Field(ge=1, le=1000, description="codes to mint; each registers one new client id, once")
+
+
+class EnrollCodes(BaseModel):
+    codes: list[str]  # shown once: the aggregator keeps only their hashes
+
+
 class PartitionClaim(Strict):
     """A client asking for its part K of N of a shared pool, where it was given no index (compose replicas)."""
 

@@ -79,3 +79,63 @@ def test_ids_that_never_report_stop_being_sampled(tmp_path):
             assert not quiet & set(rec["selected"]), (rec["round"], rec["selected"], quiet)
         quiet |= set(rec["selected"]) - set(rec["reporters"])
     assert history[-1]["selected"] == honest and np.all([r["state"] == "merged" for r in history[-3:]])
+
+
+def test_one_time_enroll_codes_register_one_id_each(tmp_path):
+    with serve_app(create_app(config(min_clients=9), str(tmp_path / "run.db"), operator_key="op")) as url:
+        with httpx.Client(base_url=url, timeout=30) as http:
+            # Anyone may register while the aggregator is open and has minted no code.
+            register(http, "early")
+            r = http.post("/v1/enroll-codes", json={"count": 2}, headers={"Authorization": "Bearer early-guess"})
+            assert r.status_code == 401
+            assert (
+                http.post("/v1/enroll-codes", json={"count": 0}, headers={"Authorization": "Bearer op"}).status_code
+                == 422
+            )
+            codes = http.post("/v1/enroll-codes", json={"count": 2}, headers={"Authorization": "Bearer op"}).json()[
+                "codes"
+            ]
+            assert len(set(codes)) == 2
+            # Minted codes close enrollment to whoever holds none.
+            r = http.post("/v1/clients", json={"client_id": "stranger", "num_samples": 1})
+            assert r.status_code == 401 and "enroll code" in r.json()["detail"]
+            register(http, "a", key=codes[0])
+            r = http.post(
+                "/v1/clients",
+                json={"client_id": "b", "num_samples": 1},
+                headers={"Authorization": f"Bearer {codes[0]}"},
+            )
+            assert r.status_code == 401  # used: it registered "a" and nothing else
+            r = http.post(
+                "/v1/clients",
+                json={"client_id": "a", "num_samples": 1},
+                headers={"Authorization": f"Bearer {codes[1]}"},
+            )
+            assert r.status_code == 409  # a code takes no id over
+            register(http, "b", key=codes[1])
+            ids = http.get("/v1/status", headers={"Authorization": "Bearer op"}).json()["clients"]
+    assert ids == ["a", "b", "early"]
+
+
+def test_the_enroll_codes_command_writes_them_private(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from .test_aggregator import ROOT
+
+    with serve_app(create_app(config(), str(tmp_path / "run.db"), operator_key="op")) as url:
+        done = subprocess.run(
+            [sys.executable, "-m", "fedbpt.cli", "enroll-codes", "--aggregator", url, "--count", "3"]
+            + ["--output", str(tmp_path / "codes.txt")],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env={**os.environ, "PYTHONPATH": str(ROOT), "FEDBPT_OPERATOR_KEY": "op"},
+            cwd=tmp_path,
+        )
+        assert done.returncode == 0, done.stderr
+        codes = (tmp_path / "codes.txt").read_text().split()
+        assert len(codes) == 3 and (tmp_path / "codes.txt").stat().st_mode & 0o077 == 0
+        with httpx.Client(base_url=url, timeout=30) as http:
+            register(http, "owner-1", key=codes[2])
