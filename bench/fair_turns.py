@@ -10,12 +10,13 @@ The same engine serves both configurations, one after the other, each for `--sec
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import threading
 import time
 
 import numpy as np
+
+from bench.jsonl import append, emit
 
 
 def main(argv=None) -> list[dict]:
@@ -87,11 +88,8 @@ def main(argv=None) -> list[dict]:
             "small_median_s": round(statistics.median(waits), 3),
             "small_p90_s": round(sorted(waits)[int(0.9 * (len(waits) - 1))], 3),
         }
-        rows.append(row)
-        print(json.dumps(row), flush=True)
-    if args.out:
-        with open(args.out, "a") as f:
-            f.writelines(json.dumps(r) + "\n" for r in rows)
+        emit(rows, row)
+    append(args.out, rows)
     return rows
 
 

@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import time
 
 import numpy as np
+
+from bench.jsonl import append, emit
 
 
 def main(argv=None) -> list[dict]:
@@ -97,11 +98,8 @@ def main(argv=None) -> list[dict]:
                 "tokens_reuse": results[True].tokens,
                 "max_abs_logit_diff": float(np.abs(results[True].logits - results[False].logits).max()),
             }
-            rows.append(row)
-            print(json.dumps(row), flush=True)
-    if args.out:
-        with open(args.out, "a") as f:
-            f.writelines(json.dumps(r) + "\n" for r in rows)
+            emit(rows, row)
+    append(args.out, rows)
     return rows
 
 

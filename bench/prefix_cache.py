@@ -14,10 +14,11 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import time
 
 import numpy as np
+
+from bench.jsonl import append, emit
 
 
 def main(argv=None) -> list[dict]:
@@ -90,11 +91,8 @@ def main(argv=None) -> list[dict]:
             "cache_bytes": cache.bytes,
             "max_abs_logit_diff": float(max(np.abs(a - b).max() for a, b in zip(logits[True], logits[False]))),
         }
-        rows.append(row)
-        print(json.dumps(row), flush=True)
-    if args.out:
-        with open(args.out, "a") as f:
-            f.writelines(json.dumps(r) + "\n" for r in rows)
+        emit(rows, row)
+    append(args.out, rows)
     return rows
 
 
