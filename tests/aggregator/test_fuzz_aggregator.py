@@ -32,6 +32,7 @@ D = 8
 ENROLL = "sesame"
 OPERATIONS = [
     ("POST", "/v1/partitions/claim"),
+    ("POST", "/v1/enroll-codes"),
     ("POST", "/v1/clients"),
     ("GET", "/v1/round"),
     ("POST", "/v1/round/update"),
