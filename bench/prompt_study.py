@@ -8,7 +8,7 @@ zero-shot and the tuned prompt on the same held-out test examples, with McNemar'
 
 Several variants share one model load and one zero-shot pass: `--variants "placement=ahead,anchor=none;init=zeros"`
 (each `;`-separated variant overrides the flags it names). Each variant appends one JSON line to --out
-(default bench/results/prompt_study.jsonl).
+(default bench/results/<today>-prompt-study.jsonl).
 """
 
 from __future__ import annotations
@@ -70,7 +70,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--device", default=None, help="torch device (default: cuda where present, else cpu)")
     ap.add_argument("--screen", action="store_true", help="only the initial prompt's accuracy on 200 test examples")
     ap.add_argument("--variants", default="", help="';'-separated variants of key=value overrides of the flags above")
-    ap.add_argument("--out", default="bench/results/prompt_study.jsonl")
+    ap.add_argument("--out", default=time.strftime("bench/results/%Y-%m-%d-prompt-study.jsonl"))
     args = ap.parse_args(argv)
 
     from fed_clients.data import load_splits
