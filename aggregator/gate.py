@@ -20,6 +20,7 @@ ALLOWED = {
     "/v1/global": {"client", "enroll", "operator"},
     "/v1/clients": {"client", "enroll", "code", "operator", "open"},
     "/v1/partitions/claim": {"enroll", "code", "operator", "open"},
+    "/v1/enroll-codes": {"operator"},
 }
 
 
