@@ -128,8 +128,11 @@ class FedBPTClient:
     def compare_with_baseline(self, z: np.ndarray) -> tuple[Evaluation, ValidationComparison]:
         """z's raw metrics on the validation split and its comparison with the baseline there, each read out
         with its bias fitted on the training split: one call for z on train + validation."""
+        return self.compare_logits(self.scorer.logits(np.asarray(z)[None], self.train + self.val)[0])
+
+    def compare_logits(self, logits: np.ndarray) -> tuple[Evaluation, ValidationComparison]:
+        """`compare_with_baseline` for a prompt's logits [N, C] on train + validation, already scored."""
         n = len(self.train)
-        logits = self.scorer.logits(np.asarray(z)[None], self.train + self.val)[0]
         base = self.baseline_logits()
         train_labels = np.array([ex.label for ex in self.train])
         val_labels = np.array([ex.label for ex in self.val])

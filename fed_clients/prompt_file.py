@@ -48,11 +48,6 @@ class TunedPrompt:
         return with_placement(self.task, self.config.prompt_placement)
 
     @property
-    def scored_task(self) -> Task:
-        """The template as the service is sent it: placed for the soft prompt, or the manual one alone."""
-        return self.placed if self.served == "tuned" else self.task
-
-    @property
     def served_z(self) -> np.ndarray | None:
         return self.z if self.served == "tuned" else None
 

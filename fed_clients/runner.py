@@ -354,17 +354,17 @@ def finish(
     info = service.model_info()
     client = FedBPTClient(client_id, service, task, data.train, data.val, config)
     choice = final.served
-    if choice is None:
-        # No choice from the aggregator (one from before it made one, or local-only): the same rule on this
-        # client's own validation split, between the final prompt and the baseline.
-        _, comparison = client.compare_with_baseline(z)
-        _, choice = choose({len(status.history): comparison})  # the prompt after the last round
-        choice = choice.model_copy(update={"mean": encode_tensor(z)})
-    if choice.mean is not None:
+    if choice is not None and choice.mean is not None:
         z = decode_tensor(choice.mean)
     examples = data.train + data.val
     labels = np.array([ex.label for ex in examples])
     tuned = client.scorer.logits(z[None], examples)[0]
+    if choice is None:
+        # No choice from the aggregator (one from before it made one, or local-only): the same rule on this
+        # client's own validation split, between the final prompt and the baseline.
+        _, comparison = client.compare_logits(tuned)
+        _, choice = choose({len(status.history): comparison})  # the prompt after the last round
+        choice = choice.model_copy(update={"mean": encode_tensor(z)})
     baseline = client.baseline_logits()
     # The read-out is part of what is served: its bias fitted on every labelled example this client holds.
     bias = fit_calibration(baseline if choice.served == "baseline" else tuned, labels)

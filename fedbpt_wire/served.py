@@ -85,9 +85,6 @@ class ValidationComparison(Strict):
             return "tuned_only and baseline_only cannot exceed the correct counts"
         if self.tuned_correct + self.baseline_only > self.examples:
             return "more examples right by either prompt than examples"
-        for name in ("tuned_loss", "baseline_loss"):
-            if not math.isfinite(getattr(self, name)):
-                return f"{name} must be finite"
         return None
 
     @property

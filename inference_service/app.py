@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hmac
 import logging
@@ -344,13 +345,10 @@ def create_app(
                         raise _over_budget("P x N x (L + 1) is at least", floor, limits)
                 # Off the event loop: decoding a body-sized tensor would stall every other connection.
                 build = _projection_build(req, engine, projections)
-                if build:
-                    # Drawing a new A takes longer than scoring a small request (2 s at the limits on 2 cores): it
-                    # takes an engine turn, so builds run one at a time and in turn with other keys' work, and it
-                    # is charged (one position per PROJECTION_VALUES_PER_POSITION values drawn).
-                    async with scheduler.turn(who):
-                        batch, labels = await to_thread.run_sync(validate_request, req, engine, limits, projections)
-                else:
+                # Drawing a new A takes longer than scoring a small request (2 s at the limits on 2 cores): it takes
+                # an engine turn, so builds run one at a time and in turn with other keys' work, and it is charged
+                # (one position per PROJECTION_VALUES_PER_POSITION values drawn).
+                async with scheduler.turn(who) if build else contextlib.nullcontext():
                     batch, labels = await to_thread.run_sync(validate_request, req, engine, limits, projections)
                 n_pop, n_prompt = batch.prompts.shape[:2]
                 lengths = await to_thread.run_sync(engine.positions, batch.texts, n_prompt)
@@ -412,6 +410,7 @@ def create_app(
         logits = np.empty((n_pop, len(batch.texts), len(batch.label_words)), np.float32)
         sequences = tokens = 0
         engine_ms = 0.0
+        salt = keys.key_id(who) if who else ""
         for done, (cands, texts) in enumerate(slices):
             if done and await request.is_disconnected():
                 raise _ClientGone()
@@ -422,7 +421,6 @@ def create_app(
                     f"{done} of {len(slices)} slices (GET /v1/model: max_request_seconds); "
                     "send smaller requests",
                 )
-            salt = keys.key_id(who) if who else ""
             part = ScoreBatch(batch.prompts[cands], batch.texts[texts], batch.label_words, cache_salt=salt)
             async with scheduler.turn(who):
                 result = await to_thread.run_sync(engine.score, part)
