@@ -35,7 +35,9 @@ def run(args: argparse.Namespace) -> int:
     if not args.operator_key:
         raise ValueError("--operator-key (or FEDBPT_OPERATOR_KEY) is needed: only the operator mints enroll codes")
     body = EnrollCodesRequest(count=args.count).model_dump()
-    http = RetryingClient(args.aggregator, args.operator_key, timeout=args.timeout, verify=args.ca_cert or True)
+    http = RetryingClient(
+        args.aggregator, args.operator_key, timeout=args.timeout, verify=args.ca_cert or True, retries=2
+    )
     try:
         codes = EnrollCodes.model_validate(http.request("POST", "/v1/enroll-codes", body)).codes
     except (httpx.TransportError, httpx.TimeoutException) as exc:
