@@ -36,6 +36,7 @@ from typing import Literal
 
 import numpy as np
 
+from fedbpt_wire.bearer import bearer_token
 from fedbpt_wire.federation import (
     ClientRoundRecord,
     GlobalState,
@@ -88,15 +89,6 @@ class Caller:
 
 def _sha256(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
-
-
-def bearer_token(authorization: str | None) -> str:
-    if not authorization:
-        raise Rejected(401, "Authorization: missing, send 'Authorization: Bearer <token>'")
-    scheme, _, token = authorization.partition(" ")
-    if scheme.lower() != "bearer" or not token.strip():
-        raise Rejected(401, "Authorization: expected 'Bearer <token>'")
-    return token.strip()
 
 
 def _valid(check: Callable, *args) -> None:
@@ -264,9 +256,8 @@ class Coordinator:
     def _matches(authorization: str | None, secret: str | None) -> bool:
         if secret is None or not authorization:
             return False
-        try:
-            token = bearer_token(authorization)
-        except Rejected:
+        token = bearer_token(authorization)
+        if token is None:
             return False
         return hmac.compare_digest(token.encode(), secret.encode())
 
@@ -279,10 +270,10 @@ class Coordinator:
             return Caller("operator")
         if self._matches(authorization, self.enroll_key):
             return Caller("enroll")
-        try:
-            digest = _sha256(bearer_token(authorization))
-        except Rejected:
+        token = bearer_token(authorization)
+        if token is None:
             return Caller()
+        digest = _sha256(token)
         client_id = self.store.client_by_token(digest)
         if client_id is not None:
             return Caller("client", client_id, digest)

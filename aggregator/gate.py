@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 
 from fedbpt_wire.asgi import send_error
+from fedbpt_wire.bearer import header_authorization
 
 # Who may knock at each client route. "open" stands for anyone where no enroll key is set.
 ALLOWED = {
@@ -33,7 +34,7 @@ class AuthGate:
         allowed = ALLOWED.get(scope["path"]) if scope["type"] == "http" else None
         if allowed is None:
             return await self.app(scope, receive, send)
-        authorization = next((v.decode("latin-1") for k, v in scope["headers"] if k == b"authorization"), None)
+        authorization = header_authorization(scope["headers"])
         who = await asyncio.to_thread(self.coordinator.caller, authorization)
         if who.role in allowed or ("open" in allowed and self.coordinator.enroll_key is None):
             scope.setdefault("state", {})["caller"] = who

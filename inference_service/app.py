@@ -16,6 +16,7 @@ from fastapi.responses import JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from fedbpt_wire.asgi import BodyLimit, body_paths, install_error_handlers, send_error
+from fedbpt_wire.bearer import bearer_token, header_authorization
 from fedbpt_wire.metrics import label_cross_entropy
 from fedbpt_wire.schemas import ErrorBody, ModelInfo, ScoreRequest, ScoreResponse, Usage
 from fedbpt_wire.tensors import TensorDecodeError, decode_tensor, encode_tensor
@@ -219,10 +220,8 @@ class _AuthGate:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http" or scope["path"] != "/v1/score" or self.keys.open:
             return await self.app(scope, receive, send)
-        header = next((v.decode("latin-1") for k, v in scope["headers"] if k == b"authorization"), "")
-        scheme, _, key = header.partition(" ")
-        key = key.strip() if scheme.lower() == "bearer" else ""
-        if not self.keys.known(key or None):
+        key = bearer_token(header_authorization(scope["headers"]))
+        if key is None or not self.keys.known(key):
             self.metrics.requests.labels("/v1/score", "401").inc()
             return await send_error(
                 send,
