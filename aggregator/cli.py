@@ -15,9 +15,10 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from fedbpt_wire.asgi import add_connection_arguments, uvicorn_options
-from fedbpt_wire.federation import PLACEMENTS, ROBUST_MERGES, SIGMA_RULES, STRATEGIES, RunConfig
+from fedbpt_wire.federation import RunConfig
 from fedbpt_wire.logs import setup_logging
-from fedbpt_wire.projection import PROMPT_INITS
+from fedbpt_wire.options import add_setting_flags, given
+from fedbpt_wire.presets import EMBEDDED_RUN
 
 from .coordinator import MAX_CLIENTS, MAX_REGISTRATIONS_PER_MINUTE
 from .store import Store
@@ -25,48 +26,8 @@ from .strategies import strategy_class
 
 log = logging.getLogger(__name__)
 
-# Where no flag or --config file says otherwise: the search space and start that the embedded model needs, as
-# `fedbpt demo` runs it (docs/design.md, section 6), not RunConfig's paper-sized d = 500 and L = 50, which are
-# one file away (--config configs/paper-roberta-large.json).
-EMBEDDED_DEFAULTS = {
-    "intrinsic_dim": 50,
-    "prompt_length": 5,
-    "prompt_init": "zeros",
-    "prompt_placement": "after-text",
-    "local_popsize": 8,
-}
 # A bench config names the local population `popsize`.
 _CONFIG_FILE_ALIASES = {"popsize": "local_popsize"}
-
-# flag -> (RunConfig field, argparse keyword arguments)
-_CONFIG_FLAGS: dict[str, tuple[str, dict]] = {
-    "--run-id": ("run_id", {"help": "run name (default: the database file's stem)"}),
-    "--strategy": ("strategy", {"choices": STRATEGIES}),
-    "--rounds": ("rounds", {"type": int}),
-    "--intrinsic-dim": ("intrinsic_dim", {"type": int}),
-    "--prompt-length": ("prompt_length", {"type": int}),
-    "--projection-seed": ("projection_seed", {"type": int}),
-    "--prompt-init": ("prompt_init", {"choices": PROMPT_INITS}),
-    "--prompt-placement": ("prompt_placement", {"choices": PLACEMENTS}),
-    "--seed": ("seed", {"type": int}),
-    "--sigma0": ("sigma0", {"type": float}),
-    "--local-popsize": ("local_popsize", {"type": int}),
-    "--local-iterations": ("local_iterations", {"type": int}),
-    "--no-perturb": (
-        "perturb",
-        {"action": "store_const", "const": False, "help": "fitness = loss (no perturbed copy)"},
-    ),
-    "--perturb-rate": ("perturb_rate", {"type": float}),
-    "--sigma-rule": ("sigma_rule", {"choices": SIGMA_RULES}),
-    "--local-sigma-floor": ("local_sigma_floor", {"type": float}),
-    "--participation": ("participation", {"type": float}),
-    "--min-clients": ("min_clients", {"type": int}),
-    "--min-updates": ("min_updates", {"type": int}),
-    "--round-timeout": ("round_timeout_s", {"type": float}),
-    "--clip-multiple": ("clip_multiple", {"type": float}),
-    "--max-weight-ratio": ("max_weight_ratio", {"type": float}),
-    "--robust-merge": ("robust_merge", {"choices": ROBUST_MERGES}),
-}
 
 
 DEFAULT_DB = "runs/aggregator.db"
@@ -124,34 +85,30 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="a JSON file of run-config fields (e.g. configs/paper-roberta-large.json; keys that are "
         "not run-config fields are ignored); flags given beside it win",
     )
-    for flag, (field, kwargs) in _CONFIG_FLAGS.items():
-        info = RunConfig.model_fields[field]
-        kwargs = dict(kwargs)
-        if "help" not in kwargs:
-            default = EMBEDDED_DEFAULTS.get(field, info.default)
-            kwargs["help"] = f"{info.description + '; ' if info.description else ''}default {default}"
-        group.add_argument(flag, dest=field, default=None, **kwargs)
+    # Where no flag or --config file says otherwise: the embedded model's search space (fedbpt_wire.presets), not
+    # RunConfig's paper-sized d = 500 and L = 50, which are one file away (--config configs/paper-roberta-large.json).
+    add_setting_flags(group, RunConfig, defaults={**EMBEDDED_RUN, "run_id": "the database file's stem"}, not_given=True)
 
 
 def config_from_args(args: argparse.Namespace) -> RunConfig:
     """The run's config: the stored one when the database holds a run, else the flags over the defaults."""
-    given = {field: getattr(args, field) for field, _ in _CONFIG_FLAGS.values() if getattr(args, field) is not None}
+    values = given(args, RunConfig.model_fields)
     if getattr(args, "config", None):
-        given = {**config_file(args.config), **given}
+        values = {**config_file(args.config), **values}
     stored = Store.peek_config(args.db)
     if stored is not None:
-        differs = sorted(k for k, v in given.items() if getattr(stored, k) != v)
+        differs = sorted(k for k, v in values.items() if getattr(stored, k) != v)
         if differs:
             log.warning(
                 "%s holds run %r: its config wins, ignoring %s",
                 args.db,
                 stored.run_id,
-                ", ".join(f"{k}={given[k]!r} (stored {getattr(stored, k)!r})" for k in differs),
+                ", ".join(f"{k}={values[k]!r} (stored {getattr(stored, k)!r})" for k in differs),
             )
         return stored
-    given = {**EMBEDDED_DEFAULTS, **given}
-    given.setdefault("run_id", Path(args.db).stem)
-    config = RunConfig(**given)
+    values = {**EMBEDDED_RUN, **values}
+    values.setdefault("run_id", Path(args.db).stem)
+    config = RunConfig(**values)
     return strategy_class(config).configure(config)
 
 

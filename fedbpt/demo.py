@@ -14,14 +14,36 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from fedbpt_wire.federation import RunStatus
+from fedbpt_wire.federation import RunConfig, RunStatus
+from fedbpt_wire.options import add_setting_flags, given
+from fedbpt_wire.presets import DEMO_DATA, DEMO_RUN, GPU_BUDGET
 
-from .launch import SINGLE_THREADED, Children, aggregator_argv, client_argv, free_url, service_argv
+from .launch import Children, FederationResult, LoopbackFederation, free_url, service_argv
 
 log = logging.getLogger(__name__)
+
+
+# The RunConfig fields a DemoConfig names; the demo takes the rest of RunConfig's (but the run id, the clients
+# needed and the projection seed, which the demo sets) as flags too, into DemoConfig.run.
+RUN_FIELDS = (
+    "prompt_init",
+    "prompt_placement",
+    "strategy",
+    "rounds",
+    "intrinsic_dim",
+    "prompt_length",
+    "sigma0",
+    "local_popsize",
+    "local_iterations",
+    "seed",
+    "round_timeout_s",
+)
+_FURTHER = [f for f in RunConfig.model_fields if f not in (*RUN_FIELDS, "run_id", "min_clients", "projection_seed")]
+_RUN_DEFAULTS = RunConfig.model_fields
 
 
 @dataclass
@@ -32,55 +54,53 @@ class DemoConfig:
     preset: str = "auto"
     # Chosen by measurement (docs/design.md, section 6 and "Tuning on two CPU cores"): Amazon review snippets
     # with the verbalizer " terrible"/" great", where SmolLM2's manual prompt is badly calibrated and a tuned
-    # prompt has room to help; the prompt between the review and its cue line, starting from zeros; IID shards
-    # and no perturbation, since the label prior is what there is to learn here and FedBPT's perturbation
-    # (like a label-skewed fitness ranking) works against learning it.
+    # prompt has room to help; the run's settings are fedbpt_wire.presets.DEMO_RUN (the prompt between the review
+    # and its cue line, from zeros; IID shards and no perturbation, since the label prior is what there is to
+    # learn here and FedBPT's perturbation, like a label-skewed fitness ranking, works against learning it).
     task: str = "amazon_snippets"  # a built-in task or a task spec file
     data: str = "default"  # the task's embedded data, or a data file (or directory) of your own
     test: str = ""  # held-out test file; empty: the demo holds out test_fraction of --data
     test_fraction: float = 0.2
     model: str = "smollm2-135m-instruct"
     label_words: str = " terrible, great"  # comma-separated verbalizer replacing the task's
-    prompt_init: str = "zeros"
-    prompt_placement: str = "after-text"
+    prompt_init: str = DEMO_RUN["prompt_init"]
+    prompt_placement: str = DEMO_RUN["prompt_placement"]
     dtype: str = "auto"
-    strategy: str = "fedbpt-noperturb"
+    strategy: str = DEMO_RUN["strategy"]
     clients: int = 4
     # Sized for 10 minutes on 2 AVX2 cores, where SmolLM2-135M runs ~250 tokens/s in fp32.
-    rounds: int = 4
+    rounds: int = DEMO_RUN["rounds"]
     alpha: float | None = None
-    per_class: int = 40
-    intrinsic_dim: int = 50
-    prompt_length: int = 5
-    sigma0: float = 1.0
-    local_popsize: int = 8
-    local_iterations: int = 2
-    batch_size: int = 16
+    per_class: int = DEMO_DATA["per_class"]
+    intrinsic_dim: int = DEMO_RUN["intrinsic_dim"]
+    prompt_length: int = DEMO_RUN["prompt_length"]
+    sigma0: float = _RUN_DEFAULTS["sigma0"].default
+    local_popsize: int = DEMO_RUN["local_popsize"]
+    local_iterations: int = DEMO_RUN["local_iterations"]
+    batch_size: int = DEMO_DATA["batch_size"]
     test_size: int = 1000
-    seed: int = 0
-    round_timeout_s: float = 600.0
+    seed: int = _RUN_DEFAULTS["seed"].default
+    round_timeout_s: float = _RUN_DEFAULTS["round_timeout_s"].default
+    # Any other RunConfig field, as its flag set it (e.g. {"clip_multiple": 2.0}).
+    run: dict[str, Any] = field(default_factory=dict)
+
+    def run_config(self) -> dict[str, Any]:
+        """The aggregator's RunConfig fields (but the run id), checked: a bad value fails here, before any process
+        starts."""
+        values = {
+            **{f: getattr(self, f) for f in RUN_FIELDS},
+            **self.run,
+            "projection_seed": self.seed,
+            "min_clients": self.clients,
+        }
+        RunConfig(run_id=self.name, **values)
+        return values
 
 
-# What a preset sets, unless the command line says otherwise. "gpu" is the setting measured on one H100
-# (bench/RESULTS.md, "Enough budget"): the prompt ahead of the text from real token embeddings, L = 20, d = 100,
-# 500 labelled examples, 12 rounds of 6 x 16 candidates on batches of 32 (~150k sequences, ~190 s there; hours
-# on two CPU cores). "cpu" keeps the defaults above, sized for 10 minutes on 2 AVX2 cores, which that budget
-# does not buy: there the tuned prompt learns the label prior and stays under the calibrated baseline.
-PRESETS: dict[str, dict[str, object]] = {
-    "cpu": {},
-    "gpu": {
-        "prompt_placement": "ahead",
-        "prompt_init": "tokens",
-        "prompt_length": 20,
-        "intrinsic_dim": 100,
-        "per_class": 250,
-        "batch_size": 32,
-        "local_popsize": 16,
-        "local_iterations": 6,
-        "rounds": 12,
-        "dtype": "float32",
-    },
-}
+# What a preset sets, unless the command line says otherwise: "cpu" keeps the defaults above, "gpu" is the budget
+# measured on one H100 (fedbpt_wire.presets.GPU_BUDGET), which 2 CPU cores cannot buy in 10 minutes: there the
+# tuned prompt learns the label prior and the served prompt is the calibrated baseline.
+PRESETS: dict[str, dict[str, object]] = {"cpu": {}, "gpu": dict(GPU_BUDGET)}
 PRESET_FIELDS = sorted({k for values in PRESETS.values() for k in values})
 
 
@@ -150,191 +170,211 @@ class Progress:
                 self.stream.flush()
 
 
-def run_demo(cfg: DemoConfig) -> dict:
-    import fedbpt_assets as assets
-    from fed_clients.aggregator_client import AggregatorClient
-    from fed_clients.client import PromptScorer
-    from fed_clients.data import load_splits
-    from fed_clients.evaluation import calibrated_predictions, fit_calibration, mcnemar_exact
-    from fed_clients.partition import few_shot
-    from fed_clients.prompt_file import prompt_payload, write_prompt
-    from fed_clients.service_client import ServiceClient
-    from fed_clients.tasks import TASKS, get_task, parse_label_words, with_placement
-    from fedbpt_wire.metrics import label_cross_entropy
-    from fedbpt_wire.projection import projection_for
-    from fedbpt_wire.served import ServedChoice
-    from fedbpt_wire.tensors import decode_tensor
+@dataclass
+class DemoData:
+    """The demo's task and data: the pool the clients split (with the reference they load it by) and the test set."""
 
+    task: Any
+    task_ref: str  # a built-in task's name, or the spec file's absolute path
+    train: list
+    test: list
+    client_data: str  # what each client's --data names: "default", or the pool written to one file
+
+
+@dataclass
+class Scores:
+    """Per test example logits of each prompt the report compares, with the biases fitted on the clients' pool."""
+
+    zero: np.ndarray
+    bias: np.ndarray  # the manual prompt's: the calibrated baseline
+    tuned: np.ndarray
+    tuned_bias: np.ndarray
+    served: np.ndarray
+    served_bias: np.ndarray
+    z_served: np.ndarray
+    choice: Any  # ServedChoice
+    info: Any  # the service's ModelInfo
+    calibration_examples: int
+
+
+def run_demo(cfg: DemoConfig) -> dict:
+    """Config -> federated run on loopback -> evaluation on held-out data -> report.json, rounds.csv, a plot and
+    the prompt file to deploy."""
     t_start = time.monotonic()
-    # The task and its verbalizer first: a bad one fails here, before any process starts.
-    task = get_task(cfg.task)
-    if cfg.label_words:
-        task = task.with_label_words(parse_label_words(cfg.label_words))
+    run_settings = cfg.run_config()  # a bad setting fails here, before any process starts
+    data = demo_data(cfg)
     out = Path(cfg.runs_dir) / cfg.name
     (out / "logs").mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
-    if cfg.data == "default":
-        assets.fetch_all()
-        splits = load_splits("default", task)
-        client_data = "default"
-    else:
-        splits = own_splits(cfg, task)
-        # The clients partition the pool from one file, as they would their own files on separate machines.
-        client_data = str(write_examples(out / "data" / "train.jsonl", splits["train"], task))
-    task_ref = cfg.task if cfg.task in TASKS else str(Path(cfg.task).resolve())
-    api_key, enroll_key, operator_key = (secrets.token_urlsafe(16) for _ in range(3))
+    api_key = secrets.token_urlsafe(16)
     svc_url, svc_port = free_url()
-    agg_url, agg_port = free_url()
-    run_config = {
-        "strategy": cfg.strategy,
-        "rounds": cfg.rounds,
-        "intrinsic_dim": cfg.intrinsic_dim,
-        "prompt_length": cfg.prompt_length,
-        "sigma0": cfg.sigma0,
-        "local_popsize": cfg.local_popsize,
-        "local_iterations": cfg.local_iterations,
-        "seed": cfg.seed,
-        "projection_seed": cfg.seed,
-        "min_clients": cfg.clients,
-        "prompt_init": cfg.prompt_init,
-        "prompt_placement": cfg.prompt_placement,
-        "round_timeout_s": cfg.round_timeout_s,
-    }
     procs = Children(out / "logs")
     try:
         procs.start("service", service_argv(svc_port, cfg.model, cfg.dtype), env={"FEDBPT_API_KEYS": api_key})
-        procs.start(
-            "aggregator",
-            aggregator_argv(agg_port, out / "aggregator.db", run_config),
-            env={"FEDBPT_ENROLL_KEY": enroll_key, "FEDBPT_OPERATOR_KEY": operator_key, **SINGLE_THREADED},
-        )
         print(f"starting the service ({cfg.model}) and the aggregator; logs in {out / 'logs'}", flush=True)
         procs.wait_healthy("service", svc_url)
-        procs.wait_healthy("aggregator", agg_url)
-        for k in range(cfg.clients):
-            argv = client_argv(
-                svc_url,
-                agg_url,
-                data=client_data,
-                task=task_ref,
-                partition=f"{k}/{cfg.clients}",
-                per_class=cfg.per_class,
-                partition_seed=cfg.seed,
-                batch_size=cfg.batch_size,
-                prompt_wire="seed",
-                prompt_out=out / "logs" / f"prompt-client-{k}.json",
-                state_dir=out / "state",
-                label_words=cfg.label_words or None,
-                alpha=cfg.alpha,
-            )
-            procs.start(
-                f"client-{k}", argv, env={"FEDBPT_API_KEY": api_key, "FEDBPT_ENROLL_KEY": enroll_key, **SINGLE_THREADED}
-            )
+        federation = LoopbackFederation(
+            procs, out / "aggregator.db", run_settings, svc_url, api_key, _client_options(cfg, data, out), poll_s=0.5
+        )
+        federation.start_aggregator()
         print(f"{cfg.clients} clients, {cfg.rounds} rounds, strategy {cfg.strategy}", flush=True)
-        progress = Progress(cfg.rounds)
-        observer = AggregatorClient(agg_url, token=operator_key)
-        while True:
-            procs.check()
-            status = observer.status()
-            progress.update(status)
-            if status.state == "done":
-                break
-            time.sleep(0.5)
-        final = observer.global_state()
-        observer.close()
-        config = status.config
-
-        test = splits["test"][: cfg.test_size]
+        result = federation.run(on_status=Progress(cfg.rounds).update)
+        test = data.test[: cfg.test_size]
         print(
             f"evaluating zero-shot, calibrated zero-shot and the tuned prompt on {len(test)} held-out test examples",
             flush=True,
         )
-        service = ServiceClient(svc_url, api_key, prompt_wire="seed")
-        info = service.model_info()
-        projection = projection_for(config, info)
-        # The calibrated baseline: the manual prompt's label bias fitted on every labelled example the
-        # clients hold (what they could do without tuning anything), applied to the test set.
-        # The clients' shards (train and validation) together are the run's few-shot pool.
-        train_labels = np.array([ex.label for ex in splits["train"]])
-        pool = few_shot(train_labels, cfg.per_class, cfg.seed) if cfg.per_class else np.arange(len(train_labels))
-        own = [splits["train"][i] for i in pool]
-        zero_scorer = PromptScorer(service, task, None, info.kind, info.max_texts)
-        bias = fit_calibration(zero_scorer.logits(None, own)[0], np.array([ex.label for ex in own]))
-        zero_logits = zero_scorer.logits(None, test)[0]
-        tuned_scorer = PromptScorer(
-            service, with_placement(task, config.prompt_placement), projection, info.kind, info.max_texts
-        )
-        own_labels = np.array([ex.label for ex in own])
-        z_final = decode_tensor(final.mean)
-        tuned_logits = tuned_scorer.logits(z_final[None], test)[0]
-        # The same bias correction on top of the tuned prompt: what separation the prompt adds beyond a bias.
-        tuned_bias = fit_calibration(tuned_scorer.logits(z_final[None], own)[0], own_labels)
-        # What the run serves, as the aggregator chose it on the clients' validation splits; its read-out bias
-        # fitted on the same examples as the baseline's, so that serving the baseline is the calibrated baseline.
-        choice = final.served or ServedChoice(
-            served="baseline", reason="the run validated no global prompt against the baseline: serving the baseline"
-        )
-        z_served = decode_tensor(choice.mean) if choice.mean is not None else z_final
-        if choice.served == "baseline":
-            served_logits, served_bias = zero_logits, bias
-        elif np.array_equal(z_served, z_final):
-            served_logits, served_bias = tuned_logits, tuned_bias
-        else:
-            served_logits = tuned_scorer.logits(z_served[None], test)[0]
-            served_bias = fit_calibration(tuned_scorer.logits(z_served[None], own)[0], own_labels)
+        scores = score_prompts(cfg, data, result, svc_url, api_key, test)
     finally:
         procs.stop_all()
+    report = demo_report(cfg, data, result, scores, test, time.monotonic() - t_start)
+    write_report(out, report)
+    _write_served_prompt(cfg, out, report, data, result, scores)
+    print(_summary(report, scores.choice, out))
+    return report
+
+
+def demo_data(cfg: DemoConfig) -> DemoData:
+    """The task and its verbalizer first (a bad one fails before any process starts), then the data."""
+    import fedbpt_assets as assets
+    from fed_clients.data import load_splits
+    from fed_clients.tasks import TASKS, get_task, parse_label_words
+
+    task = get_task(cfg.task)
+    if cfg.label_words:
+        task = task.with_label_words(parse_label_words(cfg.label_words))
+    task_ref = cfg.task if cfg.task in TASKS else str(Path(cfg.task).resolve())
+    if cfg.data == "default":
+        assets.fetch_all()
+        splits = load_splits("default", task)
+        return DemoData(task, task_ref, splits["train"], splits["test"], "default")
+    splits = own_splits(cfg, task)
+    # The clients partition the pool from one file, as they would their own files on separate machines.
+    path = write_examples(Path(cfg.runs_dir) / cfg.name / "data" / "train.jsonl", splits["train"], task)
+    return DemoData(task, task_ref, splits["train"], splits["test"], str(path))
+
+
+def _client_options(cfg: DemoConfig, data: DemoData, out: Path) -> list[dict[str, Any]]:
+    return [
+        {
+            "data": data.client_data,
+            "task": data.task_ref,
+            "partition": f"{k}/{cfg.clients}",
+            "per_class": cfg.per_class,
+            "partition_seed": cfg.seed,
+            "batch_size": cfg.batch_size,
+            "prompt_wire": "seed",
+            "prompt_out": out / "logs" / f"prompt-client-{k}.json",
+            "state_dir": out / "state",
+            "label_words": cfg.label_words or None,
+            "alpha": cfg.alpha,
+        }
+        for k in range(cfg.clients)
+    ]
+
+
+def score_prompts(
+    cfg: DemoConfig, data: DemoData, result: FederationResult, svc_url: str, api_key: str, test: list
+) -> Scores:
+    """The manual prompt, the last global mean and the served prompt on the test set, each with its label bias
+    fitted on every labelled example the clients hold (what they could do without tuning anything)."""
+    from fed_clients.client import PromptScorer
+    from fed_clients.evaluation import fit_calibration
+    from fed_clients.partition import few_shot
+    from fed_clients.service_client import ServiceClient
+    from fed_clients.tasks import with_placement
+    from fedbpt_wire.projection import projection_for
+    from fedbpt_wire.served import ServedChoice
+    from fedbpt_wire.tensors import decode_tensor
+
+    config = result.status.config
+    service = ServiceClient(svc_url, api_key, prompt_wire="seed")
+    info = service.model_info()
+    # The clients' shards (train and validation) together are the run's few-shot pool.
+    train_labels = np.array([ex.label for ex in data.train])
+    pool = few_shot(train_labels, cfg.per_class, cfg.seed) if cfg.per_class else np.arange(len(train_labels))
+    own = [data.train[i] for i in pool]
+    own_labels = np.array([ex.label for ex in own])
+    zero_scorer = PromptScorer(service, data.task, None, info.kind, info.max_texts)
+    bias = fit_calibration(zero_scorer.logits(None, own)[0], own_labels)
+    zero_logits = zero_scorer.logits(None, test)[0]
+    tuned_scorer = PromptScorer(
+        service,
+        with_placement(data.task, config.prompt_placement),
+        projection_for(config, info),
+        info.kind,
+        info.max_texts,
+    )
+
+    def scored(z: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        # The same bias correction on top of a tuned prompt: what separation the prompt adds beyond a bias.
+        return tuned_scorer.logits(z[None], test)[0], fit_calibration(tuned_scorer.logits(z[None], own)[0], own_labels)
+
+    z_final = decode_tensor(result.final.mean)
+    tuned_logits, tuned_bias = scored(z_final)
+    # What the run serves, as the aggregator chose it on the clients' validation splits; its read-out bias
+    # fitted on the same examples as the baseline's, so that serving the baseline is the calibrated baseline.
+    choice = result.final.served or ServedChoice(
+        served="baseline", reason="the run validated no global prompt against the baseline: serving the baseline"
+    )
+    z_served = decode_tensor(choice.mean) if choice.mean is not None else z_final
+    if choice.served == "baseline":
+        served_logits, served_bias = zero_logits, bias
+    elif np.array_equal(z_served, z_final):
+        served_logits, served_bias = tuned_logits, tuned_bias
+    else:
+        served_logits, served_bias = scored(z_served)
+    return Scores(
+        zero_logits, bias, tuned_logits, tuned_bias, served_logits, served_bias, z_served, choice, info, len(own)
+    )
+
+
+def demo_report(
+    cfg: DemoConfig, data: DemoData, result: FederationResult, s: Scores, test: list, wall_seconds: float
+) -> dict:
+    from fed_clients.evaluation import calibrated_predictions, mcnemar_exact
+    from fedbpt_wire.metrics import label_cross_entropy
+    from fedbpt_wire.round_table import round_table
+
     labels = np.array([ex.label for ex in test])
-    zero_ok = zero_logits.argmax(-1) == labels
-    cal_ok = calibrated_predictions(zero_logits, bias) == labels
-    tuned_ok = tuned_logits.argmax(-1) == labels
-    tuned_cal_ok = calibrated_predictions(tuned_logits, tuned_bias) == labels
-    served_ok = calibrated_predictions(served_logits, served_bias) == labels
-    zero_loss = float(label_cross_entropy(zero_logits[None], labels)[0][0])
-    tuned_loss = float(label_cross_entropy(tuned_logits[None], labels)[0][0])
-    report = {
+    zero_ok = s.zero.argmax(-1) == labels
+    cal_ok = calibrated_predictions(s.zero, s.bias) == labels
+    tuned_ok = s.tuned.argmax(-1) == labels
+    tuned_cal_ok = calibrated_predictions(s.tuned, s.tuned_bias) == labels
+    served_ok = calibrated_predictions(s.served, s.served_bias) == labels
+    return {
         "name": cfg.name,
         "config": asdict(cfg),
-        "run_config": config.model_dump(mode="json"),
-        "model": info.model_dump(),
+        "run_config": result.status.config.model_dump(mode="json"),
+        "model": s.info.model_dump(),
         "test_examples": len(test),
         "zero_shot_test_accuracy": float(zero_ok.mean()),
-        "zero_shot_test_loss": zero_loss,
+        "zero_shot_test_loss": float(label_cross_entropy(s.zero[None], labels)[0][0]),
         "calibrated_zero_shot_test_accuracy": float(cal_ok.mean()),
-        "calibration_examples": len(own),
+        "calibration_examples": s.calibration_examples,
         "tuned_test_accuracy": float(tuned_ok.mean()),
-        "tuned_test_loss": tuned_loss,
+        "tuned_test_loss": float(label_cross_entropy(s.tuned[None], labels)[0][0]),
         # Exact McNemar p-values on the same test examples: a gain is a gain only well below 0.05.
         "tuned_vs_zero_shot_p": mcnemar_exact(tuned_ok, zero_ok),
         "tuned_vs_calibrated_p": mcnemar_exact(tuned_ok, cal_ok),
         "tuned_calibrated_test_accuracy": float(tuned_cal_ok.mean()),
         "tuned_calibrated_vs_calibrated_p": mcnemar_exact(tuned_cal_ok, cal_ok),
         # What a user deploys: the prompt the run chose on validation (tuned or the baseline) with its bias.
-        "served": choice.served,
+        "served": s.choice.served,
         "served_test_accuracy": float(served_ok.mean()),
         "served_vs_calibrated_p": mcnemar_exact(served_ok, cal_ok),
-        "served_selection": choice.model_dump(mode="json", exclude={"mean"}),
-        "label_words": list(task.label_words),
-        "rounds": [
-            {
-                "round": rec.round,
-                "state": rec.state,
-                "val_accuracy": rec.val_accuracy,
-                "val_loss": rec.val_loss,
-                "queries": rec.queries,
-                "sequences": rec.sequences,
-                "tokens": rec.tokens,
-                "bytes_up": rec.bytes_up,
-                "bytes_down": rec.bytes_down,
-                "service_bytes": rec.service_bytes,
-                "clients": len(rec.reporters),
-                "seconds": (rec.closed_at or rec.opened_at) - rec.opened_at,
-            }
-            for rec in status.history
-        ],
-        "wall_seconds": time.monotonic() - t_start,
+        "served_selection": s.choice.model_dump(mode="json", exclude={"mean"}),
+        "label_words": list(data.task.label_words),
+        "rounds": round_table(result.status.history),
+        "wall_seconds": wall_seconds,
     }
-    write_report(out, report)
+
+
+def _write_served_prompt(
+    cfg: DemoConfig, out: Path, report: dict, data: DemoData, result: FederationResult, s: Scores
+) -> None:
+    from fed_clients.prompt_file import prompt_payload, write_prompt
+
     metrics = {
         k: report[k]
         for k in (
@@ -346,20 +386,29 @@ def run_demo(cfg: DemoConfig) -> dict:
         )
     }
     payload = prompt_payload(
-        info, config, task, z_served, metrics, f"fedbpt demo {cfg.name}", choice=choice, bias=served_bias
+        s.info,
+        result.status.config,
+        data.task,
+        s.z_served,
+        metrics,
+        f"fedbpt demo {cfg.name}",
+        choice=s.choice,
+        bias=s.served_bias,
     )
     write_prompt(out / "prompt.json", payload)
-    print(
-        f"test accuracy on {len(test)} examples: zero-shot {report['zero_shot_test_accuracy']:.4f} | calibrated "
-        f"zero-shot {report['calibrated_zero_shot_test_accuracy']:.4f} | tuned {report['tuned_test_accuracy']:.4f} "
-        f"(McNemar p {report['tuned_vs_zero_shot_p']:.2g} vs zero-shot, {report['tuned_vs_calibrated_p']:.2g} vs "
-        f"calibrated) | tuned + calibration {report['tuned_calibrated_test_accuracy']:.4f} "
-        f"(p {report['tuned_calibrated_vs_calibrated_p']:.2g} vs calibrated) | served: {choice.served} "
-        f"{report['served_test_accuracy']:.4f} (p {report['served_vs_calibrated_p']:.2g} vs calibrated) | "
-        f"{report['wall_seconds']:.0f} s | report: {out / 'report.json'}\n"
-        f"served prompt: {choice.reason}"
+
+
+def _summary(report: dict, choice, out: Path) -> str:
+    return (
+        f"test accuracy on {report['test_examples']} examples: zero-shot {report['zero_shot_test_accuracy']:.4f} | "
+        f"calibrated zero-shot {report['calibrated_zero_shot_test_accuracy']:.4f} | tuned "
+        f"{report['tuned_test_accuracy']:.4f} (McNemar p {report['tuned_vs_zero_shot_p']:.2g} vs zero-shot, "
+        f"{report['tuned_vs_calibrated_p']:.2g} vs calibrated) | tuned + calibration "
+        f"{report['tuned_calibrated_test_accuracy']:.4f} (p {report['tuned_calibrated_vs_calibrated_p']:.2g} vs "
+        f"calibrated) | served: {choice.served} {report['served_test_accuracy']:.4f} "
+        f"(p {report['served_vs_calibrated_p']:.2g} vs calibrated) | {report['wall_seconds']:.0f} s | report: "
+        f"{out / 'report.json'}\nserved prompt: {choice.reason}"
     )
-    return report
 
 
 def own_splits(cfg: DemoConfig, task) -> dict:
@@ -438,6 +487,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     defaults = DemoConfig()
     for name, value in asdict(defaults).items():
         flag = "--" + name.replace("_", "-")
+        if name in RUN_FIELDS or name == "run":
+            continue
         if name == "name":
             parser.add_argument(flag, default=None, help="run name (default: demo-<timestamp>)")
         elif name == "alpha":
@@ -455,13 +506,38 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             parser.add_argument(flag, type=type(value), default=None, help=f"default: the preset's (cpu: {value})")
         else:
             parser.add_argument(flag, type=type(value), default=value)
+    # The run's settings: type, choices and help from RunConfig (fedbpt_wire.options), defaults the demo's.
+    named = {f: getattr(defaults, f) for f in RUN_FIELDS}
+    add_setting_flags(parser, RunConfig, only=[f for f in RUN_FIELDS if f not in PRESET_FIELDS], defaults=named)
+    add_setting_flags(
+        parser,
+        RunConfig,
+        only=[f for f in RUN_FIELDS if f in PRESET_FIELDS],
+        defaults=named,
+        not_given=True,
+        help_default="default: the preset's (cpu: {default})",
+    )
+    add_setting_flags(
+        parser.add_argument_group("further run settings (as `fedbpt aggregator` takes them)"),
+        RunConfig,
+        only=_FURTHER,
+        not_given=True,
+    )
 
 
-def run(args: argparse.Namespace) -> None:
+def values_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    """What the command line set, as DemoConfig keywords (None: left to the preset)."""
     values = {k: getattr(args, k) for k in DemoConfig.__dataclass_fields__ if getattr(args, k, None) is not None}
     if values.get("alpha") == 0:
         values["alpha"] = None
-    cfg = config_from(values, _torch_sees_cuda)
+    further = given(args, _FURTHER)
+    if further:
+        values["run"] = further
+    return values
+
+
+def run(args: argparse.Namespace) -> None:
+    cfg = config_from(values_from_args(args), _torch_sees_cuda)
     print(
         f"preset {cfg.preset}: {cfg.rounds} rounds of {cfg.local_iterations} x {cfg.local_popsize} candidates",
         flush=True,

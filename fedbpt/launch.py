@@ -1,7 +1,8 @@
 """Roles as child processes: spawn one with its log, wait until it answers /healthz, stop it.
 
-One implementation for `fedbpt demo`, `fedbpt bench` and the tests that run the real command line, so a
-change in how a role starts or reports health is made once. The argv builders turn a run's settings into
+One implementation for `fedbpt demo`, `fedbpt bench`, the Python API and the tests that run the real command
+line, so a change in how a role starts or reports health is made once; `LoopbackFederation` is the one federated
+run on loopback (an aggregator and K clients against a service) they share. The argv builders turn a run's settings into
 the same flags a user types, so what the demo and the bench run is what the README documents.
 """
 
@@ -10,16 +11,21 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import secrets
 import signal
 import ssl
 import subprocess
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
+import numpy as np
+
+from fedbpt_wire.federation import GlobalState, RunStatus
 
 # Clients and the aggregator share the cores with the service; their NumPy work is small, and a BLAS pool
 # per process spinning beside the model's threads only slows the model down.
@@ -201,3 +207,126 @@ def free_url(scheme: str = "http") -> tuple[str, int]:
 
     port = free_port()
     return f"{scheme}://127.0.0.1:{port}", port
+
+
+def peak_rss_mb(pid: int) -> float | None:
+    """The process's peak resident set so far (VmHWM), None once it is gone.
+
+    Read from /proc while it runs: the kernel's rusage for a child also counts the parent's own memory,
+    which the child held between fork and exec.
+    """
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        return None
+    return None
+
+
+class PeakMemory:
+    """The highest VmHWM seen of each watched process; VmHWM only grows, so the last reading is the peak."""
+
+    def __init__(self, procs: list[subprocess.Popen]):
+        self.procs = procs
+        self.peak = [0.0] * len(procs)
+
+    def sample(self) -> None:
+        for i, p in enumerate(self.procs):
+            value = peak_rss_mb(p.pid)
+            if value is not None:
+                self.peak[i] = max(self.peak[i], value)
+
+
+@dataclass
+class FederationResult:
+    status: RunStatus  # as the operator sees it once the run is done
+    final: GlobalState
+    # The global mean handed out at the start of each round that was seen open; key `rounds`: the final one.
+    means: dict[int, np.ndarray]
+    client_peak_rss_mb: list[float]
+    client_exit_codes: list[int | None]
+
+
+class LoopbackFederation:
+    """A fresh aggregator and K `fedbpt client` processes against a running service, all on 127.0.0.1 and each
+    started with the flags a user types on separate machines; `run` follows the rounds with the operator key and
+    returns the final state. The one federation `fedbpt demo`, the bench and the Python API run."""
+
+    def __init__(
+        self,
+        children: Children,
+        db: Path,
+        run_config: Mapping[str, Any],
+        service_url: str,
+        api_key: str,
+        clients: list[dict[str, Any]],
+        *,
+        prefix: str = "",
+        enroll_key: str | None = None,
+        operator_key: str | None = None,
+        poll_s: float = 0.25,
+    ):
+        self.children = children
+        self.db = Path(db)
+        self.run_config = dict(run_config)
+        self.service_url, self.api_key = service_url, api_key
+        self.clients = clients  # each client's own `fedbpt client` options (client_argv keywords)
+        self.prefix = prefix
+        self.enroll_key = enroll_key or secrets.token_urlsafe(16)
+        self.operator_key = operator_key or secrets.token_urlsafe(16)
+        self.poll_s = poll_s
+        self.url: str | None = None
+
+    def start_aggregator(self) -> str:
+        self.url, port = free_url()
+        self.children.start_healthy(
+            f"{self.prefix}aggregator",
+            aggregator_argv(port, self.db, self.run_config),
+            self.url,
+            env={"FEDBPT_ENROLL_KEY": self.enroll_key, "FEDBPT_OPERATOR_KEY": self.operator_key, **SINGLE_THREADED},
+        )
+        return self.url
+
+    def run(
+        self, on_status: Callable[[RunStatus], None] | None = None, client_exit_s: float | None = None
+    ) -> FederationResult:
+        """Start the aggregator (unless started) and the clients; poll until the run is done. With
+        `client_exit_s`, also wait that long for every client to exit (they fetch the final prompt first)."""
+        from fed_clients.aggregator_client import AggregatorClient
+        from fedbpt_wire.tensors import decode_tensor
+
+        url = self.url or self.start_aggregator()
+        env = {"FEDBPT_API_KEY": self.api_key, "FEDBPT_ENROLL_KEY": self.enroll_key, **SINGLE_THREADED}
+        procs = [
+            self.children.start(f"{self.prefix}client-{k}", client_argv(self.service_url, url, **options), env=env)
+            for k, options in enumerate(self.clients)
+        ]
+        memory = PeakMemory(procs)
+        means: dict[int, np.ndarray] = {}
+        rounds = int(self.run_config.get("rounds", 0))
+        observer = AggregatorClient(url, timeout=60, token=self.operator_key)
+        try:
+            while True:
+                self.children.check()
+                state = observer.global_state()
+                if state.state != "waiting":
+                    means.setdefault(state.round if state.state == "running" else rounds, decode_tensor(state.mean))
+                if on_status is not None:
+                    on_status(observer.status())
+                memory.sample()
+                if state.state == "done":
+                    break
+                time.sleep(self.poll_s)
+            final = observer.global_state()
+            status = observer.status()
+        finally:
+            observer.close()
+        codes: list[int | None] = [None] * len(procs)
+        if client_exit_s is not None:
+            deadline = time.monotonic() + client_exit_s
+            for i, p in enumerate(procs):
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    codes[i] = p.wait(max(0.1, deadline - time.monotonic()))
+        return FederationResult(status, final, means, memory.peak, codes)

@@ -12,6 +12,8 @@ import os
 import time
 from pathlib import Path
 
+from fedbpt_wire.round_table import round_table
+
 
 def _aggregator_arguments(parser: argparse.ArgumentParser, required: bool) -> None:
     parser.add_argument("--aggregator", required=required, default=None, help="aggregator URL")
@@ -132,37 +134,6 @@ ROUND_COLUMNS = [
 ]
 
 
-def round_rows(history: list) -> list[dict]:
-    rows, queries, total = [], 0, 0
-    for r in history:
-        queries += r.queries
-        # Both links: client <-> service and client <-> aggregator.
-        total += r.service_bytes_up + r.service_bytes_down + r.bytes_up + r.bytes_down
-        rows.append(
-            {
-                "round": r.round,
-                "state": r.state,
-                "selected": len(r.selected),
-                "reported": len(r.reporters),
-                "val_accuracy": r.val_accuracy,
-                "val_loss": r.val_loss,
-                "sigma_before": r.sigma_before,
-                "sigma_after": r.sigma_after,
-                "queries": r.queries,
-                "sequences": r.sequences,
-                "tokens": r.tokens,
-                "service_bytes_up": r.service_bytes_up,
-                "service_bytes_down": r.service_bytes_down,
-                "bytes_up": r.bytes_up,
-                "bytes_down": r.bytes_down,
-                "seconds": None if r.closed_at is None else round(r.closed_at - r.opened_at, 3),
-                "cumulative_queries": queries,
-                "cumulative_bytes": total,
-            }
-        )
-    return rows
-
-
 def _write_csv(path: Path, rows: list[dict], columns: list[str]) -> None:
     with open(path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=columns)
@@ -204,7 +175,7 @@ def report(args: argparse.Namespace) -> int:
         clients = [ClientRoundRecord.model_validate(c) for c in _fetch(args, "/v1/report/clients")]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    rows = round_rows(history)
+    rows = round_table(history, ROUND_COLUMNS)
     _write_csv(out / "rounds.csv", rows, ROUND_COLUMNS)
     client_columns = list(ClientRoundRecord.model_fields)
     _write_csv(out / "clients.csv", [c.model_dump() for c in clients], client_columns)

@@ -16,45 +16,70 @@ from .served import ServedChoice, ValidationComparison
 # The strategy names: the aggregator maps each to its rules (aggregator.strategies.STRATEGY_CLASSES), its CLI
 # offers them, the bench grid runs them; clients never read a name, only what a RoundTask tells them.
 StrategyName = Literal["fedbpt", "fedbpt-noperturb", "fedavg-z", "centralized", "local-only"]
+PromptInit = Literal["tokens", "random", "zeros"]
+Placement = Literal["ahead", "after-text"]
+SigmaRule = Literal["pooled", "paper-eq6"]
+RobustMerge = Literal["none", "median", "trimmed-mean"]
 STRATEGIES: tuple[str, ...] = get_args(StrategyName)
-PLACEMENTS = ("ahead", "after-text")
-SIGMA_RULES = ("pooled", "paper-eq6")
-ROBUST_MERGES = ("none", "median", "trimmed-mean")
+PROMPT_INITS: tuple[str, ...] = get_args(PromptInit)
+PLACEMENTS: tuple[str, ...] = get_args(Placement)
+SIGMA_RULES: tuple[str, ...] = get_args(SigmaRule)
+ROBUST_MERGES: tuple[str, ...] = get_args(RobustMerge)
 # Counters a client reports: past 2**53 a float64 sum loses integers, and no real run comes near it.
 MAX_COUNT = 2**53
 
 
 class RunConfig(BaseModel):
-    """Hyper-parameters of a run, fixed at the aggregator's start and handed to every client."""
+    """Hyper-parameters of a run, fixed at the aggregator's start and handed to every client.
 
-    run_id: str
-    strategy: StrategyName = "fedbpt"
-    rounds: int = Field(default=10, ge=1)
+    Each field is declared once, here: its type, default and description become the flag of every front end that
+    offers it (fedbpt_wire.options), the aggregator's `--config` file key and the Flower app's run-config key."""
+
+    run_id: str = Field(description="run name")
+    strategy: StrategyName = Field(
+        default="fedbpt", description="how the aggregator merges the clients' search distributions"
+    )
+    rounds: int = Field(default=10, ge=1, description="federated rounds")
     intrinsic_dim: int = Field(default=500, ge=1, description="d, the dimension of z")
     prompt_length: int = Field(default=50, ge=1, description="L soft tokens")
-    projection_seed: int = 0
-    prompt_init: Literal["tokens", "random", "zeros"] = Field(
+    projection_seed: int = Field(default=0, description="seed of the random projection every client shares")
+    prompt_init: PromptInit = Field(
         default="random",
         description="P0, the prompt at z = 0: 'tokens' the embeddings of vocabulary ids drawn from the projection "
         "seed (BBT; needs the seed + z wire form), 'random' normal vectors with the embeddings' std",
     )
-    prompt_placement: Literal["ahead", "after-text"] = Field(
+    prompt_placement: Placement = Field(
         default="ahead",
         description="where a causal LM's task template puts the soft prompt: 'ahead' of the text (BBT) or "
         "'after-text', before the cue line; every client must place it alike",
     )
-    seed: int = 0
-    sigma0: float = Field(default=1.0, gt=0)
-    local_popsize: int = Field(default=5, ge=2)
-    local_iterations: int = Field(default=8, ge=1)
-    perturb: bool = True
-    perturb_rate: float = Field(default=0.5, ge=0, le=1)
-    sigma_rule: Literal["pooled", "paper-eq6"] = "pooled"
-    local_sigma_floor: float = Field(default=0.5, ge=0)
+    seed: int = Field(default=0, description="seed of the aggregator's search and client sampling")
+    sigma0: float = Field(default=1.0, gt=0, description="the global CMA-ES's initial step size")
+    local_popsize: int = Field(default=5, ge=2, description="candidates per local CMA-ES iteration")
+    local_iterations: int = Field(default=8, ge=1, description="local CMA-ES iterations per client and round")
+    perturb: bool = Field(
+        default=True,
+        description="FedBPT's fitness divides the loss by the loss on a perturbed copy of the batch "
+        "(--no-perturb: fitness = loss)",
+    )
+    perturb_rate: float = Field(
+        default=0.5, ge=0, le=1, description="chance that each word of the perturbed copy is swapped for a random one"
+    )
+    sigma_rule: SigmaRule = Field(
+        default="pooled", description="how FedBPT merges the clients' step sizes into the global one"
+    )
+    local_sigma_floor: float = Field(
+        default=0.5, ge=0, description="the step size a client's local search starts from never falls below this"
+    )
     participation: float = Field(default=1.0, gt=0, le=1, description="fraction of clients sampled per round")
     min_clients: int = Field(default=1, ge=1, description="registered clients needed before round 0 opens")
     min_updates: int = Field(default=1, ge=1, description="updates needed to merge a round at its deadline")
-    round_timeout_s: float = Field(default=600.0, gt=0)
+    round_timeout_s: float = Field(
+        default=600.0,
+        gt=0,
+        description="seconds a round waits for its selected clients",
+        json_schema_extra={"flags": ["--round-timeout", "--round-timeout-s"]},
+    )
     clip_multiple: float = Field(
         default=4.0,
         ge=0,
@@ -66,7 +91,7 @@ class RunConfig(BaseModel):
         ge=1,
         description="fedavg-z: no client weighs more than this many times the round's median num_samples",
     )
-    robust_merge: Literal["none", "median", "trimmed-mean"] = Field(
+    robust_merge: RobustMerge = Field(
         default="none",
         description="fedavg-z: the n-weighted mean ('none'), or the coordinate-wise median or "
         "trimmed mean of the clients' means and step sizes, unweighted",

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from .federation import PROMPT_INITS
 from .schemas import ProjectionSpec
 
 
@@ -52,9 +53,6 @@ def initial_token_ids(seed: int, prompt_length: int, vocab_size: int) -> np.ndar
     """
     rng = np.random.Generator(np.random.PCG64([seed, 2]))
     return rng.integers(0, vocab_size, size=prompt_length, dtype=np.int64)
-
-
-PROMPT_INITS = ("tokens", "random", "zeros")
 
 
 class Projection:

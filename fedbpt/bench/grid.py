@@ -13,8 +13,10 @@ import os
 import time
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
+from typing import Any
 
-from fedbpt_wire.federation import STRATEGIES
+from fedbpt_wire.federation import STRATEGIES, RunConfig
+from fedbpt_wire.presets import DEMO_DATA, DEMO_RUN, GPU_BUDGET
 
 BLACK_BOX = STRATEGIES
 METHODS = ("zero-shot", "calibrated", "icl", *BLACK_BOX, "fedprompt")
@@ -62,14 +64,40 @@ class Grid:
     label_words: str = ""  # comma-separated verbalizer replacing each task's, e.g. " terrible, great"
     clip_multiple: float = 4.0  # the aggregator's bound on a client mean's distance (0: none)
     robust_merge: str = "none"  # fedavg-z's merge: none (weighted mean), median, trimmed-mean
+    # Any other RunConfig field for every federated run (a grid file's keys that name one, e.g. "perturb_rate").
+    run: dict[str, Any] = field(default_factory=dict)
+
+    def run_config(self, method: str, seed: int, clients: int) -> dict[str, Any]:
+        """The aggregator's RunConfig fields (but the run id) for `method` on one seed."""
+        return {
+            "strategy": method,
+            "rounds": self.rounds,
+            "intrinsic_dim": self.intrinsic_dim,
+            "prompt_length": self.prompt_length,
+            "sigma0": self.sigma0,
+            "local_popsize": self.popsize,
+            "local_iterations": self.local_iterations,
+            "seed": seed,
+            "projection_seed": seed,
+            "min_clients": clients,
+            "prompt_init": self.prompt_init,
+            "prompt_placement": self.prompt_placement,
+            "round_timeout_s": 3600,
+            "clip_multiple": self.clip_multiple,
+            "robust_merge": self.robust_merge,
+            **self.run,
+        }
 
     @classmethod
     def from_file(cls, path: str | Path) -> Grid:
         raw = json.loads(Path(path).read_text())
         known = {f.name for f in fields(cls)}
+        further = set(RunConfig.model_fields) - known - {"run_id", "strategy", "seed", "min_clients"}
+        if further & set(raw):
+            raw["run"] = {**raw.get("run", {}), **{k: raw.pop(k) for k in sorted(further & set(raw))}}
         unknown = sorted(set(raw) - known - {"paper", "notes"})
         if unknown:
-            raise ValueError(f"{path}: unknown grid keys {unknown}; known: {sorted(known)}")
+            raise ValueError(f"{path}: unknown grid keys {unknown}; known: {sorted(known | further)}")
         for key in ("tasks", "alphas", "seeds", "methods"):
             if key in raw:
                 raw[key] = tuple(raw[key])
@@ -79,62 +107,51 @@ class Grid:
         return cls(**{k: v for k, v in raw.items() if k in known})
 
 
+def _budget(values: dict[str, Any]) -> dict[str, Any]:
+    """Grid keywords for a preset's run and data settings (fedbpt_wire.presets)."""
+    names = {"local_popsize": "popsize"}
+    out = {names.get(k, k): v for k, v in values.items() if k not in ("strategy", "per_class")}
+    if "per_class" in values:
+        out["regimes"] = {
+            "few-shot" if values["per_class"] == DEMO_DATA["per_class"] else "larger": values["per_class"]
+        }
+    return out
+
+
+# The demo's setting (fedbpt demo's defaults): Amazon snippets, " terrible"/" great", IID, 4 clients.
+_DEMO = {
+    **_budget({**DEMO_RUN, **DEMO_DATA}),
+    "tasks": ("amazon_snippets",),
+    "label_words": " terrible, great",
+    "alphas": (None,),
+    "clients": 4,
+}
+
 GRIDS = {
-    # Under 10 minutes on 2 cores: the demo's setting, one seed, a 200-example test slice.
+    # Under 10 minutes on 2 cores: the demo's setting, one seed, 2 rounds, a 200-example test slice.
     "quick": Grid(
         "quick",
-        tasks=("amazon_snippets",),
-        label_words=" terrible, great",
-        alphas=(None,),
+        **{**_DEMO, "rounds": 2},
         seeds=(0,),
         methods=("zero-shot", "calibrated", "fedbpt-noperturb", "fedavg-z"),
-        clients=4,
-        rounds=2,
-        popsize=8,
-        intrinsic_dim=50,
-        local_iterations=2,
-        batch_size=16,
         test_size=200,
         curve_size=50,
     ),
-    # About an hour on 2 AVX2 cores (SmolLM2-135M in fp32 runs ~250 tokens/s there): the demo's setting
-    # (Amazon snippets, " terrible"/" great", prompt after the text from zeros, IID), 3 seeds, the tuned methods
-    # against zero-shot and the calibrated zero-shot, on the whole 1,000-example test split.
+    # About an hour on 2 AVX2 cores (SmolLM2-135M in fp32 runs ~250 tokens/s there): the demo's setting, 3 seeds,
+    # the tuned methods against zero-shot and the calibrated zero-shot, on the whole 1,000-example test split.
     "default": Grid(
         "default",
-        tasks=("amazon_snippets",),
-        label_words=" terrible, great",
-        alphas=(None,),
-        clients=4,
-        rounds=4,
-        popsize=8,
-        intrinsic_dim=50,
-        local_iterations=2,
-        batch_size=16,
+        **_DEMO,
         methods=("zero-shot", "calibrated", "fedbpt", "fedbpt-noperturb", "fedavg-z"),
         test_size=1000,
         curve_size=50,
     ),
     # The budget that beat the calibrated baseline on one H100 (`fedbpt demo --preset gpu`, bench/RESULTS.md
-    # "Enough budget"): 500 labelled examples, the prompt ahead of the text from token embeddings, L = 20,
-    # d = 100, 12 rounds of 6 x 16 candidates on batches of 32, 3 seeds. For a GPU host: hours on a CPU.
+    # "Enough budget"), 3 seeds. For a GPU host: hours on a CPU.
     "gpu": Grid(
         "gpu",
-        dtype="float32",
-        tasks=("amazon_snippets",),
-        label_words=" terrible, great",
-        regimes={"larger": 250},
-        alphas=(None,),
+        **{**_DEMO, **_budget(GPU_BUDGET)},
         methods=("zero-shot", "calibrated", "fedbpt", "fedbpt-noperturb", "fedavg-z"),
-        clients=4,
-        rounds=12,
-        popsize=16,
-        intrinsic_dim=100,
-        prompt_length=20,
-        local_iterations=6,
-        batch_size=32,
-        prompt_init="tokens",
-        prompt_placement="ahead",
         test_size=1000,
         curve_size=100,
     ),

@@ -13,49 +13,34 @@ import contextlib
 import json
 import logging
 import secrets
-import subprocess
 import time
 from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 
-from fedbpt_wire.federation import RunStatus
+from fedbpt_wire.round_table import round_table
 
-from ..launch import SINGLE_THREADED, Children, aggregator_argv, client_argv, free_url, service_argv, spawn
+from ..launch import Children, FederationResult, LoopbackFederation, PeakMemory, free_url, service_argv, spawn
 from .grid import Grid, Setting
 
+# A federated run's rounds in runs.jsonl.
+RUN_COLUMNS = (
+    "round",
+    "state",
+    "val_accuracy",
+    "queries",
+    "sequences",
+    "tokens",
+    "service_bytes_up",
+    "service_bytes_down",
+    "bytes_up",
+    "bytes_down",
+    "clipped",
+    "clients",
+)
+
 log = logging.getLogger(__name__)
-
-
-def peak_rss_mb(pid: int) -> float | None:
-    """The process's peak resident set so far (VmHWM), None once it is gone.
-
-    Read from /proc while it runs: the kernel's rusage for a child also counts the bench's own memory,
-    which the child held between fork and exec.
-    """
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        return None
-    return None
-
-
-class PeakMemory:
-    """The highest VmHWM seen of each watched process; VmHWM only grows, so the last reading is the peak."""
-
-    def __init__(self, procs: list[subprocess.Popen]):
-        self.procs = procs
-        self.peak = [0.0] * len(procs)
-
-    def sample(self) -> None:
-        for i, p in enumerate(self.procs):
-            value = peak_rss_mb(p.pid)
-            if value is not None:
-                self.peak[i] = max(self.peak[i], value)
 
 
 class Bench:
@@ -238,88 +223,49 @@ class Bench:
         )
 
     def _federated(self, setting: Setting, method: str, task, test) -> dict:
-        from fed_clients.aggregator_client import AggregatorClient
-        from fedbpt_wire.tensors import decode_tensor
-
         g = self.grid
-        run_dir = self.out / "runs" / setting.key(method).replace("/", "_")
+        name = setting.key(method).replace("/", "_")
+        run_dir = self.out / "runs" / name
         run_dir.mkdir(parents=True, exist_ok=True)
         db = run_dir / "aggregator.db"
         if db.exists():
             db.unlink()  # a run cut off half way starts again: its clients are gone
         clients = 1 if method == "centralized" else g.clients
-        agg_url, port = free_url()
-        name = setting.key(method).replace("/", "_")
-        run_config = {
-            "run_id": name,
-            "strategy": method,
-            "rounds": g.rounds,
-            "intrinsic_dim": g.intrinsic_dim,
-            "prompt_length": g.prompt_length,
-            "sigma0": g.sigma0,
-            "local_popsize": g.popsize,
-            "local_iterations": g.local_iterations,
-            "seed": setting.seed,
-            "projection_seed": setting.seed,
-            "min_clients": clients,
-            "prompt_init": g.prompt_init,
-            "prompt_placement": g.prompt_placement,
-            "round_timeout_s": 3600,
-            "clip_multiple": g.clip_multiple,
-            "robust_merge": g.robust_merge,
-        }
         per_class = g.regimes[setting.regime]
         assert self.service_url is not None, "runs happen inside Bench.service()"
-        run = Children(self.logs, env=SINGLE_THREADED)
-        with run:
-            run.start_healthy(
-                f"{name}-aggregator",
-                aggregator_argv(port, db, run_config),
-                agg_url,
-                env={"FEDBPT_ENROLL_KEY": self.enroll_key, "FEDBPT_OPERATOR_KEY": self.operator_key},
+        client_options = [
+            {
+                "data": g.data,
+                "task": setting.task,
+                "partition": f"{k}/{clients}",
+                "partition_seed": setting.seed,
+                "batch_size": g.batch_size,
+                "prompt_wire": g.prompt_wire,
+                "label_words": g.label_words or None,
+                "per_class": per_class or None,
+                "alpha": setting.alpha if clients > 1 else None,
+            }
+            for k in range(clients)
+        ]
+        with Children(self.logs) as run:
+            federation = LoopbackFederation(
+                run,
+                db,
+                {"run_id": name, **g.run_config(method, setting.seed, clients)},
+                self.service_url,
+                self.api_key or "",
+                client_options,
+                prefix=f"{name}-",
+                enroll_key=self.enroll_key,
+                operator_key=self.operator_key,
+                poll_s=0.2,
             )
-            procs = [
-                run.start(
-                    f"{name}-client-{k}",
-                    client_argv(
-                        self.service_url,
-                        agg_url,
-                        data=g.data,
-                        task=setting.task,
-                        partition=f"{k}/{clients}",
-                        partition_seed=setting.seed,
-                        batch_size=g.batch_size,
-                        prompt_wire=g.prompt_wire,
-                        label_words=g.label_words or None,
-                        per_class=per_class or None,
-                        alpha=setting.alpha if clients > 1 else None,
-                    ),
-                    env={"FEDBPT_API_KEY": self.api_key or "", "FEDBPT_ENROLL_KEY": self.enroll_key},
-                )
-                for k in range(clients)
-            ]
-            memory = PeakMemory(procs)
-            observer = AggregatorClient(agg_url, timeout=60, token=self.operator_key)
-            means: dict[int, np.ndarray] = {}
-            while True:
-                run.check()
-                state = observer.global_state()
-                if state.state != "waiting":
-                    # The mean handed out at the start of round r (or, once done, the final one).
-                    means.setdefault(state.round if state.state == "running" else g.rounds, decode_tensor(state.mean))
-                memory.sample()
-                if state.state == "done":
-                    break
-                time.sleep(0.2)
-            final = observer.global_state()
-            status = observer.status()
-            observer.close()
-            codes = [p.wait(120) for p in procs]
-        if any(code != 0 for code in codes):
+            result = federation.run(client_exit_s=120)
+        if any(code != 0 for code in result.client_exit_codes):
             raise RuntimeError(f"a client of {name} failed; see {self.logs}")
-        return self._score_run(setting, method, task, test, status, means, final, memory.peak)
+        return self._score_run(method, task, test, result)
 
-    def _score_run(self, setting, method, task, test, status: RunStatus, means, final, rss) -> dict:
+    def _score_run(self, method: str, task, test, result: FederationResult) -> dict:
         from fed_clients.client import PromptScorer
         from fed_clients.tasks import with_placement
         from fedbpt_wire.metrics import label_cross_entropy
@@ -327,7 +273,7 @@ class Bench:
         from fedbpt_wire.tensors import decode_tensor
 
         g = self.grid
-        config = status.config
+        config, final, means = result.status.config, result.final, result.means
         service = self._service_client()
         try:
             info = service.model_info()
@@ -342,7 +288,7 @@ class Bench:
             if method == "local-only":
                 # Each client's own prompt, each on its own slice of the test set: the mean over clients of
                 # their accuracy, for the price of one pass over the test set.
-                own = [decode_tensor(t) for _, t in sorted(final.client_means.items())]
+                own = [decode_tensor(t) for _, t in sorted((final.client_means or {}).items())]
                 slices = np.array_split(np.arange(len(test)), len(own))
                 correct = np.zeros(len(test), int)
                 for z, idx in zip(own, slices):
@@ -362,25 +308,7 @@ class Bench:
                 test_acc, test_loss = float(acc[0]), float(loss[0])
         finally:
             service.close()
-        rounds = [
-            r.model_dump(
-                include={
-                    "round",
-                    "state",
-                    "queries",
-                    "sequences",
-                    "tokens",
-                    "bytes_up",
-                    "bytes_down",
-                    "service_bytes_up",
-                    "service_bytes_down",
-                    "val_accuracy",
-                    "clipped",
-                }
-            )
-            | {"clients": len(r.reporters)}
-            for r in status.history
-        ]
+        rounds = round_table(result.status.history, RUN_COLUMNS)
         return {
             "test_accuracy": test_acc,
             "test_loss": test_loss,
@@ -394,8 +322,8 @@ class Bench:
             "bytes_down": sum(r["bytes_down"] for r in rounds),
             "service_bytes_up": sum(r["service_bytes_up"] for r in rounds),
             "service_bytes_down": sum(r["service_bytes_down"] for r in rounds),
-            "clients": len(rss),
-            "client_rss_mb": max(rss),
+            "clients": len(result.client_peak_rss_mb),
+            "client_rss_mb": max(result.client_peak_rss_mb),
             "client_holds": "no model: API key, d-dim mean, own data",
         }
 

@@ -138,8 +138,9 @@ def test_a_small_grid_end_to_end_and_resumed(service_url, default_model_dir, def
     for method in ("zero-shot", "calibrated", "fedbpt", "local-only"):
         assert by[method]["test_accuracy"] == pytest.approx(np.mean(by[method]["correct"]), abs=1e-12), method
     assert len(fed["curve"]) == 3 and fed["curve"][-1] == pytest.approx(np.mean(fed["correct"][:12]), abs=1e-12)
-    # One service call per client per round for validation and for each local iteration, and one for the final mean.
-    assert fed["queries"] == 2 * 2 * (1 + 1 + 1)
+    # One service call per client per round for validation and for each local iteration, and one for the final mean;
+    # and once per client, the manual prompt on its own data: the baseline the served prompt competes with.
+    assert fed["queries"] == 2 * 2 * (1 + 1 + 1) + 2
     assert fed["bytes_up"] > 0 and fed["service_bytes_up"] > fed["service_bytes_down"] > 0
     assert by["local-only"]["curve"] == []
     assert by["zero-shot"]["queries"] == 0
