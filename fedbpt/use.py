@@ -14,8 +14,6 @@ import os
 import sys
 from pathlib import Path
 
-import numpy as np
-
 # Rows handed to the scorer at once: it splits them further to the service's limits; this bounds memory only.
 ROWS_PER_STEP = 256
 
@@ -57,37 +55,9 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _open(args: argparse.Namespace):
-    """The prompt, scorers of its soft prompt and of the template alone on the service (checked: key, model,
-    label words), and the service client."""
-    from fed_clients.client import PromptScorer
-    from fed_clients.preflight import check_service
-    from fed_clients.prompt_file import read_prompt
-    from fed_clients.runner import START_RETRIES
-    from fed_clients.service_client import ServiceClient
-    from fedbpt_wire.projection import projection_for
+    from .api import Classifier
 
-    prompt = read_prompt(args.prompt)
-    service = ServiceClient(
-        args.service,
-        args.api_key,
-        name="service",
-        timeout=args.timeout,
-        verify=args.ca_cert or True,
-        retries=START_RETRIES,
-    )
-    info = check_service(service, prompt.placed)
-    prompt.check_model(info)
-    # z and the seed travel instead of L x D floats per prompt, where the service takes that form.
-    service.prompt_wire = "seed" if info.max_projection_values is not None else "float32"
-    tuned = PromptScorer(service, prompt.placed, projection_for(prompt.config, info), info.kind, info.max_texts)
-    manual = PromptScorer(service, prompt.task, None, info.kind, info.max_texts)
-    return prompt, tuned, manual, service
-
-
-def _probabilities(logits: np.ndarray) -> np.ndarray:
-    shifted = logits - logits.max(-1, keepdims=True)
-    e = np.exp(shifted)
-    return e / e.sum(-1, keepdims=True)
+    return Classifier.open(args.prompt, args.service, args.api_key, ca_cert=args.ca_cert, timeout=args.timeout)
 
 
 class _Writer:
@@ -115,11 +85,10 @@ class _Writer:
 
 
 def predict(args: argparse.Namespace) -> int:
-    from fed_clients.data import Example, read_inputs
+    from fed_clients.data import read_inputs
 
-    prompt, tuned, manual, service = _open(args)
-    scorer = tuned if prompt.served == "tuned" else manual
-    task = prompt.task
+    clf = _open(args)
+    task = clf.prompt.task
     out = Path(args.output or Path(args.input).with_suffix(".predictions.csv"))
     if out.suffix.lower() not in (".csv", ".tsv", ".jsonl"):
         raise ValueError(f"--output {out}: expected a .csv, .tsv or .jsonl file")
@@ -135,19 +104,18 @@ def predict(args: argparse.Namespace) -> int:
             if writer is None:
                 probs_cols = [f"p_{name}" for name in task.names]
                 writer = _Writer(out, [*step[0], "prediction", *probs_cols])
-            examples = [Example({f: row[f] for f in task.fields}, 0) for row in step]
-            probs = _probabilities(prompt.read_out(scorer.logits(prompt.served_z, examples)[0]))
+            probs = clf.probabilities(step)
             for row, p in zip(step, probs):
                 row["prediction"] = task.names[int(p.argmax())]
                 row.update({f"p_{name}": round(float(q), 6) for name, q in zip(task.names, p)})
                 writer.write(row)
             done += len(step)
-            line = f"predicted {done} texts ({service.costs.queries} service queries)"
+            line = f"predicted {done} texts ({clf.queries} service queries)"
             print("\r" + line if tty else line, end="" if tty else "\n", file=sys.stderr, flush=True)
     finally:
         if writer is not None:
             writer.close()
-        service.close()
+        clf.close()
     if writer is None:
         raise ValueError(f"{args.input}: no rows to classify")
     if tty:
@@ -165,28 +133,11 @@ def _matrix(confusion: list[list[int]], names: tuple[str, ...]) -> str:
 
 
 def evaluate(args: argparse.Namespace) -> int:
-    from fed_clients.data import read_examples
-    from fed_clients.evaluation import classification_metrics
-
-    prompt, tuned, manual, service = _open(args)
-    task = prompt.task
-    try:
-        examples = read_examples(args.data, task)
-        labels = np.array([ex.label for ex in examples])
-        tuned_logits = tuned.logits(prompt.z[None], examples)[0]
-        manual_logits = manual.logits(None, examples)[0] if args.baseline or prompt.served == "baseline" else None
-    finally:
-        service.close()
-    served_logits = tuned_logits if prompt.served == "tuned" else manual_logits
-    results = {
-        # What `fedbpt predict` answers: the served prompt, its label bias applied.
-        "served": classification_metrics(labels, prompt.read_out(served_logits).argmax(-1), task.num_classes),
-        # The file's soft prompt read out as it comes, without a bias (the key's meaning before served prompts).
-        "tuned": classification_metrics(labels, tuned_logits.argmax(-1), task.num_classes),
-    }
-    if args.baseline and manual_logits is not None:
-        results["manual"] = classification_metrics(labels, manual_logits.argmax(-1), task.num_classes)
-    print(f"{args.data}: {len(examples)} examples, task {task.name}, model {prompt.model['name']}")
+    with _open(args) as clf:
+        results = clf.evaluate(args.data, baseline=args.baseline)
+    prompt, task = clf.prompt, clf.prompt.task
+    n = results.pop("examples")
+    print(f"{args.data}: {n} examples, task {task.name}, model {prompt.model['name']}")
     served_title = "served: " + ("tuned + bias" if prompt.served == "tuned" else "manual + bias")
     for which, title in (
         ("served", served_title),
@@ -204,7 +155,7 @@ def evaluate(args: argparse.Namespace) -> int:
                 {
                     "data": str(args.data),
                     "labels": list(task.names),
-                    "service_queries": service.costs.queries,
+                    "service_queries": clf.queries,
                     "served_prompt": prompt.served,
                     **results,
                 },
