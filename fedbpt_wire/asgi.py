@@ -147,6 +147,16 @@ def add_connection_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_docs_argument(parser: argparse.ArgumentParser) -> None:
+    """--docs, the same on both servers: the pages are off by default because they are blank without a network."""
+    parser.add_argument(
+        "--docs",
+        action="store_true",
+        help="serve the API docs pages /docs and /redoc; they load their scripts from a CDN, so they stay blank "
+        "offline (default: off; /openapi.json is always served)",
+    )
+
+
 def uvicorn_options(args: argparse.Namespace) -> dict:
     return {
         "limit_concurrency": args.max_connections,
