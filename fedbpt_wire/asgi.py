@@ -12,7 +12,7 @@ import json
 import time
 from collections.abc import Sequence
 
-from fastapi import FastAPI, Request
+from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
@@ -166,11 +166,12 @@ def uvicorn_options(args: argparse.Namespace) -> dict:
     }
 
 
-def body_paths(app: FastAPI) -> frozenset[str]:
-    """The app's paths with a route that takes a body (POST, PUT, PATCH)."""
+def body_paths(routes: FastAPI | APIRouter) -> frozenset[str]:
+    """The paths with a route that takes a body (POST, PUT, PATCH), of an app or of a router. An app lists a
+    router it includes as one opaque entry (FastAPI 0.165): give such a router itself."""
     return frozenset(
         getattr(route, "path", "")
-        for route in app.routes
+        for route in routes.routes
         if {"POST", "PUT", "PATCH"} & set(getattr(route, "methods", None) or ())
     )
 

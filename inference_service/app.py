@@ -237,7 +237,7 @@ def create_app(
     _describe_published_limits(app, limits)
     app.add_middleware(_CountRequests, metrics=scorer.metrics)
     app.add_middleware(
-        BodyLimit, max_bytes=limits.max_body_bytes, read_timeout=body_timeout, body_paths=body_paths(app)
+        BodyLimit, max_bytes=limits.max_body_bytes, read_timeout=body_timeout, body_paths=body_paths(router)
     )
     app.add_middleware(_AuthGate, keys=keys, metrics=scorer.metrics)  # outermost: a stranger's body is never read
     return app
