@@ -82,8 +82,10 @@ def create_app(
     max_registrations_per_minute: int = MAX_REGISTRATIONS_PER_MINUTE,
     clock: Callable[[], float] = time.time,
     body_timeout: float | None = 60.0,
+    docs: bool = False,
 ) -> FastAPI:
-    """The aggregator app; a database that already holds a run resumes it (its config wins)."""
+    """The aggregator app; a database that already holds a run resumes it (its config wins). `docs` serves /docs
+    and /redoc, pages that load their scripts from a CDN (/openapi.json is served either way)."""
     events = RunEvents()
     coordinator = Coordinator(
         strategy_class(config).configure(config),
@@ -120,7 +122,14 @@ def create_app(
             coordinator.close()
 
     # No slash redirects: they echo the request's Host header into a Location.
-    app = FastAPI(title="FedBPT aggregator", version="1", lifespan=lifespan, redirect_slashes=False)
+    app = FastAPI(
+        title="FedBPT aggregator",
+        version="1",
+        lifespan=lifespan,
+        redirect_slashes=False,
+        docs_url="/docs" if docs else None,
+        redoc_url="/redoc" if docs else None,
+    )
     app.state.coordinator = coordinator
     app.state.events = events
     install_error_handlers(app)

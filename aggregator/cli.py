@@ -14,7 +14,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from fedbpt_wire.asgi import add_connection_arguments, uvicorn_options
+from fedbpt_wire.asgi import add_connection_arguments, add_docs_argument, uvicorn_options
 from fedbpt_wire.federation import RunConfig
 from fedbpt_wire.logs import setup_logging
 from fedbpt_wire.options import add_setting_flags, given
@@ -74,6 +74,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="stop SECONDS after the run's last round closed (time for the clients to fetch the final "
         "prompt), with exit status 1 when no round merged (default: serve on)",
     )
+    add_docs_argument(parser)
     parser.add_argument("--ssl-certfile", default=None, help="serve HTTPS with this PEM certificate (chain)")
     parser.add_argument("--ssl-keyfile", default=None, help="the certificate's private key, if not in --ssl-certfile")
     add_connection_arguments(parser)
@@ -158,4 +159,5 @@ def run(args: argparse.Namespace) -> int:
         allowed_hosts=args.allowed_hosts,
         exit_when_done=args.exit_when_done,
         body_timeout=args.body_timeout,
+        docs=args.docs,
     )

@@ -32,6 +32,7 @@ def serve(
     allowed_hosts: str = "*",
     exit_when_done: float | None = None,
     body_timeout: float | None = 60.0,
+    docs: bool = False,
 ) -> int:
     """HTTPS when `ssl_certfile` is given (with the key in it or in `ssl_keyfile`), else plain HTTP.
 
@@ -45,6 +46,7 @@ def serve(
         max_clients=max_clients,
         max_registrations_per_minute=max_registrations_per_minute,
         body_timeout=body_timeout,
+        docs=docs,
     )
     coordinator = app.state.coordinator
     harden(app, allowed_hosts)

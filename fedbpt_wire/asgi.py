@@ -12,7 +12,7 @@ import json
 import time
 from collections.abc import Sequence
 
-from fastapi import FastAPI, Request
+from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
@@ -147,6 +147,16 @@ def add_connection_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_docs_argument(parser: argparse.ArgumentParser) -> None:
+    """--docs, the same on both servers: the pages are off by default because they are blank without a network."""
+    parser.add_argument(
+        "--docs",
+        action="store_true",
+        help="serve the API docs pages /docs and /redoc; they load their scripts from a CDN, so they stay blank "
+        "offline (default: off; /openapi.json is always served)",
+    )
+
+
 def uvicorn_options(args: argparse.Namespace) -> dict:
     return {
         "limit_concurrency": args.max_connections,
@@ -156,11 +166,12 @@ def uvicorn_options(args: argparse.Namespace) -> dict:
     }
 
 
-def body_paths(app: FastAPI) -> frozenset[str]:
-    """The app's paths with a route that takes a body (POST, PUT, PATCH)."""
+def body_paths(routes: FastAPI | APIRouter) -> frozenset[str]:
+    """The paths with a route that takes a body (POST, PUT, PATCH), of an app or of a router. An app lists a
+    router it includes as one opaque entry (FastAPI 0.165): give such a router itself."""
     return frozenset(
         getattr(route, "path", "")
-        for route in app.routes
+        for route in routes.routes
         if {"POST", "PUT", "PATCH"} & set(getattr(route, "methods", None) or ())
     )
 

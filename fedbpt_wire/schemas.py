@@ -28,6 +28,8 @@ class Tensor(Strict):
 # ---------------------------------------------------------------- inference service
 
 
+# The `max_*` fields are the service's limits, each described where it is set (inference_service/limits.py, which
+# also puts the descriptions into the service's OpenAPI schema).
 class ModelInfo(BaseModel):
     name: str
     kind: Literal["causal", "masked"]
@@ -46,20 +48,10 @@ class ModelInfo(BaseModel):
         description="the token placed ahead of a soft prompt (L > 0) at position 0, where the "
         "tokenizer adds no BOS of its own; absent: none",
     )
-    max_projection_values: int | None = Field(
-        default=None,
-        description="d x L x D limit of a `projected` (seed + z) request; absent where the "
-        "service does not take that form",
-    )
-    max_request_tokens: int | None = Field(
-        default=None,
-        description="work budget of one request: P x the sum over its texts of the sequence length "
-        "(specials, soft prompt and text tokens); a request over it is refused with 413 "
-        "before any work",
-    )
-    max_request_seconds: float | None = Field(
-        default=None, description="a request still running after this long is stopped and answered 503"
-    )
+    # Absent from a service that predates them.
+    max_projection_values: int | None = None
+    max_request_tokens: int | None = None
+    max_request_seconds: float | None = None
 
 
 class ProjectionSpec(Strict):

@@ -6,36 +6,69 @@ import asyncio
 import contextlib
 import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+
+def limit(default, help: str):
+    """A field of Limits: its default and the help of its `fedbpt serve` flag (inference_service/server.py derives
+    the flag from the field). A None default's meaning is said in `help`; any other default is appended to it."""
+    return field(default=default, metadata={"help": help})
 
 
 @dataclass(frozen=True)
 class Limits:
-    max_prompt_length: int = 128  # L
-    max_population: int = 64  # P
-    max_texts: int = 256  # N
-    max_text_tokens: int = 256  # tokens of one text
-    max_label_words: int = 256  # C
-    max_body_bytes: int = 32 * 2**20
-    # d x L x D of a seed + z request's projection matrix: 2**26 float32 values = 256 MiB, enough for
-    # d = 500 to 50 x 1024 (RoBERTa-large as in the paper) and a cap on what one request can make us build.
-    max_projection_values: int = 2**26
-    # Padded positions per forward, bounding activation memory; None = 8192 on CPU, 65536 on a GPU.
-    max_batch_tokens: int | None = None
-    max_inflight_per_key: int = 2  # score requests of one key past its gate (see FairScheduler)
-    max_queued_per_key: int = 64  # requests of one key waiting at its gate; beyond them, 429
-    # P x sum of sequence lengths of one request. The published per-dimension maxima multiply to ~6M positions,
-    # half an hour on two CPU cores; this budget is ~1-2 minutes there. A request is run in slices of
-    # max_batch_tokens positions, one engine turn each, so other keys' requests interleave with a long one.
-    max_request_tokens: int = 2**17
-    max_request_seconds: float = 600.0  # past it, a request stops at its next slice with 503
-    max_key_tokens_per_minute: int | None = None  # positions one key may have scored per minute; None: no cap
-    # Seconds an engine turn (one slice of a request) should take at most, by the engine's measured speed: on two
-    # CPU cores a slice of 8,192 positions took ~5 s, and another key's one-text request waited two of them.
-    max_slice_seconds: float = 0.5
-    # Keys and values of text heads kept across requests (torch engine, causal LMs, prompt after the text);
-    # None: 256 MiB on CPU, 4 GiB on a GPU; 0: off.
-    max_prefix_cache_bytes: int | None = None
+    """Every limit of the service, each written once: its default and its help. `fedbpt serve` has one flag per
+    field, and `GET /v1/model` publishes those of them that ModelInfo names."""
+
+    max_prompt_length: int = limit(128, "soft tokens L of a prompt at most")
+    max_population: int = limit(64, "candidates P of one request at most; more get 413")
+    max_texts: int = limit(256, "texts N of one request at most; more get 413")
+    max_text_tokens: int = limit(256, "tokens of one text at most")
+    max_label_words: int = limit(256, "label words C of one request at most; more get 413")
+    max_body_bytes: int = limit(32 * 2**20, "bytes of a request body at most; a larger one gets 413 unread")
+    # 2**26 float32 values = 256 MiB, enough for d = 500 to 50 x 1024 (RoBERTa-large as in the paper) and a cap on
+    # what one request can make us build.
+    max_projection_values: int = limit(
+        2**26, "d x L x D of the largest projection a seed + z request may ask the service to build"
+    )
+    max_batch_tokens: int | None = limit(
+        None,
+        "padded positions per forward pass; bounds activation memory (default 8192 on CPU, 65536 on a GPU)",
+    )
+    max_inflight_per_key: int = limit(
+        2,
+        "score requests of one key handled at once; more wait their turn in a FIFO per key, and the engine is "
+        "handed to keys round-robin, so a flooding key cannot starve the others",
+    )
+    max_queued_per_key: int = limit(
+        64, "requests of one key that may wait beyond --max-inflight-per-key; further ones get 429 with Retry-After"
+    )
+    # The published per-dimension maxima multiply to ~6M positions, half an hour on two CPU cores; this budget is
+    # ~1-2 minutes there. A request is run in slices of max_batch_tokens positions, one engine turn each, so other
+    # keys' requests interleave with a long one.
+    max_request_tokens: int = limit(
+        2**17,
+        "work budget of one request: P x the sum over its texts of the sequence length (specials, soft prompt and "
+        "text tokens); a request over it gets 413 before any work",
+    )
+    max_request_seconds: float = limit(
+        600.0, "a request still running after this long stops at its next slice with 503"
+    )
+    max_key_tokens_per_minute: int | None = limit(
+        None, "positions one key may have scored per minute; beyond, 429 with Retry-After (default: no cap)"
+    )
+    # On two CPU cores a slice of 8,192 positions took ~5 s, and another key's one-text request waited two of them.
+    max_slice_seconds: float = limit(
+        0.5,
+        "seconds one engine turn should take at most, by the engine's measured speed: a long request is cut into "
+        "turns this short, so another key's request waits for one of them",
+    )
+    max_prefix_cache_bytes: int | None = limit(
+        None,
+        "memory for the keys and values of text heads kept across requests, so that a text sent again with a "
+        "prompt after it costs only the prompt and the cue (torch engine, causal LMs; per API key, least recently "
+        "used out first; default 256 MiB on CPU, 4 GiB on a GPU; 0: off)",
+    )
 
     @property
     def slice_tokens(self) -> int:

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import signal
 import sys
+import types
+import typing
+from typing import Any
 
-from fedbpt_wire.asgi import add_connection_arguments, harden, uvicorn_options
+from fedbpt_wire.asgi import add_connection_arguments, add_docs_argument, harden, uvicorn_options
 
 from .auth import KeyStore
 from .limits import Limits
@@ -16,33 +20,38 @@ from .limits import Limits
 log = logging.getLogger(__name__)
 
 
-# One `--max-...` flag per field of Limits, named after it and defaulting to it (a test checks that none is missing).
-LIMIT_FLAGS: dict[str, str | None] = {
-    "max_prompt_length": None,
-    "max_population": None,
-    "max_texts": None,
-    "max_text_tokens": None,
-    "max_label_words": None,
-    "max_body_bytes": None,
-    "max_projection_values": "d x L x D of the largest projection a seed + z request may ask the service to build",
-    "max_batch_tokens": "padded positions per forward pass; bounds activation memory (default 8192 on CPU, 65536 "
-    "on a GPU)",
-    "max_inflight_per_key": "score requests of one key handled at once; more wait their turn in a FIFO per key, and "
-    "the engine is handed to keys round-robin, so a flooding key cannot starve the others",
-    "max_queued_per_key": "requests of one key that may wait beyond --max-inflight-per-key; further ones get 429 "
-    "with Retry-After",
-    "max_request_tokens": "work budget of one request: P x the sum of its texts' sequence lengths; larger requests "
-    "get 413 before any work (default %(default)s)",
-    "max_request_seconds": "a request still running after this long stops at its next slice with 503 (default "
-    "%(default)s)",
-    "max_key_tokens_per_minute": "positions one key may have scored per minute; beyond, 429 with Retry-After "
-    "(default: no cap)",
-    "max_slice_seconds": "seconds one engine turn should take at most, by the engine's measured speed: a long "
-    "request is cut into turns this short, so another key's request waits for one of them (default %(default)s)",
-    "max_prefix_cache_bytes": "memory for the keys and values of text heads kept across requests, so that a text "
-    "sent again with a prompt after it costs only the prompt and the cue (torch engine, causal LMs; per API key, "
-    "least recently used out first; default 256 MiB on CPU, 4 GiB on a GPU; 0: off)",
-}
+def limit_flag(f: dataclasses.Field, annotation: Any) -> tuple[str, dict[str, Any]]:
+    """The flag of a Limits field, as vLLM's arg_utils reads flags off its config dataclasses: the name from the
+    field's, the type from its annotation (choices from a Literal), the default and help from the field."""
+    kinds = [a for a in typing.get_args(annotation) if a is not type(None)] if _is_union(annotation) else [annotation]
+    if len(kinds) != 1:
+        raise TypeError(f"Limits.{f.name}: no flag for a field of type {annotation}")
+    (kind,) = kinds
+    options: dict[str, Any] = {"default": f.default, "help": f.metadata["help"]}
+    if typing.get_origin(kind) is typing.Literal:
+        options["choices"] = list(typing.get_args(kind))
+        kind = type(options["choices"][0])
+    if kind not in (int, float, str):
+        raise TypeError(f"Limits.{f.name}: no flag for a field of type {annotation}")
+    if f.default is not None:
+        options["help"] += " (default %(default)s)"
+    return "--" + f.name.replace("_", "-"), {**options, "type": kind}
+
+
+def _is_union(annotation: Any) -> bool:
+    return typing.get_origin(annotation) in (typing.Union, types.UnionType)
+
+
+def add_limit_arguments(parser: argparse.ArgumentParser, limits_class: type = Limits) -> None:
+    """One flag per field of `limits_class` (see limit_flag)."""
+    hints = typing.get_type_hints(limits_class)
+    for f in dataclasses.fields(limits_class):
+        flag, options = limit_flag(f, hints[f.name])
+        parser.add_argument(flag, **options)
+
+
+def limits_from(args: argparse.Namespace, limits_class: type = Limits) -> Any:
+    return limits_class(**{f.name: getattr(args, f.name) for f in dataclasses.fields(limits_class)})
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -89,14 +98,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--quota", type=int, default=None, help="queries allowed per key unless its line says otherwise"
     )
-    for name, help_text in LIMIT_FLAGS.items():
-        default = getattr(Limits, name)
-        parser.add_argument(
-            "--" + name.replace("_", "-"),
-            type=float if isinstance(default, float) else int,
-            default=default,
-            help=help_text,
-        )
+    add_limit_arguments(parser)
     parser.add_argument(
         "--operator-key",
         default=None,
@@ -107,13 +109,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="serve /metrics to anyone (default: only with the operator key where one is set)",
     )
+    add_docs_argument(parser)
     parser.add_argument("--ssl-certfile", default=None, help="serve HTTPS with this PEM certificate (chain)")
     parser.add_argument("--ssl-keyfile", default=None, help="the certificate's private key, if not in --ssl-certfile")
     add_connection_arguments(parser)
-
-
-def limits_from(args: argparse.Namespace) -> Limits:
-    return Limits(**{name: getattr(args, name) for name in LIMIT_FLAGS})
 
 
 def reload_keys_on_sighup(keys: KeyStore) -> None:
@@ -184,8 +183,10 @@ def run(args: argparse.Namespace) -> None:
         operator_key=operator_key,
         metrics_public=args.metrics_public,
         body_timeout=args.body_timeout,
+        docs=args.docs,
     )
     harden(app, args.allowed_hosts)
     scheme = "https" if tls else "http"
-    log.info("serving %s on %s://%s:%d (docs at /docs)", engine.info.name, scheme, args.host, args.port)
+    docs = " (docs at /docs)" if args.docs else ""
+    log.info("serving %s on %s://%s:%d%s", engine.info.name, scheme, args.host, args.port, docs)
     uvicorn.run(app, host=args.host, port=args.port, log_level="info", **tls, **uvicorn_options(args))

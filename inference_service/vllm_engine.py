@@ -38,6 +38,27 @@ _MAX_LOGPROB_TOKEN_IDS = 128
 _MAX_CALL_BYTES = 2 * 2**30
 
 
+def _check_config(model_path: str, config) -> None:
+    """RuntimeError for a model this engine cannot serve; a warning for a config this transformers misreads."""
+    import transformers
+    from packaging.version import Version
+
+    written = getattr(config, "transformers_version", None)
+    if written and Version(written).major > Version(transformers.__version__).major:
+        # An older transformers reads fields renamed since as absent and falls back to defaults without a
+        # word: SmolLM2's rope_parameters.rope_theta 100000 becomes 4.x's 10000.
+        log.warning(
+            "%s was saved by transformers %s but %s is installed: fields it does not know are silently "
+            "defaulted; re-create the directory with this transformers (re-saving a loaded copy keeps the "
+            "wrong defaults)",
+            model_path,
+            written,
+            transformers.__version__,
+        )
+    if model_kind(config) != "causal":
+        raise RuntimeError(f"{model_path} is a masked LM; the vllm engine serves causal LMs only (--engine torch)")
+
+
 class VllmEngine(EngineBase):
     name = "vllm"
 
@@ -64,26 +85,11 @@ class VllmEngine(EngineBase):
             raise ImportError(
                 f"the vllm engine needs vllm=={VLLM_VERSION} on a CUDA host (pip install 'fedbpt[service,vllm]')"
             ) from e
-        import transformers
-        from packaging.version import Version
         from transformers import AutoConfig
 
         self.limits = limits or Limits()
         config = AutoConfig.from_pretrained(model_path)
-        written = getattr(config, "transformers_version", None)
-        if written and Version(written).major > Version(transformers.__version__).major:
-            # An older transformers reads fields renamed since as absent and falls back to defaults without a
-            # word: SmolLM2's rope_parameters.rope_theta 100000 becomes 4.x's 10000.
-            log.warning(
-                "%s was saved by transformers %s but %s is installed: fields it does not know are silently "
-                "defaulted; re-create the directory with this transformers (re-saving a loaded copy keeps the "
-                "wrong defaults)",
-                model_path,
-                written,
-                transformers.__version__,
-            )
-        if model_kind(config) != "causal":
-            raise RuntimeError(f"{model_path} is a masked LM; the vllm engine serves causal LMs only (--engine torch)")
+        _check_config(model_path, config)
         # Resolved as the torch engine resolves it on a GPU, so both engines run the same precision.
         self.dtype = resolve_dtype(dtype, torch.device("cuda"))
         self._load_tokenizer(model_path, "causal", prompt_anchor)

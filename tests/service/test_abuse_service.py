@@ -267,11 +267,11 @@ def test_every_limit_has_a_serve_flag_that_reaches_the_service():
     import argparse
     from dataclasses import fields
 
-    from inference_service.server import LIMIT_FLAGS, add_arguments, limits_from
+    from inference_service.server import add_arguments, limits_from
 
-    assert list(LIMIT_FLAGS) == [f.name for f in fields(Limits)]
     parser = argparse.ArgumentParser()
     add_arguments(parser)
+    assert {f.name for f in fields(Limits)} <= {action.dest for action in parser._actions}
     assert limits_from(parser.parse_args([])) == Limits()
     argv, expected = [], {}
     for i, f in enumerate(fields(Limits)):

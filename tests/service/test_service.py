@@ -173,7 +173,7 @@ def test_float16_wire_and_model_info(roberta_url, roberta_engine):
     l32, _ = scored(post(roberta_url, body(prompts.astype(np.float32), ["it was {mask}"], [" bad", " great"])))
     np.testing.assert_array_equal(l16, l32)
     assert httpx.get(f"{roberta_url}/healthz").status_code == 200
-    assert httpx.get(f"{roberta_url}/docs").status_code == 200
+    assert httpx.get(f"{roberta_url}/docs").status_code == 404  # off unless --docs: the page needs a CDN
     assert "/v1/score" in httpx.get(f"{roberta_url}/openapi.json").json()["paths"]
 
 

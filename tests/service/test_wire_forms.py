@@ -215,7 +215,7 @@ def test_a_service_without_the_seed_form_is_refused_clearly(url, monkeypatch):
 def test_building_a_projection_is_charged(engine):
     """A seed + z request whose projection the service must draw pays for the drawing: one position per
     PROJECTION_VALUES_PER_POSITION values of A. The same request once A is cached pays only its positions."""
-    from inference_service.app import PROJECTION_VALUES_PER_POSITION
+    from inference_service.scoring import PROJECTION_VALUES_PER_POSITION
 
     d, length = 2000, 16
     texts = ["the movie was great . it was {mask} .", "a bad film . it was {mask} ."]
