@@ -515,7 +515,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         only=[f for f in RUN_FIELDS if f in PRESET_FIELDS],
         defaults=named,
         not_given=True,
-        help_default="default: the preset's (cpu: {default})",
+        help_default="(default: the preset's; cpu: {default})",
     )
     add_setting_flags(
         parser.add_argument_group("further run settings (as `fedbpt aggregator` takes them)"),

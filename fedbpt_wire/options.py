@@ -86,13 +86,14 @@ def add_setting_flags(
     only: Iterable[str] | None = None,
     defaults: Mapping[str, Any] | None = None,
     not_given: bool = False,
-    help_default: str = "default {default}",
+    help_default: str = "(default {default})",
 ) -> dict[str, Setting]:
     """Add a flag per field of `cls` (those in `only`, in their order, else all), dest = the field's name.
 
     `defaults` replace the class's own for this front end. With `not_given`, every flag parses to None when left
     out (its help still shows the effective default), so the caller can tell what the user set from what it did
-    not; `help_default` formats that default into the help."""
+    not; `help_default` formats that default into the help (left out for a None default, whose meaning the field's
+    help says). A field of a type no flag can take is a TypeError here, when the parser is built."""
     settings = settings_of(cls)
     names = list(only) if only is not None else list(settings)
     defaults = defaults or {}
@@ -100,12 +101,17 @@ def add_setting_flags(
     for name in names:
         s = settings[name]
         default = defaults.get(name, s.default)
-        note = help_default.format(default=default)
-        kwargs: dict[str, Any] = {"dest": name, "help": f"{s.help}; {note}" if s.help else note}
+        text = (s.help or "").replace("%", "%%")  # argparse %-formats help
+        if default is not None:
+            note = help_default.format(default=default).replace("%", "%%")
+            text = f"{text} {note}" if text else note
+        kwargs: dict[str, Any] = {"dest": name, "help": text}
         if s.annotation is bool:
             kwargs.update(action="store_const", const=not default)
         else:
             kind, choices = _scalar(s.annotation)
+            if kind not in (int, float, str):
+                raise TypeError(f"{cls.__name__}.{name}: no flag for a field of type {s.annotation}")
             kwargs["choices"] = choices
             if kind is not str:  # argparse's own reading of text
                 kwargs["type"] = kind

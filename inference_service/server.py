@@ -8,11 +8,10 @@ import logging
 import os
 import signal
 import sys
-import types
-import typing
 from typing import Any
 
 from fedbpt_wire.asgi import add_connection_arguments, add_docs_argument, harden, uvicorn_options
+from fedbpt_wire.options import add_setting_flags
 
 from .auth import KeyStore
 from .limits import Limits
@@ -20,34 +19,10 @@ from .limits import Limits
 log = logging.getLogger(__name__)
 
 
-def limit_flag(f: dataclasses.Field, annotation: Any) -> tuple[str, dict[str, Any]]:
-    """The flag of a Limits field, as vLLM's arg_utils reads flags off its config dataclasses: the name from the
-    field's, the type from its annotation (choices from a Literal), the default and help from the field."""
-    kinds = [a for a in typing.get_args(annotation) if a is not type(None)] if _is_union(annotation) else [annotation]
-    if len(kinds) != 1:
-        raise TypeError(f"Limits.{f.name}: no flag for a field of type {annotation}")
-    (kind,) = kinds
-    options: dict[str, Any] = {"default": f.default, "help": f.metadata["help"]}
-    if typing.get_origin(kind) is typing.Literal:
-        options["choices"] = list(typing.get_args(kind))
-        kind = type(options["choices"][0])
-    if kind not in (int, float, str):
-        raise TypeError(f"Limits.{f.name}: no flag for a field of type {annotation}")
-    if f.default is not None:
-        options["help"] += " (default %(default)s)"
-    return "--" + f.name.replace("_", "-"), {**options, "type": kind}
-
-
-def _is_union(annotation: Any) -> bool:
-    return typing.get_origin(annotation) in (typing.Union, types.UnionType)
-
-
 def add_limit_arguments(parser: argparse.ArgumentParser, limits_class: type = Limits) -> None:
-    """One flag per field of `limits_class` (see limit_flag)."""
-    hints = typing.get_type_hints(limits_class)
-    for f in dataclasses.fields(limits_class):
-        flag, options = limit_flag(f, hints[f.name])
-        parser.add_argument(flag, **options)
+    """One flag per field of `limits_class`, its name, type, default and help read off the field
+    (fedbpt_wire.options, as vLLM's arg_utils reads flags off its config dataclasses)."""
+    add_setting_flags(parser, limits_class)
 
 
 def limits_from(args: argparse.Namespace, limits_class: type = Limits) -> Any:
