@@ -42,11 +42,14 @@ from fedbpt_wire.federation import (
 from fedbpt_wire.logs import warn_example_keys
 from fedbpt_wire.schemas import ErrorBody
 
-from .auth import caller, client, reader
-from .coordinator import MAX_CLIENTS, MAX_REGISTRATIONS_PER_MINUTE, Caller, Coordinator, Rejected
+from .auth import Caller
+from .callers import caller, client, reader
+from .coordinator import MAX_CLIENTS, MAX_REGISTRATIONS_PER_MINUTE, Coordinator
+from .errors import Refused
 from .events import RunEvents, close_rounds_at_deadlines
 from .gate import AuthGate
 from .metering import TrafficMeter
+from .statuses import http_answer
 from .store import Store
 from .strategies import strategy_class
 
@@ -125,12 +128,10 @@ def create_app(
     app.state.events = events
     install_error_handlers(app)
 
-    @app.exception_handler(Rejected)
-    async def rejected(request: Request, exc: Rejected):
-        headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
-        if exc.retry_after is not None:
-            headers = {"Retry-After": str(max(1, round(exc.retry_after)))}
-        return JSONResponse(status_code=exc.status, content={"detail": exc.detail}, headers=headers)
+    @app.exception_handler(Refused)
+    async def refused(request: Request, exc: Refused):
+        status, headers = http_answer(exc)
+        return JSONResponse(status_code=status, content={"detail": exc.detail}, headers=headers or None)
 
     @app.post("/v1/partitions/claim", response_model=PartitionAssignment, responses=_errors(401, 409, 413))
     def claim_partition(req: PartitionClaim, who: Caller = Depends(caller)):
