@@ -110,7 +110,7 @@ class Coordinator:
         blob = store.load_strategy()
         if blob is not None:
             self.strategy = load_strategy(blob, self.config)
-            self._blob = dump_strategy(self.strategy, self.config)  # an older version's pickle: arrays from here on
+            self._blob = dump_strategy(self.strategy, self.config)  # as arrays, where an older version pickled it
         self._started = len(store.rounds())
         self._open = store.open_round()
         if self._open is not None:
