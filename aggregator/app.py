@@ -10,6 +10,9 @@ GET  /v1/status            the run and its per-round history (client ids, select
                            only with the operator key, where one is set)
 GET  /v1/report/clients    every accepted update's costs and metrics (operator key, where one is set)
 GET  /healthz
+
+`create_app` assembles the coordinator, the routes (`_add_routes`) and the middleware; a domain error (errors.py)
+is answered through statuses.py.
 """
 
 from __future__ import annotations
@@ -42,11 +45,14 @@ from fedbpt_wire.federation import (
 from fedbpt_wire.logs import warn_example_keys
 from fedbpt_wire.schemas import ErrorBody
 
-from .auth import caller, client, reader
-from .coordinator import MAX_CLIENTS, MAX_REGISTRATIONS_PER_MINUTE, Caller, Coordinator, Rejected
+from .auth import Caller
+from .callers import caller, client, reader
+from .coordinator import MAX_CLIENTS, MAX_REGISTRATIONS_PER_MINUTE, Coordinator
+from .errors import Refused
 from .events import RunEvents, close_rounds_at_deadlines
 from .gate import AuthGate
 from .metering import TrafficMeter
+from .statuses import http_answer
 from .store import Store
 from .strategies import strategy_class
 
@@ -72,75 +78,7 @@ def _actionable(task: RoundTask) -> bool:
     return task.state == "done" or (task.state == "open" and task.selected and not task.submitted)
 
 
-def create_app(
-    config: RunConfig,
-    db_path: str,
-    *,
-    enroll_key: str | None = None,
-    operator_key: str | None = None,
-    max_clients: int = MAX_CLIENTS,
-    max_registrations_per_minute: int = MAX_REGISTRATIONS_PER_MINUTE,
-    clock: Callable[[], float] = time.time,
-    body_timeout: float | None = 60.0,
-    docs: bool = False,
-) -> FastAPI:
-    """The aggregator app; a database that already holds a run resumes it (its config wins). `docs` serves /docs
-    and /redoc, pages that load their scripts from a CDN (/openapi.json is served either way)."""
-    events = RunEvents()
-    coordinator = Coordinator(
-        strategy_class(config).configure(config),
-        Store(db_path),
-        enroll_key=enroll_key,
-        operator_key=operator_key,
-        max_clients=max_clients,
-        max_registrations_per_minute=max_registrations_per_minute,
-        clock=clock,
-        on_change=events.wake,
-    )
-    warn_example_keys(log, FEDBPT_ENROLL_KEY=enroll_key, FEDBPT_OPERATOR_KEY=operator_key)
-    if enroll_key is None:
-        log.warning(
-            "enrollment is OPEN: anyone who reaches this port can register a new client id "
-            "(set --enroll-key or FEDBPT_ENROLL_KEY)"
-        )
-    if operator_key is None:
-        log.warning(
-            "no operator key: /v1/status shows client ids and metrics to anyone "
-            "(set --operator-key or FEDBPT_OPERATOR_KEY)"
-        )
-
-    @contextlib.asynccontextmanager
-    async def lifespan(app: FastAPI):
-        events.bind(asyncio.get_running_loop())
-        task = asyncio.create_task(close_rounds_at_deadlines(coordinator, events))
-        try:
-            yield
-        finally:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-            coordinator.close()
-
-    # No slash redirects: they echo the request's Host header into a Location.
-    app = FastAPI(
-        title="FedBPT aggregator",
-        version="1",
-        lifespan=lifespan,
-        redirect_slashes=False,
-        docs_url="/docs" if docs else None,
-        redoc_url="/redoc" if docs else None,
-    )
-    app.state.coordinator = coordinator
-    app.state.events = events
-    install_error_handlers(app)
-
-    @app.exception_handler(Rejected)
-    async def rejected(request: Request, exc: Rejected):
-        headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
-        if exc.retry_after is not None:
-            headers = {"Retry-After": str(max(1, round(exc.retry_after)))}
-        return JSONResponse(status_code=exc.status, content={"detail": exc.detail}, headers=headers)
-
+def _add_routes(app: FastAPI, coordinator: Coordinator, events: RunEvents) -> None:
     @app.post("/v1/partitions/claim", response_model=PartitionAssignment, responses=_errors(401, 409, 413))
     def claim_partition(req: PartitionClaim, who: Caller = Depends(caller)):
         return coordinator.claim_partition(req, who)
@@ -198,6 +136,82 @@ def create_app(
     @app.get("/healthz")
     def healthz():
         return {"status": "ok", "run_id": coordinator.config.run_id, "state": coordinator.state()}
+
+
+async def refused(request: Request, exc: Refused):
+    status, headers = http_answer(exc)
+    return JSONResponse(status_code=status, content={"detail": exc.detail}, headers=headers or None)
+
+
+@contextlib.asynccontextmanager
+async def lifespan(app: FastAPI):
+    coordinator, events = app.state.coordinator, app.state.events
+    events.bind(asyncio.get_running_loop())
+    task = asyncio.create_task(close_rounds_at_deadlines(coordinator, events))
+    try:
+        yield
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        coordinator.close()
+
+
+def _warn_open_doors(enroll_key: str | None, operator_key: str | None) -> None:
+    warn_example_keys(log, FEDBPT_ENROLL_KEY=enroll_key, FEDBPT_OPERATOR_KEY=operator_key)
+    if enroll_key is None:
+        log.warning(
+            "enrollment is OPEN: anyone who reaches this port can register a new client id "
+            "(set --enroll-key or FEDBPT_ENROLL_KEY)"
+        )
+    if operator_key is None:
+        log.warning(
+            "no operator key: /v1/status shows client ids and metrics to anyone "
+            "(set --operator-key or FEDBPT_OPERATOR_KEY)"
+        )
+
+
+def create_app(
+    config: RunConfig,
+    db_path: str,
+    *,
+    enroll_key: str | None = None,
+    operator_key: str | None = None,
+    max_clients: int = MAX_CLIENTS,
+    max_registrations_per_minute: int = MAX_REGISTRATIONS_PER_MINUTE,
+    clock: Callable[[], float] = time.time,
+    body_timeout: float | None = 60.0,
+    docs: bool = False,
+) -> FastAPI:
+    """The aggregator app; a database that already holds a run resumes it (its config wins). `docs` serves /docs
+    and /redoc, pages that load their scripts from a CDN (/openapi.json is served either way)."""
+    events = RunEvents()
+    coordinator = Coordinator(
+        strategy_class(config).configure(config),
+        Store(db_path),
+        enroll_key=enroll_key,
+        operator_key=operator_key,
+        max_clients=max_clients,
+        max_registrations_per_minute=max_registrations_per_minute,
+        clock=clock,
+        on_change=events.wake,
+    )
+    _warn_open_doors(enroll_key, operator_key)
+
+    # No slash redirects: they echo the request's Host header into a Location.
+    app = FastAPI(
+        title="FedBPT aggregator",
+        version="1",
+        lifespan=lifespan,
+        redirect_slashes=False,
+        docs_url="/docs" if docs else None,
+        redoc_url="/redoc" if docs else None,
+    )
+    app.state.coordinator = coordinator
+    app.state.events = events
+    install_error_handlers(app)
+    app.exception_handler(Refused)(refused)
+    _add_routes(app, coordinator, events)
 
     # An update is about 5.4 bytes per dimension in base64 float32, plus up to 10k local sigmas.
     app.add_middleware(

@@ -16,27 +16,23 @@ Decisions:
 - a partition claim keeps its index for good (keyed by the client's instance name, stored), so a client
   restarted in the same container takes its own part again; a new instance takes the lowest free one;
 - a restart gives the open round a fresh timeout: clients could not reach a stopped aggregator;
-- every merge starts from the unpickled last-committed strategy, the same object a restarted
-  aggregator would load, so a restarted run computes bit for bit what an uninterrupted one would.
+- every merge starts from the last-committed strategy state, loaded as a restarted aggregator would
+  load it (strategy_state.py), so a restarted run computes bit for bit what an uninterrupted one would.
+
+Who may do what is auth.py's; what the run reports of itself, history.py's. A refusal is a domain error
+(errors.py); statuses.py turns it into HTTP.
 """
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import logging
-import pickle
 import secrets
 import threading
 import time
-from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Literal
 
 import numpy as np
 
-from fedbpt_wire.bearer import bearer_token
 from fedbpt_wire.federation import (
     ClientRoundRecord,
     GlobalState,
@@ -44,7 +40,6 @@ from fedbpt_wire.federation import (
     PartitionClaim,
     RegisterRequest,
     RegisterResponse,
-    RoundRecord,
     RoundTask,
     RunConfig,
     RunStatus,
@@ -52,11 +47,14 @@ from fedbpt_wire.federation import (
     UpdateResponse,
 )
 from fedbpt_wire.schemas import Tensor
-from fedbpt_wire.served import ServedChoice, ValidationComparison, choose, pool
 from fedbpt_wire.tensors import encode_tensor
 
+from .auth import Auth, Caller, RegistrationPace, sha256
+from .errors import Conflict, InvalidRequest, Unauthorized
+from .history import client_rounds, round_metrics, run_status, served_choice
 from .store import RoundRow, Store
 from .strategies import Strategy, make_strategy, merge_round, strategy_class
+from .strategy_state import dump_strategy, load_strategy
 from .validation import Invalid, check_parts, check_samples, check_update
 
 log = logging.getLogger(__name__)
@@ -65,118 +63,13 @@ MAX_CLIENTS = 10_000  # default cap on registered identities: every one is sampl
 # New ids registered per minute at most, whoever asks: one enroll key registered 10,000 ids in 46 s (issue 24), after
 # which every honest registration got 409; at this rate filling 10,000 takes over an hour.
 MAX_REGISTRATIONS_PER_MINUTE = 120
-MAX_CODES_PER_REQUEST = 1000
-
-
-class Rejected(Exception):
-    """A request the run cannot accept; `detail` names the field or the rule at fault."""
-
-    def __init__(self, status: int, detail: str, retry_after: float | None = None):
-        super().__init__(detail)
-        self.status = status
-        self.detail = detail
-        self.retry_after = retry_after
-
-
-@dataclass(frozen=True)
-class Caller:
-    """What an Authorization header proves: a role (None: nothing), and for a client its id and token digest."""
-
-    role: Literal["operator", "enroll", "code", "client"] | None = None  # "code": an unused one-time enroll code
-    client_id: str | None = None
-    token_digest: str | None = None
-
-
-def _sha256(text: str) -> str:
-    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def _valid(check: Callable, *args) -> None:
     try:
         check(*args)
     except Invalid as exc:
-        raise Rejected(422, str(exc)) from None
-
-
-def round_metrics(updates: list[UpdateRequest]) -> dict:
-    """A round's record: validation metrics weighted by each client's val_samples, costs summed."""
-
-    def weighted(name: str) -> float | None:
-        pairs = [
-            (u.metrics.val_samples, getattr(u.metrics, name))
-            for u in updates
-            if u.metrics.val_samples > 0 and getattr(u.metrics, name) is not None
-        ]
-        total = sum(n for n, _ in pairs)
-        return sum(n * v for n, v in pairs) / total if total else None
-
-    pooled = pool(u.metrics.vs_baseline for u in updates if u.metrics.vs_baseline is not None)
-    return {
-        "val_accuracy": weighted("global_val_accuracy"),
-        "val_loss": weighted("global_val_loss"),
-        "vs_baseline": pooled.model_dump() if pooled is not None else None,
-        "queries": sum(u.costs.queries for u in updates),
-        "sequences": sum(u.costs.sequences for u in updates),
-        "tokens": sum(u.costs.tokens for u in updates),
-        "service_bytes": sum(u.costs.service_bytes_up + u.costs.service_bytes_down for u in updates),
-        "service_bytes_up": sum(u.costs.service_bytes_up for u in updates),
-        "service_bytes_down": sum(u.costs.service_bytes_down for u in updates),
-    }
-
-
-def run_history(store: Store) -> list[RoundRecord]:
-    """Every round of the run in the store, with its merged metrics and costs (details included)."""
-    reporters = store.reporters()
-    traffic = store.traffic()
-    history = []
-    for r in store.rounds():
-        metrics = r.metrics if r.metrics is not None else round_metrics([u for _, u in store.updates(r.round)])
-        up, down = traffic.get(r.round, (0, 0))
-        history.append(
-            RoundRecord(
-                round=r.round,
-                state=r.state,
-                selected=r.selected,
-                reporters=reporters.get(r.round, []),
-                sigma_before=r.sigma_before,
-                sigma_after=r.sigma_after,
-                local_sigma=r.local_sigma,
-                sigma_merged=r.sigma_merged,
-                opened_at=r.opened_at,
-                closed_at=r.closed_at,
-                bytes_up=up,
-                bytes_down=down,
-                **metrics,
-            )
-        )
-    return history
-
-
-def client_rounds(store: Store) -> list[ClientRoundRecord]:
-    out = []
-    for r in store.rounds():
-        for cid, body_bytes, u in store.update_records(r.round):
-            m, c = u.metrics, u.costs
-            out.append(
-                ClientRoundRecord(
-                    round=r.round,
-                    client_id=cid,
-                    num_samples=u.num_samples,
-                    fitness=u.fitness,
-                    local_loss=m.local_loss,
-                    local_accuracy=m.local_accuracy,
-                    global_val_loss=m.global_val_loss,
-                    global_val_accuracy=m.global_val_accuracy,
-                    val_samples=m.val_samples,
-                    queries=c.queries,
-                    sequences=c.sequences,
-                    tokens=c.tokens,
-                    service_bytes_up=c.service_bytes_up,
-                    service_bytes_down=c.service_bytes_down,
-                    update_bytes=body_bytes,
-                )
-            )
-    return out
+        raise InvalidRequest(str(exc)) from None
 
 
 class Coordinator:
@@ -198,11 +91,9 @@ class Coordinator:
         self.store = store
         self.clock = clock
         self.on_change = on_change
-        self.enroll_key = enroll_key
-        self.operator_key = operator_key
+        self.auth = Auth(store, enroll_key, operator_key)
         self.max_clients = max_clients
-        self.max_registrations_per_minute = max_registrations_per_minute
-        self._registered_at: deque[float] = deque()  # when the last minute's new ids registered
+        self._pace = RegistrationPace(max_registrations_per_minute)
         stored = store.load_config()
         if stored is None:
             store.save_config(config)
@@ -214,8 +105,12 @@ class Coordinator:
             )
         self.config = stored or config
         self.rules = strategy_class(self.config)
-        self._blob = store.load_strategy()
-        self.strategy: Strategy | None = pickle.loads(self._blob) if self._blob else None
+        self.strategy: Strategy | None = None
+        self._blob: bytes | None = None
+        blob = store.load_strategy()
+        if blob is not None:
+            self.strategy = load_strategy(blob, self.config)
+            self._blob = dump_strategy(self.strategy, self.config)  # as arrays, where an older version pickled it
         self._started = len(store.rounds())
         self._open = store.open_round()
         if self._open is not None:
@@ -252,72 +147,11 @@ class Coordinator:
         with self._lock:  # waits for a deadline check still running in its thread
             self.store.close()
 
-    @staticmethod
-    def _matches(authorization: str | None, secret: str | None) -> bool:
-        if secret is None or not authorization:
-            return False
-        token = bearer_token(authorization)
-        if token is None:
-            return False
-        return hmac.compare_digest(token.encode(), secret.encode())
-
-    def is_operator(self, authorization: str | None) -> bool:
-        return self._matches(authorization, self.operator_key)
-
-    def caller(self, authorization: str | None) -> Caller:
-        """What the header proves, without reading any body."""
-        if self.is_operator(authorization):
-            return Caller("operator")
-        if self._matches(authorization, self.enroll_key):
-            return Caller("enroll")
-        token = bearer_token(authorization)
-        if token is None:
-            return Caller()
-        digest = _sha256(token)
-        client_id = self.store.client_by_token(digest)
-        if client_id is not None:
-            return Caller("client", client_id, digest)
-        return Caller("code", None, digest) if self.store.enroll_code_unused(digest) else Caller()
-
-    def sees_details(self, caller: Caller) -> bool:
-        """Client ids, selections and metrics: for the operator, or for anyone where no operator key is set."""
-        return self.operator_key is None or caller.role == "operator"
-
-    def _check_enroll_key(self, caller: Caller) -> None:
-        if caller.role == "code":
-            return  # checked unused; the registration that takes it consumes it
-        if (self.enroll_key is not None or self._codes_only) and caller.role not in ("enroll", "operator"):
-            raise Rejected(401, "Authorization: wrong enroll key or enroll code")
-
-    @property
-    def _codes_only(self) -> bool:
-        """No enroll key but codes minted: enrollment is closed to whoever holds no code."""
-        return self.enroll_key is None and self.store.has_enroll_codes()
-
     def mint_enroll_codes(self, count: int, caller: Caller) -> list[str]:
-        """`count` one-time enroll codes, each registering one new client id; the operator's alone."""
-        if caller.role != "operator":
-            raise Rejected(401, "Authorization: enroll codes take the operator key")
-        if not 1 <= count <= MAX_CODES_PER_REQUEST:
-            raise Rejected(422, f"count: between 1 and {MAX_CODES_PER_REQUEST}, got {count}")
-        codes = [secrets.token_urlsafe(24) for _ in range(count)]
         with self._lock:
-            self.store.add_enroll_codes([_sha256(c) for c in codes], self.clock())
+            codes = self.auth.mint_codes(count, caller, self.clock())
         log.info("minted %d enroll codes", count)
         return codes
-
-    def _holds_token(self, caller: Caller) -> bool:
-        """Under the lock: the client's token is still its current one (a re-registration retires the old)."""
-        return (
-            caller.role == "client"
-            and caller.token_digest is not None
-            and self.store.client_by_token(caller.token_digest) == caller.client_id
-        )
-
-    def _client(self, caller: Caller) -> str:
-        if caller.client_id is None or not self._holds_token(caller):
-            raise Rejected(401, "Authorization: unknown client token (register at POST /v1/clients)")
-        return caller.client_id
 
     # ------------------------------------------------------------------ endpoints
 
@@ -329,73 +163,51 @@ class Coordinator:
         with self._lock:
             known = self.store.client_ids()
             if req.client_id in known:
-                own = caller.client_id == req.client_id and self._holds_token(caller)
+                own = caller.client_id == req.client_id and self.auth.holds_token(caller)
                 if not (own or caller.role == "operator"):
-                    raise Rejected(
-                        409,
+                    raise Conflict(
                         f"client_id: {req.client_id!r} is already registered; re-register it with "
                         "its own token (Authorization: Bearer <token>) or choose another id",
                     )
             else:
-                self._check_enroll_key(caller)
+                self.auth.check_enroll(caller)
                 if len(known) >= self.max_clients:
-                    raise Rejected(
-                        409,
+                    raise Conflict(
                         f"client_id: registration is closed, the run has its {self.max_clients} "
                         "clients (aggregator --max-clients)",
                     )
-                self._charge_registration(caller)
+                self._pace.charge(caller, self.clock())
             now = self.clock()
             with self.store.transaction():
                 if caller.role == "code" and req.client_id not in known:
-                    if caller.token_digest is None or not self.store.enroll_code_unused(caller.token_digest):
-                        raise Rejected(401, "Authorization: this enroll code was used already")
-                    self.store.use_enroll_code(caller.token_digest, req.client_id)
+                    self.auth.take_code(caller, req.client_id)
                 # Re-registering replaces the token: a restarted client rejoins, its old token stops working.
-                self.store.upsert_client(req.client_id, _sha256(token), req.num_samples, now)
+                self.store.upsert_client(req.client_id, sha256(token), req.num_samples, now)
             self._tick(now)
         return RegisterResponse(client_id=req.client_id, token=token, config=self.config)
 
-    def _charge_registration(self, caller: Caller) -> None:
-        """New ids at most `max_registrations_per_minute` a minute (the operator's own are not counted)."""
-        if caller.role == "operator":
-            return
-        now = self.clock()
-        window = self._registered_at
-        while window and now - window[0] >= 60.0:
-            window.popleft()
-        if len(window) >= self.max_registrations_per_minute:
-            wait = 60.0 - (now - window[0])
-            raise Rejected(
-                429,
-                f"client_id: {self.max_registrations_per_minute} new ids registered in the last minute (aggregator "
-                f"--max-registrations-per-minute); retry in {wait:.0f} s",
-                retry_after=wait,
-            )
-        window.append(now)
-
     def claim_partition(self, req: PartitionClaim, caller: Caller) -> PartitionAssignment:
-        self._check_enroll_key(caller)
+        self.auth.check_enroll(caller)
         _valid(check_parts, req.parts)
         with self._lock:
             claims = self.store.partition_claims()
             stored = {parts for _, parts in claims.values()}
             if stored and stored != {req.parts}:
                 # Clients with different N would compute different splits of the pool: overlapping parts.
-                raise Rejected(422, f"parts: {req.parts} differs from the {stored.pop()} parts already claimed")
+                raise InvalidRequest(f"parts: {req.parts} differs from the {stored.pop()} parts already claimed")
             if req.instance in claims:
                 return PartitionAssignment(index=claims[req.instance][0], parts=req.parts)
             taken = {idx for idx, _ in claims.values()}
             index = next((i for i in range(req.parts) if i not in taken), None)
             if index is None:
-                raise Rejected(409, f"parts: all {req.parts} parts are claimed")
+                raise Conflict(f"parts: all {req.parts} parts are claimed")
             self.store.add_partition_claim(req.instance, index, req.parts)
         log.info("partition %d/%d claimed by %s", index, req.parts, req.instance)
         return PartitionAssignment(index=index, parts=req.parts)
 
     def task(self, caller: Caller) -> RoundTask:
         with self._lock:
-            client_id = self._client(caller)
+            client_id = self.auth.client(caller)
             now = self.clock()
             base = {"run_id": self.config.run_id, "round": self.current_round()}
             o = self._open
@@ -406,7 +218,7 @@ class Coordinator:
                 return RoundTask(**base, state="open", selected=False, deadline_s=deadline_s)
             strategy = self.strategy
             assert strategy is not None, "round 0 opens only once the strategy exists"
-            t = strategy.task(client_id)
+            t = strategy.local_start(client_id)
             return RoundTask(
                 **base,
                 state="open",
@@ -421,27 +233,25 @@ class Coordinator:
 
     def submit(self, caller: Caller, req: UpdateRequest) -> UpdateResponse:
         with self._lock:
-            client_id = self._client(caller)
+            client_id = self.auth.client(caller)
             _valid(check_update, req, self.config)
             if req.round >= self.config.rounds:
-                raise Rejected(409, f"round: {req.round} is past the run's last round ({self.config.rounds - 1})")
+                raise Conflict(f"round: {req.round} is past the run's last round ({self.config.rounds - 1})")
             body = req.model_dump_json()
-            digest = _sha256(body)
+            digest = sha256(body)
             prior = self.store.update_digest(req.round, client_id)
             if prior is not None:
                 if prior == digest:
                     return UpdateResponse(accepted=True, duplicate=True, round=req.round)
-                raise Rejected(
-                    409, f"round: client {client_id} already submitted a different update for round {req.round}"
-                )
+                raise Conflict(f"round: client {client_id} already submitted a different update for round {req.round}")
             now = self.clock()
             self._tick(now)  # a deadline that has passed closes the round before a late update lands
             o = self._open
             if o is None or req.round != o.round:
                 open_ = f"round {o.round} is open" if o is not None else f"the run is {self.state()}"
-                raise Rejected(409, f"round: {req.round} is not the open round ({open_})")
+                raise Conflict(f"round: {req.round} is not the open round ({open_})")
             if client_id not in o.selected:
-                raise Rejected(409, f"round: client {client_id} is not selected for round {o.round}")
+                raise Conflict(f"round: client {client_id} is not selected for round {o.round}")
             self.store.insert_update(o.round, client_id, digest, body, now)
             self.on_change()
             self._tick(now)
@@ -456,7 +266,7 @@ class Coordinator:
             elif caller.role == "enroll":
                 reader = ""
             else:
-                reader = self._client(caller)
+                reader = self.auth.client(caller)
             base = {"run_id": self.config.run_id, "round": self.current_round(), "state": self.state()}
             if self.strategy is None:
                 start = np.zeros(self.config.intrinsic_dim)
@@ -471,54 +281,18 @@ class Coordinator:
                 mean=encode_tensor(self.strategy.mean),
                 sigma=self.strategy.sigma,
                 client_means=None if own is None else {cid: encode_tensor(m) for cid, m in own.items()},
-                served=None if self.rules.own_prompts else self._served(),
+                served=None if self.rules.own_prompts else served_choice(self.store),
             )
-
-    def _served(self) -> ServedChoice | None:
-        """The best validated global prompt of the closed rounds against the baseline; None before any closed
-        round was validated against it (clients from before `vs_baseline`)."""
-        candidates, means = {}, {}
-        for r in self.store.rounds():
-            if r.state == "open" or not r.metrics or not r.metrics.get("vs_baseline"):
-                continue
-            mean = self.store.round_mean(r.round)
-            if mean is not None:  # rounds of a run begun before means were kept cannot be served
-                candidates[r.round] = ValidationComparison.model_validate(r.metrics["vs_baseline"])
-                means[r.round] = mean
-        if not candidates:
-            return None
-        best, choice = choose(candidates)
-        if best is None:
-            return choice
-        return choice.model_copy(update={"mean": encode_tensor(means[best])})
 
     def status(self, caller: Caller) -> RunStatus:
         with self._lock:
-            details = self.sees_details(caller)
-            history = run_history(self.store)
-            if not details:
-                hidden: dict[str, object] = {
-                    "selected": [],
-                    "reporters": [],
-                    "val_accuracy": None,
-                    "val_loss": None,
-                    "clipped": None,
-                    "vs_baseline": None,
-                }
-                history = [r.model_copy(update=hidden) for r in history]
-            return RunStatus(
-                config=self.config,
-                state=self.state(),
-                round=self.current_round(),
-                clients=self.store.client_ids() if details else [],
-                history=history,
-                redacted=not details,
-            )
+            details = self.auth.sees_details(caller)
+            return run_status(self.store, self.config, self.state(), self.current_round(), details)
 
     def client_rounds(self, caller: Caller) -> list[ClientRoundRecord]:
         """Every accepted update's costs and metrics: per-client detail, so the operator's (as status details)."""
-        if not self.sees_details(caller):
-            raise Rejected(401, "Authorization: per-client records take the operator key")
+        if not self.auth.sees_details(caller):
+            raise Unauthorized("Authorization: per-client records take the operator key")
         with self._lock:
             return client_rounds(self.store)
 
@@ -577,7 +351,7 @@ class Coordinator:
     def _open_first(self, now: float) -> None:
         selected = self._sample(0)
         strategy = make_strategy(self.config, popsize=len(selected))
-        blob = pickle.dumps(strategy)
+        blob = dump_strategy(strategy, self.config)
         row = self._round_row(0, selected, now, strategy)
         with self.store.transaction():
             self.store.save_strategy(blob)
@@ -593,7 +367,7 @@ class Coordinator:
         assert strategy is not None and blob is not None, "a round is open only once the strategy exists"
         clipped = 0
         if merge:
-            candidate = pickle.loads(blob)
+            candidate = load_strategy(blob, self.config)
             try:
                 result, clipped = merge_round(candidate, updates, self.config)
                 if clipped:
@@ -602,7 +376,7 @@ class Coordinator:
                 # Recorded failed rather than retried on every check: the run goes on from the state before.
                 log.exception("round %d: the merge failed; the round is recorded as failed", o.round)
             else:
-                strategy, blob = candidate, pickle.dumps(candidate)
+                strategy, blob = candidate, dump_strategy(candidate, self.config)
         merged = result is not None
         nxt = o.round + 1
         row = self._round_row(nxt, self._sample(nxt, o), now, strategy) if nxt < self.config.rounds else None

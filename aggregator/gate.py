@@ -14,6 +14,9 @@ import asyncio
 from fedbpt_wire.asgi import send_error
 from fedbpt_wire.bearer import header_authorization
 
+from .errors import Unauthorized
+from .statuses import http_answer
+
 # Who may knock at each client route. "open" stands for anyone where no enroll key is set.
 ALLOWED = {
     "/v1/round": {"client"},
@@ -35,8 +38,8 @@ class AuthGate:
         if allowed is None:
             return await self.app(scope, receive, send)
         authorization = header_authorization(scope["headers"])
-        who = await asyncio.to_thread(self.coordinator.caller, authorization)
-        if who.role in allowed or ("open" in allowed and self.coordinator.enroll_key is None):
+        who = await asyncio.to_thread(self.coordinator.auth.caller, authorization)
+        if who.role in allowed or ("open" in allowed and self.coordinator.auth.enroll_key is None):
             scope.setdefault("state", {})["caller"] = who
             return await self.app(scope, receive, send)
         names = {
@@ -46,8 +49,9 @@ class AuthGate:
             "operator": "the operator key",
         }
         wanted = " or ".join(names[a] for a in sorted(allowed) if a in names)
-        detail = (
+        refusal = Unauthorized(
             f"Authorization: {'missing' if not authorization else 'not accepted here'}; "
             f"{scope['path']} takes {wanted} as 'Authorization: Bearer <token>'"
         )
-        await send_error(send, 401, detail, [(b"www-authenticate", b"Bearer")])
+        status, headers = http_answer(refusal)
+        await send_error(send, status, refusal.detail, [(k.lower().encode(), v.encode()) for k, v in headers.items()])

@@ -3,10 +3,10 @@
 Pure math over numpy arrays and a `cma` object: no HTTP and no storage, so every rule can be
 checked by hand. A strategy says how the run config is read, which clients a round samples, what a
 selected client starts from and whether it perturbs its fitness, and holds the global search
-distribution between rounds, which `merge` folds a round's updates into. Strategies are pickled whole
-into the aggregator's database after every merge, so a restart resumes from the exact state (cma
-objects pickle losslessly). The names are `fedbpt_wire.federation.STRATEGIES`; `STRATEGY_CLASSES` maps
-each to its class.
+distribution between rounds, which `merge` folds a round's updates into. `state` names the arrays a merge
+changed and `restore` puts them back on a strategy built from the same config (strategy_state.py stores them
+after every merge), so a restart resumes from the exact state. The names are
+`fedbpt_wire.federation.STRATEGIES`; `STRATEGY_CLASSES` maps each to its class.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from fedbpt_wire.federation import RunConfig, UpdateRequest
 from fedbpt_wire.tensors import decode_tensor
 
 from .cma_generation import tell_generation
+from .cma_state import es_state, restore_es
 
 _SEED_MASK = 2**64 - 1  # SeedSequence takes non-negative ints; the mask maps a negative run seed onto one
 
@@ -46,7 +47,7 @@ class ClientUpdate:
 
 
 @dataclass(frozen=True)
-class Task:
+class LocalStart:
     """Where a selected client's local search starts."""
 
     mean: np.ndarray
@@ -194,11 +195,30 @@ class Strategy(ABC):
         return sorted([*active, *(rest[i] for i in rng.choice(len(rest), size=n - len(active), replace=False))])
 
     def __init__(self, config: RunConfig, popsize: int):
+        self.popsize = popsize
         self.mean = np.zeros(config.intrinsic_dim)
         self.sigma = float(config.sigma0)
 
-    def task(self, client_id: str) -> Task:
-        return Task(self.mean, self.sigma, self.local_sigma)
+    def local_start(self, client_id: str) -> LocalStart:
+        return LocalStart(self.mean, self.sigma, self.local_sigma)
+
+    def state(self) -> dict[str, np.ndarray]:
+        """What merges changed, as named arrays; the rest follows from the run config and `popsize`."""
+        out = {
+            "popsize": np.asarray(self.popsize, dtype=np.int64),
+            "mean": np.asarray(self.mean, dtype=np.float64),
+            "sigma": np.asarray(self.sigma, dtype=np.float64),
+        }
+        if self.local_sigma is not None:
+            out["local_sigma"] = np.asarray(self.local_sigma, dtype=np.float64)
+        return out
+
+    def restore(self, arrays: dict[str, np.ndarray]) -> None:
+        """Put `state()`'s arrays back on a strategy built from the same config and popsize."""
+        self.mean = np.array(arrays["mean"], dtype=np.float64)
+        self.sigma = float(arrays["sigma"])
+        if "local_sigma" in arrays:
+            self.local_sigma = float(arrays["local_sigma"])
 
     def clients_perturb(self, config: RunConfig) -> bool:
         """Whether a selected client's local fitness divides by its loss on a perturbed copy of its batch."""
@@ -247,6 +267,13 @@ class FedBPTStrategy(Strategy):
         }
         self.es = cma.CMAEvolutionStrategy(self.mean.copy(), self.sigma, inopts=opts)
 
+    def state(self) -> dict[str, np.ndarray]:
+        return super().state() | es_state(self.es, prefix="es.")
+
+    def restore(self, arrays: dict[str, np.ndarray]) -> None:
+        super().restore(arrays)
+        restore_es(self.es, arrays, prefix="es.")
+
     def merge(self, updates: Sequence[ClientUpdate]) -> MergeResult:
         # A fixed order makes the tell independent of arrival order (ties in fitness keep it).
         ups = sorted(updates, key=lambda u: u.client_id)
@@ -292,11 +319,9 @@ class FedAvgZStrategy(Strategy):
         return False  # FedBBT: each client runs plain BBT
 
     def merge(self, updates: Sequence[ClientUpdate]) -> MergeResult:
-        # Strategies pickled before robust merging existed have no attribute: they merged by weights.
-        robust = getattr(self, "robust", "none")
-        if robust != "none":
-            self.mean = robust_average([np.asarray(u.mean, dtype=float) for u in updates], robust)
-            self.sigma = float(robust_average(np.array([[u.last_sigma] for u in updates]), robust)[0])
+        if self.robust != "none":
+            self.mean = robust_average([np.asarray(u.mean, dtype=float) for u in updates], self.robust)
+            self.sigma = float(robust_average(np.array([[u.last_sigma] for u in updates]), self.robust)[0])
             self.local_sigma = self.sigma
             return MergeResult(sigma_merged=None, sigma_after=self.sigma)
         weights = np.array([u.num_samples for u in updates], dtype=float)
@@ -323,11 +348,25 @@ class LocalOnlyStrategy(Strategy):
         self._means: dict[str, np.ndarray] = {}
         self._sigmas: dict[str, float] = {}
 
-    def task(self, client_id: str) -> Task:
+    def local_start(self, client_id: str) -> LocalStart:
         if client_id not in self._means:
-            return Task(self.mean, self.sigma, self.sigma)
+            return LocalStart(self.mean, self.sigma, self.sigma)
         own = self._sigmas[client_id]
-        return Task(self._means[client_id], own, own)
+        return LocalStart(self._means[client_id], own, own)
+
+    def state(self) -> dict[str, np.ndarray]:
+        ids = sorted(self._means)
+        return super().state() | {
+            "client_ids": np.array(ids, dtype=np.str_),
+            "client_means": np.array([self._means[c] for c in ids], dtype=np.float64).reshape(len(ids), len(self.mean)),
+            "client_sigmas": np.array([self._sigmas[c] for c in ids], dtype=np.float64),
+        }
+
+    def restore(self, arrays: dict[str, np.ndarray]) -> None:
+        super().restore(arrays)
+        ids = [str(c) for c in arrays["client_ids"]]
+        self._means = {c: np.array(m, dtype=np.float64) for c, m in zip(ids, arrays["client_means"])}
+        self._sigmas = {c: float(s) for c, s in zip(ids, arrays["client_sigmas"])}
 
     def merge(self, updates: Sequence[ClientUpdate]) -> MergeResult:
         for u in updates:

@@ -142,7 +142,7 @@ def _write_csv(path: Path, rows: list[dict], columns: list[str]) -> None:
 
 
 def _from_db(path: str):
-    from aggregator.coordinator import client_rounds, run_history
+    from aggregator.history import client_rounds, run_history
     from aggregator.store import Store
 
     if not Path(path).is_file():

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
-from aggregator.strategies import Task
+from aggregator.strategies import LocalStart
 from fedbpt_wire.federation import ClientCosts, ClientMetrics, RoundTask, UpdateRequest
 from fedbpt_wire.tensors import decode_tensor, encode_tensor
 
@@ -26,7 +26,7 @@ def _mean(content: RecordDict, record: str) -> np.ndarray:
     return array.numpy()
 
 
-def task_content(round_: int, task: Task, run_id: str, perturb: bool) -> RecordDict:
+def task_content(round_: int, task: LocalStart, run_id: str, perturb: bool) -> RecordDict:
     task_config: dict[str, Any] = {"round": round_, "sigma": float(task.sigma), "run-id": run_id, "perturb": perturb}
     if task.local_sigma is not None:
         task_config["local-sigma"] = float(task.local_sigma)

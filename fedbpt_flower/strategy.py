@@ -23,7 +23,7 @@ from flwr.serverapp.strategy import Strategy as FlowerStrategy
 from flwr.serverapp.strategy.strategy_utils import sample_nodes
 from pydantic import ValidationError
 
-from aggregator.coordinator import round_metrics
+from aggregator.history import round_metrics
 from aggregator.strategies import Strategy, make_strategy, merge_round, strategy_class
 from aggregator.validation import Invalid, check_update
 from fedbpt_wire.federation import RunConfig, UpdateRequest
@@ -98,7 +98,7 @@ class FedBPTFlowerStrategy(FlowerStrategy):
             Message(
                 task_content(
                     round_,
-                    self.strategy.task(self._name(n)),
+                    self.strategy.local_start(self._name(n)),
                     self.config.run_id,
                     self.strategy.clients_perturb(self.config),
                 ),

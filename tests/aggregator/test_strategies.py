@@ -103,7 +103,7 @@ def test_fedbpt_merge_step_sizes_by_hand(sampled):
     # The local step size follows the global one's ratio, from sigma0 = 1, clipped to [floor 0.5, 1].
     assert 0.5 < after / merged < 1
     assert s.local_sigma == pytest.approx(after / merged, rel=1e-12)
-    assert s.task("a").local_sigma == s.local_sigma and s.task("a").sigma == s.sigma
+    assert s.local_start("a").local_sigma == s.local_sigma and s.local_start("a").sigma == s.sigma
 
 
 def test_a_mean_far_outside_the_global_distribution_is_pulled_back_as_cma_repairs_it():
@@ -167,7 +167,7 @@ def test_fedavg_z_weights_by_samples():
     r = s.merge([up("a", [0.0, 0.0], sigmas=[0.9, 0.4], n=1), up("b", [3.0, 6.0], sigmas=[1.0], n=2)])
     np.testing.assert_allclose(s.mean, [2.0, 4.0])  # (1*0 + 2*3) / 3, (1*0 + 2*6) / 3
     assert s.sigma == r.sigma_after == pytest.approx(0.8)  # (1*0.4 + 2*1.0) / 3
-    assert s.task("anyone").local_sigma == pytest.approx(0.8)
+    assert s.local_start("anyone").local_sigma == pytest.approx(0.8)
 
 
 def test_fedavg_z_and_local_only_continue_from_the_final_step_size_when_sent():
@@ -179,15 +179,15 @@ def test_fedavg_z_and_local_only_continue_from_the_final_step_size_when_sent():
     assert fed.merge([a, b]).sigma_after == pytest.approx((0.3 + 1.0) / 2)
     own = LocalOnlyStrategy(cfg(intrinsic_dim=2), popsize=2)
     own.merge([a, b])
-    assert own.task("a").local_sigma == 0.3 and own.task("b").local_sigma == 1.0
+    assert own.local_start("a").local_sigma == 0.3 and own.local_start("b").local_sigma == 1.0
 
 
 def test_local_only_keeps_each_client_on_its_own():
     s = LocalOnlyStrategy(cfg(intrinsic_dim=2, sigma0=1.0), popsize=2)
     s.merge([up("a", [1.0, 1.0], sigmas=[0.7]), up("b", [-1.0, 2.0], sigmas=[0.6])])
-    assert s.task("a").mean.tolist() == [1.0, 1.0] and s.task("a").local_sigma == 0.7
-    assert s.task("b").mean.tolist() == [-1.0, 2.0]
-    assert s.task("new").mean.tolist() == [0.0, 0.0] and s.task("new").sigma == 1.0
+    assert s.local_start("a").mean.tolist() == [1.0, 1.0] and s.local_start("a").local_sigma == 0.7
+    assert s.local_start("b").mean.tolist() == [-1.0, 2.0]
+    assert s.local_start("new").mean.tolist() == [0.0, 0.0] and s.local_start("new").sigma == 1.0
     assert sorted(s.client_means()) == ["a", "b"]
     np.testing.assert_array_equal(s.mean, [0.0, 0.0])
 

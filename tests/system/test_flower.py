@@ -13,7 +13,7 @@ pytest.importorskip("flwr", reason="FedBPT on Flower needs the flower extra: mak
 
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
-from aggregator.strategies import Task, make_strategy
+from aggregator.strategies import LocalStart, make_strategy
 from fed_clients.data import load_splits
 from fed_clients.runner import client_shard
 from fed_clients.tasks import get_task
@@ -85,9 +85,9 @@ def test_run_config_keys_map_onto_the_run_config():
 
 def test_records_carry_a_task_and_an_update_unchanged():
     mean = np.linspace(-1, 1, 16)
-    task = round_task(task_content(3, Task(mean, 0.7, 0.5), "r", perturb=False))
+    task = round_task(task_content(3, LocalStart(mean, 0.7, 0.5), "r", perturb=False))
     assert (task.round, task.sigma, task.local_sigma, task.run_id, task.perturb) == (3, 0.7, 0.5, "r", False)
-    assert round_task(task_content(3, Task(mean, 0.7, None), "r", perturb=True)).perturb is True
+    assert round_task(task_content(3, LocalStart(mean, 0.7, None), "r", perturb=True)).perturb is True
     assert decode_tensor(task.mean).tobytes() == mean.astype(np.float32).tobytes()
     update = UpdateRequest(
         round=3,
