@@ -20,8 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fed_clients.data import load_splits
-from fed_clients.runner import client_shard
+from fed_clients.data import client_shard, load_splits
 from fed_clients.tasks import get_task
 from fedbpt.flower_loopback import run_deployment, run_native
 from fedbpt.loopback import serve_app

@@ -1,4 +1,5 @@
-"""Loading labelled examples: the embedded default, local CSV/TSV/JSONL/Parquet files, or HF `datasets` online.
+"""Loading labelled examples (the embedded default, local CSV/TSV/JSONL/Parquet files, or HF `datasets` online)
+and a client's own part of them.
 
 Every problem with a file is a DataError whose message names the file, the line (the record's first line) and
 what is wrong, in one line: a data owner fixes the file from it, without a traceback.
@@ -8,11 +9,17 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
+from .partition import few_shot, partition, train_val_split
 from .tasks import HF_COLUMNS, Task
+
+log = logging.getLogger(__name__)
 
 SPLITS = ("train", "validation", "test")
 DATA_SUFFIXES = (".csv", ".tsv", ".jsonl", ".parquet")
@@ -187,3 +194,52 @@ def _load_hf(task: Task) -> dict[str, list[Example]]:
     # GLUE hides test labels: its validation split serves as the held-out test set, as in BBT.
     train = convert(ds["train"])
     return {"train": train, "validation": [], "test": convert(ds[task.hf_test_split])}
+
+
+@dataclass(frozen=True)
+class ClientData:
+    """One client's examples: what it searches on and what it validates on."""
+
+    train: list[Example]
+    val: list[Example]
+
+
+def client_shard(
+    examples: list[Example],
+    index: int,
+    n_clients: int,
+    alpha: float | None,
+    seed: int,
+    per_class: int | None = None,
+    val_fraction: float = 0.25,
+) -> ClientData:
+    """Client `index`'s part of a shared pool: few-shot sample, IID or Dirichlet split, local train/val.
+
+    Every client computes the same partition from the same seed, so no one hands out data.
+    """
+    labels = np.array([ex.label for ex in examples])
+    pool = few_shot(labels, per_class, seed) if per_class else np.arange(len(examples))
+    parts = partition(labels[pool], n_clients, alpha, seed)
+    mine = pool[parts[index]]
+    train_idx, val_idx = train_val_split(mine, val_fraction, seed + index)
+    return ClientData([examples[i] for i in train_idx], [examples[i] for i in val_idx])
+
+
+def check_data(client_id: str, data: ClientData, source: str, batch_size: int) -> None:
+    """Refuses a client with nothing to train on; warns where its updates will be noise."""
+    n = len(data.train) + len(data.val)
+    if not data.train or not data.val:
+        raise DataError(
+            f"{source}: client {client_id} has {n} example(s); at least 2 are needed, one to train on and one "
+            "to validate (better: one batch or more)"
+        )
+    # A shard just under one batch is scored whole each iteration, which is no worse: the demo's clients hold 15
+    # examples for batches of 16. Under half a batch, the search fits a handful of examples.
+    if len(data.train) < batch_size / 2:
+        log.warning(
+            "%s: only %d training examples, under half a batch (--batch-size %d): its updates will be "
+            "noisy and it weighs little in the merge",
+            client_id,
+            len(data.train),
+            batch_size,
+        )

@@ -358,8 +358,8 @@ def run_native(
     `fedbpt aggregator` and `fedbpt client --partition k/N` would run them."""
     from aggregator.app import create_app
     from fed_clients.aggregator_client import AggregatorClient
-    from fed_clients.runner import run_client
     from fed_clients.service_client import ServiceClient
+    from fed_clients.session import run_client
     from fedbpt.loopback import serve_app
     from fedbpt_wire.tensors import decode_tensor
 

@@ -12,9 +12,8 @@ from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
 from fed_clients.client import FedBPTClient
-from fed_clients.data import load_splits
+from fed_clients.data import ClientData, check_data, client_shard, load_splits
 from fed_clients.partition import train_val_split
-from fed_clients.runner import ClientData, check_data, client_shard
 from fed_clients.service_client import ServiceClient
 from fed_clients.tasks import get_task
 

@@ -6,14 +6,13 @@ from __future__ import annotations
 import json
 import sys
 
+from fed_clients.data import client_shard, load_splits
+from fed_clients.tasks import get_task
+from fedbpt.bench.fedprompt import fedprompt_run
+from fedbpt_assets import resolve_model
+
 
 def main(spec_path: str, out_path: str) -> None:
-    from fed_clients.data import load_splits
-    from fed_clients.runner import client_shard
-    from fed_clients.tasks import get_task
-    from fedbpt.bench.baselines import fedprompt_run
-    from fedbpt_assets import resolve_model
-
     spec = json.loads(open(spec_path).read())
     task = get_task(spec["task"])
     splits = load_splits(spec["data"], task)

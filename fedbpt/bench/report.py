@@ -4,12 +4,20 @@ the size of one population's upload in each prompt wire form."""
 
 from __future__ import annotations
 
+import csv
 import json
 import time
 from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
+
+from fed_clients.data import load_splits
+from fed_clients.evaluation import mcnemar_exact
+from fed_clients.tasks import get_task
+from fedbpt_wire.projection import Projection
+from fedbpt_wire.schemas import ProjectedPrompts, ScoreRequest
+from fedbpt_wire.tensors import encode_tensor
 
 from .grid import LABELS, Grid
 
@@ -27,8 +35,6 @@ def first_reaching(curve: list[float | None], fraction: float = 0.95) -> int | N
 
 def paired_p(rs: list[dict], baseline: list[dict]) -> float | None:
     """Exact McNemar p of a method against a baseline, pooling the (seed, test example) pairs of all seeds."""
-    from fed_clients.evaluation import mcnemar_exact
-
     base = {r["seed"]: r for r in baseline}
     mine, theirs = [], []
     for r in rs:
@@ -226,10 +232,6 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
 
 def wire_sizes(texts: list[str], label_words: list[str]) -> list[dict]:
     """Bytes of one population's score request in each prompt wire form, as the client serialises it."""
-    from fedbpt_wire.projection import Projection
-    from fedbpt_wire.schemas import ProjectedPrompts, ScoreRequest
-    from fedbpt_wire.tensors import encode_tensor
-
     cases = [("SmolLM2-135M", 5, 5, 576, 100, 16), ("paper (RoBERTa-large, popsize 20)", 20, 50, 1024, 500, 32)]
     out = []
     for name, pop, length, hidden, dim, n in cases:
@@ -282,11 +284,6 @@ def wire_table(rows: list[dict]) -> str:
 
 
 def write_report(grid: Grid, rows: list[dict], out: Path) -> str:
-    import csv
-
-    from fed_clients.data import load_splits
-    from fed_clients.tasks import get_task
-
     summary = summarize(rows)
     with open(out / "summary.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(summary[0]))

@@ -23,6 +23,7 @@ from fedbpt_wire.round_table import round_table
 
 from ..launch import Children, FederationResult, LoopbackFederation, PeakMemory, free_url, service_argv, spawn
 from .grid import Grid, Setting
+from .icl import icl_evaluate, pick_demos
 
 # A federated run's rounds in runs.jsonl.
 RUN_COLUMNS = (
@@ -150,8 +151,6 @@ class Bench:
         return [train[i] for i in few_shot(labels, per_class, setting.seed)]
 
     def _zero_shot(self, task, test) -> dict:
-        from .baselines import icl_evaluate
-
         # The manual prompt depends on neither seed nor partition: one evaluation per task serves every setting.
         for row in self.done.values():
             if row["method"] == "zero-shot" and row["task"] == task.name:
@@ -179,8 +178,6 @@ class Bench:
         """The manual prompt with its label bias fitted on the clients' pooled few-shot examples (no tuning)."""
         from fed_clients.evaluation import calibrated_predictions, fit_calibration
 
-        from .baselines import icl_evaluate
-
         zero = self._zero_shot(task, test)
         pool = self._pool(setting, train)
         service = self._service_client()
@@ -204,8 +201,6 @@ class Bench:
         )
 
     def _icl(self, setting: Setting, task, train, test) -> dict:
-        from .baselines import icl_evaluate, pick_demos
-
         demos = pick_demos(self._pool(setting, train), self.grid.icl_shots, setting.seed)
         service = self._service_client()
         try:

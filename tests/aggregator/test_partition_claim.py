@@ -13,9 +13,9 @@ import pytest
 
 from aggregator.app import create_app
 from fed_clients.aggregator_client import AggregatorClient
-from fed_clients.data import load_splits
+from fed_clients.data import client_shard, load_splits
 from fed_clients.http import RequestFailed
-from fed_clients.runner import _client_data, add_arguments, client_shard, parse_partition
+from fed_clients.runner import _client_data, add_arguments, parse_partition
 from fed_clients.tasks import get_task
 from fedbpt.loopback import serve_app
 from fedbpt_wire.federation import RunConfig

@@ -15,10 +15,10 @@ import pytest
 
 from aggregator.app import create_app as create_aggregator
 from fed_clients.aggregator_client import AggregatorClient
-from fed_clients.data import Example
+from fed_clients.data import ClientData, Example
 from fed_clients.http import RequestFailed
-from fed_clients.runner import ClientData, run_client
 from fed_clients.service_client import ServiceClient
+from fed_clients.session import run_client
 from fed_clients.tasks import get_task
 from fedbpt.loopback import serve_app
 from fedbpt_wire.federation import RunConfig

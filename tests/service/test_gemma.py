@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import fedbpt_assets as assets
+from fedbpt_assets.compat import readable_by_transformers_4
 from inference_service.embeddings import embedding_std, measured_embedding_std
 from inference_service.engine import ScoreBatch
 from inference_service.layout import special_tokens_around
@@ -274,7 +275,7 @@ def test_readable_by_transformers_4_writes_the_nested_rope_fields(gemma_dir, tmp
 
     copy = tmp_path / "copy"
     shutil.copytree(gemma_dir, copy)
-    assets._readable_by_transformers_4(copy)
+    readable_by_transformers_4(copy)
     config = json.loads((copy / "config.json").read_text())
     assert config["rope_theta"] == 1_000_000.0 and config["rope_local_base_freq"] == 10_000.0
     assert config["rope_parameters"]["sliding_attention"]["rope_theta"] == 10_000.0  # 5.x's fields stay

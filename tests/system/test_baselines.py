@@ -10,19 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-from fed_clients.data import Example, load_splits
-from fed_clients.runner import client_shard
+from fed_clients.data import Example, client_shard, load_splits
 from fed_clients.service_client import ServiceClient
 from fed_clients.tasks import get_task
-from fedbpt.bench.baselines import (
-    PromptUpdate,
-    fedavg,
-    fedprompt_run,
-    icl_evaluate,
-    pick_demos,
-    prompt_label_logits,
-    render_icl,
-)
+from fedbpt.bench.fedprompt import PromptUpdate, fedavg, fedprompt_run, prompt_label_logits
+from fedbpt.bench.icl import icl_evaluate, pick_demos, render_icl
 from fedbpt.loopback import serve_app
 from fedbpt_wire.projection import initial_prompt
 from fedbpt_wire.tensors import encode_tensor

@@ -19,9 +19,9 @@ import pytest
 
 from aggregator.app import create_app as create_aggregator
 from fed_clients.aggregator_client import AggregatorClient
-from fed_clients.data import load_splits
-from fed_clients.runner import client_shard, run_client
+from fed_clients.data import client_shard, load_splits
 from fed_clients.service_client import ServiceClient
+from fed_clients.session import run_client
 from fed_clients.tasks import get_task
 from fedbpt import launch
 from fedbpt.launch import spawn, wait_healthy

@@ -13,9 +13,9 @@ import pytest
 from aggregator.app import create_app as create_aggregator
 from aggregator.strategies import ClientUpdate, make_strategy
 from fed_clients.aggregator_client import AggregatorClient
-from fed_clients.data import Example, load_splits
-from fed_clients.runner import ClientData, client_shard, run_client
+from fed_clients.data import ClientData, Example, client_shard, load_splits
 from fed_clients.service_client import ServiceClient
+from fed_clients.session import run_client
 from fed_clients.tasks import get_task
 from fedbpt_wire.federation import RunConfig
 from fedbpt_wire.projection import initial_prompt

@@ -14,8 +14,7 @@ pytest.importorskip("flwr", reason="FedBPT on Flower needs the flower extra: mak
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from aggregator.strategies import LocalStart, make_strategy
-from fed_clients.data import load_splits
-from fed_clients.runner import client_shard
+from fed_clients.data import client_shard, load_splits
 from fed_clients.tasks import get_task
 from fedbpt.flower_loopback import run_deployment, run_native, run_simulation
 from fedbpt_flower.records import (
