@@ -22,7 +22,7 @@ import numpy as np
 
 from fed_clients.evaluation import calibrated_predictions, fit_calibration, mcnemar_exact
 from fed_clients.local_search import cma_seed, local_search
-from fed_clients.tasks import get_task, parse_label_words, with_placement
+from fed_clients.tasks import get_task, with_placement
 from fedbpt_wire.metrics import debiased_cross_entropy, label_cross_entropy
 from fedbpt_wire.projection import Projection
 
@@ -79,9 +79,7 @@ def main(argv=None) -> dict:
 
     t_start = time.perf_counter()
     engine = build_engine(args.model, dtype=args.dtype, device=args.device, kv_reuse=not args.no_kv_reuse)
-    task = get_task(args.task)
-    if args.label_words:
-        task = task.with_label_words(parse_label_words(args.label_words))
+    task = get_task(args.task, args.label_words)
     splits = load_splits("default", task)
     train = few_shot(splits["train"], args.per_class, args.seed)
     test = splits["test"][: args.test_size]

@@ -15,6 +15,7 @@ import numpy as np
 from fedbpt_wire.federation import ClientCosts, ClientMetrics, RoundTask, RunConfig, UpdateRequest
 from fedbpt_wire.metrics import label_cross_entropy
 from fedbpt_wire.projection import Projection, projection_for
+from fedbpt_wire.schemas import ModelInfo
 from fedbpt_wire.served import ValidationComparison
 from fedbpt_wire.tensors import decode_tensor, encode_tensor
 
@@ -44,6 +45,22 @@ class PromptScorer:
         self.projection = projection
         self.kind = kind
         self.max_texts = max_texts
+
+    @classmethod
+    def manual(cls, service: ServiceClient, task: Task, info: ModelInfo) -> PromptScorer:
+        """The template alone, no soft prompt: the manual-prompt baseline."""
+        return cls(service, task, None, info.kind, info.max_texts)
+
+    @classmethod
+    def for_run(cls, service: ServiceClient, task: Task, config: RunConfig, info: ModelInfo) -> PromptScorer:
+        """A run's soft prompts (z through its shared projection), placed in the template as the run places them."""
+        return cls(
+            service,
+            with_placement(task, config.prompt_placement),
+            projection_for(config, info),
+            info.kind,
+            info.max_texts,
+        )
 
     def prompts(self, z: np.ndarray | None, population: int = 1) -> np.ndarray:
         if z is None or self.projection is None:

@@ -20,7 +20,7 @@ from .partition import train_val_split
 from .preflight import check_service
 from .service_client import PROMPT_WIRE_FORMS, ServiceClient
 from .session import RunOutcome, finish, run_client
-from .tasks import Task, get_task, parse_label_words
+from .tasks import Task, get_task
 
 # Tries (about 4 s in all) before a server that does not answer at the start is reported: a wrong URL should not
 # make a user wait, whereas a server that goes away mid-run is waited for (--retry-for).
@@ -106,10 +106,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def task_from(args: argparse.Namespace) -> Task:
-    task = get_task(args.task)
-    if args.label_words:
-        task = task.with_label_words(parse_label_words(args.label_words))
-    return task
+    return get_task(args.task, args.label_words)
 
 
 def parse_partition(spec: str) -> tuple[int | None, int]:

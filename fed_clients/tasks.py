@@ -287,12 +287,17 @@ def parse_label_words(text: str) -> list[str]:
     return words
 
 
-def get_task(ref: str) -> Task:
-    """A built-in task by name, or a task spec file (`.json`)."""
+def get_task(ref: str, label_words: str | None = None) -> Task:
+    """A built-in task by name, or a task spec file (`.json`); `label_words` (comma-separated, e.g.
+    " terrible, great") replace its verbalizer."""
     if ref in TASKS:
-        return TASKS[ref]
-    if ref.endswith(".json") or Path(ref).is_file():
-        return load_task_file(ref)
+        task = TASKS[ref]
+    elif ref.endswith(".json") or Path(ref).is_file():
+        task = load_task_file(ref)
+    else:
+        task = None
+    if task is not None:
+        return task.with_label_words(parse_label_words(label_words)) if label_words else task
     raise TaskSpecError(
         f"unknown task {ref!r}: give a built-in task ({', '.join(sorted(TASKS))}) "
         "or a task spec file (.json; `fedbpt task show NAME` prints one to start from)"

@@ -129,7 +129,7 @@ class Classifier:
         client.prompt_wire = "seed" if info.max_projection_values is not None else "float32"
         projection = projection_for(tuned_prompt.config, info)
         tuned = PromptScorer(client, tuned_prompt.placed, projection, info.kind, info.max_texts)
-        manual = PromptScorer(client, tuned_prompt.task, None, info.kind, info.max_texts)
+        manual = PromptScorer.manual(client, tuned_prompt.task, info)
         return cls(tuned_prompt, tuned, manual, client)
 
     @property

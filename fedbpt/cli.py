@@ -39,9 +39,9 @@ _SUBCOMMANDS = {
     ),
     "demo": ("fedbpt.demo", "end-to-end federated run on loopback, with a report", _runner("fedbpt.demo")),
     "bench": (
-        "fedbpt.bench.grid",
+        "fedbpt.bench.command",
         "every method on the same data and seeds: accuracy vs queries and bytes",
-        _runner("fedbpt.bench.grid"),
+        _runner("fedbpt.bench.command"),
     ),
     "task": ("fedbpt.task_cmd", "the built-in tasks, and checking a task spec file", _runner("fedbpt.task_cmd")),
     "predict": (

@@ -238,11 +238,9 @@ def demo_data(cfg: DemoConfig) -> DemoData:
     """The task and its verbalizer first (a bad one fails before any process starts), then the data."""
     import fedbpt_assets as assets
     from fed_clients.data import load_splits
-    from fed_clients.tasks import TASKS, get_task, parse_label_words
+    from fed_clients.tasks import TASKS, get_task
 
-    task = get_task(cfg.task)
-    if cfg.label_words:
-        task = task.with_label_words(parse_label_words(cfg.label_words))
+    task = get_task(cfg.task, cfg.label_words)
     task_ref = cfg.task if cfg.task in TASKS else str(Path(cfg.task).resolve())
     if cfg.data == "default":
         assets.fetch_all()
@@ -282,8 +280,6 @@ def score_prompts(
     from fed_clients.evaluation import fit_calibration
     from fed_clients.partition import few_shot
     from fed_clients.service_client import ServiceClient
-    from fed_clients.tasks import with_placement
-    from fedbpt_wire.projection import projection_for
     from fedbpt_wire.served import ServedChoice
     from fedbpt_wire.tensors import decode_tensor
 
@@ -295,16 +291,10 @@ def score_prompts(
     pool = few_shot(train_labels, cfg.per_class, cfg.seed) if cfg.per_class else np.arange(len(train_labels))
     own = [data.train[i] for i in pool]
     own_labels = np.array([ex.label for ex in own])
-    zero_scorer = PromptScorer(service, data.task, None, info.kind, info.max_texts)
+    zero_scorer = PromptScorer.manual(service, data.task, info)
     bias = fit_calibration(zero_scorer.logits(None, own)[0], own_labels)
     zero_logits = zero_scorer.logits(None, test)[0]
-    tuned_scorer = PromptScorer(
-        service,
-        with_placement(data.task, config.prompt_placement),
-        projection_for(config, info),
-        info.kind,
-        info.max_texts,
-    )
+    tuned_scorer = PromptScorer.for_run(service, data.task, config, info)
 
     def scored(z: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         # The same bias correction on top of a tuned prompt: what separation the prompt adds beyond a bias.

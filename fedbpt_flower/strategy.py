@@ -109,11 +109,10 @@ class FedBPTFlowerStrategy(FlowerStrategy):
             for n in self._selected
         ]
 
-    def aggregate_train(
-        self, server_round: int, replies: Iterable[Message]
-    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        round_ = server_round - 1
-        current = self._current
+    def _checked_updates(
+        self, round_: int, replies: Iterable[Message]
+    ) -> tuple[dict[str, UpdateRequest], dict[str, str]]:
+        """The round's valid updates by client id, and why each other reply was dropped (as the native checks)."""
         updates: dict[str, UpdateRequest] = {}
         rejected: dict[str, str] = {}
         for msg in replies:
@@ -142,6 +141,14 @@ class FedBPTFlowerStrategy(FlowerStrategy):
             updates[client_id] = req
         for who, why in rejected.items():
             log.warning("round %d: dropped the reply of %s: %s", round_, who, why)
+        return updates, rejected
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        round_ = server_round - 1
+        current = self._current
+        updates, rejected = self._checked_updates(round_, replies)
         ordered = sorted(updates.items())  # the native store hands the merge its updates in client-id order
         outcome = RoundOutcome(
             round_,

@@ -92,7 +92,7 @@ class Bench:
 
     def run(self, progress=print) -> list[dict]:
         from fed_clients.data import load_splits
-        from fed_clients.tasks import get_task, parse_label_words
+        from fed_clients.tasks import get_task
 
         settings = self.settings()
         todo = [(s, m) for s in settings for m in self.grid.methods]
@@ -100,9 +100,7 @@ class Bench:
             return [self.done[s.key(m)] for s, m in todo]
         with self.service():
             for task_name in self.grid.tasks:
-                task = get_task(task_name)
-                if self.grid.label_words:
-                    task = task.with_label_words(parse_label_words(self.grid.label_words))
+                task = get_task(task_name, self.grid.label_words or None)
                 splits = load_splits(self.grid.data, task)
                 test = splits["test"][: self.grid.test_size]
                 for n, (setting, method) in enumerate(todo, 1):
@@ -262,9 +260,7 @@ class Bench:
 
     def _score_run(self, method: str, task, test, result: FederationResult) -> dict:
         from fed_clients.client import PromptScorer
-        from fed_clients.tasks import with_placement
         from fedbpt_wire.metrics import label_cross_entropy
-        from fedbpt_wire.projection import projection_for
         from fedbpt_wire.tensors import decode_tensor
 
         g = self.grid
@@ -272,13 +268,7 @@ class Bench:
         service = self._service_client()
         try:
             info = service.model_info()
-            scorer = PromptScorer(
-                service,
-                with_placement(task, config.prompt_placement),
-                projection_for(config, info),
-                info.kind,
-                info.max_texts,
-            )
+            scorer = PromptScorer.for_run(service, task, config, info)
             curve_set = test[: g.curve_size]
             if method == "local-only":
                 # Each client's own prompt, each on its own slice of the test set: the mean over clients of
