@@ -1,8 +1,9 @@
 """What one key can do to the inference service, and no more (issue 11): bounded work, interleaving, cancellation.
 
 Real service app under uvicorn on 127.0.0.1 with the tiny RoBERTa in float32. `Counted` wraps the engine to
-count (and, where a test needs a queue to build, slow down) its score calls: an instrument and a fault, the
-engine itself is real.
+count (and, where a test needs it, hold until a condition or slow down) its score calls: an instrument and a fault,
+the engine itself is real. Tests wait on conditions (events, /metrics, the key's quota), never on the clock; the one
+sleep left is the slow engine of the deadline test, whose subject is time.
 """
 
 from __future__ import annotations
@@ -145,19 +146,47 @@ def test_a_request_at_the_limits_under_the_budget_is_scored_in_slices_as_a_whole
     np.testing.assert_allclose(got, whole, rtol=1e-4, atol=1e-5)
 
 
+class HeldUntilQueued(Counted):
+    """The real engine, logging which request each call serves ("heavy": an 8-token prompt, "light": a 1-token one),
+    and holding the heavy request from its second slice on until the light request is scored up to its first engine
+    turn (its positions counted: what is left before the turn is the event loop's own work). So the light request
+    waits for a turn while the heavy one has most of its slices to go, on any machine, however loaded."""
+
+    def __init__(self, engine):
+        super().__init__(engine)
+        self.log: list[str] = []
+        self.light_ready = threading.Event()
+
+    def positions(self, texts, prompt_length):
+        result = super().positions(texts, prompt_length)
+        if prompt_length == 1:
+            self.light_ready.set()
+        return result
+
+    def score(self, batch):
+        kind = "light" if batch.prompts.shape[1] == 1 else "heavy"
+        self.log.append(kind)
+        if kind == "heavy" and len(self.log) > 1:
+            assert self.light_ready.wait(60), "the light request never reached the engine's queue"
+        return super().score(batch)
+
+
 def test_a_long_request_does_not_starve_another_key(engine):
-    counted = Counted(engine, delay=0.02)  # 128 slices: a long request, a small one's turn comes between two
+    held = HeldUntilQueued(engine)
     with (
-        serve_app(create_app(counted, KeyStore({"heavy": None, "light": None}), LIMITS)) as url,
+        serve_app(create_app(held, KeyStore({"heavy": None, "light": None}), LIMITS)) as url,
         ThreadPoolExecutor(1) as pool,
     ):
         heavy = pool.submit(post, url, big(n_pop=8, n_texts=16, n_prompt=8), "heavy")
-        assert counted.started.wait(60)
-        r = post(url, small(), "light")
-        light_done_at = counted.calls
-        assert r.status_code == 200 and not heavy.done()
+        assert held.started.wait(60)
+        assert post(url, small(), "light").status_code == 200
         assert heavy.result().status_code == 200
-    assert light_done_at < counted.calls  # the heavy request was still being scored when the light one returned
+    # The light request's one slice took a turn right after the heavy slice that ran when it queued (or the one after,
+    # where that one had already asked for its turn): a request waits for the running slice plus one turn per other
+    # active key, not for the whole of another key's request.
+    first_light = held.log.index("light")
+    assert held.log.count("light") == 1 and first_light <= 3, held.log[:8]
+    assert held.log.count("heavy") - first_light >= 32, "the heavy request should have had most of its slices to go"
 
 
 def test_a_client_that_goes_away_stops_its_request(engine):
@@ -220,6 +249,7 @@ def test_sigterm_ends_a_long_request_and_the_server(tiny_roberta_dir, tmp_path):
 
     from fedbpt.loopback import free_port
 
+    from ..aggregator.test_aggregator import wait_for
     from ..system.test_faults import SVC_KEY, start_process
 
     port = free_port()
@@ -241,6 +271,9 @@ def test_sigterm_ends_a_long_request_and_the_server(tiny_roberta_dir, tmp_path):
         "256",
         "--shutdown-timeout",
         "1",
+        # One query: the long request spends it when admitted, which a probe sees (below) without spending anything.
+        "--quota",
+        "1",
     ]
     proc = start_process(argv, url, tmp_path / "service.log")
     try:
@@ -248,8 +281,15 @@ def test_sigterm_ends_a_long_request_and_the_server(tiny_roberta_dir, tmp_path):
             # ~16k one-text slices: minutes of work, the kind of request that used to hold SIGTERM for its whole run
             payload = body(np.zeros((64, 16, 48), np.float32), [f"text {i} {{mask}}" for i in range(256)], WORDS)
             pending = pool.submit(post, url, payload, SVC_KEY, 600)
-            httpx.get(f"{url}/healthz", timeout=30)
-            time.sleep(2)  # let the request start its slices; the assertions below are about outcomes only
+
+            def admitted() -> bool:
+                # An empty body is refused (422) before the handler charges anything, until the long request has
+                # spent the key's quota: from then on the gate refuses the key before reading the body (429).
+                probe = httpx.post(f"{url}/v1/score", json={}, headers={"Authorization": f"Bearer {SVC_KEY}"})
+                assert probe.status_code in (422, 429), probe.text
+                return probe.status_code == 429
+
+            wait_for(admitted, what="the long request to be admitted and charged")
             assert not pending.done()
             proc.send_signal(signal.SIGTERM)
             # uvicorn re-raises the signal once it has shut down, so a clean stop reads as "killed by SIGTERM".

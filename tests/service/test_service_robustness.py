@@ -231,12 +231,15 @@ def test_scheduler_turns_round_robin_across_keys_fifo_within():
                 order.append(tag)
                 await release.wait()
 
+        # One yield runs each new task up to its first wait (asyncio's ready queue is FIFO); the asserts say it did.
         first = asyncio.create_task(job("a", "a0"))
         await asyncio.sleep(0)
+        assert order == ["a0"]
         tasks = [
             asyncio.create_task(job(k, f"{k}{i}")) for k, n in (("a", 4), ("b", 2), ("c", 1)) for i in range(1, n + 1)
         ]
         await asyncio.sleep(0)
+        assert order == ["a0"] and not any(t.done() for t in tasks)
         tasks[1].cancel()  # a2 gives up while waiting: its turn goes to the next in line
         release.set()
         await asyncio.gather(first, *tasks, return_exceptions=True)
@@ -260,7 +263,8 @@ def test_scheduler_admits_k_per_key_queues_the_rest_and_refuses_past_the_queue()
                 inside[key] -= 1
 
         tasks = [asyncio.create_task(job("a")) for _ in range(4)] + [asyncio.create_task(job("b"))]
-        await asyncio.sleep(0)
+        await asyncio.sleep(0)  # each task runs up to its first wait: two of a's and b's inside, a's others queued
+        assert inside == {"a": 2, "b": 1}
         with pytest.raises(Busy):
             async with sched.admit("a"):
                 pass

@@ -25,6 +25,7 @@ from inference_service.auth import KeyStore
 from inference_service.engine import ScoreBatch
 from inference_service.torch_engine import TorchEngine
 
+from ..aggregator.test_round_zero_twin import round_zero_by_twin
 from ..conftest import TINY_CORPUS, serve_app
 
 BATCH = 4
@@ -45,11 +46,18 @@ def roberta(tiny_roberta_dir):
 
 
 class Recording(AggregatorClient):
-    """The real aggregator client, keeping each update it sends: sent[round][client_id]."""
+    """The real aggregator client, keeping each update it sends, sent[round][client_id], and each task it is handed
+    (the global distribution a round starts from), tasks[round][client_id]."""
 
-    def __init__(self, url: str, sent: dict):
+    def __init__(self, url: str, sent: dict, tasks: dict):
         super().__init__(url)
-        self.sent = sent
+        self.sent, self.tasks = sent, tasks
+
+    def round(self, wait=0.0):
+        task = super().round(wait)
+        if task.selected and task.mean is not None:
+            self.tasks.setdefault(task.round, {})[self.client_id] = task
+        return task
 
     def register(self, client_id, num_samples, enroll_key=None, token=None):
         self.client_id = client_id
@@ -62,8 +70,8 @@ class Recording(AggregatorClient):
 
 def run_federation(service_url, config, shards, task, tmp_path):
     """Every client a thread running the real `run_client` loop; returns the final status, the global state as the
-    operator reads it, the clients' service clients and what each client sent."""
-    errors, services, sent = [], [], {}
+    operator reads it, the clients' service clients, what each client sent and the tasks each was handed."""
+    errors, services, sent, tasks = [], [], {}, {}
 
     def work(k, agg_url):
         service = ServiceClient(service_url, "svc-key")
@@ -71,7 +79,7 @@ def run_federation(service_url, config, shards, task, tmp_path):
         try:
             run_client(
                 service,
-                Recording(agg_url, sent),
+                Recording(agg_url, sent, tasks),
                 f"client-{k}",
                 shards[k],
                 task,
@@ -94,7 +102,7 @@ def run_federation(service_url, config, shards, task, tmp_path):
         observer = AggregatorClient(agg_url)
         observer.http.set_token("enroll")
         final = observer.global_state()
-    return status, final, services, sent
+    return status, final, services, sent, tasks
 
 
 def zero_shot_val_accuracy(engine, config, shards, task) -> float:
@@ -139,6 +147,28 @@ def check_the_merges(config, status, final, sent: dict) -> None:
         )
         assert (rec["sigma_merged"], rec["sigma_after"]) == (result.sigma_merged, result.sigma_after)
     assert got.tobytes() == replay.mean.astype(np.float32).tobytes() and final.sigma == replay.sigma
+
+
+def check_round_zero_by_twin(config, status, sent, tasks) -> None:
+    """Round 0 against a pycma twin written from the design doc (tests/aggregator/test_round_zero_twin.py; no code of
+    aggregator/ in it): the step size the sigma rule set, the one after the tell, and the distribution round 1 hands
+    every client. `check_the_merges` replays later rounds through the strategy itself, which this anchors."""
+    reports = [(cid, decode_tensor(u.mean).astype(np.float64), u.fitness, list(u.sigmas)) for cid, u in sent[0].items()]
+    # The run's bounds leave round 0 alone, so the merge saw exactly these inputs: every mean within clip_multiple x
+    # sigma0 x sqrt(d) of the start 0, every step size under 10 x sigma0, and the step size after at most 2 x sigma0.
+    radius = config.clip_multiple * config.sigma0 * np.sqrt(config.intrinsic_dim)
+    assert all(np.linalg.norm(z) < radius and max(s) < 10 * config.sigma0 for _, z, _, s in reports)
+    start = list(tasks[0].values())
+    assert all(not decode_tensor(t.mean).any() and t.sigma == t.local_sigma == config.sigma0 for t in start)
+    mean, merged, after, local = round_zero_by_twin(config, len(start), reports)
+    assert after < 2 * config.sigma0
+    rec = status["history"][0]
+    assert rec["sigma_merged"] == pytest.approx(merged, rel=1e-12)
+    assert rec["sigma_after"] == pytest.approx(after, rel=1e-12)
+    assert sorted(tasks[1]) == sorted(sent[0])
+    for t in tasks[1].values():
+        np.testing.assert_allclose(decode_tensor(t.mean), mean, rtol=1e-6, atol=1e-7)
+        assert t.sigma == pytest.approx(after, rel=1e-12) and t.local_sigma == pytest.approx(local, rel=1e-12)
 
 
 def check_the_rounds(status, config, shards, services, sent, perturb: bool) -> None:
@@ -192,23 +222,28 @@ def test_two_rounds_two_clients_on_a_causal_lm(smol, default_data_dir, tmp_path,
         min_clients=2,
         round_timeout_s=300,
     )
-    status, final, services, sent = run_federation(url, config, shards, task, tmp_path)
+    status, final, services, sent, tasks = run_federation(url, config, shards, task, tmp_path)
     check_the_rounds(status, config, shards, services, sent, perturb=strategy == "fedbpt")
     assert status["history"][0]["val_accuracy"] == pytest.approx(
         zero_shot_val_accuracy(engine, config, shards, task), rel=1e-12
     )
+    if config.strategy != "fedavg-z":
+        check_round_zero_by_twin(config, status, sent, tasks)
     check_the_merges(config, status, final, sent)
 
 
-def test_two_rounds_two_clients_on_a_masked_lm(roberta, tmp_path):
-    """The masked-LM path end to end: the template's {mask} is the model's <mask>, the prompt follows <s>."""
+@pytest.mark.parametrize("strategy,rule", [("fedbpt", "pooled"), ("fedbpt-noperturb", "paper-eq6")])
+def test_two_rounds_two_clients_on_a_masked_lm(roberta, tmp_path, strategy, rule):
+    """The masked-LM path end to end: the template's {mask} is the model's <mask>, the prompt follows <s>. The
+    second run takes the paper's sigma rule, and its clients' fitness is the plain loss."""
     engine, url = roberta
     task = get_task("sst2")  # " bad" / " great": single tokens of the tiny vocabulary
     examples = [Example({"text": t}, int("great" in t)) for t in TINY_CORPUS] * 2
     shards = [ClientData(examples[k::2][:5], examples[k::2][5:]) for k in range(2)]
     config = RunConfig(
         run_id="masked",
-        strategy="fedbpt",
+        strategy=strategy,
+        sigma_rule=rule,
         rounds=2,
         intrinsic_dim=8,
         prompt_length=3,
@@ -217,10 +252,11 @@ def test_two_rounds_two_clients_on_a_masked_lm(roberta, tmp_path):
         min_clients=2,
         round_timeout_s=300,
     )
-    status, final, services, sent = run_federation(url, config, shards, task, tmp_path)
+    status, final, services, sent, tasks = run_federation(url, config, shards, task, tmp_path)
     assert engine.info.kind == "masked"
-    check_the_rounds(status, config, shards, services, sent, perturb=True)
+    check_the_rounds(status, config, shards, services, sent, perturb=strategy == "fedbpt")
     assert status["history"][0]["val_accuracy"] == pytest.approx(
         zero_shot_val_accuracy(engine, config, shards, task), rel=1e-12
     )
+    check_round_zero_by_twin(config, status, sent, tasks)
     check_the_merges(config, status, final, sent)
