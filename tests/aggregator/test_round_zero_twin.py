@@ -87,7 +87,7 @@ def test_round_zero_merge_is_the_twins(strategy, rule, m, d):
     assert result.sigma_after == strategy_.sigma == pytest.approx(after, rel=1e-12)
     np.testing.assert_allclose(strategy_.mean, mean, rtol=0, atol=1e-13)
     assert strategy_.local_sigma == pytest.approx(local, rel=1e-12)
-    task = strategy_.task("client-0")
+    task = strategy_.local_start("client-0")
     assert task.local_sigma == strategy_.local_sigma and task.sigma == strategy_.sigma
 
 
