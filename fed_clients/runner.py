@@ -74,6 +74,7 @@ class RunOutcome:
     config: RunConfig | None = None
     last_val_accuracy: float | None = None  # the global prompt's, on this client's validation split
     served: ServedChoice | None = None  # what the prompt file serves, and why
+    round_queries: int = 0  # the service queries of its accepted updates: what the aggregator's costs sum
 
 
 def run_client(
@@ -124,6 +125,7 @@ def run_client(
             try:
                 aggregator.submit(update)
                 worked += 1
+                outcome.round_queries += update.costs.queries
             except RequestFailed as exc:
                 if exc.status != 409:
                     raise
@@ -456,7 +458,9 @@ def run(args: argparse.Namespace) -> None:
     spent = service.usage()
     print(
         f"{client_id} done in {time.monotonic() - started:.0f} s: worked {rounds} rounds; {spent.queries} "
-        f"service queries, {spent.tokens} tokens, {(spent.bytes_up + spent.bytes_down) / 1024:.1f} KiB to "
+        f"service queries ({outcome.round_queries} in its accepted round updates, which the run's costs sum; "
+        f"{spent.queries - outcome.round_queries} besides: start-up check, final prompt, any refused update), "
+        f"{spent.tokens} tokens, {(spent.bytes_up + spent.bytes_down) / 1024:.1f} KiB to "
         f"and from the service, {(aggregator.http.wire.bytes_up + aggregator.http.wire.bytes_down) / 1024:.1f} KiB "
         f"to and from the aggregator; last global val accuracy {acc}; served: {served}; prompt file: {path}",
         flush=True,
