@@ -8,11 +8,14 @@ STAMP := $(VENV)/.installed
 FLOWER_VENV ?= .venv-flower
 FLOWER_PY := $(FLOWER_VENV)/bin/python
 FLOWER_STAMP := $(FLOWER_VENV)/.installed
+COMPOSE_VENV ?= .venv-compose
+COMPOSE_PY := $(COMPOSE_VENV)/bin/python
+COMPOSE_STAMP := $(COMPOSE_VENV)/.installed
 # make keeps the assets beside the checkout (the `fedbpt` command alone defaults to the user cache directory).
 export FEDBPT_CACHE_DIR ?= $(CURDIR)/.cache/fedbpt
 ASSETS := $(FEDBPT_CACHE_DIR)/.fetched
 
-.PHONY: setup assets demo lint test test-shuffled test-slow test-fuzz test-flower compose-test bench bench-flower clean
+.PHONY: setup assets demo lint test test-shuffled test-slow test-fuzz test-flower compose-venv compose-test bench bench-flower clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -67,8 +70,17 @@ bench-flower: $(FLOWER_STAMP) $(ASSETS)
 
 # The container stack for real (tests/system/test_compose_stack.py, docs/docker.md): builds the images with the
 # local Docker engine, runs the cpu profile, checks the report and a resume, then `down -v`. Needs Compose v2.
-compose-test: $(STAMP)
-	$(PY) -m pytest -q -s -m docker tests/system/test_compose_stack.py
+# The stack runs in the images: the host only drives Docker, from a light virtualenv of its own (no torch; a
+# test keeps the stack test's imports within it).
+$(COMPOSE_STAMP): Makefile
+	test -x $(COMPOSE_PY) || $(PYTHON) -m venv $(COMPOSE_VENV)
+	$(COMPOSE_PY) -m pip install -q --disable-pip-version-check 'pytest>=8' 'pytest-timeout>=2.3' 'hypothesis>=6.100' 'httpx>=0.27'
+	touch $(COMPOSE_STAMP)
+
+compose-venv: $(COMPOSE_STAMP)
+
+compose-test: $(COMPOSE_STAMP)
+	$(COMPOSE_PY) -m pytest -q -s -m docker tests/system/test_compose_stack.py
 
 # The fuzz tests searching twenty times as far as in `make test`.
 test-fuzz: $(ASSETS)
@@ -78,4 +90,4 @@ bench: $(ASSETS)
 	$(PY) -m bench.service_overhead
 
 clean:
-	rm -rf $(VENV) $(FLOWER_VENV) runs .pytest_cache
+	rm -rf $(VENV) $(FLOWER_VENV) $(COMPOSE_VENV) runs .pytest_cache

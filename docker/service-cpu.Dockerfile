@@ -16,12 +16,15 @@ ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PATH=/opt/venv/bin:$PATH
 COPY docker/pip-install /usr/local/bin/pip-install
+COPY docker/torch-index-check /usr/local/bin/torch-index-check
 RUN python3 -m venv /opt/venv
 # torch first, in its own layer: `.[service]` then finds it satisfied and keeps that build, and a change to
-# the project's code does not reinstall it.
+# the project's code does not reinstall it. An index that does not answer fails at once with one line that
+# points at the offline recipe, not after pip's retries with its bare "No matching distribution".
 COPY docker/wheels/ /wheels/
 RUN --mount=type=secret,id=ca_bundle,required=false \
-    pip-install ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"} "$TORCH_REQUIREMENT"
+    if [ -n "$TORCH_INDEX_URL" ]; then python3 /usr/local/bin/torch-index-check "$TORCH_INDEX_URL"; fi \
+    && pip-install ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"} "$TORCH_REQUIREMENT"
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY fedbpt/ fedbpt/

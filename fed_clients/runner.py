@@ -237,7 +237,9 @@ def run(args: argparse.Namespace) -> None:
     spent = service.usage()
     print(
         f"{client_id} done in {time.monotonic() - started:.0f} s: worked {rounds} rounds; {spent.queries} "
-        f"service queries, {spent.tokens} tokens, {(spent.bytes_up + spent.bytes_down) / 1024:.1f} KiB to "
+        f"service queries ({outcome.round_queries} in its accepted round updates, which the run's costs sum; "
+        f"{spent.queries - outcome.round_queries} besides: start-up check, final prompt, any refused update), "
+        f"{spent.tokens} tokens, {(spent.bytes_up + spent.bytes_down) / 1024:.1f} KiB to "
         f"and from the service, {(aggregator.http.wire.bytes_up + aggregator.http.wire.bytes_down) / 1024:.1f} KiB "
         f"to and from the aggregator; last global val accuracy {acc}; served: {served}; prompt file: {path}",
         flush=True,

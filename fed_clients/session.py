@@ -38,6 +38,7 @@ class RunOutcome:
     config: RunConfig | None = None
     last_val_accuracy: float | None = None  # the global prompt's, on this client's validation split
     served: ServedChoice | None = None  # what the prompt file serves, and why
+    round_queries: int = 0  # the service queries of its accepted updates: what the aggregator's costs sum
 
 
 def run_client(
@@ -88,6 +89,7 @@ def run_client(
             try:
                 aggregator.submit(update)
                 worked += 1
+                outcome.round_queries += update.costs.queries
             except RequestFailed as exc:
                 if exc.status != 409:
                     raise

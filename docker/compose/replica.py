@@ -6,6 +6,10 @@ and `up`: the new replicas would find every part claimed by the old ones and the
 Compose names replica n `<project>-client-<n>` again on every `up`, and Docker's DNS resolves that name to
 the container, so the name that resolves to this container's own address is a stable instance name.
 
+Its prompt file goes where the user can reach it: with FEDBPT_PROMPT_DIR set (compose: the `reports`
+volume's /reports/<run id>/prompts), to <dir>/<client id>.json unless `--prompt-out` is given, so that
+`docker compose cp report:/reports/. ./runs` copies it out with the report.
+
     python3 replica.py client --service ... --partition auto/N ...   (FEDBPT_REPLICA_PREFIX=<project>-client)
 """
 
@@ -31,16 +35,31 @@ def replica_name(prefix: str) -> str:
     sys.exit(f"replica: none of {prefix}-1..{MAX_REPLICAS} resolves to this container's address {own}")
 
 
-def main() -> None:
-    argv = sys.argv[1:]
+def client_argv(argv: list[str], env: dict[str, str], name=replica_name) -> list[str]:
+    """The `fedbpt client` argv with this replica's `--client-id` and, under FEDBPT_PROMPT_DIR, its `--prompt-out`."""
+    argv = list(argv)
     if "--client-id" not in argv:
-        prefix = os.environ.get("FEDBPT_REPLICA_PREFIX")
+        prefix = env.get("FEDBPT_REPLICA_PREFIX")
         if not prefix:
             sys.exit("replica: set FEDBPT_REPLICA_PREFIX to <compose project>-<service>, e.g. fedbpt-client")
-        argv += ["--client-id", replica_name(prefix)]
+        argv += ["--client-id", name(prefix)]
+    prompt_dir = env.get("FEDBPT_PROMPT_DIR")
+    if prompt_dir and "--prompt-out" not in argv:
+        argv += ["--prompt-out", f"{prompt_dir.rstrip('/')}/{argv[argv.index('--client-id') + 1]}.json"]
+    return argv
+
+
+def main() -> None:
+    argv = client_argv(sys.argv[1:], dict(os.environ))
     from fedbpt.cli import main as fedbpt
 
     fedbpt(argv)
+    if os.environ.get("FEDBPT_PROMPT_DIR") and "--prompt-out" not in sys.argv[1:]:
+        print(
+            f"replica: {argv[argv.index('--prompt-out') + 1]} is in the `reports` volume: "
+            "`docker compose cp report:/reports/. ./runs` copies it out",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

@@ -6,6 +6,10 @@ bytes), the totals, the final prompt (z; the run config rebuilds its projection)
 0, the manual prompt's (zero-shot) and the tuned prompt's accuracy on held-out test examples, scored through
 the service as the clients score. <out>/<run id>/rounds.csv has the rows. Run again on a finished run, it
 writes the same report: everything comes from the aggregator's database and the service.
+
+It reads the aggregator with its operator key (FEDBPT_OPERATOR_KEY): without it /v1/status hides the clients
+and the metrics. The service queries it sums are those of the clients' round updates; each client's own
+count adds its start-up check and the scoring of its final prompt.
 """
 
 from __future__ import annotations
@@ -40,6 +44,9 @@ ROW_FIELDS = (
     "seconds",
 )
 COSTS = ("queries", "sequences", "tokens", "service_bytes", "bytes_up", "bytes_down")
+# The aggregator link's bytes of a finished run's last round still grow: replicas started again claim, register
+# and poll, and that is metered there. The rest of a finished run does not change.
+LINK = ("bytes_up", "bytes_down")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -65,15 +72,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def wait_for_done(url: str, wait_s: float, poll_s: float = 5.0) -> dict:
+def wait_for_done(url: str, operator_key: str | None, wait_s: float, poll_s: float = 5.0) -> dict:
     deadline = time.monotonic() + wait_s
     last = "no answer yet"
+    headers = {"Authorization": f"Bearer {operator_key}"} if operator_key else {}
     while time.monotonic() < deadline:
         try:
-            status = httpx.get(f"{url}/v1/status", timeout=30).json()
+            status = httpx.get(f"{url}/v1/status", headers=headers, timeout=30).json()
         except httpx.HTTPError as exc:  # the aggregator restarting: keep waiting
             last = f"{type(exc).__name__}: {exc}"
         else:
+            if status.get("redacted"):
+                sys.exit(
+                    "report: the aggregator hides the run's clients and metrics from this caller: "
+                    "give report its operator key (FEDBPT_OPERATOR_KEY)"
+                )
             if status["state"] == "done":
                 return status
             last = f"round {status['round'] + 1}/{status['config']['rounds']}, state {status['state']}"
@@ -92,7 +105,7 @@ def round_rows(history: list[dict]) -> list[dict]:
     ]
 
 
-def test_accuracies(args: argparse.Namespace, status: dict, enroll_key: str | None, api_key: str | None) -> dict:
+def test_accuracies(args: argparse.Namespace, status: dict, operator_key: str | None, api_key: str | None) -> dict:
     from fed_clients.aggregator_client import AggregatorClient
     from fed_clients.client import PromptScorer
     from fed_clients.data import load_splits
@@ -106,8 +119,8 @@ def test_accuracies(args: argparse.Namespace, status: dict, enroll_key: str | No
     task = task_from(args)
     config = RunConfig.model_validate(status["config"])
     aggregator = AggregatorClient(args.aggregator)
-    if enroll_key:
-        aggregator.http.set_token(enroll_key)
+    if operator_key:
+        aggregator.http.set_token(operator_key)
     final = aggregator.global_state()
     aggregator.close()
     z = decode_tensor(final.mean)
@@ -145,6 +158,15 @@ def test_accuracies(args: argparse.Namespace, status: dict, enroll_key: str | No
     }
 
 
+def _settled(report: dict) -> dict:
+    """The report without what still moves after the run ended (LINK)."""
+    return {
+        **report,
+        "rounds": [{k: v for k, v in r.items() if k not in LINK} for r in report["rounds"] or []],
+        "totals": {k: v for k, v in (report["totals"] or {}).items() if k not in LINK},
+    }
+
+
 def _stored(path: Path) -> dict | None:
     try:
         return json.loads(path.read_text())
@@ -166,7 +188,8 @@ def main(argv: list[str] | None = None) -> None:
 
     setup_logging()
 
-    status = wait_for_done(args.aggregator, args.wait)
+    operator_key = os.environ.get("FEDBPT_OPERATOR_KEY")
+    status = wait_for_done(args.aggregator, operator_key, args.wait)
     rows = round_rows(status["history"])
     merged = [r for r in rows if r["state"] == "merged"]
     report = {
@@ -181,13 +204,13 @@ def main(argv: list[str] | None = None) -> None:
     }
     out = Path(args.out) / report["run_id"]
     stored = _stored(out / "report.json")
-    current = stored is not None and {k: stored.get(k) for k in report} == report
+    current = stored is not None and _settled({k: stored.get(k) for k in report}) == _settled(report)
     if current and not args.rescore and (args.test_size == 0 or "test_examples" in (stored or {})):
         # A finished run does not change: its stored report stands, and `up` again costs no test scoring.
         print(f"run {report['run_id']}: the stored report is current | {out / 'report.json'}", flush=True)
         return
     if args.test_size > 0:
-        report |= test_accuracies(args, status, os.environ.get("FEDBPT_ENROLL_KEY"), os.environ.get("FEDBPT_API_KEY"))
+        report |= test_accuracies(args, status, operator_key, os.environ.get("FEDBPT_API_KEY"))
 
     out.mkdir(parents=True, exist_ok=True)
     write_atomic(out / "report.json", json.dumps(report, indent=2))
@@ -208,7 +231,8 @@ def main(argv: list[str] | None = None) -> None:
         tested += f" | served: {report['served']} ({report['served_selection']['reason']})"
     print(
         f"run {report['run_id']}: {report['rounds_done']}/{status['config']['rounds']} rounds merged, "
-        f"{len(report['clients'])} clients, {report['totals']['queries']} service queries, "
+        f"{len(report['clients'])} clients, {report['totals']['queries']} service queries in their round updates "
+        "(a client's own count adds its start-up check and final prompt), "
         f"{report['totals']['tokens']} tokens{tested} | {out / 'report.json'}",
         flush=True,
     )

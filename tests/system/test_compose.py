@@ -29,7 +29,8 @@ from urllib.parse import urlsplit
 import pytest
 
 from fedbpt.cli import build_parser
-from fedbpt.loopback import free_port
+from fedbpt.loopback import free_port, serve_app
+from fedbpt_wire.logs import EXAMPLE_KEY_MARK
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE_FILE = ROOT / "docker-compose.yml"
@@ -53,7 +54,7 @@ REPLICA = ["python3", f"{HELPERS_IN_IMAGE}/replica.py"]
 REPORT = ["python3", f"{HELPERS_IN_IMAGE}/report.py"]
 SERVERS = ("inference-cpu", "inference-gpu", "aggregator")
 INFERENCE = ("inference-cpu", "inference-gpu")
-KEY_VARS = ("FEDBPT_API_KEYS", "FEDBPT_API_KEY", "FEDBPT_ENROLL_KEY")
+KEY_VARS = ("FEDBPT_API_KEYS", "FEDBPT_API_KEY", "FEDBPT_ENROLL_KEY", "FEDBPT_OPERATOR_KEY")
 
 
 # ---------------------------------------------------------------------------------------------- loading
@@ -539,6 +540,10 @@ def test_volumes_for_state_assets_data_and_reports(compose, parser, report_parse
     assert not state["read_only"]
     out = parse(report_parser, services["report"]["command"]).out
     assert mounts("report")["reports"]["target"] == out and not mounts("report")["reports"]["read_only"]
+    # the clients' prompt files land beside the run's report, in the volume `docker compose cp` reads
+    assert mounts("client")["reports"]["target"] == out and not mounts("client")["reports"]["read_only"]
+    run_id = Path(parse(parser, services["aggregator"]["command"]).db).stem
+    assert services["client"]["environment"]["FEDBPT_PROMPT_DIR"] == f"{out}/{run_id}/prompts"
 
 
 def test_keys_and_settings_come_from_the_env_file(compose):
@@ -553,14 +558,18 @@ def test_keys_and_settings_come_from_the_env_file(compose):
     assert env_example["FEDBPT_API_KEY"] in env_example["FEDBPT_API_KEYS"].split(","), (
         "the clients' key must be one of the service's keys"
     )
+    # each example key is one the servers warn about loudly (fedbpt_wire.logs.warn_example_keys)
+    for var in KEY_VARS:
+        assert all(EXAMPLE_KEY_MARK in k for k in env_example[var].split(",")), var
 
     services = compose["services"]
     wanted = {
         "inference-cpu": {"FEDBPT_API_KEYS"},
         "inference-gpu": {"FEDBPT_API_KEYS"},
-        "aggregator": {"FEDBPT_ENROLL_KEY"},
+        # the operator key guards /v1/status's client ids and metrics; `report` reads them with it
+        "aggregator": {"FEDBPT_ENROLL_KEY", "FEDBPT_OPERATOR_KEY"},
         "client": {"FEDBPT_API_KEY", "FEDBPT_ENROLL_KEY"},
-        "report": {"FEDBPT_API_KEY", "FEDBPT_ENROLL_KEY"},
+        "report": {"FEDBPT_API_KEY", "FEDBPT_OPERATOR_KEY"},
         "assets": set(),
     }
     for name, keys in wanted.items():
@@ -878,3 +887,123 @@ def test_the_env_files_gpu_budget_is_the_demos_gpu_preset(parser):
         value = getattr(client if field in ("per_class", "batch_size") else agg, field)
         assert value == gpu[field], (key, value, gpu[field])
     assert agg.rounds == gpu["rounds"]
+
+
+# ---------------------------------------------------------------------------------------------- the helpers
+
+
+def test_replicas_write_their_prompt_files_into_the_prompt_dir():
+    replica = load_helper("replica")
+    argv = ["client", "--service", "http://inference:8000"]
+    env = {"FEDBPT_REPLICA_PREFIX": "fedbpt-client", "FEDBPT_PROMPT_DIR": "/reports/demo/prompts/"}
+    assert replica.client_argv(argv, env, name=lambda prefix: f"{prefix}-3") == [
+        *argv,
+        "--client-id",
+        "fedbpt-client-3",
+        "--prompt-out",
+        "/reports/demo/prompts/fedbpt-client-3.json",
+    ]
+    # the user's own choices stand; without the directory the client keeps its default file name
+    mine = [*argv, "--client-id", "me", "--prompt-out", "/tmp/p.json"]
+    assert replica.client_argv(mine, env) == mine
+    assert replica.client_argv([*argv, "--client-id", "me"], {}) == [*argv, "--client-id", "me"]
+
+
+class _Index(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        self.send_response(200 if self.path == "/simple/torch/" else 404)
+        self.end_headers()
+
+    def log_message(self, *args):
+        pass
+
+
+def test_an_unreachable_torch_index_fails_the_build_with_one_line_to_the_recipe():
+    """What the CPU service image's torch step runs first, against an index that answers and ones that do not."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Index)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{server.server_address[1]}"
+    check = [sys.executable, str(ROOT / "docker" / "torch-index-check")]
+    try:
+        ok = subprocess.run([*check, f"{base}/simple/"], capture_output=True, text=True, timeout=60)
+        assert ok.returncode == 0 and not ok.stderr, ok.stderr
+        for url in (f"{base}/nothing-here", f"http://127.0.0.1:{free_port()}/whl/cpu"):
+            bad = subprocess.run([*check, url], capture_output=True, text=True, timeout=60)
+            assert bad.returncode == 1 and len(bad.stderr.splitlines()) == 1, bad.stderr
+            assert url in bad.stderr and "docker/wheels/" in bad.stderr and "TORCH_INDEX_URL=" in bad.stderr
+            assert "Behind a proxy or without PyTorch's index" in (ROOT / "docs" / "docker.md").read_text()
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_the_torch_step_checks_its_index_first_and_only_when_one_is_set(dockerfiles):
+    cpu = dockerfiles["inference-cpu"]
+    step = next(r for r in cpu.runs() if '"$TORCH_REQUIREMENT"' in r)
+    check, _, install = step.partition("&& pip-install")
+    assert install, step
+    assert 'if [ -n "$TORCH_INDEX_URL" ]; then python3 /usr/local/bin/torch-index-check "$TORCH_INDEX_URL"; fi' in check
+    assert "docker/torch-index-check /usr/local/bin/torch-index-check" in cpu.all("COPY", cpu.stages[0])
+
+
+def test_the_report_reads_the_run_with_the_operator_key(tmp_path):
+    """Without the key the aggregator hides the clients and metrics: `report` says so instead of writing a
+    report without them; with it, it waits for the run."""
+    from aggregator.app import create_app
+    from fedbpt_wire.federation import RunConfig
+
+    report = load_helper("report")
+    config = RunConfig(run_id="r", intrinsic_dim=4, rounds=1, round_timeout_s=30.0)
+    app = create_app(config, str(tmp_path / "run.db"), enroll_key="enroll", operator_key="the-operator")
+    with serve_app(app) as url:
+        for key in (None, "enroll", "wrong"):
+            with pytest.raises(SystemExit, match="give report its operator key"):
+                report.wait_for_done(url, key, wait_s=30, poll_s=0.1)
+        with pytest.raises(SystemExit, match="did not finish within"):
+            report.wait_for_done(url, "the-operator", wait_s=0.5, poll_s=0.1)
+
+
+# What `make compose-venv` installs (.venv-compose): enough to drive Docker, nothing of the stack itself.
+COMPOSE_VENV_BLOCKED = [
+    *SERVICE_ONLY,
+    "numpy",
+    "pydantic",
+    "fastapi",
+    "uvicorn",
+    "starlette",
+    "cma",
+    "matplotlib",
+    "yaml",
+    "schemathesis",
+    "cryptography",
+    "pyarrow",
+    "platformdirs",
+]
+
+
+def test_the_stack_test_imports_only_what_its_light_venv_has():
+    """`make compose-test` runs in .venv-compose (pytest, pytest-timeout, hypothesis, httpx): the stack test
+    module and the conftest it loads must not need the stack's packages."""
+    makefile = (ROOT / "Makefile").read_text()
+    installs = re.search(r"^\$\(COMPOSE_STAMP\):.*?\n((?:\t.*\n)+)", makefile, re.M | re.S).group(1)
+    for package in ("pytest", "pytest-timeout", "hypothesis", "httpx"):
+        assert re.search(rf"'{package}[<>=]", installs), package
+    code = (
+        "import importlib.abc, sys\n"
+        "BLOCKED = set(sys.argv[1].split(','))\n"
+        "class Block(importlib.abc.MetaPathFinder):\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] in BLOCKED:\n"
+        "            raise ImportError(f'{name} is not in .venv-compose')\n"
+        "sys.meta_path.insert(0, Block())\n"
+        "import tests.conftest, tests.system.test_compose_stack\n"
+        "print('ok')\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code, ",".join(COMPOSE_VENV_BLOCKED)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+    )
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stdout + out.stderr

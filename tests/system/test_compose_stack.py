@@ -34,6 +34,7 @@ RUN_VARS = (
     "FEDBPT_API_KEYS",
     "FEDBPT_API_KEY",
     "FEDBPT_ENROLL_KEY",
+    "FEDBPT_OPERATOR_KEY",
     "CLIENTS",
     "ROUNDS",
     "RUN_ID",
@@ -146,9 +147,10 @@ def wait_until(what: str, done, timeout: float, stack: Stack, poll_s: float = 5.
     raise AssertionError(f"{what}: not after {timeout:.0f} s\n{stack.diagnosis()}")
 
 
-def aggregator_status(port: int) -> dict | None:
+def aggregator_status(port: int, operator_key: str | None) -> dict | None:
+    headers = {"Authorization": f"Bearer {operator_key}"} if operator_key else {}
     try:
-        return httpx.get(f"http://127.0.0.1:{port}/v1/status", timeout=10).json()
+        return httpx.get(f"http://127.0.0.1:{port}/v1/status", headers=headers, timeout=10).json()
     except httpx.HTTPError:
         return None
 
@@ -168,7 +170,10 @@ def one_shots_exited(stack: Stack, services: tuple[str, ...], count: dict[str, i
 def wait_for_the_run(stack: Stack, port: int) -> dict:
     """Until the aggregator's run is done and every client and the report exited 0 (without a restart)."""
     status = wait_until(
-        "the run is done", lambda: (s := aggregator_status(port)) and s["state"] == "done" and s, RUN_S, stack
+        "the run is done",
+        lambda: (s := aggregator_status(port, stack.operator_key)) and s["state"] == "done" and s,
+        RUN_S,
+        stack,
     )
     exited = wait_until(
         "clients and report exit",
@@ -233,11 +238,12 @@ def stack(tmp_path):
     problem = _engine_problem()
     if problem:
         pytest.skip(f"{problem}: the container stack test needs a Docker engine with Compose v2")
-    key, enroll = secrets.token_urlsafe(24), secrets.token_urlsafe(24)
+    key, enroll, operator = (secrets.token_urlsafe(24) for _ in range(3))
     settings = {
         "FEDBPT_API_KEYS": key,
         "FEDBPT_API_KEY": key,
         "FEDBPT_ENROLL_KEY": enroll,
+        "FEDBPT_OPERATOR_KEY": operator,
         "CLIENTS": CLIENTS,
         "ROUNDS": ROUNDS,
         "RUN_ID": RUN_ID,
@@ -250,6 +256,7 @@ def stack(tmp_path):
     env_file.write_text("".join(f"{k}={v}\n" for k, v in settings.items()))
     s = Stack(env_file, tmp_path / "compose.log")
     s.ports = {"service": settings["SERVICE_PORT"], "aggregator": settings["AGGREGATOR_PORT"]}
+    s.operator_key = operator
     # A stack left behind by an interrupted run would resume its finished run instead of starting one.
     s.run("down", "-v", "--remove-orphans", timeout=300)
     try:
@@ -292,6 +299,22 @@ def test_the_cpu_stack_builds_runs_reports_and_resumes(stack, tmp_path):
     claims = dict(re.findall(r"(\S+) claimed partition (\d+)/", stack.logs("client")))
     assert set(claims) == {f"{PROJECT}-client-{n}" for n in range(1, CLIENTS + 1)}, claims
     assert sorted(claims.values()) == [str(k) for k in range(CLIENTS)], claims
+    # /v1/status shows the clients and metrics to the operator key's holder only
+    public = aggregator_status(stack.ports["aggregator"], None)
+    assert public["redacted"] and not public["clients"], public
+    assert all(not r["reporters"] and r["val_accuracy"] is None for r in public["history"]), public
+    client_logs = stack.logs("client")
+    # Each client's count of its round updates' queries is what the report sums; its total adds the rest.
+    counts = re.findall(r"(\d+) service queries \((\d+) in its accepted round updates[^;]*; (\d+) besides", client_logs)
+    assert len(counts) == CLIENTS, client_logs[-4000:]
+    assert sum(int(rounds) for _, rounds, _ in counts) == report["totals"]["queries"], counts
+    assert all(int(total) == int(rounds) + int(rest) and int(rest) > 0 for total, rounds, rest in counts), counts
+    # The prompt files are in the reports volume, copied out with the report.
+    printed = re.findall(r"prompt file: (\S+)", client_logs)
+    assert sorted(printed) == sorted(f"/reports/{RUN_ID}/prompts/{c}.json" for c in status["clients"]), printed
+    for c in status["clients"]:
+        prompt = json.loads((tmp_path / "report-1" / RUN_ID / "prompts" / f"{c}.json").read_text())
+        assert prompt["format"].startswith("fedbpt-prompt/"), prompt
     print(
         f"compose-test: {report['rounds_done']} rounds, validation accuracy "
         f"{[r['val_accuracy'] for r in report['rounds']]}, {report['totals']['queries']} queries, "
@@ -330,4 +353,5 @@ def test_the_cpu_stack_builds_runs_reports_and_resumes(stack, tmp_path):
         }
 
     assert without_link_bytes(second) == without_link_bytes(report), "the report of the resumed run differs"
+    assert "the stored report is current" in stack.logs("report"), "the second `up` scored the test split again"
     print("compose-test: " + ", ".join(f"{k} {v:.0f} s" for k, v in timings.items()), flush=True)
