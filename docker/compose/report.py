@@ -27,22 +27,10 @@ from pathlib import Path
 import httpx
 import numpy as np
 
+from fedbpt_wire.round_table import SUMMARY, round_table
+
 log = logging.getLogger(__name__)
 
-ROW_FIELDS = (
-    "round",
-    "state",
-    "val_accuracy",
-    "val_loss",
-    "queries",
-    "sequences",
-    "tokens",
-    "service_bytes",
-    "bytes_up",
-    "bytes_down",
-    "clients",
-    "seconds",
-)
 COSTS = ("queries", "sequences", "tokens", "service_bytes", "bytes_up", "bytes_down")
 # The aggregator link's bytes of a finished run's last round still grow: replicas started again claim, register
 # and poll, and that is metered there. The rest of a finished run does not change.
@@ -94,26 +82,13 @@ def wait_for_done(url: str, operator_key: str | None, wait_s: float, poll_s: flo
     sys.exit(f"report: the run did not finish within {wait_s:.0f} s ({last})")
 
 
-def round_rows(history: list[dict]) -> list[dict]:
-    return [
-        {
-            **{k: rec[k] for k in ROW_FIELDS if k in rec},
-            "clients": len(rec["reporters"]),
-            "seconds": round((rec["closed_at"] or rec["opened_at"]) - rec["opened_at"], 3),
-        }
-        for rec in history
-    ]
-
-
 def test_accuracies(args: argparse.Namespace, status: dict, operator_key: str | None, api_key: str | None) -> dict:
     from fed_clients.aggregator_client import AggregatorClient
     from fed_clients.client import PromptScorer
     from fed_clients.data import load_splits
     from fed_clients.runner import task_from
     from fed_clients.service_client import ServiceClient
-    from fed_clients.tasks import with_placement
     from fedbpt_wire.federation import RunConfig
-    from fedbpt_wire.projection import projection_for
     from fedbpt_wire.tensors import decode_tensor
 
     task = task_from(args)
@@ -138,14 +113,8 @@ def test_accuracies(args: argparse.Namespace, status: dict, operator_key: str | 
     try:
         info = service.model_info()
         labels = np.array([ex.label for ex in test])
-        zero = PromptScorer(service, task, None, info.kind, info.max_texts).logits(None, test)[0]
-        tuned = PromptScorer(
-            service,
-            with_placement(task, config.prompt_placement),
-            projection_for(config, info),
-            info.kind,
-            info.max_texts,
-        ).logits(z[None], test)[0]
+        zero = PromptScorer.manual(service, task, info).logits(None, test)[0]
+        tuned = PromptScorer.for_run(service, task, config, info).logits(z[None], test)[0]
     finally:
         service.close()
     return {
@@ -190,7 +159,7 @@ def main(argv: list[str] | None = None) -> None:
 
     operator_key = os.environ.get("FEDBPT_OPERATOR_KEY")
     status = wait_for_done(args.aggregator, operator_key, args.wait)
-    rows = round_rows(status["history"])
+    rows = round_table(status["history"])
     merged = [r for r in rows if r["state"] == "merged"]
     report = {
         "run_id": status["config"]["run_id"],
@@ -215,7 +184,7 @@ def main(argv: list[str] | None = None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     write_atomic(out / "report.json", json.dumps(report, indent=2))
     table = io.StringIO()
-    writer = csv.DictWriter(table, fieldnames=ROW_FIELDS)
+    writer = csv.DictWriter(table, fieldnames=SUMMARY)
     writer.writeheader()
     writer.writerows(rows)
     write_atomic(out / "rounds.csv", table.getvalue())
