@@ -369,7 +369,8 @@ class Coordinator:
         if merge:
             candidate = load_strategy(blob, self.config)
             try:
-                result, clipped = merge_round(candidate, updates, self.config)
+                newcomers = self.store.newcomers(o.round, self.config.newcomer_rounds)
+                result, clipped = merge_round(candidate, updates, self.config, newcomers)
                 if clipped:
                     log.warning("round %d: %d of %d updates bounded before the merge", o.round, clipped, len(updates))
             except Exception:

@@ -182,6 +182,17 @@ class Store:
             (client_id, token_sha256, num_samples, now),
         )
 
+    def newcomers(self, round_: int, rounds: int) -> set[str]:
+        """Ids registered after round 0 opened with updates in fewer than `rounds` merged rounds before `round_`.
+        A re-registration keeps the id's first registration time, so a restart does not make a founder new."""
+        rows = self._query(
+            "SELECT c.client_id FROM clients c JOIN rounds r0 ON r0.round = 0 WHERE c.registered_at > r0.opened_at "
+            "AND (SELECT COUNT(*) FROM updates u JOIN rounds r ON r.round = u.round WHERE u.client_id = c.client_id "
+            "AND u.round < ? AND r.state = 'merged') < ?",
+            (round_, rounds),
+        )
+        return {r[0] for r in rows}
+
     def client_by_token(self, token_sha256: str) -> str | None:
         rows = self._query("SELECT client_id FROM clients WHERE token_sha256 = ?", (token_sha256,))
         return rows[0][0] if rows else None

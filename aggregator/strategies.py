@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -115,6 +115,8 @@ def bound_updates(
     clip_multiple: float,
     max_weight_ratio: float,
     sigma0: float,
+    newcomers: Collection[str] = (),
+    newcomer_clip: float = 1.0,
 ) -> tuple[list[ClientUpdate], int]:
     """The round's updates with every client's pull on the merge bounded; and how many were changed.
 
@@ -124,17 +126,23 @@ def bound_updates(
       The radius follows sigma down but never above sigma0: clients raise sigma, so they must not raise it.
     - step sizes: each at most SIGMA_CLIP x max(sigma, local_sigma), both bounded by the run (`sigma_bound`).
     - num_samples: at most max_weight_ratio x the round's median (fedavg-z's weights).
+    - `newcomers` (ids that joined after round 0 and have not yet reported in a few merged rounds): mean at most
+      newcomer_clip x the radius, step sizes at most max(sigma, local_sigma). The merged mean is a convex
+      combination, so the new ids together pull it at most newcomer_clip x radius, however many they are.
     """
     d = center.shape[0]
     radius = clip_multiple * min(sigma, sigma0) * math.sqrt(d) if clip_multiple > 0 else math.inf
     sigma_cap = SIGMA_CLIP * max(sigma, local_sigma or 0.0)
     median_n = float(np.median([u.num_samples for u in updates])) if updates else 0.0
     n_cap = max_weight_ratio * median_n if median_n > 0 else math.inf
+    newcomer_sigma_cap = max(sigma, local_sigma or 0.0)
     out, changed = [], 0
     for u in updates:
-        mean, moved = clip_displacement(u.mean, center, radius)
-        sigmas = [min(float(s), sigma_cap) for s in u.sigmas]
-        final = None if u.final_sigma is None else min(float(u.final_sigma), sigma_cap)
+        new = u.client_id in newcomers
+        mean, moved = clip_displacement(u.mean, center, radius * newcomer_clip if new else radius)
+        cap = newcomer_sigma_cap if new else sigma_cap
+        sigmas = [min(float(s), cap) for s in u.sigmas]
+        final = None if u.final_sigma is None else min(float(u.final_sigma), cap)
         n = int(min(u.num_samples, n_cap))
         if moved or sigmas != [float(s) for s in u.sigmas] or final != u.final_sigma or n != u.num_samples:
             changed += 1
@@ -397,11 +405,15 @@ def make_strategy(config: RunConfig, popsize: int) -> Strategy:
 
 
 def merge_round(
-    strategy: Strategy, updates: Sequence[tuple[str, UpdateRequest]], config: RunConfig
+    strategy: Strategy,
+    updates: Sequence[tuple[str, UpdateRequest]],
+    config: RunConfig,
+    newcomers: Collection[str] = (),
 ) -> tuple[MergeResult, int]:
     """A round's validated updates, in client-id order, bounded against `strategy`'s state (unless each client's
     mean moves only its own prompt) and merged into it: the merge's result and how many updates were bounded.
-    Every host of the strategies (the native coordinator, the Flower ServerApp) merges through here."""
+    Every host of the strategies (the native coordinator, the Flower ServerApp) merges through here; `newcomers`
+    are the ids still new to the run (bound_updates)."""
     ups = [
         ClientUpdate(cid, decode_tensor(u.mean), u.fitness, u.sigmas, u.num_samples, u.final_sigma)
         for cid, u in updates
@@ -411,7 +423,15 @@ def merge_round(
         return strategy.merge(ups), clipped
     before = strategy.sigma
     ups, clipped = bound_updates(
-        ups, strategy.mean, before, strategy.local_sigma, config.clip_multiple, config.max_weight_ratio, config.sigma0
+        ups,
+        strategy.mean,
+        before,
+        strategy.local_sigma,
+        config.clip_multiple,
+        config.max_weight_ratio,
+        config.sigma0,
+        newcomers if config.newcomer_rounds > 0 else (),
+        config.newcomer_clip,
     )
     result = strategy.merge(ups)
     if strategy.limit_sigma(sigma_bound(before, config.sigma0)):

@@ -91,6 +91,20 @@ class RunConfig(BaseModel):
         ge=1,
         description="fedavg-z: no client weighs more than this many times the round's median num_samples",
     )
+    newcomer_rounds: int = Field(
+        default=2,
+        ge=0,
+        description="an id registered after round 0 opened is new until it has reported in this many merged "
+        "rounds; while new, its update is bounded by newcomer_clip (0: no newcomer bound)",
+    )
+    newcomer_clip: float = Field(
+        default=0.25,
+        ge=0,
+        le=1,
+        description="a new id's mean may lie at most this share of the clip radius from the global mean, and "
+        "its step sizes not above the global ones: however many ids join late, they move the global mean at "
+        "most that far in a round",
+    )
     robust_merge: RobustMerge = Field(
         default="none",
         description="fedavg-z: the n-weighted mean ('none'), or the coordinate-wise median or "

@@ -20,6 +20,7 @@ from aggregator.strategies import (
     make_strategy,
     merge_round,
     robust_average,
+    sigma_bound,
 )
 from fed_clients.aggregator_client import AggregatorClient
 from fed_clients.credentials import TokenFile
@@ -28,7 +29,7 @@ from fedbpt.loopback import serve_app
 from fedbpt_wire.federation import ClientCosts, ClientMetrics, RunConfig, UpdateRequest
 from fedbpt_wire.tensors import encode_tensor
 
-from .test_aggregator import D, body, config, live, mean_of, register
+from .test_aggregator import D, body, config, live, mean_of, play, register, wait_for
 
 OPERATOR = {"Authorization": "Bearer the-operator"}
 
@@ -106,6 +107,16 @@ def test_bound_updates_by_hand():
     assert out[0].sigmas == [0.5, 10.0] and out[0].final_sigma == 10.0
     assert out[1].mean.tolist() == [0.1, 0, 0, 0] and out[1].sigmas == [0.5] and out[1].num_samples == 10
     assert out[2].num_samples == 20 and changed == 2
+
+
+def test_a_new_ids_update_is_bounded_tighter_by_hand():
+    center = np.zeros(4)
+    ups = [ClientUpdate(cid, np.full(4, 10.0), 0.0, [50.0, 0.5], 10, 50.0) for cid in ("old", "new")]
+    out, changed = bound_updates(ups, center, 1.0, 0.5, 4.0, 4.0, 1.0, newcomers={"new"}, newcomer_clip=0.25)
+    old, new = out
+    assert changed == 2
+    assert np.linalg.norm(old.mean) == pytest.approx(4.0 * 2) and np.linalg.norm(new.mean) == pytest.approx(2.0)
+    assert old.sigmas == [SIGMA_CLIP * 1.0, 0.5] and new.sigmas == [1.0, 0.5] and new.final_sigma == 1.0
 
 
 def test_the_clip_radius_never_grows_past_sigma0s():
@@ -203,3 +214,76 @@ def test_a_restarted_client_rebinds_its_own_id_from_its_token_file(tmp_path):
         assert taken.value.status == 409 and "already registered" in taken.value.detail
         for c in (first, again):
             c.close()
+
+
+def _late_sybils(http, n_sybils: int) -> tuple[np.ndarray, np.ndarray, dict, float]:
+    """Honest a, b, c start the run; n_sybils ids register once round 0 is open and, in round 1, all report a
+    far mean with the best fitness and huge step sizes while the honest clients report the mean they were handed.
+    Returns (round 1's mean, the mean after it, round 1's record, sigma after)."""
+    honest = {cid: register(http, cid) for cid in ("a", "b", "c")}
+    assert http.get("/v1/round", headers=honest["a"]).json()["state"] == "open"
+    sybils = {f"s{i}": register(http, f"s{i}") for i in range(n_sybils)}
+    handed = mean_of(http.get("/v1/round", headers=honest["a"]).json()["mean"])
+    for heads in honest.values():
+        assert http.post("/v1/round/update", json=body(0, handed), headers=heads).status_code == 200
+    task = http.get("/v1/round", headers=honest["a"]).json()
+    assert task["round"] == 1 and task["state"] == "open", task
+    before = mean_of(task["mean"])
+    for heads in honest.values():
+        assert http.post("/v1/round/update", json=body(1, before), headers=heads).status_code == 200
+    far = before + 1e3
+    for heads in sybils.values():
+        r = http.post("/v1/round/update", json=body(1, far, fitness=-1e9, sigmas=(1e5, 1e5)), headers=heads)
+        assert r.status_code == 200, r.text
+    state = http.get("/v1/global", headers=OPERATOR).json()
+    r1 = http.get("/v1/status", headers=OPERATOR).json()["history"][1]
+    return before, mean_of(state["mean"]), r1, state["sigma"]
+
+
+@pytest.mark.parametrize("strategy", ["fedbpt", "fedavg-z"])
+def test_ids_that_join_late_move_the_mean_at_most_the_newcomer_share_however_many(tmp_path, strategy):
+    """Issue 24: 20 Sybil ids beside 3 honest clients moved the mean the whole clip radius in a round. Ids that
+    register after round 0 opened are new for their first newcomer_rounds reported rounds: together they pull the
+    mean at most newcomer_clip x the radius, and their step sizes do not raise the global one."""
+    cfg = config(strategy=strategy, min_clients=3, rounds=3, newcomer_clip=0.25)
+    with live(cfg, tmp_path / "run.db", operator_key="the-operator") as http:
+        before, after, r1, sigma = _late_sybils(http, 20)
+    radius = cfg.clip_multiple * min(r1["sigma_before"], cfg.sigma0) * math.sqrt(D)
+    moved = float(np.linalg.norm(after - before))
+    assert 0 < moved <= 0.25 * radius + 1e-6, (moved, radius)
+    assert r1["clipped"] == 20 and r1["state"] == "merged"
+    assert sigma <= sigma_bound(r1["sigma_before"], cfg.sigma0) + 1e-9
+
+    # Without the newcomer bound the same 20 ids pull the mean past that share, towards the whole radius.
+    with live(
+        config(strategy=strategy, min_clients=3, rounds=3, newcomer_rounds=0),
+        tmp_path / "open.db",
+        operator_key="the-operator",
+    ) as http:
+        before, after, r1, _ = _late_sybils(http, 20)
+    assert float(np.linalg.norm(after - before)) > 0.5 * radius
+
+
+def test_founders_and_ids_that_have_reported_are_not_new(tmp_path):
+    """The bound is for new ids only: a founder re-registering after a restart, and a late id once it has reported
+    in newcomer_rounds merged rounds, are bounded as everyone else."""
+    from aggregator.store import Store
+
+    cfg = config(min_clients=2, rounds=4, newcomer_rounds=1)
+    with live(cfg, tmp_path / "run.db", operator_key="the-operator") as http:
+        heads = {cid: register(http, cid) for cid in ("a", "b")}
+        late = register(http, "late")
+        heads["a"] = register(http, "a", key="the-operator")  # a founder registered again: the operator re-binds it
+        store = Store(str(tmp_path / "run.db"))
+        try:
+            assert store.newcomers(1, 1) == {"late"}
+            for cid, h in heads.items():
+                play(http, cid, 0, h)
+            wait_for(lambda: http.get("/v1/round", headers=late).json()["round"] == 1, what="round 1")
+            for k, (cid, h) in enumerate({**heads, "late": late}.items()):
+                play(http, cid, k, h)
+            wait_for(lambda: http.get("/v1/round", headers=late).json()["round"] == 2, what="round 2")
+            assert store.newcomers(1, 1) == {"late"}  # before round 1 it had reported in no merged round
+            assert store.newcomers(2, 1) == set()  # round 1 merged with its update
+        finally:
+            store.close()
