@@ -10,8 +10,10 @@ FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 def setup_logging(verbose: bool = False) -> None:
     """INFO (DEBUG with `verbose`) to stderr; a no-op where the process already configured logging."""
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format=FORMAT)
-    # One line per HTTP request would drown the progress lines.
+    # One line per HTTP request would drown the progress lines; matplotlib's font-cache notice is nothing a user
+    # can act on.
     logging.getLogger("httpx").setLevel(logging.WARNING)
+    logging.getLogger("matplotlib").setLevel(logging.WARNING)
 
 
 # What .env.example's keys hold: a stack started with them is open to anyone who read the example.
@@ -40,7 +42,17 @@ class DropQueryStrings(logging.Filter):
         return True
 
 
+class DropHealthChecks(logging.Filter):
+    """No access-log line for a successful /healthz: compose and load balancers poll it every few seconds, and
+    those lines drowned everything else in the servers' logs. A failing health check is still logged."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args
+        return not (isinstance(args, tuple) and len(args) >= 5 and args[2] == "/healthz" and args[4] == 200)
+
+
 def redact_access_log() -> None:
     access = logging.getLogger("uvicorn.access")
-    if not any(isinstance(f, DropQueryStrings) for f in access.filters):
-        access.addFilter(DropQueryStrings())
+    for kind in (DropQueryStrings, DropHealthChecks):
+        if not any(isinstance(f, kind) for f in access.filters):
+            access.addFilter(kind())

@@ -17,7 +17,7 @@ import pytest
 from aggregator.app import create_app
 from fedbpt.loopback import free_port, serve_app
 from fedbpt_wire.asgi import header_timeout_protocol
-from fedbpt_wire.logs import DropQueryStrings
+from fedbpt_wire.logs import DropHealthChecks, DropQueryStrings
 
 from .test_aggregator import ROOT, config, wait_for
 
@@ -144,3 +144,15 @@ def test_query_strings_are_dropped_from_the_access_log():
     )  # fmt: skip
     assert DropQueryStrings().filter(record) and "s3cret" not in record.getMessage()
     assert "/v1/round?[query dropped]" in record.getMessage()
+
+
+def test_successful_health_checks_stay_out_of_the_access_log():
+    def record(path: str, status: int) -> logging.LogRecord:
+        return logging.LogRecord(
+            "uvicorn.access", logging.INFO, __file__, 1, '%s - "%s %s HTTP/%s" %d',
+            ("127.0.0.1:5000", "GET", path, "1.1", status), None,
+        )  # fmt: skip
+
+    assert not DropHealthChecks().filter(record("/healthz", 200))
+    assert DropHealthChecks().filter(record("/healthz", 503))  # a failing check is worth a line
+    assert DropHealthChecks().filter(record("/v1/status", 200))
