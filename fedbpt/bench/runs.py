@@ -237,6 +237,7 @@ class Bench:
                 "label_words": g.label_words or None,
                 "per_class": per_class or None,
                 "alpha": setting.alpha if clients > 1 else None,
+                "state_dir": run_dir / "state",  # the clients' tokens stay with their run, not in the home folder
             }
             for k in range(clients)
         ]
