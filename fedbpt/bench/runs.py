@@ -237,7 +237,9 @@ class Bench:
                 "label_words": g.label_words or None,
                 "per_class": per_class or None,
                 "alpha": setting.alpha if clients > 1 else None,
-                "state_dir": run_dir / "state",  # the clients' tokens stay with their run, not in the home folder
+                # Tokens and prompt files stay with their run, not in the home folder or the working directory.
+                "state_dir": run_dir / "state",
+                "prompt_out": run_dir / f"prompt-client-{k}.json",
             }
             for k in range(clients)
         ]
