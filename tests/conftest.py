@@ -20,8 +20,9 @@ ROOT = Path(__file__).resolve().parents[1]
 _TOOL_CACHES = (".pytest_cache", ".hypothesis", ".cache/", ".mypy_cache", ".ruff_cache", ".venv")
 
 
-def _checkout_files() -> set[str] | None:
-    """Untracked and ignored paths of the checkout (None outside a git checkout)."""
+def _checkout_files() -> dict[str, int] | None:
+    """Untracked and ignored paths of the checkout with their modification times (None outside a git checkout): a
+    file a test writes again under an existing name counts as left behind too."""
     try:
         out = subprocess.run(
             ["git", "status", "--porcelain", "--ignored", "--untracked-files=all"],
@@ -35,7 +36,15 @@ def _checkout_files() -> set[str] | None:
     if out.returncode != 0:
         return None
     paths = {line[3:] for line in out.stdout.splitlines() if line[:2] in ("??", "!!")}
-    return {p for p in paths if "__pycache__" not in p and not p.startswith(_TOOL_CACHES)}
+    kept = [p for p in paths if "__pycache__" not in p and not p.startswith(_TOOL_CACHES)]
+    return {p: _mtime(ROOT / p) for p in kept}
+
+
+def _mtime(path: Path) -> int:
+    try:
+        return path.stat().st_mtime_ns
+    except OSError:
+        return -1
 
 
 def _home_state_files() -> set[str]:
@@ -59,7 +68,10 @@ def pytest_sessionfinish(session, exitstatus):
     before = getattr(session.config, "_fedbpt_checkout_before", None)
     after = _checkout_files()
     home = sorted(_home_state_files() - getattr(session.config, "_fedbpt_home_before", set()))
-    left = home + (sorted(after - before) if before is not None and after is not None else [])
+    written = []
+    if before is not None and after is not None:
+        written = sorted(p for p, t in after.items() if before.get(p) != t)
+    left = home + written
     if left:
         session.config.pluginmanager.get_plugin("terminalreporter").write_line(
             f"FAILED: the test run left files behind: {', '.join(left[:10])}", red=True
