@@ -121,14 +121,12 @@ class FedBPTClient:
         self.client_id = client_id
         self.service = service
         self.manual_task = task
-        self.task = with_placement(task, config.prompt_placement)
         self.train = train
         self.val = val
         self.config = config
         self.batch_size = batch_size
         info = service.model_info()
-        projection = projection_for(config, info)
-        self.scorer = PromptScorer(service, self.task, projection, info.kind, info.max_texts)
+        self.scorer = PromptScorer.for_run(service, task, config, info)
         self.words = corpus_words(train)
         self.tag = zlib.crc32(client_id.encode())
         self._baseline: np.ndarray | None = None
@@ -138,7 +136,7 @@ class FedBPTClient:
         global prompt competes with. Scored once: it never changes."""
         if self._baseline is None:
             info = self.service.model_info()
-            manual = PromptScorer(self.service, self.manual_task, None, info.kind, info.max_texts)
+            manual = PromptScorer.manual(self.service, self.manual_task, info)
             self._baseline = manual.logits(None, self.train + self.val)[0]
         return self._baseline
 

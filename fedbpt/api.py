@@ -59,14 +59,10 @@ def run_federation(config: DemoConfig | None = None, **settings: Any) -> RunRepo
 
     `settings` are DemoConfig fields (e.g. rounds=2, clients=3, task="my_task.json", data="mine.csv") over the
     CPU preset, or over `config` where given; RunConfig fields DemoConfig does not name go in `run={...}`."""
-    import fedbpt_assets
-
     if config is None:
         config = config_from({"preset": "cpu", **settings}, has_cuda=lambda: False)
     elif settings:
         config = dataclasses.replace(config, **settings)
-    if config.model == DemoConfig.model:
-        fedbpt_assets.fetch_all()
     report = run_demo(config)
     return RunReport.from_report(report, Path(config.runs_dir) / config.name)
 
@@ -113,7 +109,6 @@ class Classifier:
         from fed_clients.prompt_file import read_prompt
         from fed_clients.runner import START_RETRIES
         from fed_clients.service_client import ServiceClient
-        from fedbpt_wire.projection import projection_for
 
         tuned_prompt = read_prompt(str(prompt))
         client = ServiceClient(
@@ -127,8 +122,7 @@ class Classifier:
             raise
         # z and the seed travel instead of L x D floats per prompt, where the service takes that form.
         client.prompt_wire = "seed" if info.max_projection_values is not None else "float32"
-        projection = projection_for(tuned_prompt.config, info)
-        tuned = PromptScorer(client, tuned_prompt.placed, projection, info.kind, info.max_texts)
+        tuned = PromptScorer.for_run(client, tuned_prompt.task, tuned_prompt.config, info)
         manual = PromptScorer.manual(client, tuned_prompt.task, info)
         return cls(tuned_prompt, tuned, manual, client)
 
