@@ -34,6 +34,31 @@ def few_shot(train, per_class: int, seed: int):
     return [train[i] for i in sorted(picked)]
 
 
+def embedding_basis(engine, seed: int, intrinsic_dim: int, prompt_length: int, dim: int, std: float) -> np.ndarray:
+    """A [d, L*D] projection whose row i moves prompt position l along a real token's embedding, centred on the
+    table's mean and scaled to the normal basis's entry std: directions with the embedding table's covariance."""
+    rng = np.random.Generator(np.random.PCG64([seed, 3]))
+    vocab = engine.info.vocab_size
+    centre = engine.token_embeddings(rng.integers(0, vocab, 4096)).mean(axis=0)
+    rows = engine.token_embeddings(rng.integers(0, vocab, intrinsic_dim * prompt_length)) - centre
+    rows *= std / rows.std()
+    return rows.reshape(intrinsic_dim, prompt_length * dim).astype(np.float32)
+
+
+def iterations_within(args, train_size: int) -> int:
+    """The most iterations (at least 1) whose batches and robust-bias refits fit in --budget sequences."""
+    per_iteration = args.popsize * min(args.batch_size, train_size)
+    refit = train_size if args.fitness == "robust-bias" else 0
+
+    def cost(k: int) -> int:
+        return k * per_iteration + -(-k // args.bias_every) * refit
+
+    k = 1
+    while cost(k + 1) <= args.budget:
+        k += 1
+    return k
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--task", default="amazon_snippets")
@@ -46,6 +71,24 @@ def main(argv=None) -> dict:
     ap.add_argument("--intrinsic-dim", type=int, default=100)
     ap.add_argument("--popsize", type=int, default=10)
     ap.add_argument("--iterations", type=int, default=10)
+    ap.add_argument(
+        "--budget",
+        type=int,
+        default=0,
+        help="scored sequences the search may spend (bias refits included); sets --iterations when given",
+    )
+    ap.add_argument(
+        "--checkpoints",
+        default="",
+        help="comma-separated sequence counts at which to evaluate the search's mean on the test set "
+        "(the accuracy-vs-sequences curve; the evaluation itself is not counted)",
+    )
+    ap.add_argument(
+        "--basis",
+        choices=["normal", "embeddings"],
+        default="normal",
+        help="the projection's rows: normal (today's) or each position a real token's centred embedding",
+    )
     ap.add_argument("--sigma0", type=float, default=1.0)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument(
@@ -67,6 +110,13 @@ def main(argv=None) -> dict:
     ap.add_argument("--test-size", type=int, default=1000)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-kv-reuse", action="store_true")
+    ap.add_argument(
+        "--prefix-cache-mb",
+        type=int,
+        default=2048,
+        help="the engine's cache of text heads across calls: large enough for every training and test text, "
+        "so evaluations and batches that repeat a text pay only for the prompt (logits unchanged)",
+    )
     ap.add_argument("--device", default=None, help="torch device (default: cuda where present, else cpu)")
     ap.add_argument("--screen", action="store_true", help="only the initial prompt's accuracy on 200 test examples")
     ap.add_argument("--variants", default="", help="';'-separated variants of key=value overrides of the flags above")
@@ -75,10 +125,17 @@ def main(argv=None) -> dict:
 
     from fed_clients.data import load_splits
     from inference_service.engine import ScoreBatch
+    from inference_service.limits import Limits
     from inference_service.server import build_engine
 
     t_start = time.perf_counter()
-    engine = build_engine(args.model, dtype=args.dtype, device=args.device, kv_reuse=not args.no_kv_reuse)
+    engine = build_engine(
+        args.model,
+        dtype=args.dtype,
+        device=args.device,
+        kv_reuse=not args.no_kv_reuse,
+        limits=Limits(max_prefix_cache_bytes=args.prefix_cache_mb * 2**20),
+    )
     task = get_task(args.task, args.label_words)
     splits = load_splits("default", task)
     train = few_shot(splits["train"], args.per_class, args.seed)
@@ -152,6 +209,12 @@ def tune(args, engine, task, train, test, y_train, y_test, zs_correct, cal_corre
         print(json.dumps(row), flush=True)
         return row
 
+    if args.basis == "embeddings":
+        projection.matrix = embedding_basis(
+            engine, args.seed, args.intrinsic_dim, args.prompt_length, dim, projection.std
+        )
+    if args.budget:
+        args.iterations = iterations_within(args, len(train))
     rng = np.random.default_rng([args.seed, 12])
     batches = [rng.choice(len(train), min(args.batch_size, len(train)), replace=False) for _ in range(args.iterations)]
     t0 = time.perf_counter()
@@ -178,6 +241,35 @@ def tune(args, engine, task, train, test, y_train, y_test, zs_correct, cal_corre
         trace.append(float(loss.min()))
         return loss
 
+    def evaluate(mean: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The mean's raw and calibrated test correctness, its bias fitted on every training example."""
+        test_logits = logits(projection(mean[None]), test, tuned_task)[0]
+        bias = fit_calibration(logits(projection(mean[None]), train, tuned_task)[0], y_train)
+        return test_logits.argmax(-1) == y_test, calibrated_predictions(test_logits, bias) == y_test
+
+    marks = sorted(int(c) for c in args.checkpoints.split(",") if c.strip())
+    curve: list[dict] = []
+    eval_s = [0.0]
+
+    def checkpoint(mean: np.ndarray) -> None:
+        t = time.perf_counter()
+        raw, cal = evaluate(mean)
+        curve.append(
+            {
+                "sequences": sequences[0],
+                "tuned": float(raw.mean()),
+                "tuned_calibrated": float(cal.mean()),
+                "vs_calibrated_p": mcnemar_exact(cal, cal_correct),
+            }
+        )
+        eval_s[0] += time.perf_counter() - t
+
+    def observe(it: int, mean: np.ndarray) -> None:
+        if marks and sequences[0] >= marks[0]:
+            while marks and sequences[0] >= marks[0]:
+                marks.pop(0)
+            checkpoint(mean)
+
     result = local_search(
         fitness,
         np.zeros(args.intrinsic_dim),
@@ -186,12 +278,19 @@ def tune(args, engine, task, train, test, y_train, y_test, zs_correct, cal_corre
         args.iterations,
         cma_seed(args.seed, 13),
         mirrored=bool(args.mirrored),
+        observe=observe,
     )
-    search_s = time.perf_counter() - t0
-    tuned_test = logits(projection(result.mean[None]), test, tuned_task)[0]
-    tuned_correct = tuned_test.argmax(-1) == y_test
-    tuned_bias = fit_calibration(logits(projection(result.mean[None]), train, tuned_task)[0], y_train)
-    tuned_cal_correct = calibrated_predictions(tuned_test, tuned_bias) == y_test
+    search_s = time.perf_counter() - t0 - eval_s[0]
+    tuned_correct, tuned_cal_correct = evaluate(result.mean)
+    if args.checkpoints:
+        curve.append(
+            {
+                "sequences": sequences[0],
+                "tuned": float(tuned_correct.mean()),
+                "tuned_calibrated": float(tuned_cal_correct.mean()),
+                "vs_calibrated_p": mcnemar_exact(tuned_cal_correct, cal_correct),
+            }
+        )
     row = {
         "args": vars(args),
         "model": engine.info.name,
@@ -210,6 +309,7 @@ def tune(args, engine, task, train, test, y_train, y_test, zs_correct, cal_corre
         "search_seconds": round(search_s, 1),
         "wall_seconds": round(time.perf_counter() - t_start, 1),
         "best_batch_loss": trace,
+        "curve": curve,
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     with open(args.out, "a") as f:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from fedbpt_wire.federation import ClientCosts, ClientMetrics, RoundTask, RunConfig, UpdateRequest
-from fedbpt_wire.metrics import label_cross_entropy
+from fedbpt_wire.metrics import debiased_cross_entropy, label_cross_entropy
 from fedbpt_wire.projection import Projection, projection_for
 from fedbpt_wire.schemas import ModelInfo
 from fedbpt_wire.served import ValidationComparison
@@ -140,13 +140,9 @@ class FedBPTClient:
             self._baseline = manual.logits(None, self.train + self.val)[0]
         return self._baseline
 
-    def compare_with_baseline(self, z: np.ndarray) -> tuple[Evaluation, ValidationComparison]:
-        """z's raw metrics on the validation split and its comparison with the baseline there, each read out
-        with its bias fitted on the training split: one call for z on train + validation."""
-        return self.compare_logits(self.scorer.logits(np.asarray(z)[None], self.train + self.val)[0])
-
     def compare_logits(self, logits: np.ndarray) -> tuple[Evaluation, ValidationComparison]:
-        """`compare_with_baseline` for a prompt's logits [N, C] on train + validation, already scored."""
+        """A prompt's raw metrics on the validation split and its comparison with the baseline there, each read
+        out with its bias fitted on the training split, from its logits [N, C] on train + validation."""
         n = len(self.train)
         base = self.baseline_logits()
         train_labels = np.array([ex.label for ex in self.train])
@@ -163,12 +159,17 @@ class FedBPTClient:
             return [np.arange(n)] * self.config.local_iterations
         return [np.sort(rng.choice(n, self.batch_size, replace=False)) for _ in range(self.config.local_iterations)]
 
-    def _fitness_parts(self, z: np.ndarray, idx: np.ndarray, perturbed: list[Example] | None):
-        """Loss and accuracy on the batch, and (perturbation on) the loss on its perturbed copy, in ONE call."""
+    def _fitness_parts(
+        self, z: np.ndarray, idx: np.ndarray, perturbed: list[Example] | None, bias: np.ndarray | None = None
+    ):
+        """Loss and accuracy on the batch, and (perturbation on) the loss on its perturbed copy, in ONE call;
+        `bias` [C] is added to every logit first (fitness_bias 'fitted')."""
         batch = [self.train[i] for i in idx]
         examples = batch + ([perturbed[i] for i in idx] if perturbed is not None else [])
         labels = np.array([ex.label for ex in examples])
         logits = self.scorer.logits(z, examples)
+        if bias is not None:
+            logits = logits + bias
         loss, acc = label_cross_entropy(logits[:, : len(batch)], labels[: len(batch)])
         if perturbed is None:
             return loss, acc, loss
@@ -184,8 +185,16 @@ class FedBPTClient:
         if mean.shape != (cfg.intrinsic_dim,):
             raise ValueError(f"global mean has shape {mean.shape}, expected ({cfg.intrinsic_dim},)")
         metrics = {}
+        bias = None
+        fitted = cfg.fitness_bias == "fitted"
+        if self.val or fitted:
+            # One call scores the global mean on train + validation: the round's metrics and the fitted bias.
+            mean_logits = self.scorer.logits(mean[None], self.train + self.val)[0]
+        if fitted:
+            train_labels = np.array([ex.label for ex in self.train])
+            bias = debiased_cross_entropy(mean_logits[None, : len(self.train)], train_labels)[1][0]
         if self.val:
-            ev, comparison = self.compare_with_baseline(mean)
+            ev, comparison = self.compare_logits(mean_logits)
             metrics = {
                 "global_val_loss": float(ev.loss[0]),
                 "global_val_accuracy": float(ev.accuracy[0]),
@@ -198,7 +207,7 @@ class FedBPTClient:
             perturbed = perturb_examples(self.train, cfg.perturb_rate, self.words, [cfg.seed, self.tag, task.round, 6])
         batches = self._batches(task.round)
         result = local_search(
-            lambda z, it: self._fitness_parts(z, batches[it], perturbed)[2],
+            lambda z, it: self._fitness_parts(z, batches[it], perturbed, bias)[2],
             mean,
             task.local_sigma or task.sigma or cfg.sigma0,
             cfg.local_popsize,
@@ -207,7 +216,7 @@ class FedBPTClient:
         )
         # The reported fitness ranks this client's mean against the others' in the merge: measured on the
         # whole local shard, not on whichever mini-batch came last.
-        loss, acc, fitness = self._fitness_parts(result.mean[None], np.arange(len(self.train)), perturbed)
+        loss, acc, fitness = self._fitness_parts(result.mean[None], np.arange(len(self.train)), perturbed, bias)
         spent = self.service.usage() - usage_before
         log.info(
             "%s round %d: local loss %.4f acc %.3f fitness %.4f sigma %.3f -> %.3f",

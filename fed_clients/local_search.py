@@ -30,12 +30,14 @@ def local_search(
     iterations: int,
     seed: int,
     mirrored: bool = False,
+    observe: Callable[[int, np.ndarray], None] | None = None,
 ) -> LocalResult:
     """Start CMA-ES at (mean, sigma); each iteration asks `popsize` candidates and scores them together.
 
     `fitness(Z [popsize, d], iteration) -> [popsize]`, lower is better: one service call per iteration.
     `mirrored`: half the candidates are the others reflected through the mean (pycma's mirrored sampling with
     selective mirroring off), antithetic pairs that cancel the sampling noise of the mean's update.
+    `observe(iteration, mean)` sees the mean before each iteration's candidates are drawn (a study's checkpoints).
     """
     # cma's `seed` reseeds numpy's process-wide generator and samples from it, so clients sharing a process
     # (threads) would draw from one stream in whatever order they ran; a private stream keeps each client's
@@ -58,6 +60,8 @@ def local_search(
     evaluations = 0
     for it in range(iterations):
         sigmas.append(float(es.sigma))
+        if observe is not None:
+            observe(it, np.asarray(es.mean, dtype=np.float64))
         candidates = np.asarray(es.ask())
         values = np.asarray(fitness(candidates, it), dtype=np.float64)
         es.tell(list(candidates), values.tolist())

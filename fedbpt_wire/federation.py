@@ -20,6 +20,7 @@ PromptInit = Literal["tokens", "random", "zeros"]
 Placement = Literal["ahead", "after-text"]
 SigmaRule = Literal["pooled", "paper-eq6"]
 RobustMerge = Literal["none", "median", "trimmed-mean"]
+FitnessBias = Literal["none", "fitted"]
 STRATEGIES: tuple[str, ...] = get_args(StrategyName)
 PROMPT_INITS: tuple[str, ...] = get_args(PromptInit)
 PLACEMENTS: tuple[str, ...] = get_args(Placement)
@@ -64,6 +65,12 @@ class RunConfig(BaseModel):
     )
     perturb_rate: float = Field(
         default=0.5, ge=0, le=1, description="chance that each word of the perturbed copy is swapped for a random one"
+    )
+    fitness_bias: FitnessBias = Field(
+        default="none",
+        description="'fitted': a client scores its candidates at one label bias per round, fitted on all its "
+        "training examples at the global mean (logits it already scores for the round's metrics), so a "
+        "candidate wins by separating the classes, not by shifting the label prior the served read-out corrects",
     )
     sigma_rule: SigmaRule = Field(
         default="pooled", description="how FedBPT merges the clients' step sizes into the global one"

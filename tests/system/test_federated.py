@@ -232,10 +232,14 @@ def test_two_rounds_two_clients_on_a_causal_lm(smol, default_data_dir, tmp_path,
     check_the_merges(config, status, final, sent)
 
 
-@pytest.mark.parametrize("strategy,rule", [("fedbpt", "pooled"), ("fedbpt-noperturb", "paper-eq6")])
-def test_two_rounds_two_clients_on_a_masked_lm(roberta, tmp_path, strategy, rule):
+@pytest.mark.parametrize(
+    "strategy,rule,bias",
+    [("fedbpt", "pooled", "none"), ("fedbpt-noperturb", "paper-eq6", "none"), ("fedbpt", "pooled", "fitted")],
+)
+def test_two_rounds_two_clients_on_a_masked_lm(roberta, tmp_path, strategy, rule, bias):
     """The masked-LM path end to end: the template's {mask} is the model's <mask>, the prompt follows <s>. The
-    second run takes the paper's sigma rule, and its clients' fitness is the plain loss."""
+    second run takes the paper's sigma rule, and its clients' fitness is the plain loss; the third scores its
+    candidates at a fitted label bias, with the same calls and sequences as without."""
     engine, url = roberta
     task = get_task("sst2")  # " bad" / " great": single tokens of the tiny vocabulary
     examples = [Example({"text": t}, int("great" in t)) for t in TINY_CORPUS] * 2
@@ -244,6 +248,7 @@ def test_two_rounds_two_clients_on_a_masked_lm(roberta, tmp_path, strategy, rule
         run_id="masked",
         strategy=strategy,
         sigma_rule=rule,
+        fitness_bias=bias,
         rounds=2,
         intrinsic_dim=8,
         prompt_length=3,
