@@ -251,17 +251,17 @@ def tune(args, engine, task, train, test, y_train, y_test, zs_correct, cal_corre
     curve: list[dict] = []
     eval_s = [0.0]
 
+    def point(raw: np.ndarray, cal: np.ndarray) -> dict:
+        return {
+            "sequences": sequences[0],
+            "tuned": float(raw.mean()),
+            "tuned_calibrated": float(cal.mean()),
+            "vs_calibrated_p": mcnemar_exact(cal, cal_correct),
+        }
+
     def checkpoint(mean: np.ndarray) -> None:
         t = time.perf_counter()
-        raw, cal = evaluate(mean)
-        curve.append(
-            {
-                "sequences": sequences[0],
-                "tuned": float(raw.mean()),
-                "tuned_calibrated": float(cal.mean()),
-                "vs_calibrated_p": mcnemar_exact(cal, cal_correct),
-            }
-        )
+        curve.append(point(*evaluate(mean)))
         eval_s[0] += time.perf_counter() - t
 
     def observe(it: int, mean: np.ndarray) -> None:
@@ -283,14 +283,7 @@ def tune(args, engine, task, train, test, y_train, y_test, zs_correct, cal_corre
     search_s = time.perf_counter() - t0 - eval_s[0]
     tuned_correct, tuned_cal_correct = evaluate(result.mean)
     if args.checkpoints:
-        curve.append(
-            {
-                "sequences": sequences[0],
-                "tuned": float(tuned_correct.mean()),
-                "tuned_calibrated": float(tuned_cal_correct.mean()),
-                "vs_calibrated_p": mcnemar_exact(tuned_cal_correct, cal_correct),
-            }
-        )
+        curve.append(point(tuned_correct, tuned_cal_correct))
     row = {
         "args": vars(args),
         "model": engine.info.name,
