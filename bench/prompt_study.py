@@ -34,17 +34,6 @@ def few_shot(train, per_class: int, seed: int):
     return [train[i] for i in sorted(picked)]
 
 
-def embedding_basis(engine, seed: int, intrinsic_dim: int, prompt_length: int, dim: int, std: float) -> np.ndarray:
-    """A [d, L*D] projection whose row i moves prompt position l along a real token's embedding, centred on the
-    table's mean and scaled to the normal basis's entry std: directions with the embedding table's covariance."""
-    rng = np.random.Generator(np.random.PCG64([seed, 3]))
-    vocab = engine.info.vocab_size
-    centre = engine.token_embeddings(rng.integers(0, vocab, 4096)).mean(axis=0)
-    rows = engine.token_embeddings(rng.integers(0, vocab, intrinsic_dim * prompt_length)) - centre
-    rows *= std / rows.std()
-    return rows.reshape(intrinsic_dim, prompt_length * dim).astype(np.float32)
-
-
 def iterations_within(args, train_size: int) -> int:
     """The most iterations (at least 1) whose batches and robust-bias refits fit in --budget sequences."""
     per_iteration = args.popsize * min(args.batch_size, train_size)
@@ -87,7 +76,7 @@ def main(argv=None) -> dict:
         "--basis",
         choices=["normal", "embeddings"],
         default="normal",
-        help="the projection's rows: normal (today's) or each position a real token's centred embedding",
+        help="the projection's rows (RunConfig.projection_basis): normal or real tokens' centred embeddings",
     )
     ap.add_argument("--sigma0", type=float, default=1.0)
     ap.add_argument("--batch-size", type=int, default=32)
@@ -192,6 +181,7 @@ def tune(args, engine, task, train, test, y_train, y_test, zs_correct, cal_corre
         args.init,
         engine.token_embeddings,
         engine.info.vocab_size,
+        args.basis,
     )
     init_loss, init_acc = label_cross_entropy(
         logits(projection(np.zeros(args.intrinsic_dim)), test[:200], tuned_task), y_test[:200]
@@ -209,10 +199,6 @@ def tune(args, engine, task, train, test, y_train, y_test, zs_correct, cal_corre
         print(json.dumps(row), flush=True)
         return row
 
-    if args.basis == "embeddings":
-        projection.matrix = embedding_basis(
-            engine, args.seed, args.intrinsic_dim, args.prompt_length, dim, projection.std
-        )
     if args.budget:
         args.iterations = iterations_within(args, len(train))
     rng = np.random.default_rng([args.seed, 12])

@@ -90,6 +90,7 @@ def prompt_payload(
             "prompt_length": config.prompt_length,
             "sigma0": config.sigma0,
             "init": config.prompt_init,
+            "basis": config.projection_basis,
             "placement": config.prompt_placement,
         },
         "z": encode_tensor(np.asarray(z, dtype=np.float32)).model_dump(),

@@ -132,9 +132,9 @@ class ServiceClient:
     def score_population(
         self, z: np.ndarray, projection: Projection, texts: list[str], label_words: list[str]
     ) -> Scores:
-        """z [P, d] through `projection`, in this client's prompt wire form. Init 'tokens' starts from the
-        model's embeddings, which only the service holds: such prompts always travel as seed + z."""
-        if self.prompt_wire == "seed" or projection.offset is None:
+        """z [P, d] through `projection`, in this client's prompt wire form. Init 'tokens' and basis 'embeddings'
+        draw on the model's embeddings, which only the service holds: such prompts always travel as seed + z."""
+        if self.prompt_wire == "seed" or projection.service_only:
             return self.score_projected(z, projection.spec, texts, label_words)
         return self.score(projection(z), texts, label_words)
 

@@ -17,12 +17,14 @@ from .served import ServedChoice, ValidationComparison
 # offers them, the bench grid runs them; clients never read a name, only what a RoundTask tells them.
 StrategyName = Literal["fedbpt", "fedbpt-noperturb", "fedavg-z", "centralized", "local-only"]
 PromptInit = Literal["tokens", "random", "zeros"]
+ProjectionBasis = Literal["normal", "embeddings"]
 Placement = Literal["ahead", "after-text"]
 SigmaRule = Literal["pooled", "paper-eq6"]
 RobustMerge = Literal["none", "median", "trimmed-mean"]
 FitnessBias = Literal["none", "fitted"]
 STRATEGIES: tuple[str, ...] = get_args(StrategyName)
 PROMPT_INITS: tuple[str, ...] = get_args(PromptInit)
+PROJECTION_BASES: tuple[str, ...] = get_args(ProjectionBasis)
 PLACEMENTS: tuple[str, ...] = get_args(Placement)
 SIGMA_RULES: tuple[str, ...] = get_args(SigmaRule)
 ROBUST_MERGES: tuple[str, ...] = get_args(RobustMerge)
@@ -48,6 +50,12 @@ class RunConfig(BaseModel):
         default="random",
         description="P0, the prompt at z = 0: 'tokens' the embeddings of vocabulary ids drawn from the projection "
         "seed (BBT; needs the seed + z wire form), 'random' normal vectors with the embeddings' std",
+    )
+    projection_basis: ProjectionBasis = Field(
+        default="normal",
+        description="A's rows: 'normal' (BBT's random normal) or 'embeddings', where each row moves each prompt "
+        "position along a real token's centred embedding, drawn from the projection seed (needs the seed + z "
+        "wire form: only the service holds the embedding table)",
     )
     prompt_placement: Placement = Field(
         default="ahead",

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .federation import PROMPT_INITS
+from .federation import PROJECTION_BASES, PROMPT_INITS
 from .schemas import ProjectionSpec
 
 
@@ -55,12 +55,29 @@ def initial_token_ids(seed: int, prompt_length: int, vocab_size: int) -> np.ndar
     return rng.integers(0, vocab_size, size=prompt_length, dtype=np.int64)
 
 
+def embedding_basis(
+    seed: int, intrinsic_dim: int, prompt_length: int, hidden_size: int, std: float, token_embeddings, vocab_size: int
+) -> np.ndarray:
+    """A [d, L*D] float32 matrix whose row i moves prompt position l along the embedding of a vocabulary id drawn
+    from its own stream of the seed, centred on the mean of 4,096 more and scaled to the normal basis's entry std.
+
+    The rows share the embedding table's covariance, so z explores the directions real inputs vary in rather than
+    all of R^D alike; only the model owner holds the table (`token_embeddings`: ids -> [n, D]).
+    """
+    rng = np.random.Generator(np.random.PCG64([seed, 3]))
+    centre = np.asarray(token_embeddings(rng.integers(0, vocab_size, 4096)), dtype=np.float32).mean(axis=0)
+    ids = rng.integers(0, vocab_size, intrinsic_dim * prompt_length)
+    rows = np.asarray(token_embeddings(ids), dtype=np.float32) - centre
+    rows *= std / rows.std()
+    return rows.reshape(intrinsic_dim, prompt_length * hidden_size).astype(np.float32)
+
+
 class Projection:
     """P = P0 + A z with A and P0 drawn from the shared seed, built from what `GET /v1/model` publishes.
 
-    Init 'tokens' takes P0 from the model's embedding table, which only the service holds: `token_embeddings`
-    (ids -> [L, D]) is the service's; a client builds such a projection for its spec and the seed + z wire
-    form, and cannot expand z into prompts itself.
+    Init 'tokens' takes P0, and basis 'embeddings' takes A, from the model's embedding table, which only the
+    service holds: `token_embeddings` (ids -> [n, D]) is the service's; a client builds such a projection for its
+    spec and the seed + z wire form (`service_only`), and cannot expand z into prompts itself.
     """
 
     def __init__(
@@ -74,16 +91,34 @@ class Projection:
         init: str = "random",
         token_embeddings=None,
         vocab_size: int | None = None,
+        basis: str = "normal",
     ):
         if init not in PROMPT_INITS:
             raise ValueError(f"prompt init must be one of {', '.join(PROMPT_INITS)}, got {init!r}")
-        # What a service needs, besides the model it already has, to rebuild this projection from a seed.
-        self.spec = ProjectionSpec(seed=seed, prompt_length=prompt_length, sigma0=sigma0, init=init)
+        if basis not in PROJECTION_BASES:
+            raise ValueError(f"projection basis must be one of {', '.join(PROJECTION_BASES)}, got {basis!r}")
+        # What a service needs, besides the model it already has, to rebuild this projection from a seed; the
+        # normal basis leaves `basis` out, so services from before the field read the spec as they always did.
+        self.spec = ProjectionSpec(
+            seed=seed,
+            prompt_length=prompt_length,
+            sigma0=sigma0,
+            init=init,
+            basis=None if basis == "normal" else basis,
+        )
         self.intrinsic_dim = intrinsic_dim
         self.prompt_length = prompt_length
         self.hidden_size = hidden_size
         self.std = projection_std(embedding_std, intrinsic_dim, sigma0)
-        self.matrix = projection_matrix(seed, intrinsic_dim, prompt_length, hidden_size, self.std)
+        self.matrix: np.ndarray | None = None
+        if basis == "normal":
+            self.matrix = projection_matrix(seed, intrinsic_dim, prompt_length, hidden_size, self.std)
+        elif token_embeddings is not None:
+            if vocab_size is None:
+                raise ValueError("projection basis 'embeddings' needs the model's vocabulary size")
+            self.matrix = embedding_basis(
+                seed, intrinsic_dim, prompt_length, hidden_size, self.std, token_embeddings, vocab_size
+            )
         self.offset: np.ndarray | None
         if init == "tokens":
             self.offset = None
@@ -97,11 +132,16 @@ class Projection:
         else:
             self.offset = np.zeros((prompt_length, hidden_size), np.float32)
 
+    @property
+    def service_only(self) -> bool:
+        """Whether z needs the model's embedding table to become prompts (init 'tokens', basis 'embeddings')."""
+        return self.offset is None or self.matrix is None
+
     def __call__(self, z: np.ndarray) -> np.ndarray:
-        if self.offset is None:
+        if self.offset is None or self.matrix is None:
             raise ValueError(
-                "prompt init 'tokens' starts from the model's own embeddings, which only the service "
-                "holds: send z in the seed + z wire form and let the service expand it"
+                "prompt init 'tokens' and projection basis 'embeddings' draw on the model's own embeddings, which "
+                "only the service holds: send z in the seed + z wire form and let the service expand it"
             )
         return project(z, self.matrix, self.prompt_length, self.hidden_size) + self.offset
 
@@ -124,6 +164,7 @@ def projection_from_spec(
         spec.init,
         token_embeddings,
         vocab_size,
+        spec.basis or "normal",
     )
 
 
@@ -137,4 +178,5 @@ def projection_for(config, info) -> Projection:
         info.embedding_std,
         config.sigma0,
         config.prompt_init,
+        basis=config.projection_basis,
     )

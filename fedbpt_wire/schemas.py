@@ -65,6 +65,11 @@ class ProjectionSpec(Strict):
         description="P0: 'tokens' (embeddings of L vocabulary ids drawn from the seed, as BBT; "
         "only the service can expand it), 'random' or 'zeros'",
     )
+    basis: Literal["embeddings"] | None = Field(
+        default=None,
+        description="A's rows: absent, normal draws; 'embeddings', centred embeddings of vocabulary ids drawn from "
+        "the seed (RunConfig.projection_basis; only the service can expand it)",
+    )
 
 
 class ProjectedPrompts(Strict):

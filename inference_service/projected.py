@@ -28,7 +28,7 @@ class ProjectionCache:
     ):
         self.hidden_size = hidden_size
         self.embedding_std = embedding_std
-        self.token_embeddings = token_embeddings  # ids -> [L, D]: the engine's, for init 'tokens'
+        self.token_embeddings = token_embeddings  # ids -> [n, D]: the engine's, for init 'tokens', basis 'embeddings'
         self.vocab_size = vocab_size
         self.size = size
         self._lock = threading.Lock()
@@ -36,7 +36,7 @@ class ProjectionCache:
 
     @staticmethod
     def _key(spec: ProjectionSpec, intrinsic_dim: int) -> tuple:
-        return (spec.seed, spec.prompt_length, spec.sigma0, spec.init, intrinsic_dim)
+        return (spec.seed, spec.prompt_length, spec.sigma0, spec.init, spec.basis, intrinsic_dim)
 
     def holds(self, spec: ProjectionSpec, intrinsic_dim: int) -> bool:
         with self._lock:

@@ -139,6 +139,36 @@ def test_token_init_travels_as_seed_and_is_expanded_from_the_service_embeddings(
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
 
 
+def test_embedding_basis_travels_as_seed_and_is_expanded_from_the_service_embeddings(url, engine, tiny_roberta_dir):
+    """Basis 'embeddings': A's rows are centred rows of the service's embedding table, drawn from the seed. The
+    client sends seed + z (even when asked for dense) and the service scores P0 + A z with A rebuilt here from the
+    checkpoint, independently of fedbpt_wire's code; a normal-basis spec leaves the field off the wire."""
+    from safetensors.numpy import load_file
+
+    info = engine.info
+    client_side = Projection(5, 12, 3, D, info.embedding_std, 1.0, "zeros", basis="embeddings")
+    assert client_side.service_only and client_side.spec.basis == "embeddings"
+    with pytest.raises(ValueError, match="seed \\+ z"):
+        client_side(np.zeros((1, 12)))
+    assert "basis" not in Projection(5, 12, 3, D, info.embedding_std, 1.0, "zeros").spec.model_dump(exclude_none=True)
+    z = np.random.default_rng(4).standard_normal((3, 12))
+    service = ServiceClient(url, KEY)
+    try:
+        got = PromptScorer(service, TASK, client_side, "masked", LIMITS.max_texts).logits(z, EXAMPLES)
+        table = load_file(str(tiny_roberta_dir / "model.safetensors"))
+        weight = next(v for k, v in table.items() if k.endswith("word_embeddings.weight")).astype(np.float32)
+        rng = np.random.Generator(np.random.PCG64([5, 3]))
+        centre = weight[rng.integers(0, info.vocab_size, 4096)].mean(axis=0)
+        rows = weight[rng.integers(0, info.vocab_size, 12 * 3)] - centre
+        basis = (rows * (client_side.std / rows.std())).reshape(12, 3 * D)
+        dense = (z.astype(np.float32) @ basis).reshape(3, 3, D)
+        texts = [TASK.render(ex.fields, "masked") for ex in EXAMPLES]
+        expected = service.score(dense.astype(np.float32), texts, list(TASK.label_words)).logits
+    finally:
+        service.close()
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+
+
 def test_model_info_publishes_the_projection_limit(url):
     info = httpx.get(f"{url}/v1/model").json()
     assert info["max_projection_values"] == LIMITS.max_projection_values

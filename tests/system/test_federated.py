@@ -233,13 +233,17 @@ def test_two_rounds_two_clients_on_a_causal_lm(smol, default_data_dir, tmp_path,
 
 
 @pytest.mark.parametrize(
-    "strategy,rule,bias",
-    [("fedbpt", "pooled", "none"), ("fedbpt-noperturb", "paper-eq6", "none"), ("fedbpt", "pooled", "fitted")],
+    "strategy,rule,bias,basis",
+    [
+        ("fedbpt", "pooled", "none", "normal"),
+        ("fedbpt-noperturb", "paper-eq6", "none", "normal"),
+        ("fedbpt", "pooled", "fitted", "embeddings"),
+    ],
 )
-def test_two_rounds_two_clients_on_a_masked_lm(roberta, tmp_path, strategy, rule, bias):
+def test_two_rounds_two_clients_on_a_masked_lm(roberta, tmp_path, strategy, rule, bias, basis):
     """The masked-LM path end to end: the template's {mask} is the model's <mask>, the prompt follows <s>. The
     second run takes the paper's sigma rule, and its clients' fitness is the plain loss; the third scores its
-    candidates at a fitted label bias, with the same calls and sequences as without."""
+    candidates at a fitted label bias through the embedding basis (seed + z), with the same calls and sequences."""
     engine, url = roberta
     task = get_task("sst2")  # " bad" / " great": single tokens of the tiny vocabulary
     examples = [Example({"text": t}, int("great" in t)) for t in TINY_CORPUS] * 2
@@ -249,6 +253,7 @@ def test_two_rounds_two_clients_on_a_masked_lm(roberta, tmp_path, strategy, rule
         strategy=strategy,
         sigma_rule=rule,
         fitness_bias=bias,
+        projection_basis=basis,
         rounds=2,
         intrinsic_dim=8,
         prompt_length=3,
