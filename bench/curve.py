@@ -39,13 +39,15 @@ def setting_label(args: dict, varying: list[str]) -> str:
 
 
 def curves(rows: list[dict]) -> dict[str, list[dict]]:
-    """{label: [{sequences, mean, sd, seeds, gains}]} with checkpoints matched by their order in each run."""
+    """{label: [{sequences, mean, sd, gain, gains, p, seeds}]}, per-seed lists in seed order, checkpoints matched by
+    their order in each run."""
     varying = [k for k in SETTING_KEYS if len({json.dumps(r["args"].get(k)) for r in rows}) > 1]
     grouped: dict[str, list[dict]] = defaultdict(list)
     for row in rows:
         grouped[setting_label(row["args"], varying)].append(row)
     out = {}
     for label, runs in grouped.items():
+        runs.sort(key=lambda r: r["args"]["seed"])
         points = min(len(r["curve"]) for r in runs)
         series = []
         for i in range(points):

@@ -42,10 +42,10 @@ def _row(seed, basis, calibrated, points):
     }
 
 
-def test_curves_group_by_setting_and_average_over_seeds(tmp_path, capsys):
+def test_curves_group_by_setting_and_list_seeds_in_order(tmp_path, capsys):
     rows = [
-        _row(0, "normal", 0.70, [(1000, 0.70, 1.0), (2000, 0.74, 0.01)]),
         _row(1, "normal", 0.72, [(1100, 0.71, 0.5), (2100, 0.74, 0.2)]),
+        _row(0, "normal", 0.70, [(1000, 0.70, 1.0), (2000, 0.74, 0.01)]),
         _row(0, "embeddings", 0.70, [(1000, 0.69, 0.6)]),
     ]
     table = curves(rows)
