@@ -23,6 +23,7 @@ import numpy as np
 from fed_clients.evaluation import calibrated_predictions, fit_calibration, mcnemar_exact
 from fed_clients.local_search import cma_seed, local_search
 from fed_clients.tasks import get_task, with_placement
+from fedbpt_wire.federation import PROJECTION_BASES
 from fedbpt_wire.metrics import debiased_cross_entropy, label_cross_entropy
 from fedbpt_wire.projection import Projection
 
@@ -74,7 +75,7 @@ def main(argv=None) -> dict:
     )
     ap.add_argument(
         "--basis",
-        choices=["normal", "embeddings"],
+        choices=PROJECTION_BASES,
         default="normal",
         help="the projection's rows (RunConfig.projection_basis): normal or real tokens' centred embeddings",
     )
