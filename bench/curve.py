@@ -61,7 +61,7 @@ def curves(rows: list[dict]) -> dict[str, list[dict]]:
                     "gain": float(gains.mean()),
                     "gains": [round(float(g) * 100, 1) for g in gains],
                     "p": [round(r["curve"][i]["vs_calibrated_p"], 3) for r in runs],
-                    "seeds": sorted(r["args"]["seed"] for r in runs),
+                    "seeds": [r["args"]["seed"] for r in runs],
                 }
             )
         out[label] = series

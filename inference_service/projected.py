@@ -36,7 +36,8 @@ class ProjectionCache:
 
     @staticmethod
     def _key(spec: ProjectionSpec, intrinsic_dim: int) -> tuple:
-        return (spec.seed, spec.prompt_length, spec.sigma0, spec.init, spec.basis, intrinsic_dim)
+        # Every field of the spec, so a field added to it can never be served another spec's projection.
+        return (*spec.model_dump().values(), intrinsic_dim)
 
     def holds(self, spec: ProjectionSpec, intrinsic_dim: int) -> bool:
         with self._lock:

@@ -73,11 +73,14 @@ def test_service_expansion_is_bit_exact_with_a_from_scratch_projection(init, d, 
 
 
 def test_the_cache_is_bounded_and_keyed_by_the_whole_spec():
-    cache = ProjectionCache(D, STD, size=2)
+    table = np.random.default_rng(0).standard_normal((50, D)).astype(np.float32)  # an embedding table, ids -> rows
+    cache = ProjectionCache(D, STD, size=2, token_embeddings=lambda ids: table[ids], vocab_size=50)
     a = ProjectionSpec(seed=1, prompt_length=2, sigma0=1.0)
     assert cache.get(a, 4) is cache.get(a, 4)
     assert cache.get(a, 5) is not cache.get(a, 4)
     assert not cache.get(a.model_copy(update={"init": "zeros"}), 4).offset.any()
+    normal = cache.get(a, 4).matrix
+    assert not np.array_equal(cache.get(a.model_copy(update={"basis": "embeddings"}), 4).matrix, normal)
     assert len(cache._cache) == 2
 
 
