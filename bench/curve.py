@@ -27,21 +27,29 @@ SETTING_KEYS = (
     "popsize",
     "batch_size",
     "sigma0",
+    "step_scale",
     "mirrored",
     "bias_every",
     "per_class",
     "dtype",
 )
+# Runs from before an argument existed ran at what is now its default.
+DEFAULTS = {"step_scale": 1.0}
 
 
 def setting_label(args: dict, varying: list[str]) -> str:
-    return ", ".join(f"{k}={args.get(k)}" for k in varying) or "all runs"
+    return ", ".join(f"{k}={args.get(k, DEFAULTS.get(k))}" for k in varying) or "all runs"
 
 
-def curves(rows: list[dict]) -> dict[str, list[dict]]:
+def curves(rows: list[dict], served: str = "mean") -> dict[str, list[dict]]:
     """{label: [{sequences, mean, sd, gain, gains, p, seeds}]}, per-seed lists in seed order, checkpoints matched by
-    their order in each run."""
-    varying = [k for k in SETTING_KEYS if len({json.dumps(r["args"].get(k)) for r in rows}) > 1]
+    their order in each run. `served`: the search's mean, or the incumbent rule's choice (robust-bias runs)."""
+    accuracy, p_value = (
+        ("tuned_calibrated", "vs_calibrated_p")
+        if served == "mean"
+        else ("incumbent_calibrated", "incumbent_vs_calibrated_p")
+    )
+    varying = [k for k in SETTING_KEYS if len({json.dumps(r["args"].get(k, DEFAULTS.get(k))) for r in rows}) > 1]
     grouped: dict[str, list[dict]] = defaultdict(list)
     for row in rows:
         grouped[setting_label(row["args"], varying)].append(row)
@@ -51,7 +59,7 @@ def curves(rows: list[dict]) -> dict[str, list[dict]]:
         points = min(len(r["curve"]) for r in runs)
         series = []
         for i in range(points):
-            accs = np.array([r["curve"][i]["tuned_calibrated"] for r in runs])
+            accs = np.array([r["curve"][i][accuracy] for r in runs])
             gains = accs - np.array([r["calibrated_zero_shot"] for r in runs])
             series.append(
                 {
@@ -60,7 +68,7 @@ def curves(rows: list[dict]) -> dict[str, list[dict]]:
                     "sd": float(accs.std(ddof=1)) if len(accs) > 1 else 0.0,
                     "gain": float(gains.mean()),
                     "gains": [round(float(g) * 100, 1) for g in gains],
-                    "p": [round(r["curve"][i]["vs_calibrated_p"], 3) for r in runs],
+                    "p": [round(r["curve"][i][p_value], 3) for r in runs],
                     "seeds": [r["args"]["seed"] for r in runs],
                 }
             )
@@ -97,12 +105,20 @@ def main(argv=None) -> dict[str, list[dict]]:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("files", nargs="+", type=Path)
     ap.add_argument("--plot", type=Path, default=None, help="write the curves as a PNG here")
+    ap.add_argument(
+        "--served",
+        choices=["mean", "incumbent"],
+        default="mean",
+        help="whose accuracy: the search's mean, or the incumbent rule's choice (robust-bias runs that record it)",
+    )
     args = ap.parse_args(argv)
     rows = [json.loads(line) for f in args.files for line in f.read_text().splitlines() if line.strip()]
     rows = [r for r in rows if r.get("curve")]
+    if args.served == "incumbent":
+        rows = [r for r in rows if "incumbent_calibrated" in r["curve"][0]]
     if not rows:
-        raise SystemExit("no rows with a curve: run bench.prompt_study with --checkpoints")
-    table = curves(rows)
+        raise SystemExit("no rows with a curve to show: run bench.prompt_study with --checkpoints (and robust-bias)")
+    table = curves(rows, args.served)
     calibrated = float(np.mean([r["calibrated_zero_shot"] for r in rows]))
     print(f"calibrated manual prompt: {calibrated:.3f} (mean over the runs' seeds)")
     print("| setting | sequences | tuned + calibration | gain (points) per seed | p per seed |")

@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +28,7 @@ from fed_clients.tasks import get_task, with_placement
 from fedbpt_wire.federation import PROJECTION_BASES
 from fedbpt_wire.metrics import debiased_cross_entropy, label_cross_entropy
 from fedbpt_wire.projection import Projection
+from fedbpt_wire.schemas import PROMPT_SLOT, SLOT
 
 
 def few_shot(train, per_class: int, seed: int):
@@ -33,6 +36,22 @@ def few_shot(train, per_class: int, seed: int):
     labels = np.array([ex.label for ex in train])
     picked = [i for c in np.unique(labels) for i in rng.choice(np.flatnonzero(labels == c), per_class, replace=False)]
     return [train[i] for i in sorted(picked)]
+
+
+def cue_start(task, tokenizer):
+    """The after-text template with its cue words moved into the prompt, and their token ids.
+
+    "Review: {text}{prompt}\nSentiment:{mask}" becomes "Review: {text}{prompt}:{mask}" with the prompt starting
+    as the embeddings of "\nSentiment": z = 0 then reads as the manual prompt (the cue tokenizes apart from the
+    punctuation after it), and the search starts at the baseline instead of climbing back to it.
+    """
+    template = task.causal_template
+    start = template.index(PROMPT_SLOT) + len(PROMPT_SLOT)
+    words, tail = re.fullmatch(r"(.*?)(\W*)", template[start : template.index(SLOT)], re.S).groups()
+    if not words.strip() or not tail:
+        raise ValueError(f"task {task.name}: no cue words followed by punctuation after the prompt in {template!r}")
+    ids = tokenizer(words, add_special_tokens=False)["input_ids"]
+    return replace(task, causal_template=template[:start] + template[start:].replace(words, "", 1)), ids
 
 
 def iterations_within(args, train_size: int) -> int:
@@ -55,7 +74,13 @@ def main(argv=None) -> dict:
     ap.add_argument("--model", default="smollm2-135m-instruct")
     ap.add_argument("--label-words", default=None, help="comma-separated, e.g. ' bad, good' (default: the task's)")
     ap.add_argument("--placement", choices=["ahead", "after-text"], default="after-text")
-    ap.add_argument("--init", choices=["tokens", "random", "zeros"], default="tokens")
+    ap.add_argument(
+        "--init",
+        choices=["tokens", "random", "zeros", "cue"],
+        default="tokens",
+        help="cue (after-text only): the prompt starts as the template's own cue words (its L: their tokens) "
+        "and replaces them, so z = 0 is the manual prompt",
+    )
     ap.add_argument("--anchor", default="auto")
     ap.add_argument("--prompt-length", type=int, default=5)
     ap.add_argument("--intrinsic-dim", type=int, default=100)
@@ -80,6 +105,13 @@ def main(argv=None) -> dict:
         help="the projection's rows (RunConfig.projection_basis): normal or real tokens' centred embeddings",
     )
     ap.add_argument("--sigma0", type=float, default=1.0)
+    ap.add_argument(
+        "--step-scale",
+        type=float,
+        default=1.0,
+        help="CMA-ES starts at sigma0 x this; the projection's scale divides by sigma0 alone, so this, not sigma0, "
+        "sets the first step in prompt space (1: about one word embedding's spread)",
+    )
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument(
         "--fitness",
@@ -172,6 +204,10 @@ def tune(args, engine, task, train, test, y_train, y_test, zs_correct, cal_corre
     dim = engine.info.hidden_size
     engine.layout = make_layout(engine.tokenizer, kind, args.anchor)
     tuned_task = with_placement(task, args.placement)
+    cue_ids = None
+    if args.init == "cue":
+        tuned_task, cue_ids = cue_start(tuned_task, engine.tokenizer)
+        args.prompt_length = len(cue_ids)
     projection = Projection(
         args.seed,
         args.intrinsic_dim,
@@ -179,11 +215,13 @@ def tune(args, engine, task, train, test, y_train, y_test, zs_correct, cal_corre
         dim,
         engine.info.embedding_std,
         args.sigma0,
-        args.init,
+        "zeros" if cue_ids else args.init,
         engine.token_embeddings,
         engine.info.vocab_size,
         args.basis,
     )
+    if cue_ids:
+        projection.offset = np.asarray(engine.token_embeddings(cue_ids), np.float32).reshape(len(cue_ids), dim)
     init_loss, init_acc = label_cross_entropy(
         logits(projection(np.zeros(args.intrinsic_dim)), test[:200], tuned_task), y_test[:200]
     )
@@ -208,6 +246,9 @@ def tune(args, engine, task, train, test, y_train, y_test, zs_correct, cal_corre
     trace: list[float] = []
     sequences = [0]
     fitted: dict[str, np.ndarray] = {}
+    # The incumbent: the best mean yet by its loss at its own fitted bias on every training example, which the
+    # robust-bias refit scores anyway; a mean is served only if it beats it on those examples.
+    incumbent: dict = {"loss": np.inf}
 
     def fitness(z: np.ndarray, it: int) -> np.ndarray:
         idx = batches[it]
@@ -218,9 +259,13 @@ def tune(args, engine, task, train, test, y_train, y_test, zs_correct, cal_corre
             # training example at the candidates' mean and refitted every --bias-every iterations: a batch of 32
             # cannot over-fit it, and a candidate wins only by what it adds beyond that bias.
             if it % args.bias_every == 0:
-                mean_logits = logits(projection(np.mean(z, axis=0)[None]), train, tuned_task)
+                mean_z = np.mean(z, axis=0)
+                mean_logits = logits(projection(mean_z[None]), train, tuned_task)
                 sequences[0] += mean_logits.shape[1]
-                fitted["bias"] = debiased_cross_entropy(mean_logits, y_train)[1][0]
+                mean_loss, mean_bias = debiased_cross_entropy(mean_logits, y_train)
+                fitted["bias"] = mean_bias[0]
+                if mean_loss[0] < incumbent["loss"]:
+                    incumbent.update(loss=float(mean_loss[0]), z=mean_z, iteration=it, sequences=sequences[0])
             loss, _ = label_cross_entropy(batch_logits + fitted["bias"], y_train[idx])
         else:
             score = debiased_cross_entropy if args.fitness == "debiased" else label_cross_entropy
@@ -228,23 +273,41 @@ def tune(args, engine, task, train, test, y_train, y_test, zs_correct, cal_corre
         trace.append(float(loss.min()))
         return loss
 
-    def evaluate(mean: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """The mean's raw and calibrated test correctness, its bias fitted on every training example."""
+    def evaluate(mean: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
+        """The mean's raw and calibrated test correctness, its bias fitted on every training example, and its
+        training loss at its own fitted bias (the incumbent's measure)."""
         test_logits = logits(projection(mean[None]), test, tuned_task)[0]
-        bias = fit_calibration(logits(projection(mean[None]), train, tuned_task)[0], y_train)
-        return test_logits.argmax(-1) == y_test, calibrated_predictions(test_logits, bias) == y_test
+        train_logits = logits(projection(mean[None]), train, tuned_task)
+        bias = fit_calibration(train_logits[0], y_train)
+        train_loss = float(debiased_cross_entropy(train_logits, y_train)[0][0])
+        return test_logits.argmax(-1) == y_test, calibrated_predictions(test_logits, bias) == y_test, train_loss
+
+    def served(cal: np.ndarray, train_loss: float) -> np.ndarray:
+        """The calibrated test correctness of what the incumbent rule serves: the incumbent where it beats the
+        mean on the training examples."""
+        if train_loss <= incumbent["loss"]:
+            return cal
+        if "correct" not in incumbent or incumbent["evaluated"] != incumbent["iteration"]:
+            incumbent.update(correct=evaluate(incumbent["z"])[1], evaluated=incumbent["iteration"])
+        return incumbent["correct"]
 
     marks = sorted(int(c) for c in args.checkpoints.split(",") if c.strip())
     curve: list[dict] = []
     eval_s = [0.0]
 
-    def point(raw: np.ndarray, cal: np.ndarray) -> dict:
-        return {
+    def point(raw: np.ndarray, cal: np.ndarray, train_loss: float) -> dict:
+        row = {
             "sequences": sequences[0],
             "tuned": float(raw.mean()),
             "tuned_calibrated": float(cal.mean()),
             "vs_calibrated_p": mcnemar_exact(cal, cal_correct),
         }
+        if args.fitness == "robust-bias":
+            kept = served(cal, train_loss)
+            row.update(
+                incumbent_calibrated=float(kept.mean()), incumbent_vs_calibrated_p=mcnemar_exact(kept, cal_correct)
+            )
+        return row
 
     def checkpoint(mean: np.ndarray) -> None:
         t = time.perf_counter()
@@ -260,7 +323,7 @@ def tune(args, engine, task, train, test, y_train, y_test, zs_correct, cal_corre
     result = local_search(
         fitness,
         np.zeros(args.intrinsic_dim),
-        args.sigma0,
+        args.sigma0 * args.step_scale,
         args.popsize,
         args.iterations,
         cma_seed(args.seed, 13),
@@ -268,9 +331,10 @@ def tune(args, engine, task, train, test, y_train, y_test, zs_correct, cal_corre
         observe=observe,
     )
     search_s = time.perf_counter() - t0 - eval_s[0]
-    tuned_correct, tuned_cal_correct = evaluate(result.mean)
+    tuned_correct, tuned_cal_correct, train_loss = evaluate(result.mean)
+    final = point(tuned_correct, tuned_cal_correct, train_loss)
     if args.checkpoints:
-        curve.append(point(tuned_correct, tuned_cal_correct))
+        curve.append(final)
     row = {
         "args": vars(args),
         "model": engine.info.name,
@@ -284,6 +348,8 @@ def tune(args, engine, task, train, test, y_train, y_test, zs_correct, cal_corre
         "tuned_vs_calibrated_p": mcnemar_exact(tuned_correct, cal_correct),
         "tuned_calibrated": float(tuned_cal_correct.mean()),
         "tuned_calibrated_vs_calibrated_p": mcnemar_exact(tuned_cal_correct, cal_correct),
+        **{k: final[k] for k in ("incumbent_calibrated", "incumbent_vs_calibrated_p") if k in final},
+        "incumbent_iteration": incumbent.get("iteration") if train_loss > incumbent["loss"] else None,
         "candidates": result.evaluations,
         "sequences": sequences[0],
         "search_seconds": round(search_s, 1),
