@@ -68,7 +68,7 @@ def iterations_within(args, train_size: int) -> int:
     return k
 
 
-def main(argv=None) -> dict:
+def main(argv=None) -> list[dict]:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--task", default="amazon_snippets")
     ap.add_argument("--model", default="smollm2-135m-instruct")
