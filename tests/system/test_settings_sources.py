@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import tomllib
 import typing
+from pathlib import Path
 
 import pytest
 
@@ -66,3 +68,18 @@ def test_every_run_config_field_is_a_grid_file_key(name, tmp_path):
     # A grid names the local population `popsize`, as the bench's tables do.
     path.write_text(json.dumps({"name": "g", {"local_popsize": "popsize"}.get(name, name): value}))
     assert Grid.from_file(path).run_config("fedbpt", seed=0, clients=2)[name] == value
+
+
+# Values the Flower app runs with on purpose: its own run name, and two SuperNodes before round 0 opens.
+FLOWER_OWN = {"run_id": "flower", "min_clients": 2}
+
+
+@pytest.mark.parametrize("name", list(RunConfig.model_fields))
+def test_every_run_config_field_is_a_flower_run_config_key_at_its_default(name):
+    """Flower lets `flwr run --run-config` set only the keys the app's pyproject declares."""
+    manifest = Path(__file__).parents[2] / "fedbpt_flower" / "app" / "pyproject.toml"
+    config = tomllib.loads(manifest.read_text())["tool"]["flwr"]["app"]["config"]
+    key = name.replace("_", "-")
+    assert key in config, f"fedbpt_flower/app/pyproject.toml: add {key} = {RunConfig.model_fields[name].default!r}"
+    assert config[key] == FLOWER_OWN.get(name, RunConfig.model_fields[name].default)
+    assert type(config[key]) is type(FLOWER_OWN.get(name, RunConfig.model_fields[name].default))
