@@ -69,7 +69,7 @@ def embedding_basis(
     ids = rng.integers(0, vocab_size, intrinsic_dim * prompt_length)
     rows = np.asarray(token_embeddings(ids), dtype=np.float32) - centre
     rows *= std / rows.std()
-    return rows.reshape(intrinsic_dim, prompt_length * hidden_size).astype(np.float32)
+    return rows.reshape(intrinsic_dim, prompt_length * hidden_size)
 
 
 class Projection:
