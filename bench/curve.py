@@ -41,6 +41,12 @@ def setting_label(args: dict, varying: list[str]) -> str:
     return ", ".join(f"{k}={args.get(k, DEFAULTS.get(k))}" for k in varying) or "all runs"
 
 
+def matches(args: dict, where: str) -> bool:
+    """Whether a run's arguments hold every `key=value` of a comma-separated filter (values compared as text)."""
+    pairs = [kv.split("=", 1) for kv in where.split(",") if kv.strip()]
+    return all(str(args.get(k.strip().replace("-", "_"), DEFAULTS.get(k.strip()))) == v.strip() for k, v in pairs)
+
+
 def curves(rows: list[dict], served: str = "mean") -> dict[str, list[dict]]:
     """{label: [{sequences, mean, sd, gain, gains, p, seeds}]}, per-seed lists in seed order, checkpoints matched by
     their order in each run. `served`: the search's mean, or the incumbent rule's choice (robust-bias runs)."""
@@ -111,9 +117,16 @@ def main(argv=None) -> dict[str, list[dict]]:
         default="mean",
         help="whose accuracy: the search's mean, or the incumbent rule's choice (robust-bias runs that record it)",
     )
+    ap.add_argument(
+        "--where",
+        action="append",
+        default=[],
+        help="keep only runs whose arguments match these comma-separated key=value pairs (repeat: any of them), "
+        "e.g. --where fitness=ce --where init=cue",
+    )
     args = ap.parse_args(argv)
     rows = [json.loads(line) for f in args.files for line in f.read_text().splitlines() if line.strip()]
-    rows = [r for r in rows if r.get("curve")]
+    rows = [r for r in rows if r.get("curve") and (not args.where or any(matches(r["args"], w) for w in args.where))]
     if args.served == "incumbent":
         rows = [r for r in rows if "incumbent_calibrated" in r["curve"][0]]
     if not rows:

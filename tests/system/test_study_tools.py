@@ -77,6 +77,19 @@ def test_curves_read_the_incumbents_accuracy_when_asked_and_old_runs_at_todays_d
     assert curves(rows)[label][0]["gains"] == [0.0, 2.0]
 
 
+def test_curves_keep_only_the_runs_a_filter_names(tmp_path, capsys):
+    rows = [
+        _row(0, "normal", 0.70, [(1000, 0.70, 1.0)]),
+        _row(0, "embeddings", 0.70, [(1000, 0.73, 0.1)]),
+        {**_row(1, "embeddings", 0.72, [(1000, 0.74, 0.3)]), "args": {"seed": 1, "basis": "embeddings", "init": "cue"}},
+    ]
+    path = tmp_path / "rows.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    table = main([str(path), "--where", "basis=embeddings,fitness=robust-bias", "--where", "init=cue"])
+    assert sorted(table) == ["fitness=None, init=cue", "fitness=robust-bias, init=None"]
+    assert "basis=normal" not in capsys.readouterr().out
+
+
 def test_the_cue_start_reads_at_zero_as_the_manual_prompt(default_model_dir):
     from inference_service.engine import ScoreBatch
     from inference_service.limits import Limits
