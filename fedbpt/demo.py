@@ -159,11 +159,19 @@ class Progress:
                     self.stream.flush()
             elif r not in self.printed:
                 self.printed.add(r)
-                acc, loss = rec.val_accuracy, rec.val_loss
+                acc, loss, v = rec.val_accuracy, rec.val_loss, rec.vs_baseline
+                # The raw accuracy reads the label words as they come; the served choice reads both prompts with
+                # their fitted biases, which is what a user deploys (and, under a fitted fitness bias, the only
+                # accuracy the search improves).
+                served = (
+                    f" | with bias {v.tuned_accuracy:.3f} vs baseline {v.baseline_accuracy:.3f} ({v.examples})"
+                    if v is not None and v.examples
+                    else ""
+                )
                 line = (
                     f"round {r + 1}/{self.rounds} {rec.state:<6} | val acc "
                     f"{'n/a' if acc is None else f'{acc:.3f}'} | val loss {'n/a' if loss is None else f'{loss:.4f}'}"
-                    f" | queries {rec.queries} | seqs {rec.sequences} | up {_kb(rec.bytes_up)}"
+                    f"{served} | queries {rec.queries} | seqs {rec.sequences} | up {_kb(rec.bytes_up)}"
                     f" down {_kb(rec.bytes_down)} | {time.monotonic() - self.t0:.0f} s"
                 )
                 self.stream.write(("\r" if self.tty else "") + line.ljust(70) + "\n")

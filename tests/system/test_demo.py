@@ -132,3 +132,42 @@ def rescore_the_saved_prompt(out, report, model_dir):
     assert result["served"]["accuracy"] == pytest.approx(report["served_test_accuracy"], abs=1e-12)
     assert result["manual"]["accuracy"] == pytest.approx(report["zero_shot_test_accuracy"], abs=1e-12)
     assert (out / "accuracy.png").stat().st_size > 10_000
+
+
+def test_each_merged_round_shows_the_served_comparison_beside_the_raw_accuracy():
+    import io
+
+    from fedbpt.demo import Progress
+    from fedbpt_wire.federation import RoundRecord, RunConfig, RunStatus
+    from fedbpt_wire.served import ValidationComparison
+
+    versus = ValidationComparison(
+        examples=31,
+        tuned_loss=0.43,
+        tuned_correct=28,
+        baseline_loss=0.44,
+        baseline_correct=23,
+        tuned_only=5,
+        baseline_only=0,
+    )
+    rounds = [
+        RoundRecord(round=0, state="merged", selected=["a"], reporters=["a"], sigma_before=1.0, opened_at=0.0),
+        RoundRecord(
+            round=1,
+            state="merged",
+            selected=["a"],
+            reporters=["a"],
+            sigma_before=1.0,
+            val_accuracy=0.516,
+            val_loss=1.1855,
+            vs_baseline=versus,
+            opened_at=1.0,
+        ),
+    ]
+    out = io.StringIO()
+    Progress(2, out).update(
+        RunStatus(config=RunConfig(run_id="r"), state="running", round=2, clients=["a"], history=rounds)
+    )
+    first, second = out.getvalue().splitlines()
+    assert "val acc n/a" in first and "with bias" not in first
+    assert "val acc 0.516 | val loss 1.1855 | with bias 0.903 vs baseline 0.742 (31) | queries" in second
