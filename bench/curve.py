@@ -41,15 +41,22 @@ def setting_label(args: dict, varying: list[str]) -> str:
     return ", ".join(f"{k}={args.get(k, DEFAULTS.get(k))}" for k in varying) or "all runs"
 
 
+def named(where: str) -> tuple[str | None, str]:
+    """A filter's optional name ("name: key=value,...") and its pairs."""
+    name, sep, pairs = where.partition(":")
+    return (name.strip(), pairs) if sep and "=" not in name else (None, where)
+
+
 def matches(args: dict, where: str) -> bool:
     """Whether a run's arguments hold every `key=value` of a comma-separated filter (values compared as text)."""
-    pairs = [kv.split("=", 1) for kv in where.split(",") if kv.strip()]
+    pairs = [kv.split("=", 1) for kv in named(where)[1].split(",") if kv.strip()]
     return all(str(args.get(k.strip().replace("-", "_"), DEFAULTS.get(k.strip()))) == v.strip() for k, v in pairs)
 
 
-def curves(rows: list[dict], served: str = "mean") -> dict[str, list[dict]]:
+def curves(rows: list[dict], served: str = "mean", names: list[str] | None = None) -> dict[str, list[dict]]:
     """{label: [{sequences, mean, sd, gain, gains, p, seeds}]}, per-seed lists in seed order, checkpoints matched by
-    their order in each run. `served`: the search's mean, or the incumbent rule's choice (robust-bias runs)."""
+    their order in each run. `served`: the search's mean, or the incumbent rule's choice (robust-bias runs).
+    `names`: named filters ("name: key=value,..."); a run the first of them matches takes its name as its label."""
     accuracy, p_value = (
         ("tuned_calibrated", "vs_calibrated_p")
         if served == "mean"
@@ -58,7 +65,8 @@ def curves(rows: list[dict], served: str = "mean") -> dict[str, list[dict]]:
     varying = [k for k in SETTING_KEYS if len({json.dumps(r["args"].get(k, DEFAULTS.get(k))) for r in rows}) > 1]
     grouped: dict[str, list[dict]] = defaultdict(list)
     for row in rows:
-        grouped[setting_label(row["args"], varying)].append(row)
+        name = next((named(w)[0] for w in names or [] if named(w)[0] and matches(row["args"], w)), None)
+        grouped[name or setting_label(row["args"], varying)].append(row)
     out = {}
     for label, runs in grouped.items():
         runs.sort(key=lambda r: r["args"]["seed"])
@@ -122,7 +130,7 @@ def main(argv=None) -> dict[str, list[dict]]:
         action="append",
         default=[],
         help="keep only runs whose arguments match these comma-separated key=value pairs (repeat: any of them), "
-        "e.g. --where fitness=ce --where init=cue",
+        "optionally named for the legend, e.g. --where 'defaults: fitness=ce' --where init=cue",
     )
     args = ap.parse_args(argv)
     rows = [json.loads(line) for f in args.files for line in f.read_text().splitlines() if line.strip()]
@@ -131,7 +139,7 @@ def main(argv=None) -> dict[str, list[dict]]:
         rows = [r for r in rows if "incumbent_calibrated" in r["curve"][0]]
     if not rows:
         raise SystemExit("no rows with a curve to show: run bench.prompt_study with --checkpoints (and robust-bias)")
-    table = curves(rows, args.served)
+    table = curves(rows, args.served, args.where)
     calibrated = float(np.mean([r["calibrated_zero_shot"] for r in rows]))
     print(f"calibrated manual prompt: {calibrated:.3f} (mean over the runs' seeds)")
     print("| setting | sequences | tuned + calibration | gain (points) per seed | p per seed |")

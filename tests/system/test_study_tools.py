@@ -88,6 +88,9 @@ def test_curves_keep_only_the_runs_a_filter_names(tmp_path, capsys):
     table = main([str(path), "--where", "basis=embeddings,fitness=robust-bias", "--where", "init=cue"])
     assert sorted(table) == ["fitness=None, init=cue", "fitness=robust-bias, init=None"]
     assert "basis=normal" not in capsys.readouterr().out
+    table = main([str(path), "--where", "the cue: init=cue", "--where", "basis=normal"])
+    assert sorted(table) == ["fitness=robust-bias, basis=normal, init=None", "the cue"]
+    assert table["the cue"][0]["seeds"] == [1]
 
 
 def test_the_cue_start_reads_at_zero_as_the_manual_prompt(default_model_dir):
