@@ -50,7 +50,8 @@ def named(where: str) -> tuple[str | None, str]:
 def matches(args: dict, where: str) -> bool:
     """Whether a run's arguments hold every `key=value` of a comma-separated filter (values compared as text)."""
     pairs = [kv.split("=", 1) for kv in named(where)[1].split(",") if kv.strip()]
-    return all(str(args.get(k.strip().replace("-", "_"), DEFAULTS.get(k.strip()))) == v.strip() for k, v in pairs)
+    keys = [(k.strip().replace("-", "_"), v.strip()) for k, v in pairs]
+    return all(str(args.get(k, DEFAULTS.get(k))) == v for k, v in keys)
 
 
 def curves(rows: list[dict], served: str = "mean", names: list[str] | None = None) -> dict[str, list[dict]]:

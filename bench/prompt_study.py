@@ -265,7 +265,8 @@ def tune(args, engine, task, train, test, y_train, y_test, zs_correct, cal_corre
                 mean_loss, mean_bias = debiased_cross_entropy(mean_logits, y_train)
                 fitted["bias"] = mean_bias[0]
                 if mean_loss[0] < incumbent["loss"]:
-                    incumbent.update(loss=float(mean_loss[0]), z=mean_z, iteration=it, sequences=sequences[0])
+                    incumbent.pop("correct", None)  # its test correctness, evaluated once it is served
+                    incumbent.update(loss=float(mean_loss[0]), z=mean_z, iteration=it)
             loss, _ = label_cross_entropy(batch_logits + fitted["bias"], y_train[idx])
         else:
             score = debiased_cross_entropy if args.fitness == "debiased" else label_cross_entropy
@@ -276,8 +277,9 @@ def tune(args, engine, task, train, test, y_train, y_test, zs_correct, cal_corre
     def evaluate(mean: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
         """The mean's raw and calibrated test correctness, its bias fitted on every training example, and its
         training loss at its own fitted bias (the incumbent's measure)."""
-        test_logits = logits(projection(mean[None]), test, tuned_task)[0]
-        train_logits = logits(projection(mean[None]), train, tuned_task)
+        prompt = projection(mean[None])
+        test_logits = logits(prompt, test, tuned_task)[0]
+        train_logits = logits(prompt, train, tuned_task)
         bias = fit_calibration(train_logits[0], y_train)
         train_loss = float(debiased_cross_entropy(train_logits, y_train)[0][0])
         return test_logits.argmax(-1) == y_test, calibrated_predictions(test_logits, bias) == y_test, train_loss
@@ -287,8 +289,8 @@ def tune(args, engine, task, train, test, y_train, y_test, zs_correct, cal_corre
         mean on the training examples."""
         if train_loss <= incumbent["loss"]:
             return cal
-        if "correct" not in incumbent or incumbent["evaluated"] != incumbent["iteration"]:
-            incumbent.update(correct=evaluate(incumbent["z"])[1], evaluated=incumbent["iteration"])
+        if "correct" not in incumbent:
+            incumbent["correct"] = evaluate(incumbent["z"])[1]
         return incumbent["correct"]
 
     marks = sorted(int(c) for c in args.checkpoints.split(",") if c.strip())

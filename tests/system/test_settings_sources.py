@@ -79,7 +79,6 @@ def test_every_run_config_field_is_a_flower_run_config_key_at_its_default(name):
     """Flower lets `flwr run --run-config` set only the keys the app's pyproject declares."""
     manifest = Path(__file__).parents[2] / "fedbpt_flower" / "app" / "pyproject.toml"
     config = tomllib.loads(manifest.read_text())["tool"]["flwr"]["app"]["config"]
-    key = name.replace("_", "-")
-    assert key in config, f"fedbpt_flower/app/pyproject.toml: add {key} = {RunConfig.model_fields[name].default!r}"
-    assert config[key] == FLOWER_OWN.get(name, RunConfig.model_fields[name].default)
-    assert type(config[key]) is type(FLOWER_OWN.get(name, RunConfig.model_fields[name].default))
+    key, expected = name.replace("_", "-"), FLOWER_OWN.get(name, RunConfig.model_fields[name].default)
+    assert key in config, f"fedbpt_flower/app/pyproject.toml: add {key} = {expected!r}"
+    assert config[key] == expected and type(config[key]) is type(expected)

@@ -71,8 +71,7 @@ def test_curves_read_the_incumbents_accuracy_when_asked_and_old_runs_at_todays_d
     rows[0]["curve"][0].update(incumbent_calibrated=0.75, incumbent_vs_calibrated_p=0.02)
     rows[1]["curve"][0].update(incumbent_calibrated=0.74, incumbent_vs_calibrated_p=0.3)
     rows[1]["args"]["step_scale"] = 1.0  # a run from after the argument, at its default: the same setting
-    (label,) = curves(rows, "incumbent")
-    (point,) = curves(rows, "incumbent")[label]
+    ((label, (point,)),) = curves(rows, "incumbent").items()
     assert label == "all runs" and point["gains"] == [5.0, 2.0] and point["p"] == [0.02, 0.3]
     assert curves(rows)[label][0]["gains"] == [0.0, 2.0]
 
@@ -88,6 +87,11 @@ def test_curves_keep_only_the_runs_a_filter_names(tmp_path, capsys):
     table = main([str(path), "--where", "basis=embeddings,fitness=robust-bias", "--where", "init=cue"])
     assert sorted(table) == ["fitness=None, init=cue", "fitness=robust-bias, init=None"]
     assert "basis=normal" not in capsys.readouterr().out
+    # Flag spelling ("step-scale") and a run from before the argument (at its default) match too.
+    assert sorted(main([str(path), "--where", "basis=embeddings,step-scale=1.0"])) == [
+        "fitness=None, init=cue",
+        "fitness=robust-bias, init=None",
+    ]
     table = main([str(path), "--where", "the cue: init=cue", "--where", "basis=normal"])
     assert sorted(table) == ["fitness=robust-bias, basis=normal, init=None", "the cue"]
     assert table["the cue"][0]["seeds"] == [1]
