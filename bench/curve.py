@@ -135,11 +135,17 @@ def main(argv=None) -> dict[str, list[dict]]:
     )
     args = ap.parse_args(argv)
     rows = [json.loads(line) for f in args.files for line in f.read_text().splitlines() if line.strip()]
-    rows = [r for r in rows if r.get("curve") and (not args.where or any(matches(r["args"], w) for w in args.where))]
+    # Each filter's own message: what a user must change differs (the runs, the filter, or --served).
+    rows = [r for r in rows if r.get("curve")]
+    if not rows:
+        raise SystemExit("no rows with a curve: run bench.prompt_study with --checkpoints")
+    rows = [r for r in rows if not args.where or any(matches(r["args"], w) for w in args.where)]
+    if not rows:
+        raise SystemExit(f"no run matches --where {' / '.join(args.where)}: check the keys and values")
     if args.served == "incumbent":
         rows = [r for r in rows if "incumbent_calibrated" in r["curve"][0]]
-    if not rows:
-        raise SystemExit("no rows with a curve to show: run bench.prompt_study with --checkpoints (and robust-bias)")
+        if not rows:
+            raise SystemExit("no run records the incumbent: it needs bench.prompt_study --fitness robust-bias runs")
     table = curves(rows, args.served, args.where)
     calibrated = float(np.mean([r["calibrated_zero_shot"] for r in rows]))
     print(f"calibrated manual prompt: {calibrated:.3f} (mean over the runs' seeds)")

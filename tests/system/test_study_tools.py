@@ -95,6 +95,10 @@ def test_curves_keep_only_the_runs_a_filter_names(tmp_path, capsys):
     table = main([str(path), "--where", "the cue: init=cue", "--where", "basis=normal"])
     assert sorted(table) == ["fitness=robust-bias, basis=normal, init=None", "the cue"]
     assert table["the cue"][0]["seeds"] == [1]
+    with pytest.raises(SystemExit, match="no run matches --where init=zeros"):
+        main([str(path), "--where", "init=zeros"])
+    with pytest.raises(SystemExit, match="no run records the incumbent"):
+        main([str(path), "--served", "incumbent"])
 
 
 def test_the_cue_start_reads_at_zero_as_the_manual_prompt(default_model_dir):
